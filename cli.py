@@ -1,0 +1,103 @@
+"""`--key=value` overrides for (nested) dataclass configs; unknown keys are rejected.
+
+Keys are dotted paths (`--image.kind=timm`, `--train.epochs=3`); a leaf name that is unique
+in the whole config may be used alone (`--epochs=3`). `--key value` and bare `--flag` (for
+booleans) work too. Each field's help text is the `# comment` on its line in the source.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def leaves(cfg, prefix: str = "") -> dict[str, tuple[object, dataclasses.Field]]:
+    """Every non-dataclass field of `cfg`, by dotted path -> (owner object, field)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(leaves(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = (cfg, f)
+    return out
+
+
+def parse_value(text: str, current):
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"expected true/false, got {text!r}")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, tuple):
+        return tuple(parse_value(t.strip(), current[0]) if current else t.strip()
+                     for t in text.split(",") if t.strip())
+    return text
+
+
+def resolve_key(cfg, key: str, aliases: dict[str, str] | None = None) -> str:
+    key = (aliases or {}).get(key, key).replace("-", "_")
+    paths = leaves(cfg)
+    if key in paths:
+        return key
+    matches = [p for p in paths if p.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(f"--{key} is ambiguous: use one of " + ", ".join(f"--{m}" for m in matches))
+    raise ConfigError(f"unknown option --{key} (see --help)")
+
+
+def apply_overrides(cfg, argv: list[str], aliases: dict[str, str] | None = None):
+    """Apply `--key=value` arguments to the dataclass `cfg` in place; return it."""
+    paths = leaves(cfg)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --key=value")
+        key, eq, text = arg[2:].partition("=")
+        path = resolve_key(cfg, key, aliases)
+        owner, f = paths[path]
+        current = getattr(owner, f.name)
+        if not eq:  # "--key value", or a bare boolean flag
+            if isinstance(current, bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                text = "true"
+            elif i + 1 < len(argv):
+                i, text = i + 1, argv[i + 1]
+            else:
+                raise ConfigError(f"--{key} needs a value")
+        try:
+            setattr(owner, f.name, parse_value(text, current))
+        except ValueError as e:
+            raise ConfigError(f"--{path}: {e}") from None
+        i += 1
+    return cfg
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The trailing `# comment` of each field line in a dataclass's source."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip()
+            for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.MULTILINE)}
+
+
+def help_text(cfg, usage: str) -> str:
+    lines = [usage, "", "options (--key=value; a unique last part of a key is enough):"]
+    for path, (owner, f) in leaves(cfg).items():
+        doc = field_comments(type(owner)).get(f.name, "")
+        lines.append(f"  --{path}={getattr(owner, f.name)!r}".ljust(46) + f"  {doc}")
+    return "\n".join(lines)

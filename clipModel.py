@@ -1,0 +1,417 @@
+"""CLIP model: image encoder + text encoder + projection heads + learnable temperature.
+
+Encoders are chosen by config: Hugging Face models (ViT / DistilBERT by default, any
+`AutoModel`), any `timm` image model, or small from-scratch transformers that need no
+downloaded weights. `CLIPModel.save_pretrained` / `from_pretrained` round-trip a model
+through a folder (config JSON + safetensors + tokenizer) with no network and no pickle.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OFFLINE_HINT = ("Offline options: a local folder saved with save_pretrained (--{tower}.name=PATH), "
+                "--{tower}.pretrained=false to build from a local config with random weights, "
+                "or the from-scratch encoder (--{tower}.kind=scratch).")
+SCRATCH_IMAGE_SIZE = 64  # the scratch ViT's input side when image_size is left at 0
+
+
+@dataclass
+class ImageEncoderConfig:
+    kind: str = "hf"  # "hf" (transformers AutoModel), "timm" (any timm model) or "scratch"
+    name: str = "google/vit-base-patch16-224-in21k"  # HF id or local folder, or timm model name
+    pretrained: bool = True  # False: same architecture, random weights (no download)
+    weights_file: str = ""  # timm only: local weights file used instead of a download
+    image_size: int = 0  # input side in pixels; 0 = the encoder's own
+    mean: tuple[float, ...] = ()  # normalisation; empty = the encoder's own statistics
+    std: tuple[float, ...] = ()
+    patch_size: int = 8  # scratch ViT: pixels per patch side
+    width: int = 192  # scratch ViT: transformer width
+    depth: int = 4  # scratch ViT: number of blocks
+    heads: int = 4  # scratch ViT: attention heads
+
+
+@dataclass
+class TextEncoderConfig:
+    kind: str = "hf"  # "hf" (transformers AutoModel) or "scratch"
+    name: str = "distilbert-base-uncased"  # HF id or local folder
+    pretrained: bool = True  # False: same architecture, random weights (no download)
+    pooling: str = "cls"  # "cls": first token (DistilBERT); "mean": masked mean (MiniLM)
+    max_length: int = 64  # captions are truncated to this many tokens
+    vocab_size: int = 2000  # scratch: WordPiece vocabulary trained on the training captions
+    width: int = 192  # scratch transformer width
+    depth: int = 3  # scratch transformer blocks
+    heads: int = 4  # scratch attention heads
+
+
+@dataclass
+class CLIPConfig:
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    projection_dim: int = 256  # shared embedding size of both projection heads
+    dropout: float = 0.1  # dropout inside the projection heads
+    init_temperature: float = 0.07  # CLIP's initial softmax temperature
+    max_logit_scale: float = 100.0  # clamp on exp(logit_scale), as in CLIP, for stability
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CLIPConfig":
+        d = dict(d)
+        image = ImageEncoderConfig(**_known(ImageEncoderConfig, d.pop("image", {})))
+        text = TextEncoderConfig(**_known(TextEncoderConfig, d.pop("text", {})))
+        cfg = cls(image=image, text=text, **_known(cls, d))
+        cfg.image.mean, cfg.image.std = tuple(cfg.image.mean), tuple(cfg.image.std)
+        return cfg
+
+
+def _known(cls, d: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return d
+
+
+def default_device() -> torch.device:
+    """CUDA if available, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- from-scratch transformers
+
+class Block(nn.Module):
+    """Pre-norm transformer block using fused scaled-dot-product attention."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x, attn_mask=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, C/H)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln2(x))
+
+
+class ScratchViT(nn.Module):
+    """A small ViT: patch embedding, CLS token, learned positions, pre-norm blocks."""
+
+    def __init__(self, cfg: ImageEncoderConfig):
+        super().__init__()
+        size = cfg.image_size or SCRATCH_IMAGE_SIZE
+        if size % cfg.patch_size:
+            raise ValueError(f"image_size {size} is not a multiple of patch_size {cfg.patch_size}")
+        n_patches = (size // cfg.patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, cfg.width) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
+        self.ln = nn.LayerNorm(cfg.width)
+        self.out_dim = cfg.width
+
+    def forward(self, images):
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.ln(x[:, 0])
+
+
+class ScratchTextTransformer(nn.Module):
+    """A small bidirectional text transformer over the WordPiece ids of `train_tokenizer`."""
+
+    def __init__(self, cfg: TextEncoderConfig, vocab_size: int):
+        super().__init__()
+        self.token_embed = nn.Embedding(vocab_size, cfg.width)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.max_length, cfg.width) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
+        self.ln = nn.LayerNorm(cfg.width)
+        self.out_dim = cfg.width
+
+    def forward(self, input_ids, attention_mask):
+        x = self.token_embed(input_ids) + self.pos_embed[:, : input_ids.shape[1]]
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): padding is never attended to
+        for block in self.blocks:
+            x = block(x, attn_mask=keep)
+        return self.ln(x)  # (B, T, C)
+
+
+# ---------------------------------------------------------------- encoders
+
+class ImageEncoder(nn.Module):
+    """Maps normalised images (B, 3, S, S) to one feature vector each (B, out_dim)."""
+
+    def __init__(self, cfg: ImageEncoderConfig):
+        super().__init__()
+        self.kind = cfg.kind
+        if cfg.kind == "hf":
+            self.model = _load_hf(cfg.name, cfg.pretrained, "image")
+            self.out_dim = self.model.config.hidden_size
+        elif cfg.kind == "timm":
+            self.model = _load_timm(cfg)
+            self.out_dim = self.model.num_features
+        elif cfg.kind == "scratch":
+            self.model = ScratchViT(cfg)
+            self.out_dim = self.model.out_dim
+        else:
+            raise ValueError(f"unknown image encoder kind {cfg.kind!r}; use hf, timm or scratch")
+
+    def forward(self, images):
+        if self.kind == "hf":
+            out = self.model(pixel_values=images)
+            if out.last_hidden_state.dim() == 3:
+                return out.last_hidden_state[:, 0]  # CLS token, as the seed design does
+            return out.pooler_output.flatten(1)  # convolutional HF models
+        return self.model(images)  # timm (pooled, classifier removed) and scratch
+
+
+class TextEncoder(nn.Module):
+    """Maps token ids (B, T) + attention mask to one feature vector each (B, out_dim)."""
+
+    def __init__(self, cfg: TextEncoderConfig, vocab_size: int):
+        super().__init__()
+        if cfg.pooling not in ("cls", "mean"):
+            raise ValueError(f"unknown pooling {cfg.pooling!r}; use cls or mean")
+        self.kind, self.pooling = cfg.kind, cfg.pooling
+        if cfg.kind == "hf":
+            self.model = _load_hf(cfg.name, cfg.pretrained, "text")
+            self.out_dim = self.model.config.hidden_size
+        elif cfg.kind == "scratch":
+            self.model = ScratchTextTransformer(cfg, vocab_size)
+            self.out_dim = self.model.out_dim
+        else:
+            raise ValueError(f"unknown text encoder kind {cfg.kind!r}; use hf or scratch")
+
+    def forward(self, input_ids, attention_mask):
+        if self.kind == "hf":
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            hidden = self.model(input_ids, attention_mask)  # (B, T, C)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _load_hf(name: str, pretrained: bool, tower: str):
+    from transformers import AutoConfig, AutoModel
+    try:
+        config = AutoConfig.from_pretrained(name)
+        extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}  # unused pooler
+        if pretrained:
+            return AutoModel.from_pretrained(name, **extra)
+        return AutoModel.from_config(config, **extra)
+    except OSError as e:
+        what = "weights" if pretrained else "config"
+        raise OSError(f"Could not load the {tower} encoder {what} for {name!r}: it is not a local "
+                      f"folder and the Hugging Face Hub is unreachable or has no such model. "
+                      + OFFLINE_HINT.format(tower=tower)) from e
+
+
+def _load_timm(cfg: ImageEncoderConfig):
+    import timm
+    kwargs = {"num_classes": 0}  # drop the classifier: pooled features out
+    if cfg.weights_file:
+        if not Path(cfg.weights_file).is_file():
+            raise FileNotFoundError(f"timm weights file not found: {cfg.weights_file}")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.weights_file))
+    try:
+        return timm.create_model(cfg.name, pretrained=cfg.pretrained or bool(cfg.weights_file), **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise ValueError(f"timm has no model {cfg.name!r} (see timm.list_models())") from e
+        raise
+    except Exception as e:  # hub download failures come in many exception types
+        raise OSError(f"Could not download timm weights for {cfg.name!r} ({type(e).__name__}). "
+                      "Offline options: --image.weights_file=PATH to a local weights file, "
+                      + OFFLINE_HINT.format(tower="image")) from e
+
+
+def resolve_image_config(cfg: ImageEncoderConfig, encoder: ImageEncoder) -> ImageEncoderConfig:
+    """Fill image_size/mean/std left empty with the encoder's own expectations."""
+    size, mean, std = SCRATCH_IMAGE_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # scratch defaults
+    if cfg.kind == "timm":
+        import timm.data
+        data_cfg = timm.data.resolve_model_data_config(encoder.model)
+        size, mean, std = data_cfg["input_size"][-1], data_cfg["mean"], data_cfg["std"]
+    elif cfg.kind == "hf":
+        size = encoder.model.config.image_size
+        try:
+            from transformers import AutoImageProcessor
+            proc = AutoImageProcessor.from_pretrained(cfg.name)
+            mean, std = proc.image_mean, proc.image_std
+        except (OSError, ValueError):
+            if not (cfg.mean and cfg.std):
+                warnings.warn(f"no image processor for {cfg.name!r}; normalising with mean=std=0.5")
+    return replace(cfg, image_size=cfg.image_size or int(size),
+                   mean=tuple(float(m) for m in (cfg.mean or mean)),
+                   std=tuple(float(s) for s in (cfg.std or std)))
+
+
+# ---------------------------------------------------------------- tokenizer and transforms
+
+def train_tokenizer(captions, vocab_size: int = 2000, max_length: int = 64):
+    """Train a lowercase WordPiece tokenizer on captions (for the scratch text encoder)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    tok.train_from_iterator(list(captions), trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=special, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", model_max_length=max_length)
+
+
+def build_tokenizer(cfg: TextEncoderConfig, captions=None):
+    """The HF model's own tokenizer, or a WordPiece trained on `captions` for scratch."""
+    if cfg.kind == "scratch":
+        if captions is None:
+            raise ValueError("the scratch text encoder trains its tokenizer on captions: pass captions=")
+        return train_tokenizer(captions, cfg.vocab_size, cfg.max_length)
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(cfg.name)
+    except OSError as e:
+        raise OSError(f"Could not load the tokenizer of {cfg.name!r}: not a local folder and the "
+                      "Hugging Face Hub is unreachable. " + OFFLINE_HINT.format(tower="text")) from e
+
+
+def image_transform(cfg: ImageEncoderConfig, train: bool = False):
+    """PIL image or uint8 tensor -> normalised float tensor (3, S, S) for this encoder.
+
+    The first steps (resize + center crop) are a no-op on an already-cached S×S image,
+    so the decoded-image cache and the direct path give identical tensors.
+    """
+    from torchvision.transforms import v2
+    size = cfg.image_size
+    steps = [v2.ToImage(), v2.RGB(), v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    if train:  # light augmentation; no flips, which would break "left of" captions
+        steps.append(v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
+    return v2.Compose(steps)
+
+
+# ---------------------------------------------------------------- the model
+
+class ProjectionHead(nn.Module):
+    """Linear -> GELU -> Linear -> Dropout -> + residual -> LayerNorm."""
+
+    def __init__(self, in_dim: int, dim: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.projection = nn.Linear(in_dim, dim)
+        self.gelu = nn.GELU()
+        self.fc = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        projected = self.projection(x)
+        x = self.dropout(self.fc(self.gelu(projected)))
+        return self.layer_norm(x + projected)
+
+
+class CLIPModel(nn.Module):
+    """Two towers, two projection heads and a learnable temperature.
+
+    `CLIPModel(config, captions=train_captions)` builds a model (captions train the scratch
+    tokenizer); `CLIPModel.from_pretrained(folder)` loads a saved one offline.
+    """
+
+    def __init__(self, config: CLIPConfig, tokenizer=None, captions=None):
+        super().__init__()
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.text, captions)
+        self.image_encoder = ImageEncoder(config.image)
+        self.text_encoder = TextEncoder(config.text, len(self.tokenizer))
+        self.config = replace(config, image=resolve_image_config(config.image, self.image_encoder))
+        self.image_projection = ProjectionHead(self.image_encoder.out_dim, config.projection_dim, config.dropout)
+        self.text_projection = ProjectionHead(self.text_encoder.out_dim, config.projection_dim, config.dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def tokenize(self, texts) -> dict[str, torch.Tensor]:
+        """Captions -> {"input_ids", "attention_mask"} (B, T), padded to the longest."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        batch = self.tokenizer(texts, padding=True, truncation=True,
+                               max_length=self.config.text.max_length, return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def image_transform(self, train: bool = False):
+        return image_transform(self.config.image, train)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        features = self.image_projection(self.image_encoder(images))  # (B, D)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text, attention_mask=None, normalize: bool = True) -> torch.Tensor:
+        """`text`: a caption, a list of captions, or token ids (B, T) with `attention_mask`."""
+        if isinstance(text, (str, list, tuple)):
+            tokens = self.tokenize(text)
+            text, attention_mask = tokens["input_ids"], tokens["attention_mask"]
+        text = text.to(self.device)
+        attention_mask = torch.ones_like(text) if attention_mask is None else attention_mask.to(self.device)
+        features = self.text_projection(self.text_encoder(text, attention_mask))  # (B, D)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images, input_ids, attention_mask=None):
+        """-> (image_features, text_features, logit_scale): normalised (B, D) each, scalar."""
+        scale = self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask), scale
+
+    def save_pretrained(self, folder, extra_config: dict | None = None) -> Path:
+        """Write config.json, model.safetensors, tokenizer files and HF tower configs.
+
+        `extra_config` (e.g. the run's data and training configs) is stored in config.json too.
+        """
+        from safetensors.torch import save_model
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({**(extra_config or {}), "model": asdict(self.config)}, indent=2))
+        for tower, encoder in (("image", self.image_encoder), ("text", self.text_encoder)):
+            if encoder.kind == "hf":  # so from_pretrained rebuilds the architecture offline
+                encoder.model.config.save_pretrained(folder / f"{tower}_encoder")
+        self.tokenizer.save_pretrained(folder)
+        save_model(self, str(folder / "model.safetensors"))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder, device=None) -> "CLIPModel":
+        """Load a folder written by `save_pretrained` (offline, no pickle)."""
+        from safetensors.torch import load_model
+        from transformers import AutoTokenizer
+        folder = Path(folder)
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{folder} is not a saved CLIPModel folder "
+                                    "(expected config.json and model.safetensors)")
+        saved = json.loads((folder / "config.json").read_text())
+        config = CLIPConfig.from_dict(saved["model"])
+        # Build the architectures from local files only; the weights come from safetensors.
+        config.image = replace(config.image, pretrained=False, weights_file="")
+        config.text = replace(config.text, pretrained=False)
+        if config.image.kind == "hf":
+            config.image.name = str(folder / "image_encoder")
+        if config.text.kind == "hf":
+            config.text.name = str(folder / "text_encoder")
+        model = cls(config, tokenizer=AutoTokenizer.from_pretrained(folder))
+        load_model(model, str(folder / "model.safetensors"), device=str(device or "cpu"))
+        return model.to(device or "cpu").eval()

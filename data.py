@@ -1,0 +1,167 @@
+"""Records -> splits by image -> decoded uint8 images (once) -> batches for training/eval."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from readers import DataError, Record, load_records
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # dataset folder; empty = the built-in synthetic set (generated on first use)
+    layout: str = "auto"  # auto, or a reader layout name (see readers.load_records)
+    synthetic_dir: str = "data/synthetic"  # where the synthetic set lives when path is empty
+    val_images: int = 1000  # seeded split sizes, used only when the dataset ships no split
+    test_images: int = 1000
+    split_seed: int = 0  # seed of that split, so every run of a dataset sees the same split
+    num_workers: int = 0  # DataLoader workers; 0 suits the in-memory decoded images
+
+
+def split_by_image(records: list[Record], val_images: int, test_images: int,
+                   seed: int = 0) -> dict[str, list[Record]]:
+    """Use the dataset's own split when every record has one; else a seeded split by image."""
+    if records and all(r.split in SPLITS for r in records):
+        return {s: [r for r in records if r.split == s] for s in SPLITS}
+    if val_images + test_images >= len(records):
+        raise DataError(f"only {len(records)} images: too few for {val_images} val + "
+                        f"{test_images} test images; lower --val_images/--test_images")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    chosen = {"val": order[:val_images], "test": order[val_images:val_images + test_images],
+              "train": order[val_images + test_images:]}
+    return {s: [records[i] for i in sorted(idx)] for s, idx in chosen.items()}
+
+
+def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
+    records = load_records(cfg.path, cfg.layout)
+    return split_by_image(records, cfg.val_images, cfg.test_images, cfg.split_seed)
+
+
+def split_manifest(splits: dict[str, list[Record]]) -> dict[str, list[str]]:
+    """The split actually used, saved with every run (image paths per split)."""
+    return {s: [str(r.image) for r in recs] for s, recs in splits.items()}
+
+
+def decode_images(records: list[Record], image_size: int, progress: bool = True) -> torch.Tensor:
+    """Decode every image once, resized and center-cropped to `image_size`: (N, 3, S, S) uint8."""
+    from PIL import Image
+    from torchvision.transforms import v2
+    from tqdm.auto import tqdm
+    prepare = v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+    out = torch.empty(len(records), 3, image_size, image_size, dtype=torch.uint8)
+    for i, rec in enumerate(tqdm(records, desc="decoding images", disable=not progress, leave=False)):
+        try:
+            with Image.open(rec.image) as im:
+                out[i] = prepare(im.convert("RGB"))
+        except OSError as e:
+            raise DataError(f"{rec.image}: cannot decode image ({e})") from e
+    return out
+
+
+def to_model_input(images: torch.Tensor, mean, std, augment: bool = False,
+                   scale=(0.8, 1.0), ratio=(0.9, 1.1)) -> torch.Tensor:
+    """Decoded uint8 images (B, 3, S, S) -> normalised float batch, on their own device.
+
+    With `augment`, a random resized crop per image done as one batched affine resample
+    (the batch equivalent of the per-image `image_transform(train=True)`), so augmentation
+    costs nothing next to the model step, on the GPU too. No flips: "left of" must stay left.
+    """
+    x = images.float().div_(255)
+    if augment:
+        B, dev = len(x), x.device
+        area = torch.empty(B, device=dev).uniform_(*scale)
+        aspect = torch.empty(B, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+        w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # crop side / image side
+        theta = torch.zeros(B, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 1, 1] = w, h
+        theta[:, 0, 2] = (torch.rand(B, device=dev) * 2 - 1) * (1 - w)  # crop centre, in [-1, 1] units
+        theta[:, 1, 2] = (torch.rand(B, device=dev) * 2 - 1) * (1 - h)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+class PairDataset(Dataset):
+    """(image index, caption index) -> (uint8 image, token ids, attention mask)."""
+
+    def __init__(self, images: torch.Tensor, tokens: dict[str, torch.Tensor], caption_offsets: list[int]):
+        self.images, self.tokens, self.offsets = images, tokens, caption_offsets
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, pair):
+        i, c = pair
+        j = self.offsets[i] + c  # flat index of caption c of image i
+        return self.images[i], self.tokens["input_ids"][j], self.tokens["attention_mask"][j]
+
+
+def collate(batch):
+    images, ids, mask = (torch.stack(x) for x in zip(*batch))
+    longest = int(mask.sum(1).max())  # trim padding to the longest caption in this batch
+    return images, ids[:, :longest], mask[:, :longest]
+
+
+class UniqueImageBatchSampler(Sampler):
+    """Batches of (image, caption) pairs in which no image appears twice.
+
+    An epoch is `captions_per_epoch` rounds; each round visits every image once with a
+    caption not yet used this epoch, in a fresh random order, and is cut into batches
+    separately, so two captions of one image never meet in a batch (see loss.clip_loss).
+    """
+
+    def __init__(self, caption_counts: list[int], batch_size: int, captions_per_epoch: int = 1,
+                 seed: int = 0, drop_last: bool = True):
+        self.counts, self.batch_size = caption_counts, batch_size
+        self.rounds, self.seed, self.drop_last, self.epoch = captions_per_epoch, seed, drop_last, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _round_batches(self):
+        n, b = len(self.counts), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __len__(self):
+        return self.rounds * self._round_batches()
+
+    def __iter__(self):
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        caption_order = [rng.sample(range(c), c) for c in self.counts]
+        for r in range(self.rounds):
+            images = rng.sample(range(len(self.counts)), len(self.counts))
+            for k in range(self._round_batches()):
+                chunk = images[k * self.batch_size:(k + 1) * self.batch_size]
+                yield [(i, caption_order[i][r % self.counts[i]]) for i in chunk]
+
+
+def caption_offsets(records: list[Record]) -> list[int]:
+    offsets = [0]
+    for r in records:
+        offsets.append(offsets[-1] + len(r.captions))
+    return offsets
+
+
+def all_captions(records: list[Record]) -> list[str]:
+    return [c for r in records for c in r.captions]
+
+
+def train_loader(records: list[Record], images: torch.Tensor, tokens: dict, batch_size: int, captions_per_epoch: int, seed: int, num_workers: int = 0):
+    """A DataLoader of unique-image batches over the pre-decoded images and pre-tokenized captions."""
+    if len(records) < batch_size:
+        raise DataError(f"only {len(records)} training images: lower --batch_size below that")
+    dataset = PairDataset(images, tokens, caption_offsets(records))
+    sampler = UniqueImageBatchSampler([len(r.captions) for r in records], batch_size,
+                                      captions_per_epoch, seed)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)

@@ -1,0 +1,132 @@
+"""Retrieval evaluation: recall@K both ways, every image counted once with all its captions.
+
+    python evaluate.py --checkpoint runs/NAME --data DIR --split test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from clipModel import CLIPModel, default_device
+from data import DataConfig, all_captions, decode_images, load_splits, to_model_input
+from readers import DataError
+
+
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
+                      text_to_image: torch.Tensor, ks=(1, 5, 10), chunk: int = 1024) -> dict:
+    """Recall@K (in %) and mean/median rank, text->image and image->text.
+
+    `image_features` (N_img, D) and `text_features` (N_txt, D) are L2-normalised;
+    `text_to_image[t]` is the image index of caption t. A text query hits at k if its image
+    ranks in the top k; an image query hits if any of its captions does (CLIP_benchmark's
+    definition). Ranks are 1-based; ties count in the query's favour. Works in chunks so
+    large galleries fit in memory.
+    """
+    n_img = len(image_features)
+    text_to_image = text_to_image.to(image_features.device)
+    t2i_rank = torch.empty(len(text_features), dtype=torch.long)
+    for s in range(0, len(text_features), chunk):
+        sims = text_features[s:s + chunk] @ image_features.T  # (c, N_img)
+        true = sims.gather(1, text_to_image[s:s + chunk, None])  # (c, 1)
+        t2i_rank[s:s + chunk] = (sims > true).sum(1).cpu() + 1
+    i2t_rank = torch.empty(n_img, dtype=torch.long)
+    for s in range(0, n_img, chunk):
+        sims = image_features[s:s + chunk] @ text_features.T  # (c, N_txt)
+        own = text_to_image[None, :] == torch.arange(s, s + len(sims), device=sims.device)[:, None]
+        best_own = sims.masked_fill(~own, float("-inf")).max(1, keepdim=True).values  # (c, 1)
+        i2t_rank[s:s + chunk] = (sims > best_own).sum(1).cpu() + 1
+    metrics = {}
+    for name, rank in (("text_to_image", t2i_rank), ("image_to_text", i2t_rank)):
+        for k in ks:
+            metrics[f"{name}_R@{k}"] = 100.0 * (rank <= k).float().mean().item()
+        metrics[f"{name}_mean_rank"] = rank.float().mean().item()
+        metrics[f"{name}_median_rank"] = rank.float().median().item()
+    metrics["mean_recall"] = sum(metrics[f"{d}_R@{k}"] for d in ("text_to_image", "image_to_text")
+                                 for k in ks) / (2 * len(ks))
+    return metrics
+
+
+@torch.no_grad()
+def embed_images(model: CLIPModel, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Decoded uint8 images (N, 3, S, S) -> normalised features (N, D)."""
+    cfg, out = model.config.image, []
+    for s in range(0, len(images), batch_size):
+        batch = to_model_input(images[s:s + batch_size].to(model.device), cfg.mean, cfg.std)
+        out.append(model.encode_image(batch).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(model: CLIPModel, captions: list[str], batch_size: int = 1024) -> torch.Tensor:
+    return torch.cat([model.encode_text(captions[s:s + batch_size]).float()
+                      for s in range(0, len(captions), batch_size)])
+
+
+def evaluate_records(model: CLIPModel, records, images: torch.Tensor | None = None,
+                     batch_size: int = 256) -> dict:
+    """Recall metrics of `model` on `records` (decoded here unless `images` are given)."""
+    was_training = model.training
+    model.eval()
+    if images is None:
+        images = decode_images(records, model.config.image.image_size)
+    text_to_image = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
+    metrics = retrieval_metrics(embed_images(model, images, batch_size),
+                                embed_texts(model, all_captions(records)), text_to_image)
+    metrics.update(images=len(records), captions=len(text_to_image))
+    model.train(was_training)
+    return metrics
+
+
+def format_metrics(m: dict) -> str:
+    rows = [f"{'':15}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mean r':>8}{'med r':>7}"]
+    for d, label in (("text_to_image", "text -> image"), ("image_to_text", "image -> text")):
+        rows.append(f"{label:15}" + "".join(f"{m[f'{d}_R@{k}']:7.1f}" for k in (1, 5, 10))
+                    + f"{m[f'{d}_mean_rank']:8.1f}{m[f'{d}_median_rank']:7.0f}")
+    return "\n".join(rows) + f"\n({m['images']} images, {m['captions']} captions)"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="Recall@K of a saved CLIP model on a dataset split.")
+    p.add_argument("--checkpoint", required=True, help="folder written by train.py / save_pretrained")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--layout", default="auto", help="dataset layout (default: detect)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
+    p.add_argument("--out", default=None, help="JSON path (default: CHECKPOINT/eval_SPLIT.json)")
+    args = p.parse_args(argv)
+    try:
+        device = default_device() if args.device == "auto" else torch.device(args.device)
+        model = CLIPModel.from_pretrained(args.checkpoint, device=device)
+        split_cfg = _split_config(args.checkpoint, args.data, args.layout)
+        records = load_splits(split_cfg)[args.split]
+    except (FileNotFoundError, DataError, OSError) as e:
+        sys.exit(f"error: {e}")
+    if not records:
+        sys.exit(f"error: the {args.split} split of {args.data} is empty")
+    metrics = evaluate_records(model, records, batch_size=args.batch_size)
+    metrics.update(checkpoint=str(args.checkpoint), data=str(args.data), split=args.split)
+    out = Path(args.out or Path(args.checkpoint) / f"eval_{args.split}.json")
+    out.write_text(json.dumps(metrics, indent=2))
+    print(format_metrics(metrics))
+    print(f"wrote {out}")
+    return metrics
+
+
+def _split_config(checkpoint, data_path: str, layout: str) -> DataConfig:
+    """Reuse the split sizes/seed the model was trained with, so 'test' means the same images."""
+    cfg = DataConfig(path=data_path, layout=layout)
+    saved = Path(checkpoint) / "config.json"
+    data = json.loads(saved.read_text()).get("data", {}) if saved.is_file() else {}
+    for key in ("val_images", "test_images", "split_seed"):
+        if key in data:
+            setattr(cfg, key, data[key])
+    return cfg
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,471 @@
+"""Dataset layouts on disk -> a list of `Record`s (one per image, all its captions).
+
+Every reader returns the same record type, so everything downstream (splits, the image
+cache, training, evaluation, search) is layout-agnostic. Layouts: a caption CSV of your own
+photos, Flickr30k and Flickr8k (Kaggle and original files), labelled class folders, and
+Hugging Face `datasets` (in readers_hf.py). Bad input raises `DataError` naming file:line,
+or with `skip_bad=True` is skipped, counted in a `LoadReport` and warned about once.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageFile, ImageOps
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file (and line) at fault."""
+
+
+class DataWarning(UserWarning):
+    """Data problems that were skipped (skip_bad=True) or repaired while loading."""
+
+
+@dataclass
+class Record:
+    image: Path                  # absolute path of the image file
+    captions: list[str]          # every caption of this image, in file order
+    split: str | None = None     # "train"/"val"/"test" when the dataset ships a split
+    line: int | None = None      # first line of the source file that named this image
+    extra: dict = field(default_factory=dict)  # other CSV columns (e.g. synthetic attributes)
+
+
+@dataclass
+class LoadReport:
+    """What one load skipped or repaired. `skipped`/`notes` count by kind; `first` keeps
+    the first "file:line: message" of each kind. Bad input raises unless `skip_bad`."""
+    skip_bad: bool = False
+    layout: str | None = None
+    skipped: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+    first: dict = field(default_factory=dict)
+
+    def bad(self, kind: str, where: str, msg: str) -> None:
+        """Bad input: raise DataError, or (skip_bad) count it so the caller skips it."""
+        if not self.skip_bad:
+            raise DataError(f"{where}: {msg}")
+        self.skipped[kind] += 1
+        self.first.setdefault(kind, f"{where}: {msg}")
+
+    def note(self, kind: str, where: str, msg: str) -> None:
+        """Something repaired or dropped by rule (never an error): always counted."""
+        self.notes[kind] += 1
+        self.first.setdefault(kind, f"{where}: {msg}")
+
+    def summary(self) -> str:
+        """One line for the log; empty when nothing was skipped or noted."""
+        parts = []
+        for title, counts in (("skipped", self.skipped), ("noted", self.notes)):
+            if counts:
+                kinds = ", ".join(f"{n} {k}" for k, n in counts.items())
+                firsts = "; ".join(self.first[k] for k in counts)
+                parts.append(f"{title} {sum(counts.values())}: {kinds} (first: {firsts})")
+        return "; ".join(parts)
+
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
+                     "a photo of the small {}.", "a photo of the large {}.")
+LAYOUTS = {
+    "csv": "captions.csv (or one *.csv) with image and caption columns; image paths "
+           "relative to the CSV's folder, to image_dir, or absolute",
+    "flickr30k": "flickr30k_images/results.csv ('image_name| comment_number| comment') and "
+                 "flickr30k_images/flickr30k_images/*.jpg (or ROOT = the inner flickr30k_images)",
+    "flickr8k": "captions.txt (image,caption) or Flickr8k.token.txt (name.jpg#N<TAB>caption), "
+                "images in Images/ or Flicker8k_Dataset/, optional splits/{train,dev,test}.txt "
+                "or Flickr_8k.{train,dev,test}Images.txt",
+    "classes": "one folder of images per class (<class>/*.jpg|png), optionally under "
+               "train/, val/, test/",
+    "hf": "'hf:NAME' (Hugging Face hub), a datasets save_to_disk folder, or *.parquet files",
+}
+
+
+def _read_text(path: Path) -> tuple[str, bool]:
+    """Whole file as text; undecodable bytes survive as surrogates so rows can name them."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff"), True
+
+
+def _not_utf8(fields: list[str]) -> bytes | None:
+    """The non-UTF-8 bytes (kept as surrogates by _read_text) in a row's fields, or None."""
+    raw = bytes(ord(c) - 0xDC00 for f in fields for c in f if 0xDC80 <= ord(c) <= 0xDCFF)
+    return raw or None
+
+
+class _Grouper:
+    """Collects caption rows into records, reporting every kind of bad row the same way."""
+
+    def __init__(self, report: LoadReport, resolve, allow_duplicates: bool = False):
+        self.report, self.resolve = report, resolve  # resolve(name) -> Path | None if missing
+        self.allow_duplicates = allow_duplicates
+        self.numbers: set[tuple[Path, str]] = set()  # (image, caption number) where numbered
+        self.paths: dict[str, Path | None] = {}  # every image name met -> its file
+        self.records: dict[Path, Record] = {}    # keyed by file: two spellings, one image
+        self.seen: set[tuple[Path, str]] = set()
+
+    def add(self, where: str, line: int, name: str, caption: str,
+            split: str | None = None, extra: dict | None = None, number: str | None = None):
+        if not name.strip():
+            return self.report.bad("empty image name", where, "no image name")
+        if name not in self.paths:
+            self.paths[name] = self.resolve(name)
+            if self.paths[name] is None:
+                return self.report.bad("missing image", where, f"image file not found: {name}")
+        path, caption = self.paths[name], caption.strip()
+        if path is None:
+            return  # the missing image was reported on its first row
+        if not caption:
+            return self.report.bad("empty caption", where, f"empty caption for {name!r}")
+        if number is not None:
+            if (path, number) in self.numbers:
+                return self.report.bad("duplicate row", where,
+                                       f"duplicate row: caption #{number} of {name!r} again")
+            self.numbers.add((path, number))
+        if (path, caption) in self.seen:
+            if not self.allow_duplicates:
+                return self.report.bad("duplicate row", where,
+                                       f"duplicate row: {name!r} already has caption {caption!r}")
+            # Published datasets repeat some captions verbatim (9 in Flickr8k): keep, but say so.
+            self.report.note("identical caption kept", where, f"{name!r}: {caption!r}")
+        self.seen.add((path, caption))
+        if path not in self.records:
+            self.records[path] = Record(path, [], split, line, extra or {})
+        self.records[path].captions.append(caption)
+
+
+def _file_resolver(folder: Path):
+    """name -> absolute path under folder (or the name itself if absolute), None if absent."""
+    def resolve(name: str) -> Path | None:
+        path = (folder / name).resolve()
+        return path if path.is_file() else None
+    return resolve
+
+
+def _dir_resolver(folder: Path):
+    """Like _file_resolver for flat image folders, listing the folder once (fast)."""
+    names = set(os.listdir(folder)) if folder.is_dir() else set()
+    folder = folder.resolve()
+    return lambda name: folder / name if name in names else None
+
+
+def read_caption_csv(root: str | Path, csv_name: str = "captions.csv",
+                     image_column: str = "image", caption_column: str = "caption",
+                     split_column: str = "split", image_dir: str = "", *,
+                     allow_duplicates: bool = False, skip_bad: bool = False,
+                     report: LoadReport | None = None) -> list[Record]:
+    """Read a folder with a CSV of `image,caption` rows; captions are grouped by image.
+    Other columns go to `Record.extra`; image paths are relative to the CSV's folder joined
+    with `image_dir` (which may be absolute), or absolute. An image with the same caption
+    twice is bad input unless `allow_duplicates` (then kept and noted)."""
+    report = report or LoadReport(skip_bad)
+    root = Path(root)
+    csv_path = root / csv_name
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: caption file not found")
+    text, dirty = _read_text(csv_path)
+    rows = csv.reader(io.StringIO(text, newline=""))
+    header = next(rows, None)
+    if header is None:
+        raise DataError(f"{csv_path}: empty file, expected a header row")
+    header = [h.strip() for h in header]
+    missing = {image_column, caption_column} - set(header)
+    if missing:
+        raise DataError(f"{csv_path}:1: missing column(s) {sorted(missing)}; found {header}")
+    grouper = _Grouper(report, _file_resolver(csv_path.parent / image_dir), allow_duplicates)
+    end = rows.line_num
+    for row in rows:
+        line, end = end + 1, rows.line_num  # a quoted caption may span several lines
+        where = f"{csv_path}:{line}"
+        if not row:
+            continue
+        if len(row) != len(header):
+            report.bad("wrong field count", where,
+                       f"expected {len(header)} fields {header}, got {len(row)}")
+            continue
+        if dirty and (bad := _not_utf8(row)):
+            report.bad("not utf-8", where, f"bytes that are not UTF-8: {bad}")
+            continue
+        values = dict(zip(header, row))
+        split = values.get(split_column, "").strip() or None
+        extra = {k: v for k, v in values.items()
+                 if k not in (image_column, caption_column, split_column)}
+        grouper.add(where, line, values[image_column].strip(), values[caption_column],
+                    SPLIT_ALIASES.get(split.lower(), split) if split else None, extra)
+    if not grouper.records:
+        raise DataError(f"{csv_path}: no usable rows")
+    return list(grouper.records.values())
+
+
+def read_flickr30k(root: str | Path, *, allow_duplicates: bool = True, skip_bad: bool = False,
+                   report: LoadReport | None = None) -> list[Record]:
+    """Kaggle hsankesara/flickr-image-dataset: pipe-delimited results.csv beside the
+    flickr30k_images/ image folder. ROOT may be the outer or the inner flickr30k_images.
+    A repeated (image, comment_number) is a bad row; the same text under two numbers is
+    kept (and noted) unless `allow_duplicates=False`."""
+    report = report or LoadReport(skip_bad)
+    root = Path(root)
+    csv_path = next((p for p in (root / "flickr30k_images" / "results.csv",
+                                 root / "results.csv") if p.is_file()), None)
+    if csv_path is None:
+        raise DataError(f"{root}: no results.csv (expected {LAYOUTS['flickr30k']})")
+    image_dir = csv_path.parent / "flickr30k_images"
+    grouper = _Grouper(report, _dir_resolver(image_dir if image_dir.is_dir() else csv_path.parent),
+                       allow_duplicates)
+    text, dirty = _read_text(csv_path)
+    for line, raw in enumerate(io.StringIO(text, newline=""), start=1):
+        where, raw = f"{csv_path}:{line}", raw.rstrip("\r\n")
+        fields = [f.strip() for f in raw.split("|")]
+        if line == 1 and fields and fields[0] == "image_name":
+            continue
+        if not raw.strip():
+            continue
+        if dirty and (bad := _not_utf8(fields)):
+            report.bad("not utf-8", where, f"bytes that are not UTF-8: {bad}")
+            continue
+        if len(fields) == 2 and (m := re.fullmatch(r"(\d+)\s+(.*)", fields[1])):
+            # The Kaggle file has a row with the pipe between number and comment missing.
+            report.note("repaired row", where, "missing '|' after comment_number, split it")
+            fields = [fields[0], m[1], m[2]]
+        if len(fields) != 3 or not fields[1].isdigit():
+            report.bad("wrong field count", where,
+                       "expected 'image_name| comment_number| comment', got " + repr(raw[:80]))
+            continue
+        grouper.add(where, line, fields[0], fields[2], number=fields[1])
+    if not grouper.records:
+        raise DataError(f"{csv_path}: no usable rows")
+    return list(grouper.records.values())
+
+
+def _flickr8k_splits(root: Path, report: LoadReport) -> dict[str, tuple[str, str]]:
+    """Official split lists -> {image name: (split, "file:line")}, {} when none shipped."""
+    found = {}
+    for split, names in (("train", ("splits/train.txt", "Flickr_8k.trainImages.txt")),
+                         ("val", ("splits/dev.txt", "splits/val.txt", "Flickr_8k.devImages.txt")),
+                         ("test", ("splits/test.txt", "Flickr_8k.testImages.txt"))):
+        for name in names:
+            for path in (root / name, root / "Flickr8k_text" / name):
+                if not path.is_file():
+                    continue
+                text, _ = _read_text(path)
+                for line, image in enumerate(text.splitlines(), start=1):
+                    image, where = image.strip(), f"{path}:{line}"
+                    if not image:
+                        continue
+                    if image in found:
+                        report.bad("duplicate row", where, f"{image} already listed at "
+                                   f"{found[image][1]} ({found[image][0]})")
+                        continue
+                    found[image] = (split, where)
+    return found
+
+
+def read_flickr8k(root: str | Path, *, allow_duplicates: bool = True, skip_bad: bool = False,
+                  report: LoadReport | None = None) -> list[Record]:
+    """Flickr8k: Kaggle adityajn105/flickr8k (captions.txt + Images/) or the original files
+    (Flickr8k.token.txt + Flicker8k_Dataset/). Split lists, when present, set Record.split;
+    then images named in captions but in no list and absent on disk are dropped (noted).
+    Repeated captions of an image are kept and noted (the published data has 9) unless
+    `allow_duplicates=False`; a repeated name.jpg#N is always a bad row."""
+    report = report or LoadReport(skip_bad)
+    root = Path(root)
+    image_dir = next((root / d for d in ("Images", "Flicker8k_Dataset", "Flickr8k_Dataset")
+                      if (root / d).is_dir()), root / "Images")
+    on_disk = _dir_resolver(image_dir)
+    splits = _flickr8k_splits(root, report)
+    grouper, dropped = _Grouper(report, on_disk, allow_duplicates), set()
+    caption_path = next((p for p in (root / "captions.txt", root / "Flickr8k.token.txt",
+                                     root / "Flickr8k_text" / "Flickr8k.token.txt")
+                         if p.is_file()), None)
+    if caption_path is None:
+        raise DataError(f"{root}: no captions.txt or Flickr8k.token.txt "
+                        f"(expected {LAYOUTS['flickr8k']})")
+    text, dirty = _read_text(caption_path)
+    token_format = caption_path.name.endswith("token.txt")
+    if token_format:
+        rows = (r.split("\t", 1) for r in io.StringIO(text, newline=""))
+        end = 0
+    else:
+        rows = csv.reader(io.StringIO(text, newline=""))
+        header = next(rows, [])
+        if [h.strip() for h in header] != ["image", "caption"]:
+            raise DataError(f"{caption_path}:1: expected header 'image,caption', got {header}")
+        end = rows.line_num
+    for row in rows:
+        line = end + 1
+        end = rows.line_num if not token_format else line
+        where = f"{caption_path}:{line}"
+        if not row or row == ["\n"] or not "".join(row).strip():
+            continue
+        if len(row) != 2:
+            report.bad("wrong field count", where, "expected 2 fields (image, caption) "
+                       f"{'separated by a tab' if token_format else ''}, got {len(row)}")
+            continue
+        if dirty and (bad := _not_utf8(row)):
+            report.bad("not utf-8", where, f"bytes that are not UTF-8: {bad}")
+            continue
+        name, number = row[0].strip(), None
+        if token_format and "#" in name:
+            name, number = name.rsplit("#", 1)
+        if splits and name not in splits and on_disk(name) is None:
+            # e.g. the shared copy ships train+dev images only: no test images, no test list
+            if name not in dropped:
+                dropped.add(name)
+                report.note("dropped, not on disk nor in a split list", where, name)
+            continue
+        grouper.add(where, line, name, row[1], splits.get(name, (None,))[0], number=number)
+    records = grouper.records
+    for name, (split, where) in splits.items():
+        if name not in grouper.paths:
+            report.bad("no captions", where, f"{name} is in the {split} list but has no "
+                       f"caption rows in {caption_path.name}")
+    for rec in records.values():
+        if splits and rec.image.name not in splits:
+            report.note("kept with split=None, in no split list", f"{caption_path}:{rec.line}",
+                        rec.image.name)
+    if not records:
+        raise DataError(f"{caption_path}: no usable rows")
+    return list(records.values())
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith(".") and p.is_file())
+
+
+def _class_roots(root: Path) -> list[tuple[str | None, Path]]:
+    """[(split, folder of class folders)]: ROOT itself, or ROOT/train, ROOT/test, ..."""
+    subdirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    if subdirs and all(d.name.lower() in SPLIT_ALIASES for d in subdirs):
+        return [(SPLIT_ALIASES[d.name.lower()], d) for d in subdirs]
+    return [(None, root)]
+
+
+def read_class_folders(root: str | Path, templates=DEFAULT_TEMPLATES, *,
+                       skip_bad: bool = False, report: LoadReport | None = None
+                       ) -> tuple[list[Record], list[str]]:
+    """Labelled class folders (ROOT/<class>/*.jpg, optionally ROOT/train/<class>/...) ->
+    (records, sorted class names). Captions are the templates filled with the class name
+    (`_` -> space); `Record.extra["label"]` is the folder name."""
+    report = report or LoadReport(skip_bad)
+    root = Path(root)
+    records, classes = [], set()
+    for split, folder in _class_roots(root):
+        for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            images = _image_files(d)
+            if not images:
+                report.note("class folder with no images", str(d), "ignored")
+                continue
+            classes.add(d.name)
+            prompt = d.name.replace("_", " ")
+            records += [Record(p.resolve(), [t.format(prompt) for t in templates], split, None,
+                               {"label": d.name}) for p in images]
+    if not records:
+        raise DataError(f"{root}: no class folders with images (expected {LAYOUTS['classes']})")
+    return records, sorted(classes)
+
+
+def _is_hf(path: Path) -> bool:
+    return (path.suffix == ".parquet" or (path / "dataset_info.json").is_file()
+            or (path / "dataset_dict.json").is_file() or any(path.glob("*.parquet"))
+            or any(path.glob("data/*.parquet")))
+
+
+def detect_layout(path: str | Path) -> str:
+    """Name the layout of a dataset folder (see LAYOUTS), or raise DataError listing them."""
+    if str(path).startswith("hf:"):
+        return "hf"
+    path = Path(path)
+    if path.is_file():
+        if path.suffix == ".parquet":
+            return "hf"
+        if path.suffix == ".csv":
+            return "csv"
+    elif path.is_dir():
+        if (path / "flickr30k_images" / "results.csv").is_file() or (
+                (path / "results.csv").is_file() and (path / "flickr30k_images").is_dir()):
+            return "flickr30k"
+        if any((path / n).is_file() for n in ("captions.txt", "Flickr8k.token.txt",
+                                               "Flickr8k_text/Flickr8k.token.txt")):
+            return "flickr8k"
+        if (path / "captions.csv").is_file() or len(list(path.glob("*.csv"))) == 1:
+            return "csv"
+        if _is_hf(path):
+            return "hf"
+        if any(_image_files(d) for _, f in _class_roots(path) for d in f.iterdir() if d.is_dir()):
+            return "classes"
+    else:
+        raise DataError(f"{path}: dataset folder not found")
+    expected = "\n".join(f"  {name}: {what}" for name, what in LAYOUTS.items())
+    raise DataError(f"{path}: no known dataset layout; expected one of:\n{expected}")
+
+
+def load_records_with_report(path: str | Path, layout: str = "auto", *, skip_bad: bool = False,
+                             **options) -> tuple[list[Record], LoadReport]:
+    """Like `load_records`, but returns the `LoadReport` instead of warning with it."""
+    layout = detect_layout(path) if layout == "auto" else layout
+    report = LoadReport(skip_bad, layout)
+    if layout == "hf":
+        from readers_hf import read_hf  # optional `datasets` dependency, imported lazily
+        return read_hf(path, report=report, **options), report
+    if not Path(path).exists():
+        raise DataError(f"{path}: dataset folder not found")
+    if layout == "csv":
+        path = Path(path)
+        if path.is_file():
+            options.setdefault("csv_name", path.name)
+            path = path.parent
+        elif not (path / options.get("csv_name", "captions.csv")).is_file():
+            csvs = sorted(path.glob("*.csv"))
+            if len(csvs) == 1:  # "any folder with a CSV": take the only one
+                options.setdefault("csv_name", csvs[0].name)
+        return read_caption_csv(path, report=report, **options), report
+    if layout == "flickr30k":
+        return read_flickr30k(path, report=report, **options), report
+    if layout == "flickr8k":
+        return read_flickr8k(path, report=report, **options), report
+    if layout == "classes":
+        return read_class_folders(path, report=report, **options)[0], report
+    raise DataError(f"unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}")
+
+
+def load_records(path: str | Path, layout: str = "auto", **options) -> list[Record]:
+    """Read any supported dataset (see LAYOUTS) into records; `layout="auto"` detects it.
+    Bad input raises DataError (file:line); with `skip_bad=True` it is skipped and one
+    DataWarning summarizes the counts. Repairs and rule-based drops are warned about too."""
+    records, report = load_records_with_report(path, layout, **options)
+    if summary := report.summary():
+        warnings.warn(f"{path} ({report.layout}): {summary}", DataWarning, stacklevel=2)
+    return records
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Open and fully decode an image as RGB (EXIF rotation applied, alpha composited on
+    white); corrupt or truncated files raise DataError naming the file."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncation must fail here, not decode as grey
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+                im = im.point(lambda v: v / 257).convert("L")  # 16-bit grey -> 8-bit
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+                im = im.convert("RGBA")
+                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(background, im)
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from None
