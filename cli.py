@@ -1,7 +1,7 @@
 """`--key=value` overrides for (nested) dataclass configs; unknown keys are rejected.
 
-Keys are dotted paths (`--image.kind=timm`, `--train.epochs=3`); a leaf name that is unique
-in the whole config may be used alone (`--epochs=3`). `--key value` and bare `--flag` (for
+Keys are dotted paths (`--model.image.kind=timm`); any unique tail of a path may be used
+instead (`--image.kind=timm`, `--epochs=3`). `--key value` and bare `--flag` (for
 booleans) work too. Each field's help text is the `# comment` on its line in the source.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def resolve_key(cfg, key: str, aliases: dict[str, str] | None = None) -> str:
     paths = leaves(cfg)
     if key in paths:
         return key
-    matches = [p for p in paths if p.rsplit(".", 1)[-1] == key]
+    matches = [p for p in paths if p.endswith("." + key)]  # e.g. image.width -> model.image.width
     if len(matches) == 1:
         return matches[0]
     if matches:
@@ -96,7 +96,7 @@ def field_comments(cls) -> dict[str, str]:
 
 
 def help_text(cfg, usage: str) -> str:
-    lines = [usage, "", "options (--key=value; a unique last part of a key is enough):"]
+    lines = [usage, "", "options (--key=value; a unique tail of a key is enough, e.g. --image.kind):"]
     for path, (owner, f) in leaves(cfg).items():
         doc = field_comments(type(owner)).get(f.name, "")
         lines.append(f"  --{path}={getattr(owner, f.name)!r}".ljust(46) + f"  {doc}")

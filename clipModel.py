@@ -250,16 +250,27 @@ def resolve_image_config(cfg: ImageEncoderConfig, encoder: ImageEncoder) -> Imag
         size, mean, std = data_cfg["input_size"][-1], data_cfg["mean"], data_cfg["std"]
     elif cfg.kind == "hf":
         size = encoder.model.config.image_size
-        try:
-            from transformers import AutoImageProcessor
-            proc = AutoImageProcessor.from_pretrained(cfg.name)
-            mean, std = proc.image_mean, proc.image_std
-        except (OSError, ValueError):
-            if not (cfg.mean and cfg.std):
+        if not (cfg.mean and cfg.std):  # given, or saved with a checkpoint: no lookup needed
+            try:
+                from transformers import AutoImageProcessor
+                proc = AutoImageProcessor.from_pretrained(cfg.name)
+                mean, std = proc.image_mean, proc.image_std
+            except (OSError, ValueError):
                 warnings.warn(f"no image processor for {cfg.name!r}; normalising with mean=std=0.5")
     return replace(cfg, image_size=cfg.image_size or int(size),
                    mean=tuple(float(m) for m in (cfg.mean or mean)),
                    std=tuple(float(s) for s in (cfg.std or std)))
+
+
+def _offline_build_config(config: CLIPConfig, folder: Path) -> CLIPConfig:
+    """Architectures from the saved folder only; the weights then come from its safetensors."""
+    image = replace(config.image, pretrained=False, weights_file="")
+    text = replace(config.text, pretrained=False)
+    if image.kind == "hf":
+        image.name = str(folder / "image_encoder")
+    if text.kind == "hf":
+        text.name = str(folder / "text_encoder")
+    return replace(config, image=image, text=text)
 
 
 # ---------------------------------------------------------------- tokenizer and transforms
@@ -335,11 +346,12 @@ class CLIPModel(nn.Module):
     tokenizer); `CLIPModel.from_pretrained(folder)` loads a saved one offline.
     """
 
-    def __init__(self, config: CLIPConfig, tokenizer=None, captions=None):
+    def __init__(self, config: CLIPConfig, tokenizer=None, captions=None, *, _saved_folder=None):
         super().__init__()
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.text, captions)
-        self.image_encoder = ImageEncoder(config.image)
-        self.text_encoder = TextEncoder(config.text, len(self.tokenizer))
+        build = config if _saved_folder is None else _offline_build_config(config, Path(_saved_folder))
+        self.image_encoder = ImageEncoder(build.image)
+        self.text_encoder = TextEncoder(build.text, len(self.tokenizer))
         self.config = replace(config, image=resolve_image_config(config.image, self.image_encoder))
         self.image_projection = ProjectionHead(self.image_encoder.out_dim, config.projection_dim, config.dropout)
         self.text_projection = ProjectionHead(self.text_encoder.out_dim, config.projection_dim, config.dropout)
@@ -403,15 +415,7 @@ class CLIPModel(nn.Module):
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise FileNotFoundError(f"{folder} is not a saved CLIPModel folder "
                                     "(expected config.json and model.safetensors)")
-        saved = json.loads((folder / "config.json").read_text())
-        config = CLIPConfig.from_dict(saved["model"])
-        # Build the architectures from local files only; the weights come from safetensors.
-        config.image = replace(config.image, pretrained=False, weights_file="")
-        config.text = replace(config.text, pretrained=False)
-        if config.image.kind == "hf":
-            config.image.name = str(folder / "image_encoder")
-        if config.text.kind == "hf":
-            config.text.name = str(folder / "text_encoder")
-        model = cls(config, tokenizer=AutoTokenizer.from_pretrained(folder))
+        config = CLIPConfig.from_dict(json.loads((folder / "config.json").read_text())["model"])
+        model = cls(config, tokenizer=AutoTokenizer.from_pretrained(folder), _saved_folder=folder)
         load_model(model, str(folder / "model.safetensors"), device=str(device or "cpu"))
         return model.to(device or "cpu").eval()

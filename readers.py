@@ -90,7 +90,7 @@ LAYOUTS = {
 
 
 def _read_text(path: Path) -> tuple[str, bool]:
-    """Whole file as text; undecodable bytes survive as surrogates so rows can name them."""
+    # (text, dirty): undecodable bytes survive as surrogates so the row holding them is named
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig"), False
@@ -98,14 +98,33 @@ def _read_text(path: Path) -> tuple[str, bool]:
         return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff"), True
 
 
-def _not_utf8(fields: list[str]) -> bytes | None:
-    """The non-UTF-8 bytes (kept as surrogates by _read_text) in a row's fields, or None."""
-    raw = bytes(ord(c) - 0xDC00 for f in fields for c in f if 0xDC80 <= ord(c) <= 0xDCFF)
-    return raw or None
+def _not_utf8(fields: list[str]) -> bytes:
+    return bytes(ord(c) - 0xDC00 for f in fields for c in f if 0xDC80 <= ord(c) <= 0xDCFF)
+
+
+def _csv_rows(text: str):
+    # (first line, fields) per non-blank row: a quoted caption may span several lines
+    rows, end = csv.reader(io.StringIO(text, newline="")), 0
+    for row in rows:
+        line, end = end + 1, rows.line_num
+        if row and "".join(row).strip():
+            yield line, row
+
+
+def _row_ok(report: LoadReport, where: str, row: list[str], expected: list[str],
+            dirty: bool) -> bool:
+    if len(row) != len(expected):
+        report.bad("wrong field count", where,
+                   f"expected {len(expected)} fields {expected}, got {len(row)}")
+    elif dirty and (bad := _not_utf8(row)):
+        report.bad("not utf-8", where, f"bytes that are not UTF-8: {bad!r}")
+    else:
+        return True
+    return False
 
 
 class _Grouper:
-    """Collects caption rows into records, reporting every kind of bad row the same way."""
+    # Collects caption rows into records, reporting every kind of bad row the same way.
 
     def __init__(self, report: LoadReport, resolve, allow_duplicates: bool = False):
         self.report, self.resolve = report, resolve  # resolve(name) -> Path | None if missing
@@ -144,17 +163,20 @@ class _Grouper:
             self.records[path] = Record(path, [], split, line, extra or {})
         self.records[path].captions.append(caption)
 
+    def result(self, source: Path) -> list[Record]:  # records in file order
+        if not self.records:
+            raise DataError(f"{source}: no usable rows")
+        return list(self.records.values())
 
-def _file_resolver(folder: Path):
-    """name -> absolute path under folder (or the name itself if absolute), None if absent."""
+
+def _file_resolver(folder: Path):  # name (relative to folder, or absolute) -> file | None
     def resolve(name: str) -> Path | None:
         path = (folder / name).resolve()
         return path if path.is_file() else None
     return resolve
 
 
-def _dir_resolver(folder: Path):
-    """Like _file_resolver for flat image folders, listing the folder once (fast)."""
+def _dir_resolver(folder: Path):  # the same for a flat folder, listed once (fast)
     names = set(os.listdir(folder)) if folder.is_dir() else set()
     folder = folder.resolve()
     return lambda name: folder / name if name in names else None
@@ -165,47 +187,38 @@ def read_caption_csv(root: str | Path, csv_name: str = "captions.csv",
                      split_column: str = "split", image_dir: str = "", *,
                      allow_duplicates: bool = False, skip_bad: bool = False,
                      report: LoadReport | None = None) -> list[Record]:
-    """Read a folder with a CSV of `image,caption` rows; captions are grouped by image.
-    Other columns go to `Record.extra`; image paths are relative to the CSV's folder joined
-    with `image_dir` (which may be absolute), or absolute. An image with the same caption
-    twice is bad input unless `allow_duplicates` (then kept and noted)."""
+    """Read a folder with a CSV of `image,caption` rows (`root` may also be the CSV file;
+    a folder without `csv_name` but with exactly one *.csv uses that); captions are grouped
+    by image, other columns go to `Record.extra`. Image paths are relative to the CSV's
+    folder joined with `image_dir` (which may be absolute), or absolute. An image with the
+    same caption twice is bad input unless `allow_duplicates` (then kept and noted)."""
     report = report or LoadReport(skip_bad)
     root = Path(root)
-    csv_path = root / csv_name
+    root, csv_name = (root.parent, root.name) if root.is_file() else (root, csv_name)
+    csv_path, others = root / csv_name, sorted(root.glob("*.csv"))
+    if not csv_path.is_file() and csv_name == "captions.csv" and len(others) == 1:
+        csv_path = others[0]
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: caption file not found")
     text, dirty = _read_text(csv_path)
-    rows = csv.reader(io.StringIO(text, newline=""))
-    header = next(rows, None)
-    if header is None:
-        raise DataError(f"{csv_path}: empty file, expected a header row")
+    rows = _csv_rows(text)
+    _, header = next(rows, (1, []))
     header = [h.strip() for h in header]
     missing = {image_column, caption_column} - set(header)
     if missing:
         raise DataError(f"{csv_path}:1: missing column(s) {sorted(missing)}; found {header}")
     grouper = _Grouper(report, _file_resolver(csv_path.parent / image_dir), allow_duplicates)
-    end = rows.line_num
-    for row in rows:
-        line, end = end + 1, rows.line_num  # a quoted caption may span several lines
-        where = f"{csv_path}:{line}"
-        if not row:
-            continue
-        if len(row) != len(header):
-            report.bad("wrong field count", where,
-                       f"expected {len(header)} fields {header}, got {len(row)}")
-            continue
-        if dirty and (bad := _not_utf8(row)):
-            report.bad("not utf-8", where, f"bytes that are not UTF-8: {bad}")
+    for line, row in rows:
+        if not _row_ok(report, f"{csv_path}:{line}", row, header, dirty):
             continue
         values = dict(zip(header, row))
         split = values.get(split_column, "").strip() or None
         extra = {k: v for k, v in values.items()
                  if k not in (image_column, caption_column, split_column)}
-        grouper.add(where, line, values[image_column].strip(), values[caption_column],
-                    SPLIT_ALIASES.get(split.lower(), split) if split else None, extra)
-    if not grouper.records:
-        raise DataError(f"{csv_path}: no usable rows")
-    return list(grouper.records.values())
+        grouper.add(f"{csv_path}:{line}", line, values[image_column].strip(),
+                    values[caption_column], SPLIT_ALIASES.get(split.lower(), split) if split
+                    else None, extra)
+    return grouper.result(csv_path)
 
 
 def read_flickr30k(root: str | Path, *, allow_duplicates: bool = True, skip_bad: bool = False,
@@ -232,7 +245,7 @@ def read_flickr30k(root: str | Path, *, allow_duplicates: bool = True, skip_bad:
         if not raw.strip():
             continue
         if dirty and (bad := _not_utf8(fields)):
-            report.bad("not utf-8", where, f"bytes that are not UTF-8: {bad}")
+            report.bad("not utf-8", where, f"bytes that are not UTF-8: {bad!r}")
             continue
         if len(fields) == 2 and (m := re.fullmatch(r"(\d+)\s+(.*)", fields[1])):
             # The Kaggle file has a row with the pipe between number and comment missing.
@@ -243,13 +256,11 @@ def read_flickr30k(root: str | Path, *, allow_duplicates: bool = True, skip_bad:
                        "expected 'image_name| comment_number| comment', got " + repr(raw[:80]))
             continue
         grouper.add(where, line, fields[0], fields[2], number=fields[1])
-    if not grouper.records:
-        raise DataError(f"{csv_path}: no usable rows")
-    return list(grouper.records.values())
+    return grouper.result(csv_path)
 
 
 def _flickr8k_splits(root: Path, report: LoadReport) -> dict[str, tuple[str, str]]:
-    """Official split lists -> {image name: (split, "file:line")}, {} when none shipped."""
+    # official split lists -> {image name: (split, "file:line")}; {} when none shipped
     found = {}
     for split, names in (("train", ("splits/train.txt", "Flickr_8k.trainImages.txt")),
                          ("val", ("splits/dev.txt", "splits/val.txt", "Flickr_8k.devImages.txt")),
@@ -293,27 +304,18 @@ def read_flickr8k(root: str | Path, *, allow_duplicates: bool = True, skip_bad: 
                         f"(expected {LAYOUTS['flickr8k']})")
     text, dirty = _read_text(caption_path)
     token_format = caption_path.name.endswith("token.txt")
-    if token_format:
-        rows = (r.split("\t", 1) for r in io.StringIO(text, newline=""))
-        end = 0
+    if token_format:  # name.jpg#N<TAB>caption, no header
+        rows = ((i, r.rstrip("\r\n").split("\t", 1))
+                for i, r in enumerate(io.StringIO(text, newline=""), start=1) if r.strip())
     else:
-        rows = csv.reader(io.StringIO(text, newline=""))
-        header = next(rows, [])
+        rows = _csv_rows(text)
+        header = next(rows, (1, []))[1]
         if [h.strip() for h in header] != ["image", "caption"]:
             raise DataError(f"{caption_path}:1: expected header 'image,caption', got {header}")
-        end = rows.line_num
-    for row in rows:
-        line = end + 1
-        end = rows.line_num if not token_format else line
+    for line, row in rows:
         where = f"{caption_path}:{line}"
-        if not row or row == ["\n"] or not "".join(row).strip():
-            continue
-        if len(row) != 2:
-            report.bad("wrong field count", where, "expected 2 fields (image, caption) "
-                       f"{'separated by a tab' if token_format else ''}, got {len(row)}")
-            continue
-        if dirty and (bad := _not_utf8(row)):
-            report.bad("not utf-8", where, f"bytes that are not UTF-8: {bad}")
+        if not _row_ok(report, where, row, ["image#N", "caption"] if token_format
+                       else ["image", "caption"], dirty):
             continue
         name, number = row[0].strip(), None
         if token_format and "#" in name:
@@ -334,9 +336,7 @@ def read_flickr8k(root: str | Path, *, allow_duplicates: bool = True, skip_bad: 
         if splits and rec.image.name not in splits:
             report.note("kept with split=None, in no split list", f"{caption_path}:{rec.line}",
                         rec.image.name)
-    if not records:
-        raise DataError(f"{caption_path}: no usable rows")
-    return list(records.values())
+    return grouper.result(caption_path)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -345,7 +345,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _class_roots(root: Path) -> list[tuple[str | None, Path]]:
-    """[(split, folder of class folders)]: ROOT itself, or ROOT/train, ROOT/test, ..."""
+    # [(split, folder of class folders)]: ROOT itself, or ROOT/train, ROOT/test, ...
     subdirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
     if subdirs and all(d.name.lower() in SPLIT_ALIASES for d in subdirs):
         return [(SPLIT_ALIASES[d.name.lower()], d) for d in subdirs]
@@ -353,12 +353,11 @@ def _class_roots(root: Path) -> list[tuple[str | None, Path]]:
 
 
 def read_class_folders(root: str | Path, templates=DEFAULT_TEMPLATES, *,
-                       skip_bad: bool = False, report: LoadReport | None = None
-                       ) -> tuple[list[Record], list[str]]:
+                       report: LoadReport | None = None) -> tuple[list[Record], list[str]]:
     """Labelled class folders (ROOT/<class>/*.jpg, optionally ROOT/train/<class>/...) ->
     (records, sorted class names). Captions are the templates filled with the class name
     (`_` -> space); `Record.extra["label"]` is the folder name."""
-    report = report or LoadReport(skip_bad)
+    report = report or LoadReport()
     root = Path(root)
     records, classes = [], set()
     for split, folder in _class_roots(root):
@@ -411,33 +410,24 @@ def detect_layout(path: str | Path) -> str:
     raise DataError(f"{path}: no known dataset layout; expected one of:\n{expected}")
 
 
+READERS = {"csv": read_caption_csv, "flickr30k": read_flickr30k, "flickr8k": read_flickr8k,
+           "classes": read_class_folders}
+
+
 def load_records_with_report(path: str | Path, layout: str = "auto", *, skip_bad: bool = False,
                              **options) -> tuple[list[Record], LoadReport]:
     """Like `load_records`, but returns the `LoadReport` instead of warning with it."""
     layout = detect_layout(path) if layout == "auto" else layout
     report = LoadReport(skip_bad, layout)
     if layout == "hf":
-        from readers_hf import read_hf  # optional `datasets` dependency, imported lazily
+        from readers_hf import read_hf  # imports the optional `datasets` lazily
         return read_hf(path, report=report, **options), report
+    if layout not in READERS:
+        raise DataError(f"unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}")
     if not Path(path).exists():
         raise DataError(f"{path}: dataset folder not found")
-    if layout == "csv":
-        path = Path(path)
-        if path.is_file():
-            options.setdefault("csv_name", path.name)
-            path = path.parent
-        elif not (path / options.get("csv_name", "captions.csv")).is_file():
-            csvs = sorted(path.glob("*.csv"))
-            if len(csvs) == 1:  # "any folder with a CSV": take the only one
-                options.setdefault("csv_name", csvs[0].name)
-        return read_caption_csv(path, report=report, **options), report
-    if layout == "flickr30k":
-        return read_flickr30k(path, report=report, **options), report
-    if layout == "flickr8k":
-        return read_flickr8k(path, report=report, **options), report
-    if layout == "classes":
-        return read_class_folders(path, report=report, **options)[0], report
-    raise DataError(f"unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}")
+    records = READERS[layout](path, report=report, **options)
+    return (records[0] if layout == "classes" else records), report
 
 
 def load_records(path: str | Path, layout: str = "auto", **options) -> list[Record]:

@@ -1,0 +1,323 @@
+"""Download Flickr8k / Flickr30k from Kaggle into the layout the loaders read.
+
+    python download.py flickr8k  [--dest data] [--kaggle-json PATH] [--force]
+    python download.py flickr30k [--dest data] [--kaggle-json PATH] [--force]
+
+Uses the `kaggle` package's Python API, unpacks the zip safely (no member may land outside
+the destination), checks the image and caption counts, and only then moves the folder into
+place. A dataset folder that already has the expected counts is not downloaded again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class DownloadError(RuntimeError):
+    """A credential, network or archive problem; the message says what to do about it."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    slug: str        # Kaggle dataset id, owner/name
+    images: str      # image folder, relative to the dataset folder
+    captions: str    # caption file, relative to the dataset folder
+    n_images: int    # at least this many *.jpg in `images`
+    n_captions: int  # at least this many non-blank lines after the header in `captions`
+    skip: tuple[str, ...] = ()  # archive members (prefixes) not worth extracting
+
+
+# What the Kaggle uploads contain. Flickr30k's results.csv has 158,915 caption rows, but one
+# (2199200615.jpg #4) lacks its second '|', so a parser that drops it sees 158,914: accept that.
+# Its zip also nests a second copy of the images and the csv one level deeper: skip those.
+DATASETS = {
+    "flickr8k": Spec("adityajn105/flickr8k", "Images", "captions.txt", 8_091, 40_455),
+    "flickr30k": Spec("hsankesara/flickr-image-dataset", "flickr30k_images/flickr30k_images",
+                      "flickr30k_images/results.csv", 31_783, 158_914,
+                      skip=("flickr30k_images/flickr30k_images/flickr30k_images/",
+                            "flickr30k_images/flickr30k_images/results.csv")),
+}
+
+NO_CREDENTIALS = ("No Kaggle credentials found: put kaggle.json in ~/.kaggle/ (mode 600), set "
+                  "KAGGLE_USERNAME and KAGGLE_KEY, or pass --kaggle-json PATH "
+                  "(from Python: kaggle_json=PATH or install_kaggle_json(...)).")
+
+
+@dataclass(repr=False)
+class Credentials:
+    source: str                 # where they came from, for messages
+    username: str | None = None
+    key: str | None = None      # None: an API token that the kaggle package finds itself
+
+    def __repr__(self) -> str:  # never the key, even in a traceback
+        return f"Credentials(source={self.source!r}, username={self.username!r})"
+
+
+def _parse_kaggle_json(data: bytes | dict, where: str) -> Credentials:
+    try:
+        obj = data if isinstance(data, dict) else json.loads(data)
+        username, key = str(obj["username"]), str(obj["key"])
+    except (ValueError, KeyError, TypeError):  # messages of these could quote the file: drop them
+        raise DownloadError(f"{where} is not a valid kaggle.json: it must be a JSON object with "
+                            "\"username\" and \"key\" (get it at kaggle.com > Settings > API)") from None
+    return Credentials(where, username, key)
+
+
+def _read_kaggle_json(path: Path) -> Credentials:
+    if not path.is_file():
+        raise DownloadError(f"kaggle.json not found at {path}: pass the file from "
+                            "kaggle.com > Settings > API")
+    return _parse_kaggle_json(path.read_bytes(), str(path))
+
+
+def _config_dir() -> Path:
+    return Path(os.environ.get("KAGGLE_CONFIG_DIR") or Path.home() / ".kaggle")
+
+
+def find_credentials(kaggle_json: str | Path | None = None) -> Credentials:
+    """Kaggle credentials from `kaggle_json`, else KAGGLE_USERNAME/KAGGLE_KEY, else kaggle.json
+    in $KAGGLE_CONFIG_DIR, ~/.kaggle or ~/.config/kaggle, else a newer-style API token."""
+    if kaggle_json is not None:
+        return _read_kaggle_json(Path(kaggle_json).expanduser())
+    username, key = os.environ.get("KAGGLE_USERNAME"), os.environ.get("KAGGLE_KEY")
+    if username and key:
+        return Credentials("KAGGLE_USERNAME/KAGGLE_KEY", username, key)
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    for folder in (_config_dir(), Path.home() / ".kaggle", xdg / "kaggle"):
+        if (folder / "kaggle.json").is_file():
+            return _read_kaggle_json(folder / "kaggle.json")
+    # kaggle 1.8+ also takes an API token; it reads these two places itself.
+    if os.environ.get("KAGGLE_API_TOKEN"):
+        return Credentials("KAGGLE_API_TOKEN")
+    if (Path.home() / ".kaggle" / "access_token").is_file():
+        return Credentials("~/.kaggle/access_token")
+    raise DownloadError(NO_CREDENTIALS)
+
+
+def install_kaggle_json(src: str | Path | bytes | dict) -> Path:
+    """Write Kaggle credentials to ~/.kaggle/kaggle.json ($KAGGLE_CONFIG_DIR if set), mode 600.
+
+    `src` is the path of a kaggle.json, its bytes, a {"username": ..., "key": ...} dict, or
+    what Colab's `files.upload()` returns ({"kaggle.json": b"..."}). Returns the written path.
+    """
+    if isinstance(src, dict) and len(src) == 1 and "key" not in src:
+        src = next(iter(src.values()))  # Colab upload: {filename: bytes}
+    creds = (_read_kaggle_json(Path(src).expanduser()) if isinstance(src, (str, os.PathLike))
+             else _parse_kaggle_json(src, "the given credentials"))
+    folder = _config_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / "kaggle.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # the file may have existed with looser permissions
+        json.dump({"username": creds.username, "key": creds.key}, f)
+    print(f"Wrote Kaggle credentials for {creds.username} to {path}")
+    return path
+
+
+def kaggle_fetch(slug: str, out_dir: Path, creds: Credentials) -> None:
+    """Download Kaggle dataset `slug` as a zip into `out_dir` with the kaggle package's API."""
+    # `import kaggle` authenticates at import time (old releases raise without credentials,
+    # newer ones print help), so hand it ours through its environment variables meanwhile.
+    saved = {k: os.environ.get(k) for k in ("KAGGLE_USERNAME", "KAGGLE_KEY")}
+    if creds.key is not None:
+        os.environ.update(KAGGLE_USERNAME=creds.username, KAGGLE_KEY=creds.key)
+    try:
+        try:
+            from kaggle.api.kaggle_api_extended import KaggleApi
+        except ImportError as e:
+            raise DownloadError(f"Could not import the kaggle package ({e}): pip install kaggle") from None
+        api = KaggleApi()
+        api.authenticate()  # reads the variables above into the instance; no network for a key
+        # Not forced, so a later run resumes an interrupted download left in out_dir.
+        api.dataset_download_files(slug, path=str(out_dir), quiet=False, unzip=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _explain(e: BaseException, spec: Spec, target: Path, creds: Credentials) -> str:
+    status = getattr(e, "status", None) or getattr(getattr(e, "response", None), "status_code", None)
+    by_hand = (f"download https://www.kaggle.com/datasets/{spec.slug} on a machine with internet "
+               f"and unzip it into {target}")
+    if status in (401, 403) or isinstance(e, SystemExit):  # newer kaggle exits on unusable credentials
+        return (f"Kaggle did not accept the credentials from {creds.source}"
+                f"{f' (HTTP {status})' if status else ''}: create a new API token at "
+                f"https://www.kaggle.com/settings and try again, or {by_hand}.")
+    if status:
+        return f"Kaggle answered HTTP {status} for {spec.slug}: try again later, or {by_hand}."
+    packages = {c.__module__.split(".")[0] for c in type(e).__mro__}  # kaggle's HTTP stack
+    if isinstance(e, (ConnectionError, TimeoutError)) or packages & {"requests", "urllib3", "socket", "ssl"}:
+        return f"Could not reach Kaggle (network unavailable: {type(e).__name__}): {by_hand}."
+    return f"Downloading {spec.slug} from Kaggle failed ({type(e).__name__}: {e}): {by_hand}."
+
+
+def _scrub(text: str, creds: Credentials) -> str:
+    for secret in (creds.key, os.environ.get("KAGGLE_API_TOKEN")):
+        text = text.replace(secret, "***") if secret else text
+    return text
+
+
+def _inside(path: Path, out: Path) -> bool:
+    path = os.path.normpath(path)
+    return path == str(out) or path.startswith(str(out) + os.sep)
+
+
+def _check_member(zf: zipfile.ZipFile, m: zipfile.ZipInfo, out: Path) -> None:
+    name = m.filename
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or name[1:2] == ":" or ".." in parts or not _inside(out / name, out):
+        raise DownloadError(f"refusing archive member {name!r}: an absolute path or '..' "
+                            f"would write outside {out}")
+    if stat.S_ISLNK(m.external_attr >> 16):
+        link = zf.read(m).decode("utf-8", "replace")
+        escapes = link.startswith("/") or not _inside((out / name).parent / link, out)
+        # The Kaggle archives hold no links; refusing all of them keeps extraction simple.
+        raise DownloadError(f"refusing archive member {name!r}: it is a symlink to {link!r}"
+                            + (f", outside {out}" if escapes else ""))
+
+
+def extract(archive: str | Path, out: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Unpack zip `archive` into folder `out`, refusing members that would land outside it.
+
+    Every member is checked before anything is written; members starting with a `skip`
+    prefix are left out. A corrupt or truncated archive (bad zip, CRC error) is deleted
+    and reported, so it is never half-used.
+    """
+    archive, out = Path(archive), Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = zf.infolist()
+            for m in members:
+                _check_member(zf, m, out)
+            members = [m for m in members if not m.filename.startswith(skip)]
+            with tqdm(total=sum(m.file_size for m in members), unit="B", unit_scale=True,
+                      desc=f"extracting {archive.name}") as bar:
+                for m in members:
+                    path = out / m.filename
+                    if m.is_dir():
+                        path.mkdir(parents=True, exist_ok=True)
+                        continue
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(m) as src, open(path, "wb") as dst:  # src checks the CRC at EOF
+                        while chunk := src.read(1 << 20):
+                            dst.write(chunk)
+                            bar.update(len(chunk))
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        archive.unlink(missing_ok=True)
+        raise DownloadError(f"the downloaded archive {archive.name} is corrupt or truncated ({e}): "
+                            "removed it; run the download again") from None
+
+
+def verify(name: str, root: str | Path, where: str | None = None) -> tuple[int, int]:
+    """Check dataset folder `root` against DATASETS[name]; return (images, captions) found."""
+    spec, root = DATASETS[name], Path(root)
+    images, captions = root / spec.images, root / spec.captions
+    n_img = sum(1 for e in os.scandir(images) if e.name.lower().endswith(".jpg")) if images.is_dir() else 0
+    n_cap = 0
+    if captions.is_file():
+        with open(captions, "rb") as f:
+            n_cap = max(sum(1 for line in f if line.strip()) - 1, 0)  # minus the header
+    problems = []
+    if n_img < spec.n_images:
+        problems.append(f"expected at least {spec.n_images:,} images in {spec.images}/, found {n_img:,}")
+    if n_cap < spec.n_captions:
+        problems.append(f"expected at least {spec.n_captions:,} captions in {spec.captions}, found {n_cap:,}")
+    if problems:
+        raise DownloadError(f"{where or root} is incomplete: " + "; ".join(problems))
+    return n_img, n_cap
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    # Each rename is atomic, so `target` is the old folder or the complete new one, never a mix.
+    old = target.with_name(f".{target.name}-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def download(name: str, dest: str | Path = "data", kaggle_json: str | Path | None = None,
+             force: bool = False, fetch: Callable[[str, Path, Credentials], None] | None = None) -> Path:
+    """Download dataset `name` ("flickr8k" or "flickr30k") to `dest/name`; return that folder.
+
+    A folder that already has the expected counts is returned untouched unless `force`.
+    `fetch(slug, out_dir, credentials)` must leave the dataset's zip in `out_dir`; it
+    defaults to the kaggle API (`kaggle_fetch`). Raises DownloadError with what to do.
+    """
+    if name not in DATASETS:
+        raise DownloadError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    spec, dest = DATASETS[name], Path(dest).expanduser()
+    target = dest / name
+    if target.exists() and not force:
+        try:
+            n_img, n_cap = verify(name, target)
+            print(f"{target}: already complete ({n_img:,} images, {n_cap:,} captions)")
+            return target
+        except DownloadError as e:
+            print(f"{e}; downloading it again")
+    creds = find_credentials(kaggle_json)
+    work = dest / f".{name}-download"  # a fixed name, so kaggle can resume a partial zip here
+    if force:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"Downloading {spec.slug} from Kaggle (credentials from {creds.source})")
+    try:
+        (fetch or kaggle_fetch)(spec.slug, work, creds)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - any kaggle failure becomes one sentence
+        if not any(work.iterdir()):
+            work.rmdir()  # keep only a partial zip, which kaggle resumes next time
+        msg = str(e) if isinstance(e, DownloadError) else _explain(e, spec, target, creds)
+        raise DownloadError(_scrub(msg, creds)) from None
+    try:
+        zips = sorted(work.glob("*.zip"))
+        if len(zips) != 1:
+            raise DownloadError(f"expected one .zip from Kaggle in {work}, found {len(zips)}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-extract-", dir=dest))  # same filesystem
+        try:
+            extract(zips[0], tmp, spec.skip)
+            n_img, n_cap = verify(name, tmp, where=f"the archive of {spec.slug}")
+            _replace_dir(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # a bad archive must not be reused next time
+    print(f"{target}: {n_img:,} images, {n_cap:,} captions")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(description="Download a caption dataset from Kaggle.")
+    parser.add_argument("name", choices=sorted(DATASETS), help="dataset to download")
+    parser.add_argument("--dest", default="data", help="parent folder (default: data)")
+    parser.add_argument("--kaggle-json", metavar="PATH", help="kaggle.json to use")
+    parser.add_argument("--force", action="store_true", help="download even if complete")
+    args = parser.parse_args(argv)
+    try:
+        download(args.name, args.dest, args.kaggle_json, args.force)
+    except (DownloadError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

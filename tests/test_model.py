@@ -1,0 +1,198 @@
+"""clipModel: encoders of every kind, projection head, temperature, save/load, loss."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipModel import (CLIPConfig, CLIPModel, ImageEncoderConfig, ProjectionHead, TextEncoderConfig,
+                       image_transform)
+from data import decode_images, to_model_input
+from loss import clip_loss
+from readers import Record
+
+CAPTIONS = ["a red circle above a blue square", "a big green triangle", "a small yellow star on the left"]
+WORDS = sorted({w for c in CAPTIONS for w in c.split()})
+
+
+def scratch_config(**kw) -> CLIPConfig:
+    return CLIPConfig(image=ImageEncoderConfig(kind="scratch", image_size=32, width=32, depth=1, heads=2),
+                      text=TextEncoderConfig(kind="scratch", width=32, depth=1, heads=2, vocab_size=100,
+                                             pooling="mean"), **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A tiny ViT and DistilBERT saved with save_pretrained, as a user's local folders would be."""
+    from transformers import (DistilBertConfig, DistilBertModel, DistilBertTokenizerFast, ViTConfig,
+                              ViTImageProcessor, ViTModel)
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, image_size=32, patch_size=8))
+    vit.save_pretrained(root / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
+                      image_std=[0.2, 0.25, 0.3]).save_pretrained(root / "vit")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    DistilBertTokenizerFast(vocab_file=str(vocab)).save_pretrained(root / "bert")
+    DistilBertModel(DistilBertConfig(vocab_size=5 + len(WORDS), dim=32, n_layers=2, n_heads=2,
+                                     hidden_dim=64, max_position_embeddings=64)).save_pretrained(root / "bert")
+    return root
+
+
+def hf_config(root, pooling="cls") -> CLIPConfig:
+    return CLIPConfig(image=ImageEncoderConfig(kind="hf", name=str(root / "vit")),
+                      text=TextEncoderConfig(kind="hf", name=str(root / "bert"), pooling=pooling))
+
+
+@pytest.mark.parametrize("batch,scale", [(2, 1.0), (5, 14.3), (16, 100.0)])
+def test_clip_loss_matches_transformers_reference(batch, scale):
+    from transformers.models.clip import modeling_clip  # the name changed across versions
+    reference = getattr(modeling_clip, "clip_loss", None) or modeling_clip.image_text_contrastive_loss
+    torch.manual_seed(batch)
+    img, txt = F.normalize(torch.randn(batch, 8), dim=-1), F.normalize(torch.randn(batch, 8), dim=-1)
+    expected = reference(scale * txt @ img.T)  # transformers takes logits_per_text
+    torch.testing.assert_close(clip_loss(img, txt, torch.tensor(scale)), expected)
+
+
+def test_clip_loss_prefers_matched_pairs():
+    feats = F.normalize(torch.randn(8, 16), dim=-1)
+    matched = clip_loss(feats, feats, torch.tensor(20.0))
+    shuffled = clip_loss(feats, feats.roll(1, 0), torch.tensor(20.0))
+    assert matched < 0.1 < shuffled
+
+
+def test_projection_head_is_the_seed_design():
+    torch.manual_seed(0)
+    head = ProjectionHead(12, dim=6, dropout=0.5).eval()
+    x = torch.randn(4, 12)
+    projected = head.projection(x)
+    expected = F.layer_norm(head.fc(F.gelu(projected)) + projected, (6,),
+                            head.layer_norm.weight, head.layer_norm.bias)
+    torch.testing.assert_close(head(x), expected)
+    head.train()
+    assert not torch.allclose(head(x), head(x))  # dropout active in training
+
+
+def test_temperature_init_and_clamp():
+    model = CLIPModel(scratch_config(), captions=CAPTIONS)
+    assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    tokens = model.tokenize(CAPTIONS[:2])
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # exp(10) > 100
+    _, _, scale = model(torch.randn(2, 3, 32, 32), **tokens)
+    assert scale.item() == pytest.approx(100.0)
+    scale.backward()
+    assert model.logit_scale.grad.item() == 0.0  # clamped: no push further up
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_encoders_give_unit_features_when_normalized(normalize):
+    model = CLIPModel(scratch_config(projection_dim=16), captions=CAPTIONS).eval()
+    img = model.encode_image(torch.randn(3, 3, 32, 32), normalize=normalize)
+    txt = model.encode_text(CAPTIONS, normalize=normalize)
+    assert img.shape == txt.shape == (3, 16)
+    norms = torch.cat([img.norm(dim=-1), txt.norm(dim=-1)])
+    assert torch.allclose(norms, torch.ones(6), atol=1e-5) == normalize
+
+
+def test_scratch_text_ignores_padding():
+    model = CLIPModel(scratch_config(), captions=CAPTIONS).eval()
+    alone = model.encode_text(["a red circle"])
+    padded = model.encode_text(["a red circle", CAPTIONS[2]])[:1]  # padded to the longer caption
+    torch.testing.assert_close(alone, padded)
+
+
+def test_hf_towers_load_from_local_folders(tiny_hf):
+    from transformers import ViTModel
+    model = CLIPModel(hf_config(tiny_hf)).eval()
+    image_cfg = model.config.image
+    assert image_cfg.image_size == 32 and image_cfg.mean == (0.4, 0.5, 0.6)  # the encoder's own
+    images = torch.randn(2, 3, 32, 32)
+    reference = ViTModel.from_pretrained(tiny_hf / "vit").eval()(pixel_values=images).last_hidden_state[:, 0]
+    torch.testing.assert_close(model.image_encoder(images), reference)  # CLS token
+
+
+def test_mean_pooling_masks_padding(tiny_hf):
+    model = CLIPModel(hf_config(tiny_hf, pooling="mean")).eval()
+    tokens = model.tokenize(["a red circle", CAPTIONS[0]])
+    hidden = model.text_encoder.model(**tokens).last_hidden_state[0]
+    expected = hidden[: int(tokens["attention_mask"][0].sum())].mean(0)
+    torch.testing.assert_close(model.text_encoder(**tokens)[0], expected)
+
+
+@pytest.mark.parametrize("kind", ["scratch", "hf", "timm"])
+def test_save_load_round_trip_gives_identical_embeddings(kind, tiny_hf, tmp_path):
+    if kind == "scratch":
+        cfg = scratch_config()
+    elif kind == "hf":
+        cfg = hf_config(tiny_hf)
+    else:
+        cfg = scratch_config()
+        cfg.image = ImageEncoderConfig(kind="timm", name="resnet18", pretrained=False, image_size=32)
+    model = CLIPModel(cfg, captions=CAPTIONS).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = CLIPModel.from_pretrained(tmp_path / "ckpt")
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.encode_text(CAPTIONS), model.encode_text(CAPTIONS), rtol=0, atol=0)
+    assert loaded.config == model.config
+
+
+def test_timm_weights_file_is_loaded(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+    source = timm.create_model("resnet18", pretrained=False)
+    save_file(source.state_dict(), tmp_path / "w.safetensors")
+    cfg = scratch_config()
+    cfg.image = ImageEncoderConfig(kind="timm", name="resnet18", weights_file=str(tmp_path / "w.safetensors"))
+    model = CLIPModel(cfg, captions=CAPTIONS)
+    torch.testing.assert_close(model.image_encoder.model.conv1.weight, source.conv1.weight)
+    assert model.config.image.image_size == 224  # timm's own input size
+    assert model.config.image.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_missing_weights_error_names_offline_options(tower):
+    cfg = scratch_config()
+    if tower == "image":
+        cfg.image = ImageEncoderConfig(kind="hf", name="no-such-org/no-such-model")
+    else:
+        cfg.text = TextEncoderConfig(kind="hf", name="no-such-org/no-such-model")
+    with pytest.raises(OSError, match=r"Offline options:.*scratch"):
+        CLIPModel(cfg, captions=CAPTIONS)
+
+
+def test_missing_timm_weights_file_is_a_clear_error(tmp_path):
+    cfg = scratch_config()
+    cfg.image = ImageEncoderConfig(kind="timm", name="resnet18", weights_file=str(tmp_path / "nope.pth"))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        CLIPModel(cfg, captions=CAPTIONS)
+
+
+def test_from_pretrained_rejects_a_non_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        CLIPModel.from_pretrained(tmp_path)
+
+
+def test_cached_and_direct_image_paths_agree(tmp_path):
+    from PIL import Image
+    path = tmp_path / "photo.png"
+    Image.fromarray((torch.rand(40, 60, 3) * 255).byte().numpy()).save(path)
+    cfg = ImageEncoderConfig(kind="scratch", image_size=32, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
+    with Image.open(path) as im:
+        direct = image_transform(cfg, train=False)(im)
+    cached = decode_images([Record(path, ["x"])], 32, progress=False)
+    torch.testing.assert_close(to_model_input(cached, cfg.mean, cfg.std)[0], direct)
+
+
+def test_batch_augmentation_is_a_crop():
+    images = (torch.rand(4, 3, 16, 16) * 255).byte()
+    plain = to_model_input(images, (0.5,) * 3, (0.5,) * 3)
+    identity = to_model_input(images, (0.5,) * 3, (0.5,) * 3, augment=True, scale=(1, 1), ratio=(1, 1))
+    torch.testing.assert_close(identity, plain, atol=1e-5, rtol=0)  # a full-size crop changes nothing
+    torch.manual_seed(0)
+    cropped = to_model_input(images, (0.5,) * 3, (0.5,) * 3, augment=True, scale=(0.5, 0.5))
+    assert cropped.shape == plain.shape and not torch.allclose(cropped, plain)
+    assert cropped.min() >= plain.min() - 1e-5 and cropped.max() <= plain.max() + 1e-5  # interpolation only
