@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cache import load_images
 from readers import DataError, Record, load_records
 
 SPLITS = ("train", "val", "test")
@@ -22,7 +23,9 @@ class DataConfig:
     val_images: int = 1000  # seeded split sizes, used only when the dataset ships no split
     test_images: int = 1000
     split_seed: int = 0  # seed of that split, so every run of a dataset sees the same split
-    num_workers: int = 0  # DataLoader workers; 0 suits the in-memory decoded images
+    cache_dir: str = "data/cache"  # decoded images kept here across runs; empty = in memory only
+    skip_bad: bool = False  # skip (count and report) bad rows and undecodable images instead of failing
+    num_workers: int = 0  # DataLoader workers; 0 suits the already-decoded images
 
 
 def split_by_image(records: list[Record], val_images: int, test_images: int,
@@ -41,7 +44,7 @@ def split_by_image(records: list[Record], val_images: int, test_images: int,
 
 
 def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
-    records = load_records(cfg.path, cfg.layout)
+    records = load_records(cfg.path, cfg.layout, skip_bad=cfg.skip_bad)
     return split_by_image(records, cfg.val_images, cfg.test_images, cfg.split_seed)
 
 
@@ -50,20 +53,16 @@ def split_manifest(splits: dict[str, list[Record]]) -> dict[str, list[str]]:
     return {s: [str(r.image) for r in recs] for s, recs in splits.items()}
 
 
-def decode_images(records: list[Record], image_size: int, progress: bool = True) -> torch.Tensor:
-    """Decode every image once, resized and center-cropped to `image_size`: (N, 3, S, S) uint8."""
-    from PIL import Image
-    from torchvision.transforms import v2
-    from tqdm.auto import tqdm
-    prepare = v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
-    out = torch.empty(len(records), 3, image_size, image_size, dtype=torch.uint8)
-    for i, rec in enumerate(tqdm(records, desc="decoding images", disable=not progress, leave=False)):
-        try:
-            with Image.open(rec.image) as im:
-                out[i] = prepare(im.convert("RGB"))
-        except OSError as e:
-            raise DataError(f"{rec.image}: cannot decode image ({e})") from e
-    return out
+def decode_images(records: list[Record], image_size: int, cache_dir: str | None = None,
+                  skip_bad: bool = False, progress: bool = True) -> tuple[torch.Tensor, list[Record]]:
+    """Decode every image once, resized and center-cropped to `image_size`.
+
+    -> (images (N, 3, S, S) uint8, the records they belong to). With `cache_dir` the decoded
+    images are kept on disk (cache.py) and memory-mapped by later epochs and runs; with
+    `skip_bad` undecodable images are dropped, counted and reported instead of raising.
+    """
+    images, kept = load_images(records, image_size, cache_dir or None, skip_bad, progress)
+    return images, [records[i] for i in kept]
 
 
 def to_model_input(images: torch.Tensor, mean, std, augment: bool = False,
@@ -74,7 +73,7 @@ def to_model_input(images: torch.Tensor, mean, std, augment: bool = False,
     (the batch equivalent of the per-image `image_transform(train=True)`), so augmentation
     costs nothing next to the model step, on the GPU too. No flips: "left of" must stay left.
     """
-    x = images.float().div_(255)
+    x = images.float().mul_(1.0 / 255)  # exactly torchvision's ToDtype(scale=True)
     if augment:
         B, dev = len(x), x.device
         area = torch.empty(B, device=dev).uniform_(*scale)

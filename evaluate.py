@@ -72,7 +72,7 @@ def evaluate_records(model: CLIPModel, records, images: torch.Tensor | None = No
     was_training = model.training
     model.eval()
     if images is None:
-        images = decode_images(records, model.config.image.image_size)
+        images, records = decode_images(records, model.config.image.image_size)
     text_to_image = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
     metrics = retrieval_metrics(embed_images(model, images, batch_size),
                                 embed_texts(model, all_captions(records)), text_to_image)

@@ -53,7 +53,7 @@ def gallery_digest(paths: list[str]) -> str:
 
 
 def build_index(model: CLIPModel, records, batch_size: int = 256) -> GalleryIndex:
-    images = decode_images(records, model.config.image.image_size)
+    images, records = decode_images(records, model.config.image.image_size)
     paths = [str(r.image) for r in records]
     was_training = model.training
     embeddings = embed_images(model.eval(), images, batch_size).half().cpu()

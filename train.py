@@ -91,13 +91,15 @@ def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
     splits = prepare_data(cfg)
     run_dir = Path(tc.out_dir) / (tc.run_name or time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "split.json").write_text(json.dumps(split_manifest(splits)))
 
     model = CLIPModel(cfg.model, captions=all_captions(splits["train"])).to(device)
     cfg.model = model.config  # resolved: image size and normalisation filled in
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    image_cfg = model.config.image
-    images = {s: decode_images(recs, image_cfg.image_size, tc.progress) for s, recs in splits.items() if recs}
+    image_cfg, images = model.config.image, {}
+    for s in [s for s in splits if splits[s]]:
+        images[s], splits[s] = decode_images(splits[s], image_cfg.image_size, cfg.data.cache_dir,
+                                             cfg.data.skip_bad, tc.progress)
+    (run_dir / "split.json").write_text(json.dumps(split_manifest(splits)))
     tokens = model.tokenize(all_captions(splits["train"]))
     loader = train_loader(splits["train"], images["train"], tokens, tc.batch_size, tc.captions_per_epoch, tc.seed, cfg.data.num_workers)
     total_steps = tc.epochs * len(loader)

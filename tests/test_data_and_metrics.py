@@ -1,0 +1,158 @@
+"""Sampler, splits, recall@K and the --key=value parser."""
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cli
+from data import UniqueImageBatchSampler, split_by_image
+from evaluate import retrieval_metrics
+from readers import DataError, Record
+
+
+@pytest.mark.parametrize("counts,batch,rounds", [([5] * 40, 8, 5), ([1, 2, 3, 5] * 10, 7, 3), ([3] * 9, 4, 1)])
+def test_sampler_never_puts_one_image_twice_in_a_batch(counts, batch, rounds):
+    sampler = UniqueImageBatchSampler(counts, batch, captions_per_epoch=rounds, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    for b in batches:
+        images = [i for i, _ in b]
+        assert len(images) == len(set(images)) == batch
+        assert all(0 <= c < counts[i] for i, c in b)
+
+
+def test_sampler_covers_every_caption_once_per_epoch():
+    counts = [5] * 16
+    pairs = [p for b in UniqueImageBatchSampler(counts, 4, captions_per_epoch=5, seed=0) for p in b]
+    assert Counter(pairs) == Counter({(i, c): 1 for i in range(16) for c in range(5)})
+
+
+def test_sampler_reshuffles_each_epoch_deterministically():
+    sampler = UniqueImageBatchSampler([2] * 20, 5, seed=3)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    sampler.set_epoch(0)
+    assert first != second and list(sampler) == first
+
+
+def records(n, split=None):
+    return [Record(image=f"/x/{i}.jpg", captions=[f"c{i}"], split=split) for i in range(n)]
+
+
+def test_split_uses_the_dataset_split_when_shipped():
+    recs = records(3, "train") + records(2, "val") + records(1, "test")
+    splits = split_by_image(recs, 100, 100)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [3, 2, 1]
+
+
+def test_seeded_split_is_by_image_disjoint_and_reproducible():
+    recs = records(50)
+    a, b = split_by_image(recs, 5, 10, seed=0), split_by_image(recs, 5, 10, seed=0)
+    assert [len(a[s]) for s in ("train", "val", "test")] == [35, 5, 10]
+    images = [r.image for s in a.values() for r in s]
+    assert len(images) == len(set(images)) == 50
+    assert a == b and a != split_by_image(recs, 5, 10, seed=1)
+
+
+def test_split_too_small_is_a_clear_error():
+    with pytest.raises(DataError, match="too few"):
+        split_by_image(records(10), 5, 5)
+
+
+# ---------------------------------------------------------------- recall@K
+
+def brute_force(image_f, text_f, t2i, k):
+    """Reference: sort every score list, find where the true item lands."""
+    sims = text_f @ image_f.T
+    t2i_hits = [t2i[t].item() in sims[t].argsort(descending=True)[:k].tolist() for t in range(len(text_f))]
+    i2t_hits = [any(t2i[t].item() == i for t in sims[:, i].argsort(descending=True)[:k].tolist())
+                for i in range(len(image_f))]
+    return 100 * sum(t2i_hits) / len(t2i_hits), 100 * sum(i2t_hits) / len(i2t_hits)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recall_matches_brute_force_on_random_embeddings(chunk, seed):
+    g = torch.Generator().manual_seed(seed)
+    n_img, per = 30, 5
+    image_f = F.normalize(torch.randn(n_img, 16, generator=g), dim=-1)
+    t2i = torch.arange(n_img).repeat_interleave(per)
+    text_f = F.normalize(image_f[t2i] + 1.2 * torch.randn(len(t2i), 16, generator=g), dim=-1)
+    m = retrieval_metrics(image_f, text_f, t2i, ks=(1, 5, 10), chunk=chunk)
+    for k in (1, 5, 10):
+        t2i_ref, i2t_ref = brute_force(image_f, text_f, t2i, k)
+        assert m[f"text_to_image_R@{k}"] == pytest.approx(t2i_ref)
+        assert m[f"image_to_text_R@{k}"] == pytest.approx(i2t_ref)
+
+
+def test_recall_on_a_hand_built_example():
+    # 3 images; captions 0,1 -> image 0, caption 2 -> image 1, caption 3 -> image 2.
+    image_f = torch.eye(3)
+    text_f = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0.6, 0, 0.8]])
+    m = retrieval_metrics(image_f, text_f, torch.tensor([0, 0, 1, 2]), ks=(1, 2))
+    # text ranks: caption0 -> 1, caption1 -> image0 scores 0 vs image1 1 -> rank 2, caption2 -> 1,
+    # caption3 -> image2 0.8 beats image0 0.6 -> rank 1
+    assert m["text_to_image_R@1"] == pytest.approx(75.0)
+    assert m["text_to_image_R@2"] == pytest.approx(100.0)
+    assert m["text_to_image_mean_rank"] == pytest.approx(1.25)
+    # image0: its best caption (caption0, 1.0) is top; image1: caption1/2 tie at 1.0, caption2 is its own
+    # -> rank 1; image2: caption3 (0.8) is its best and the top score in column -> rank 1
+    assert m["image_to_text_R@1"] == pytest.approx(100.0)
+    assert m["image_to_text_median_rank"] == 1
+
+
+def test_perfect_and_reversed_retrieval():
+    f = F.normalize(torch.randn(20, 32), dim=-1)
+    perfect = retrieval_metrics(f, f, torch.arange(20))
+    assert perfect["text_to_image_R@1"] == perfect["image_to_text_R@1"] == 100.0
+    worst = retrieval_metrics(f, -f, torch.arange(20))
+    assert worst["text_to_image_R@1"] == 0.0 and worst["text_to_image_mean_rank"] == 20.0
+
+
+# ---------------------------------------------------------------- cli
+
+@dataclass
+class Inner:
+    width: int = 8  # width of a thing
+    kind: str = "a"  # which kind
+
+
+@dataclass
+class Outer:
+    image: Inner = field(default_factory=Inner)
+    text: Inner = field(default_factory=Inner)
+    epochs: int = 3  # passes over the data
+    lr: float = 1e-3  # learning rate
+    fast: bool = False  # go fast
+    mean: tuple[float, ...] = (0.5, 0.5)  # normalisation
+
+
+@pytest.mark.parametrize("argv,path,value", [
+    (["--epochs=5"], "epochs", 5), (["--lr", "3e-4"], "lr", 3e-4), (["--fast"], "fast", True),
+    (["--fast=false"], "fast", False), (["--image.width=16"], "image.width", 16),
+    (["--text.kind", "b"], "text.kind", "b"), (["--mean=0.1,0.2,0.3"], "mean", (0.1, 0.2, 0.3)),
+])
+def test_overrides_parse_typed_values(argv, path, value):
+    cfg = cli.apply_overrides(Outer(), argv)
+    owner, f = cli.leaves(cfg)[path]
+    assert getattr(owner, f.name) == value
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--epoch=5"], "unknown option --epoch"), (["--width=4"], "ambiguous"),
+    (["--epochs=five"], "epochs"), (["--fast=maybe"], "true/false"), (["epochs=5"], "unexpected argument"),
+    (["--lr"], "needs a value"),
+])
+def test_bad_overrides_are_rejected_clearly(argv, message):
+    with pytest.raises(cli.ConfigError, match=message):
+        cli.apply_overrides(Outer(), argv)
+
+
+def test_help_lists_every_key_with_its_reason():
+    text = cli.help_text(Outer(), "usage")
+    for key, why in [("--image.width=8", "width of a thing"), ("--epochs=3", "passes over the data")]:
+        line = next(ln for ln in text.splitlines() if key in ln)
+        assert why in line

@@ -1,0 +1,111 @@
+"""The real entry points (train.main, evaluate.main, search.main) on a tiny synthetic set."""
+import json
+
+import pytest
+
+import evaluate
+import search
+import train
+from synthetic import SyntheticConfig, generate
+
+TINY_MODEL = ["--image.image_size=32", "--image.patch_size=8", "--image.width=64", "--image.depth=2",
+              "--text.width=64", "--text.depth=2", "--projection_dim=64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    data = generate(root / "synthetic", SyntheticConfig(n_train=400, n_val=40, n_test=60), progress=False)
+    argv = [f"--data={data}", f"--out_dir={root / 'runs'}", "--run_name=tiny", "--epochs=12",
+            "--batch_size=50", "--lr=2e-3", "--warmup_steps=10", "--progress=false", *TINY_MODEL]
+    model, run_dir, metrics = train.main(argv)
+    return data, run_dir, metrics
+
+
+def test_training_learns_far_above_chance(tiny_run):
+    _, run_dir, metrics = tiny_run
+    chance_r5 = 100 * 5 / metrics["images"]  # 60 test images
+    assert metrics["split"] == "test" and metrics["images"] == 60 and metrics["captions"] == 300
+    assert metrics["text_to_image_R@5"] > 3 * chance_r5
+    assert metrics["image_to_text_R@5"] > 3 * chance_r5
+
+
+def test_run_folder_has_everything(tiny_run):
+    _, run_dir, metrics = tiny_run
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "log.jsonl",
+                 "curves.png", "matches.png", "split.json"):
+        assert (run_dir / name).is_file(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["epochs"] == 12 and config["model"]["image"]["width"] == 64
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert sum(1 for e in log if e.get("epoch_end")) == 12
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert losses[-1] < losses[0]
+
+
+def test_evaluate_cli_reproduces_training_metrics(tiny_run, tmp_path, capsys):
+    data, run_dir, metrics = tiny_run
+    out = tmp_path / "eval.json"
+    result = evaluate.main(["--checkpoint", str(run_dir), "--data", str(data), "--split", "test",
+                            "--out", str(out)])
+    assert "text -> image" in capsys.readouterr().out
+    for key in ("text_to_image_R@1", "image_to_text_R@5", "text_to_image_median_rank"):
+        assert result[key] == pytest.approx(metrics[key], abs=1e-4)
+    assert json.loads(out.read_text())["images"] == 60
+
+
+def test_search_cli_finds_what_was_asked_and_caches_the_gallery(tiny_run, tmp_path, capsys):
+    data, run_dir, _ = tiny_run
+    argv = ["a red circle", "--checkpoint", str(run_dir), "--data", str(data), "-n", "5",
+            "--out", str(tmp_path / "grid.png")]
+    matches = search.main(argv)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(matches) == 5 and len(lines) == 6 and (tmp_path / "grid.png").is_file()
+    assert [m.score for m in matches] == sorted((m.score for m in matches), reverse=True)
+    index_files = sorted((run_dir / "index").glob("*.json"))
+    stamp = index_files[0].stat().st_mtime_ns
+    assert search.main(argv + ["--json"])[0] == matches[0]  # served from the cache
+    assert index_files[0].stat().st_mtime_ns == stamp
+    assert json.loads(capsys.readouterr().out)["matches"][0]["path"] == matches[0].path
+
+
+def test_search_index_is_rebuilt_when_the_model_changes(tiny_run, tmp_path):
+    from clipModel import CLIPModel
+    data, run_dir, _ = tiny_run
+    records = search.gallery_records(run_dir, str(data), "test")
+    model = CLIPModel.from_pretrained(run_dir)
+    first = search.load_or_build_index(model, run_dir, records)
+    copy = tmp_path / "copy"
+    with __import__("torch").no_grad():
+        model.logit_scale.add_(1.0)  # any weight change gives another model identity
+    model.save_pretrained(copy)
+    (copy / "index").mkdir()
+    for f in (run_dir / "index").iterdir():  # a stale index from the other model
+        (copy / "index" / f.name).write_bytes(f.read_bytes())
+    rebuilt = search.load_or_build_index(model, copy, records)
+    assert rebuilt.identity != first.identity
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs=x"], "epochs"), (["--no_such_key=1"], "unknown option"),
+    (["--data=/no/such/folder"], "not found"),
+])
+def test_train_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert message in str(exc.value)
+
+
+def test_train_help_lists_options(capsys):
+    assert train.main(["--help"]) is None
+    out = capsys.readouterr().out
+    assert "--train.epochs" in out and "--model.image.kind" in out
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "search"])
+def test_missing_checkpoint_is_a_clear_error(tool, tmp_path):
+    args = ["--checkpoint", str(tmp_path / "nope"), "--data", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        (evaluate.main(args) if tool == "evaluate" else search.main(["a dog", *args]))
+    assert "not a saved CLIPModel folder" in str(exc.value)
