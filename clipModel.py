@@ -33,6 +33,7 @@ class ImageEncoderConfig:
     mean: tuple[float, ...] = ()  # normalisation; empty = the encoder's own statistics
     std: tuple[float, ...] = ()
     patch_size: int = 8  # scratch ViT: pixels per patch side
+    stem: str = "conv"  # scratch ViT patch embedding: "conv" (3x3 conv stack) or "linear" (one strided conv)
     width: int = 192  # scratch ViT: transformer width
     depth: int = 4  # scratch ViT: number of blocks
     heads: int = 4  # scratch ViT: attention heads
@@ -107,6 +108,19 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """Stride-2 3x3 convolutions down to one vector per patch (Xiao et al., 2021: "Early
+    convolutions help transformers see better"): far better shape features from little data."""
+    if patch_size & (patch_size - 1) or patch_size < 2:
+        raise ValueError(f"the conv stem needs a power-of-two patch_size, not {patch_size}")
+    layers, channels = [], 3
+    for i in range(int(math.log2(patch_size))):
+        out = width // 2 ** (int(math.log2(patch_size)) - i)
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.GELU()]
+        channels = out
+    return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
+
+
 class ScratchViT(nn.Module):
     """A small ViT: patch embedding, CLS token, learned positions, pre-norm blocks."""
 
@@ -116,7 +130,8 @@ class ScratchViT(nn.Module):
         if size % cfg.patch_size:
             raise ValueError(f"image_size {size} is not a multiple of patch_size {cfg.patch_size}")
         n_patches = (size // cfg.patch_size) ** 2
-        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = conv_stem(cfg.width, cfg.patch_size) if cfg.stem == "conv" else \
+            nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, cfg.width) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cache import load_images
-from readers import DataError, Record, load_records
+from readers import DataError, DataWarning, Record, load_records
 
 SPLITS = ("train", "val", "test")
 
@@ -30,8 +31,12 @@ class DataConfig:
 
 def split_by_image(records: list[Record], val_images: int, test_images: int,
                    seed: int = 0) -> dict[str, list[Record]]:
-    """Use the dataset's own split when every record has one; else a seeded split by image."""
-    if records and all(r.split in SPLITS for r in records):
+    """Use the dataset's own split when it ships one; else a seeded split by image."""
+    if any(r.split in SPLITS for r in records):
+        unlisted = sum(r.split not in SPLITS for r in records)
+        if unlisted:
+            warnings.warn(f"{unlisted} images are in none of the dataset's split lists; left out",
+                          DataWarning, stacklevel=2)
         return {s: [r for r in records if r.split == s] for s in SPLITS}
     if val_images + test_images >= len(records):
         raise DataError(f"only {len(records)} images: too few for {val_images} val + "
@@ -46,6 +51,33 @@ def split_by_image(records: list[Record], val_images: int, test_images: int,
 def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
     records = load_records(cfg.path, cfg.layout, skip_bad=cfg.skip_bad)
     return split_by_image(records, cfg.val_images, cfg.test_images, cfg.split_seed)
+
+
+def check_captions(records: list[Record], tokenizer, skip_bad: bool = False) -> list[Record]:
+    """Reject captions the tokenizer reads as nothing but unknown tokens (e.g. a script its
+    vocabulary lacks): an error naming the image and its source line, or with `skip_bad` a
+    counted skip (an image left with no caption is dropped too)."""
+    ids = tokenizer(all_captions(records), add_special_tokens=False)["input_ids"]
+    unknown = tokenizer.unk_token_id
+    kept, bad, first, k = [], 0, "", 0
+    for rec in records:
+        good = []
+        for caption in rec.captions:
+            if ids[k] and any(t != unknown for t in ids[k]):
+                good.append(caption)
+            else:
+                where = f"{rec.image} (source line {rec.line})" if rec.line else str(rec.image)
+                message = f"{where}: caption {caption!r} has only unknown tokens for this tokenizer"
+                if not skip_bad:
+                    raise DataError(message + "; fix it or pass --skip_bad")
+                bad, first = bad + 1, first or message
+            k += 1
+        if good:
+            kept.append(replace(rec, captions=good))
+    if bad:
+        warnings.warn(f"skipped {bad} captions with only unknown tokens "
+                      f"({len(records) - len(kept)} images left with none); first: {first}", DataWarning)
+    return kept
 
 
 def split_manifest(splits: dict[str, list[Record]]) -> dict[str, list[str]]:

@@ -250,3 +250,9 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def contains(attributes: dict, color: str, shape: str) -> bool:
+    """Whether an image, given its captions.csv attribute columns, shows a `color` `shape`."""
+    return any(attributes.get(f"color{i}") == color and attributes.get(f"shape{i}") == shape
+               for i in (1, 2))

@@ -18,8 +18,8 @@ import torch
 
 import cli
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, default_device
-from data import (DataConfig, all_captions, decode_images, load_splits, split_manifest, to_model_input,
-                  train_loader)
+from data import (DataConfig, all_captions, check_captions, decode_images, load_splits, split_manifest,
+                  to_model_input, train_loader)
 from evaluate import evaluate_records, format_metrics
 from loss import clip_loss
 from readers import DataError
@@ -40,9 +40,13 @@ class TrainConfig:
     seed: int = 0  # seeds model init, sampling and augmentation
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
     log_every: int = 10  # steps between log lines in log.jsonl
-    queries: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle",
-                                "a small yellow circle", "a red circle above a blue square")  # grid queries
+    queries: tuple[str, ...] = ()  # text queries drawn in matches.png; empty = ones that suit the dataset
     progress: bool = True  # tqdm progress bars
+
+
+SYNTHETIC_QUERIES = ("a red circle", "a blue square", "a green triangle", "a small yellow star",
+                     "a red circle above a blue square")
+PHOTO_QUERIES = ("a dog", "a plane", "gloomy weather", "someone dunks on the basket", "a child in the water")
 
 
 @dataclass
@@ -93,6 +97,7 @@ def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     model = CLIPModel(cfg.model, captions=all_captions(splits["train"])).to(device)
+    splits = {s: check_captions(recs, model.tokenizer, cfg.data.skip_bad) for s, recs in splits.items()}
     cfg.model = model.config  # resolved: image size and normalisation filled in
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     image_cfg, images = model.config.image, {}
@@ -165,7 +170,9 @@ def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, images, dev
     from plots import query_grids
     from search import find_matches, load_or_build_index
     index = load_or_build_index(model, run_dir, splits[split])
-    results = {q: find_matches(q, model, index, n=6) for q in cfg.train.queries}
+    synthetic = (Path(cfg.data.path) / "synthetic.json").is_file()
+    queries = cfg.train.queries or (SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES)
+    results = {q: find_matches(q, model, index, n=6) for q in queries}
     query_grids(results, path=run_dir / "matches.png")
     print(f"saved model, config, metrics.json, log.jsonl, curves.png and matches.png in {run_dir}")
     return model, run_dir, metrics

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
-from data import UniqueImageBatchSampler, split_by_image
+from data import UniqueImageBatchSampler, check_captions, split_by_image
 from evaluate import retrieval_metrics
 from readers import DataError, Record
 
@@ -46,6 +46,13 @@ def test_split_uses_the_dataset_split_when_shipped():
     recs = records(3, "train") + records(2, "val") + records(1, "test")
     splits = split_by_image(recs, 100, 100)
     assert [len(splits[s]) for s in ("train", "val", "test")] == [3, 2, 1]
+
+
+def test_images_outside_the_shipped_split_lists_are_left_out_with_a_warning():
+    recs = records(3, "train") + records(2, "val") + records(4)
+    with pytest.warns(UserWarning, match="4 images are in none"):
+        splits = split_by_image(recs, 100, 100)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [3, 2, 0]
 
 
 def test_seeded_split_is_by_image_disjoint_and_reproducible():
@@ -156,3 +163,24 @@ def test_help_lists_every_key_with_its_reason():
     for key, why in [("--image.width=8", "width of a thing"), ("--epochs=3", "passes over the data")]:
         line = next(ln for ln in text.splitlines() if key in ln)
         assert why in line
+
+
+# ---------------------------------------------------------------- captions the tokenizer cannot read
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from clipModel import train_tokenizer
+    return train_tokenizer(["a red circle", "a blue square above a green star"] * 5, vocab_size=60)
+
+
+def test_caption_of_only_unknown_tokens_is_an_error_naming_the_image(tokenizer):
+    recs = [Record("/d/a.png", ["a red circle"], line=2), Record("/d/b.png", ["a blue star", "日本語"], line=3)]
+    with pytest.raises(DataError, match=r"/d/b.png \(source line 3\).*'日本語'.*only unknown tokens"):
+        check_captions(recs, tokenizer)
+
+
+def test_skip_bad_drops_and_reports_unreadable_captions(tokenizer):
+    recs = [Record("/d/a.png", ["a red circle", "   ☃"], line=2), Record("/d/b.png", ["日本語"], line=3)]
+    with pytest.warns(UserWarning, match=r"skipped 2 captions .*1 images left with none"):
+        kept = check_captions(recs, tokenizer, skip_bad=True)
+    assert [(str(r.image), r.captions) for r in kept] == [("/d/a.png", ["a red circle"])]
