@@ -34,7 +34,7 @@ class ImageEncoderConfig:
     std: tuple[float, ...] = ()
     patch_size: int = 8  # scratch ViT: pixels per patch side
     stem: str = "conv"  # scratch ViT patch embedding: "conv" (3x3 conv stack) or "linear" (one strided conv)
-    width: int = 192  # scratch ViT: transformer width
+    width: int = 128  # scratch ViT: transformer width
     depth: int = 4  # scratch ViT: number of blocks
     heads: int = 4  # scratch ViT: attention heads
 
@@ -47,7 +47,7 @@ class TextEncoderConfig:
     pooling: str = "cls"  # "cls": first token (DistilBERT); "mean": masked mean (MiniLM)
     max_length: int = 64  # captions are truncated to this many tokens
     vocab_size: int = 2000  # scratch: WordPiece vocabulary trained on the training captions
-    width: int = 192  # scratch transformer width
+    width: int = 128  # scratch transformer width
     depth: int = 3  # scratch transformer blocks
     heads: int = 4  # scratch attention heads
 

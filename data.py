@@ -1,10 +1,12 @@
 """Records -> splits by image -> decoded uint8 images (once) -> batches for training/eval."""
 from __future__ import annotations
 
+import json
 import math
 import random
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +80,19 @@ def check_captions(records: list[Record], tokenizer, skip_bad: bool = False) -> 
         warnings.warn(f"skipped {bad} captions with only unknown tokens "
                       f"({len(records) - len(kept)} images left with none); first: {first}", DataWarning)
     return kept
+
+
+def run_data_config(run_dir, path: str | None = None, layout: str = "auto") -> DataConfig:
+    """The DataConfig a run was trained with, so its "test" split names the same images;
+    `path` points it at another copy of the data (its split settings are kept)."""
+    saved_file = Path(run_dir) / "config.json"
+    saved = json.loads(saved_file.read_text()).get("data", {}) if saved_file.is_file() else {}
+    cfg = DataConfig(**{k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__})
+    if path:
+        cfg.path, cfg.layout = str(path), layout
+    elif not cfg.path:
+        cfg.path = cfg.synthetic_dir
+    return cfg
 
 
 def split_manifest(splits: dict[str, list[Record]]) -> dict[str, list[str]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from clipModel import CLIPModel, default_device
-from data import DataConfig, all_captions, decode_images, load_splits, to_model_input
+from data import all_captions, decode_images, load_splits, run_data_config, to_model_input
 from readers import DataError
 
 
@@ -102,8 +102,7 @@ def main(argv=None) -> dict:
     try:
         device = default_device() if args.device == "auto" else torch.device(args.device)
         model = CLIPModel.from_pretrained(args.checkpoint, device=device)
-        split_cfg = _split_config(args.checkpoint, args.data, args.layout)
-        records = load_splits(split_cfg)[args.split]
+        records = load_splits(run_data_config(args.checkpoint, args.data, args.layout))[args.split]
     except (FileNotFoundError, DataError, OSError) as e:
         sys.exit(f"error: {e}")
     if not records:
@@ -115,17 +114,6 @@ def main(argv=None) -> dict:
     print(format_metrics(metrics))
     print(f"wrote {out}")
     return metrics
-
-
-def _split_config(checkpoint, data_path: str, layout: str) -> DataConfig:
-    """Reuse the split sizes/seed the model was trained with, so 'test' means the same images."""
-    cfg = DataConfig(path=data_path, layout=layout)
-    saved = Path(checkpoint) / "config.json"
-    data = json.loads(saved.read_text()).get("data", {}) if saved.is_file() else {}
-    for key in ("val_images", "test_images", "split_seed"):
-        if key in data:
-            setattr(cfg, key, data[key])
-    return cfg
 
 
 if __name__ == "__main__":

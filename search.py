@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from clipModel import CLIPModel, default_device
-from data import DataConfig, decode_images, load_splits
+from data import decode_images, load_splits, run_data_config
 from evaluate import embed_images
 from readers import DataError
 
@@ -97,14 +97,7 @@ def find_matches(query: str, model: CLIPModel, index: GalleryIndex, n: int = 9) 
 
 def gallery_records(checkpoint, data: str | None, split: str, layout: str = "auto"):
     """The records of `split`, split exactly as the model's training run split them."""
-    saved_path = Path(checkpoint) / "config.json"
-    saved = json.loads(saved_path.read_text()).get("data", {}) if saved_path.is_file() else {}
-    cfg = DataConfig(**{k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__})
-    if data:
-        cfg.path, cfg.layout = data, layout
-    elif not cfg.path:
-        cfg.path = cfg.synthetic_dir
-    return load_splits(cfg)[split]
+    return load_splits(run_data_config(checkpoint, data, layout))[split]
 
 
 def main(argv=None) -> list[Match]:

@@ -56,7 +56,7 @@ SUPERSAMPLE = 4  # draw at 4x and box-downsample: anti-aliased edges, still dete
 class SyntheticConfig:
     n_train: int = 2000  # enough pairs for a tiny CLIP to learn colour/shape/size/layout
     n_val: int = 200  # for early stopping / picking a checkpoint
-    n_test: int = 300  # held out: chance recall@1 = 1/300, small enough to evaluate fast
+    n_test: int = 600  # held out: chance recall@1 = 1/600; ~12 images per colour+shape to search
     image_size: int = 64  # small images keep CPU training to minutes
     captions_per_image: int = 5  # several phrasings per image, like COCO
     seed: int = 0  # same seed -> byte-identical dataset

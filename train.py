@@ -29,8 +29,8 @@ from readers import DataError
 class TrainConfig:
     run_name: str = ""  # the run folder is OUT_DIR/RUN_NAME; empty = a timestamp
     out_dir: str = "runs"  # where run folders go
-    epochs: int = 30  # passes over the training images
-    batch_size: int = 128  # pairs per step; more negatives per step help contrastive learning
+    epochs: int = 16  # passes over the training images (16 x 2,000 synthetic: ~4 min on 2 CPU cores)
+    batch_size: int = 64  # pairs per step: more negatives per step, but fewer steps per epoch
     captions_per_epoch: int = 1  # captions seen per image per epoch (each in its own round)
     lr: float = 1e-3  # peak AdamW learning rate
     weight_decay: float = 0.1  # AdamW decay on weight matrices (never on biases, norms, temperature)
