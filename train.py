@@ -119,7 +119,7 @@ def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
         model.train()
         loader.batch_sampler.set_epoch(epoch)
         bar = _progress(loader, tc.progress, f"epoch {epoch + 1}/{tc.epochs}")
-        tick = time.perf_counter()
+        tick, pairs = time.perf_counter(), 0
         for batch_images, ids, mask in bar:
             pixels = to_model_input(batch_images.to(device), image_cfg.mean, image_cfg.std, augment=tc.augment)
             image_f, text_f, scale = model(pixels, ids.to(device), mask.to(device))
@@ -132,16 +132,16 @@ def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
             scheduler.step()
-            step += 1
+            step, pairs = step + 1, pairs + len(batch_images)
             if step % tc.log_every == 0 or step == total_steps:
-                rate = len(batch_images) * tc.log_every / (time.perf_counter() - tick)
+                rate = pairs / (time.perf_counter() - tick)
                 entry = {"step": step, "epoch": epoch + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                          "temperature": 1 / scale.item(), "pairs_per_s": rate}
                 history.append(entry)
                 log.write(json.dumps(entry) + "\n")
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.1e}", pairs_s=f"{rate:.0f}")
-                tick = time.perf_counter()
+                tick, pairs = time.perf_counter(), 0
         entry = {"epoch": epoch + 1, "step": step, "epoch_end": True}
         if splits["val"]:
             val = evaluate_records(model, splits["val"], images["val"])
