@@ -6,9 +6,12 @@ booleans) work too. Each field's help text is the `# comment` on its line in the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import re
+import sys
+import warnings
 
 
 class ConfigError(ValueError):
@@ -101,3 +104,23 @@ def help_text(cfg, usage: str) -> str:
         doc = field_comments(type(owner)).get(f.name, "")
         lines.append(f"  --{path}={getattr(owner, f.name)!r}".ljust(46) + f"  {doc}")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def reported_warnings(category=UserWarning):
+    """Print warnings of `category` as one plain line each (no source line) and collect them,
+    so an entry point can list them again in its final summary."""
+    seen, original = [], warnings.showwarning
+
+    def show(message, cat, *args, **kwargs):
+        if issubclass(cat, category):
+            print(f"warning: {message}", file=sys.stderr)
+            seen.append(str(message))
+        else:
+            original(message, cat, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield seen
+    finally:
+        warnings.showwarning = original

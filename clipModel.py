@@ -116,7 +116,8 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
     layers, channels = [], 3
     for i in range(int(math.log2(patch_size))):
         out = width // 2 ** (int(math.log2(patch_size)) - i)
-        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out), nn.GELU()]
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
+                   nn.BatchNorm2d(out), nn.GELU()]
         channels = out
     return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
 
@@ -368,8 +369,9 @@ class CLIPModel(nn.Module):
         self.image_encoder = ImageEncoder(build.image)
         self.text_encoder = TextEncoder(build.text, len(self.tokenizer))
         self.config = replace(config, image=resolve_image_config(config.image, self.image_encoder))
-        self.image_projection = ProjectionHead(self.image_encoder.out_dim, config.projection_dim, config.dropout)
-        self.text_projection = ProjectionHead(self.text_encoder.out_dim, config.projection_dim, config.dropout)
+        dim, dropout = config.projection_dim, config.dropout
+        self.image_projection = ProjectionHead(self.image_encoder.out_dim, dim, dropout)
+        self.text_projection = ProjectionHead(self.text_encoder.out_dim, dim, dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
 
     @property
@@ -413,7 +415,8 @@ class CLIPModel(nn.Module):
         from safetensors.torch import save_model
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps({**(extra_config or {}), "model": asdict(self.config)}, indent=2))
+        config = {**(extra_config or {}), "model": asdict(self.config)}
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
         for tower, encoder in (("image", self.image_encoder), ("text", self.text_encoder)):
             if encoder.kind == "hf":  # so from_pretrained rebuilds the architecture offline
                 encoder.model.config.save_pretrained(folder / f"{tower}_encoder")

@@ -59,6 +59,8 @@ def check_captions(records: list[Record], tokenizer, skip_bad: bool = False) -> 
     """Reject captions the tokenizer reads as nothing but unknown tokens (e.g. a script its
     vocabulary lacks): an error naming the image and its source line, or with `skip_bad` a
     counted skip (an image left with no caption is dropped too)."""
+    if not records:  # e.g. a dataset that ships no test split
+        return records
     ids = tokenizer(all_captions(records), add_special_tokens=False)["input_ids"]
     unknown = tokenizer.unk_token_id
     kept, bad, first, k = [], 0, "", 0
@@ -125,7 +127,8 @@ def to_model_input(images: torch.Tensor, mean, std, augment: bool = False,
         B, dev = len(x), x.device
         area = torch.empty(B, device=dev).uniform_(*scale)
         aspect = torch.empty(B, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-        w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # crop side / image side
+        # crop width and height as fractions of the image side
+        w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
         theta = torch.zeros(B, 2, 3, device=dev)
         theta[:, 0, 0], theta[:, 1, 1] = w, h
         theta[:, 0, 2] = (torch.rand(B, device=dev) * 2 - 1) * (1 - w)  # crop centre, in [-1, 1] units
@@ -202,7 +205,8 @@ def all_captions(records: list[Record]) -> list[str]:
     return [c for r in records for c in r.captions]
 
 
-def train_loader(records: list[Record], images: torch.Tensor, tokens: dict, batch_size: int, captions_per_epoch: int, seed: int, num_workers: int = 0):
+def train_loader(records: list[Record], images: torch.Tensor, tokens: dict, batch_size: int,
+                 captions_per_epoch: int, seed: int, num_workers: int = 0):
     """A DataLoader of unique-image batches over the pre-decoded images and pre-tokenized captions."""
     if len(records) < batch_size:
         raise DataError(f"only {len(records)} training images: lower --batch_size below that")

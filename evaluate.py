@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+import cli
 from clipModel import CLIPModel, default_device
 from data import all_captions, decode_images, load_splits, run_data_config, to_model_input
-from readers import DataError
+from readers import DataError, DataWarning
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -117,4 +118,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.reported_warnings(DataWarning):  # one plain line per data issue
+        main()

@@ -55,7 +55,8 @@ def training_curves(history: list[dict], path=None):
     fig, (ax_loss, ax_rec, ax_temp) = plt.subplots(1, 3, figsize=(13, 3.6))
     ax_loss.plot([h["step"] for h in steps], [h["loss"] for h in steps], lw=0.8, label="train")
     ax_loss.set(xlabel="step", ylabel="contrastive loss", title="loss")
-    for key, label in (("val_text_to_image_R@1", "text->image R@1"), ("val_text_to_image_R@5", "text->image R@5"),
+    for key, label in (("val_text_to_image_R@1", "text->image R@1"),
+                       ("val_text_to_image_R@5", "text->image R@5"),
                        ("val_image_to_text_R@1", "image->text R@1")):
         pts = [(h["epoch"], h[key]) for h in epochs if key in h]
         if pts:

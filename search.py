@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+import cli
 from clipModel import CLIPModel, default_device
 from data import decode_images, load_splits, run_data_config
 from evaluate import embed_images
-from readers import DataError
+from readers import DataError, DataWarning
 
 INDEX_VERSION = 1  # bump when the index format changes, so old caches are rebuilt
 
@@ -52,8 +53,10 @@ def gallery_digest(paths: list[str]) -> str:
     return h.hexdigest()
 
 
-def build_index(model: CLIPModel, records, batch_size: int = 256) -> GalleryIndex:
-    images, records = decode_images(records, model.config.image.image_size)
+def build_index(model: CLIPModel, records, batch_size: int = 256, images=None) -> GalleryIndex:
+    """Embed the gallery `records` (`images`: their decoded uint8 images, if already at hand)."""
+    if images is None:
+        images, records = decode_images(records, model.config.image.image_size)
     paths = [str(r.image) for r in records]
     was_training = model.training
     embeddings = embed_images(model.eval(), images, batch_size).half().cpu()
@@ -61,7 +64,8 @@ def build_index(model: CLIPModel, records, batch_size: int = 256) -> GalleryInde
     return GalleryIndex(embeddings, paths, gallery_digest(paths))
 
 
-def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int = 256) -> GalleryIndex:
+def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int = 256,
+                        images=None) -> GalleryIndex:
     """The gallery index cached in CHECKPOINT/index/, rebuilt when model or gallery changed."""
     from safetensors.torch import load_file, save_file
     checkpoint = Path(checkpoint)
@@ -74,7 +78,7 @@ def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int =
         meta = json.loads(meta_path.read_text())
         if meta.get("identity") == identity and meta.get("paths") == paths:
             return GalleryIndex(load_file(emb_path)["embeddings"], paths, identity)
-    index = build_index(model, records, batch_size)
+    index = build_index(model, records, batch_size, images)
     index.identity = identity
     stem.parent.mkdir(parents=True, exist_ok=True)
     save_file({"embeddings": index.embeddings.contiguous()}, emb_path)
@@ -139,4 +143,5 @@ def main(argv=None) -> list[Match]:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.reported_warnings(DataWarning):  # one plain line per data issue
+        main()

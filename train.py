@@ -22,7 +22,7 @@ from data import (DataConfig, all_captions, check_captions, decode_images, load_
                   to_model_input, train_loader)
 from evaluate import evaluate_records, format_metrics
 from loss import clip_loss
-from readers import DataError
+from readers import DataError, DataWarning
 
 
 @dataclass
@@ -106,7 +106,8 @@ def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
                                              cfg.data.skip_bad, tc.progress)
     (run_dir / "split.json").write_text(json.dumps(split_manifest(splits)))
     tokens = model.tokenize(all_captions(splits["train"]))
-    loader = train_loader(splits["train"], images["train"], tokens, tc.batch_size, tc.captions_per_epoch, tc.seed, cfg.data.num_workers)
+    loader = train_loader(splits["train"], images["train"], tokens, tc.batch_size, tc.captions_per_epoch,
+                          tc.seed, cfg.data.num_workers)
     total_steps = tc.epochs * len(loader)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, total_steps))
@@ -121,7 +122,7 @@ def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
         bar = _progress(loader, tc.progress, f"epoch {epoch + 1}/{tc.epochs}")
         tick, pairs = time.perf_counter(), 0
         for batch_images, ids, mask in bar:
-            pixels = to_model_input(batch_images.to(device), image_cfg.mean, image_cfg.std, augment=tc.augment)
+            pixels = to_model_input(batch_images.to(device), image_cfg.mean, image_cfg.std, tc.augment)
             image_f, text_f, scale = model(pixels, ids.to(device), mask.to(device))
             loss = clip_loss(image_f, text_f, scale)
             if not torch.isfinite(loss):
@@ -135,12 +136,12 @@ def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
             step, pairs = step + 1, pairs + len(batch_images)
             if step % tc.log_every == 0 or step == total_steps:
                 rate = pairs / (time.perf_counter() - tick)
-                entry = {"step": step, "epoch": epoch + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                         "temperature": 1 / scale.item(), "pairs_per_s": rate}
+                entry = {"step": step, "epoch": epoch + 1, "loss": loss.item(),
+                         "lr": scheduler.get_last_lr()[0], "temperature": 1 / scale.item(), "pairs_per_s": rate}
                 history.append(entry)
                 log.write(json.dumps(entry) + "\n")
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.1e}", pairs_s=f"{rate:.0f}")
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{entry['lr']:.1e}", pairs_s=f"{rate:.0f}")
                 tick, pairs = time.perf_counter(), 0
         entry = {"epoch": epoch + 1, "step": step, "epoch_end": True}
         if splits["val"]:
@@ -169,7 +170,7 @@ def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, images, dev
     print(f"{split} split:\n{format_metrics(metrics)}")
     from plots import query_grids
     from search import find_matches, load_or_build_index
-    index = load_or_build_index(model, run_dir, splits[split])
+    index = load_or_build_index(model, run_dir, splits[split], images=images[split])
     synthetic = (Path(cfg.data.path) / "synthetic.json").is_file()
     queries = cfg.train.queries or (SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES)
     results = {q: find_matches(q, model, index, n=6) for q in queries}
@@ -204,9 +205,14 @@ def main(argv=None):
     except cli.ConfigError as e:
         sys.exit(f"error: {e}\n{USAGE}")
     try:
-        return train(cfg)
+        with cli.reported_warnings(DataWarning) as data_issues:
+            result = train(cfg)
     except (DataError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if data_issues:
+        print("data issues in this run (skipped items are counted here):")
+        print("\n".join(f"  - {issue}" for issue in data_issues))
+    return result
 
 
 if __name__ == "__main__":

@@ -179,6 +179,10 @@ def test_caption_of_only_unknown_tokens_is_an_error_naming_the_image(tokenizer):
         check_captions(recs, tokenizer)
 
 
+def test_an_empty_split_has_no_captions_to_check(tokenizer):
+    assert check_captions([], tokenizer) == []
+
+
 def test_skip_bad_drops_and_reports_unreadable_captions(tokenizer):
     recs = [Record("/d/a.png", ["a red circle", "   ☃"], line=2), Record("/d/b.png", ["日本語"], line=3)]
     with pytest.warns(UserWarning, match=r"skipped 2 captions .*1 images left with none"):

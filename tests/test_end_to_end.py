@@ -109,3 +109,19 @@ def test_missing_checkpoint_is_a_clear_error(tool, tmp_path):
     with pytest.raises(SystemExit) as exc:
         (evaluate.main(args) if tool == "evaluate" else search.main(["a dog", *args]))
     assert "not a saved CLIPModel folder" in str(exc.value)
+
+
+def test_skip_bad_trains_past_a_corrupt_image_and_reports_it(tmp_path, capsys):
+    data = generate(tmp_path / "synthetic", SyntheticConfig(n_train=80, n_val=10, n_test=10), progress=False)
+    broken = data / "images" / "00003.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # truncated: cannot be decoded
+    argv = [f"--data={data}", f"--out_dir={tmp_path / 'runs'}", "--epochs=1", "--batch_size=16",
+            "--progress=false", f"--cache_dir={tmp_path / 'cache'}", *TINY_MODEL]
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert "00003.png" in str(exc.value) and "cannot decode" in str(exc.value)
+    _, run_dir, _ = train.main(argv + ["--skip-bad"])
+    out = capsys.readouterr()
+    assert "data issues in this run" in out.out and "skipped 1 images" in out.out
+    assert "00003.png" in out.err  # reported as it happened, too
+    assert str(broken) not in (run_dir / "split.json").read_text()
