@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cache import load_images
-from readers import DataError, DataWarning, Record, load_records
+from readers import DataError, DataWarning, Record, detect_layout, load_records
 
 SPLITS = ("train", "val", "test")
 
@@ -22,6 +22,8 @@ SPLITS = ("train", "val", "test")
 class DataConfig:
     path: str = ""  # dataset folder; empty = the built-in synthetic set (generated on first use)
     layout: str = "auto"  # auto, or a reader layout name (see readers.load_records)
+    image_column: str = ""  # csv / hf layouts: the image column; empty = the layout's default
+    caption_column: str = ""  # csv / hf layouts: the caption column; empty = the layout's default
     synthetic_dir: str = "data/synthetic"  # where the synthetic set lives when path is empty
     val_images: int = 1000  # seeded split sizes, used only when the dataset ships no split
     test_images: int = 1000
@@ -51,7 +53,12 @@ def split_by_image(records: list[Record], val_images: int, test_images: int,
 
 
 def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
-    records = load_records(cfg.path, cfg.layout, skip_bad=cfg.skip_bad)
+    columns = {k: v for k, v in (("image_column", cfg.image_column),
+                                 ("caption_column", cfg.caption_column)) if v}
+    layout = detect_layout(cfg.path) if cfg.layout == "auto" else cfg.layout
+    if columns and layout not in ("csv", "hf"):
+        raise DataError(f"--image_column/--caption_column apply to csv and hf datasets, not {layout}")
+    records = load_records(cfg.path, layout, skip_bad=cfg.skip_bad, **columns)
     return split_by_image(records, cfg.val_images, cfg.test_images, cfg.split_seed)
 
 

@@ -188,3 +188,26 @@ def test_skip_bad_drops_and_reports_unreadable_captions(tokenizer):
     with pytest.warns(UserWarning, match=r"skipped 2 captions .*1 images left with none"):
         kept = check_captions(recs, tokenizer, skip_bad=True)
     assert [(str(r.image), r.captions) for r in kept] == [("/d/a.png", ["a red circle"])]
+
+
+def test_csv_column_names_are_configurable(tmp_path):
+    from PIL import Image
+    from data import DataConfig, load_splits
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / f"p{i}.jpg")
+    rows = ["id,filename,text"] + [f"{i},p{i // 2}.jpg,photo {i}" for i in range(8)]
+    (tmp_path / "mine.csv").write_text("\n".join(rows) + "\n")
+    cfg = DataConfig(path=str(tmp_path), image_column="filename", caption_column="text",
+                     val_images=1, test_images=1)
+    splits = load_splits(cfg)
+    assert sorted(len(r.captions) for s in splits.values() for r in s) == [2, 2, 2, 2]
+    with pytest.raises(DataError, match="missing column"):
+        load_splits(DataConfig(path=str(tmp_path), val_images=1, test_images=1))
+
+
+def test_column_options_on_a_layout_without_columns_are_rejected(tmp_path):
+    from data import DataConfig, load_splits
+    (tmp_path / "Images").mkdir()
+    (tmp_path / "captions.txt").write_text("image,caption\n")
+    with pytest.raises(DataError, match="apply to csv and hf"):
+        load_splits(DataConfig(path=str(tmp_path), image_column="x"))
