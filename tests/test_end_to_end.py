@@ -6,21 +6,8 @@ import pytest
 import evaluate
 import search
 import train
+from conftest import TINY_MODEL
 from synthetic import SyntheticConfig, generate
-
-TINY_MODEL = ["--image.image_size=32", "--image.patch_size=8", "--image.width=64", "--image.depth=2",
-              "--text.width=64", "--text.depth=2", "--projection_dim=64"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    data = generate(root / "synthetic", SyntheticConfig(n_train=400, n_val=40, n_test=60), progress=False)
-    argv = [f"--data={data}", f"--out_dir={root / 'runs'}", "--run_name=tiny", "--epochs=12",
-            "--batch_size=50", "--lr=2e-3", "--warmup_steps=10", "--progress=false", *TINY_MODEL]
-    model, run_dir, metrics = train.main(argv)
-    return data, run_dir, metrics
-
 
 def test_training_learns_far_above_chance(tiny_run):
     _, run_dir, metrics = tiny_run
