@@ -389,8 +389,22 @@ class CLIPModel(nn.Module):
         return image_transform(self.config.image, train)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        features = self.image_projection(self.image_encoder(images))  # (B, D)
+        return self.project_image(self.image_encoder(images), normalize)
+
+    def project_image(self, tower_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image-encoder outputs (B, d_image) -> embeddings (B, D); lets a frozen tower's
+        features be computed once and reused."""
+        features = self.image_projection(tower_features)
         return F.normalize(features, dim=-1) if normalize else features
+
+    def project_text(self, tower_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Text-encoder outputs (B, d_text) -> embeddings (B, D)."""
+        features = self.text_projection(tower_features)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at max_logit_scale as in CLIP."""
+        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
 
     def encode_text(self, text, attention_mask=None, normalize: bool = True) -> torch.Tensor:
         """`text`: a caption, a list of captions, or token ids (B, T) with `attention_mask`."""
@@ -399,13 +413,11 @@ class CLIPModel(nn.Module):
             text, attention_mask = tokens["input_ids"], tokens["attention_mask"]
         text = text.to(self.device)
         attention_mask = torch.ones_like(text) if attention_mask is None else attention_mask.to(self.device)
-        features = self.text_projection(self.text_encoder(text, attention_mask))  # (B, D)
-        return F.normalize(features, dim=-1) if normalize else features
+        return self.project_text(self.text_encoder(text, attention_mask), normalize)
 
     def forward(self, images, input_ids, attention_mask=None):
         """-> (image_features, text_features, logit_scale): normalised (B, D) each, scalar."""
-        scale = self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
-        return self.encode_image(images), self.encode_text(input_ids, attention_mask), scale
+        return self.encode_image(images), self.encode_text(input_ids, attention_mask), self.scale()
 
     def save_pretrained(self, folder, extra_config: dict | None = None) -> Path:
         """Write config.json, model.safetensors, tokenizer files and HF tower configs.

@@ -148,24 +148,32 @@ def to_model_input(images: torch.Tensor, mean, std, augment: bool = False,
 
 
 class PairDataset(Dataset):
-    """(image index, caption index) -> (uint8 image, token ids, attention mask)."""
+    """(image index, caption index) -> (its image row, the caption's flat index).
 
-    def __init__(self, images: torch.Tensor, tokens: dict[str, torch.Tensor], caption_offsets: list[int]):
-        self.images, self.tokens, self.offsets = images, tokens, caption_offsets
+    Image rows are decoded uint8 images, or a frozen tower's features; the caption index
+    picks pre-tokenized ids or a frozen text tower's features."""
+
+    def __init__(self, images: torch.Tensor, caption_offsets: list[int]):
+        self.images, self.offsets = images, caption_offsets
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, pair):
         i, c = pair
-        j = self.offsets[i] + c  # flat index of caption c of image i
-        return self.images[i], self.tokens["input_ids"][j], self.tokens["attention_mask"][j]
+        return self.images[i], self.offsets[i] + c
 
 
 def collate(batch):
-    images, ids, mask = (torch.stack(x) for x in zip(*batch))
-    longest = int(mask.sum(1).max())  # trim padding to the longest caption in this batch
-    return images, ids[:, :longest], mask[:, :longest]
+    images, caption_index = zip(*batch)
+    return torch.stack(images), torch.tensor(caption_index)
+
+
+def token_batch(tokens: dict[str, torch.Tensor], index: torch.Tensor):
+    """Rows `index` of pre-tokenized captions, padding trimmed to the longest among them."""
+    ids, mask = tokens["input_ids"][index], tokens["attention_mask"][index]
+    longest = int(mask.sum(1).max())
+    return ids[:, :longest], mask[:, :longest]
 
 
 class UniqueImageBatchSampler(Sampler):
@@ -212,12 +220,12 @@ def all_captions(records: list[Record]) -> list[str]:
     return [c for r in records for c in r.captions]
 
 
-def train_loader(records: list[Record], images: torch.Tensor, tokens: dict, batch_size: int,
+def train_loader(records: list[Record], images: torch.Tensor, batch_size: int,
                  captions_per_epoch: int, seed: int, num_workers: int = 0):
-    """A DataLoader of unique-image batches over the pre-decoded images and pre-tokenized captions."""
+    """A DataLoader of unique-image batches: (image rows, flat caption indices)."""
     if len(records) < batch_size:
         raise DataError(f"only {len(records)} training images: lower --batch_size below that")
-    dataset = PairDataset(images, tokens, caption_offsets(records))
+    dataset = PairDataset(images, caption_offsets(records))
     sampler = UniqueImageBatchSampler([len(r.captions) for r in records], batch_size,
                                       captions_per_epoch, seed)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,

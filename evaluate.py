@@ -1,6 +1,7 @@
 """Retrieval evaluation: recall@K both ways, every image counted once with all its captions.
 
     python evaluate.py --checkpoint runs/NAME --data DIR --split test
+    python evaluate.py --checkpoint runs/NAME --zeroshot DIR|cifar10:ROOT   # see zeroshot.py
 """
 from __future__ import annotations
 
@@ -91,18 +92,27 @@ def format_metrics(m: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description="Recall@K of a saved CLIP model on a dataset split.")
+    p = argparse.ArgumentParser(description="Recall@K of a saved CLIP model on a dataset split, "
+                                "or its zero-shot classification accuracy (--zeroshot).")
     p.add_argument("--checkpoint", required=True, help="folder written by train.py / save_pretrained")
-    p.add_argument("--data", required=True, help="dataset folder")
+    task = p.add_mutually_exclusive_group(required=True)
+    task.add_argument("--data", help="dataset folder (retrieval recall@K)")
+    task.add_argument("--zeroshot", metavar="DATA", help="zero-shot classification on class "
+                      "folders DATA/<class>/*.jpg (test/ split if any) or cifar10:ROOT")
+    p.add_argument("--templates", default=None, help="--zeroshot: file of prompt templates, one "
+                   "per line with {} for the class name (default: zeroshot.TEMPLATES)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--layout", default="auto", help="dataset layout (default: detect)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
-    p.add_argument("--out", default=None, help="JSON path (default: CHECKPOINT/eval_SPLIT.json)")
+    p.add_argument("--out", default=None, help="JSON path (default: CHECKPOINT/eval_SPLIT.json, "
+                   "or CHECKPOINT/zeroshot_NAME.json with a confusion-matrix PNG beside it)")
     args = p.parse_args(argv)
     try:
         device = default_device() if args.device == "auto" else torch.device(args.device)
         model = CLIPModel.from_pretrained(args.checkpoint, device=device)
+        if args.zeroshot:
+            return _zeroshot_main(model, args)
         records = load_splits(run_data_config(args.checkpoint, args.data, args.layout))[args.split]
     except (FileNotFoundError, DataError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -114,6 +124,23 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(metrics, indent=2))
     print(format_metrics(metrics))
     print(f"wrote {out}")
+    return metrics
+
+
+def _zeroshot_main(model: CLIPModel, args) -> dict:
+    import plots
+    import zeroshot  # it imports evaluate: imported here, not at the top, to avoid a cycle
+    templates = zeroshot.read_templates(args.templates) if args.templates else zeroshot.TEMPLATES
+    data = zeroshot.load_labelled(args.zeroshot, model.config.image.image_size)
+    metrics = zeroshot.zeroshot_evaluate(model, data, templates, args.batch_size)
+    metrics.update(checkpoint=str(args.checkpoint), data=str(args.zeroshot))
+    out = Path(args.out or Path(args.checkpoint) / f"zeroshot_{data.name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    plots.confusion_matrix(metrics["confusion"], data.class_names, path=out.with_suffix(".png"),
+                           title=f"zero-shot {data.name}: top-1 {metrics['top1']:.1f}%")
+    print(zeroshot.format_zeroshot(metrics))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return metrics
 
 

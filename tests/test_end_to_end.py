@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import evaluate
 import search
@@ -112,3 +113,30 @@ def test_skip_bad_trains_past_a_corrupt_image_and_reports_it(tmp_path, capsys):
     assert "data issues in this run" in out.out and "skipped 1 images" in out.out
     assert "00003.png" in out.err  # reported as it happened, too
     assert str(broken) not in (run_dir / "split.json").read_text()
+
+
+def test_frozen_towers_train_only_the_heads_from_cached_features(tmp_path):
+    from safetensors.torch import load_file
+    data = generate(tmp_path / "synthetic", SyntheticConfig(n_train=120, n_val=20, n_test=30), progress=False)
+    argv = [f"--data={data}", f"--out_dir={tmp_path / 'runs'}", "--epochs=3", "--batch_size=30",
+            "--progress=false", f"--cache_dir={tmp_path / 'cache'}", "--freeze_image", "--freeze_text",
+            "--augment=false", "--captions_per_epoch=2", "--seed=5", *TINY_MODEL]
+    from clipModel import CLIPConfig, CLIPModel
+    model, run_dir, metrics = train.main(argv + ["--run_name=a"])
+    saved = load_file(run_dir / "model.safetensors")
+    torch.manual_seed(5)  # the towers were initialised from this seed and never trained:
+    config = CLIPConfig.from_dict(json.loads((run_dir / "config.json").read_text())["model"])
+    fresh = CLIPModel(config, tokenizer=model.tokenizer)
+    for name, value in fresh.state_dict().items():
+        if name.startswith(("image_encoder.", "text_encoder.")) and "num_batches" not in name:
+            torch.testing.assert_close(saved[name], value, msg=name)
+    features = sorted((tmp_path / "cache" / "features").glob("*.safetensors"))
+    assert len(features) == 6  # image + text features of train, val and test
+    stamps = [f.stat().st_mtime_ns for f in features]
+    _, run_b, metrics_b = train.main(argv + ["--run_name=b"])  # reuses the cached features
+    assert [f.stat().st_mtime_ns for f in features] == stamps
+    assert metrics_b["text_to_image_R@1"] == pytest.approx(metrics["text_to_image_R@1"])
+    # metrics from cached features equal a full evaluation of the saved model
+    full = evaluate.main(["--checkpoint", str(run_dir), "--data", str(data), "--split", "test"])
+    for key in ("text_to_image_R@1", "text_to_image_R@5", "image_to_text_R@1", "image_to_text_mean_rank"):
+        assert full[key] == pytest.approx(metrics[key], abs=1e-4), key

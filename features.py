@@ -1,0 +1,87 @@
+"""Frozen-tower features: computed once, kept on disk, reused by every run that shares them.
+
+When a tower is frozen its outputs never change, so training only the projection heads (or
+the other tower) needs each image and caption encoded once, not once per epoch. The cache
+key covers the tower's config (its name, weights file, pooling, input size) and the exact
+inputs (image files with sizes and mtimes, or caption texts), so a change to either
+computes fresh features.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from cache import cache_key
+from clipModel import CLIPModel
+from data import to_model_input
+
+
+def _tower_id(config) -> str:
+    spec = asdict(config)
+    for key in ("name", "weights_file"):  # a local file or folder: its contents may change
+        path = spec.get(key)
+        if path and os.path.exists(path):
+            st = os.stat(path)
+            spec[key + "_stamp"] = f"{st.st_size}:{st.st_mtime_ns}"
+    return json.dumps(spec, sort_keys=True)
+
+
+def _cached(path: Path | None, compute) -> torch.Tensor:
+    from safetensors.torch import load_file, save_file
+    if path is not None and path.is_file():
+        return load_file(path)["features"]
+    features = compute()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"features": features.contiguous()}, tmp)
+        os.replace(tmp, path)  # never a half-written cache file
+    return features
+
+
+@torch.no_grad()
+def image_tower_features(model: CLIPModel, records, images: torch.Tensor, cache_dir: str | None,
+                         batch_size: int = 128, progress: bool = True) -> torch.Tensor:
+    """Image-encoder outputs (N, d_image) of the decoded uint8 `images` of `records`."""
+    cfg = model.config.image
+    key = hashlib.sha256((_tower_id(cfg) + cache_key(records, cfg.image_size)).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / "features" / f"image-{key}.safetensors" if cache_dir else None
+
+    def compute():
+        from tqdm.auto import tqdm
+        was_training = model.image_encoder.training
+        model.image_encoder.eval()
+        out = [model.image_encoder(to_model_input(images[s:s + batch_size].to(model.device), cfg.mean, cfg.std))
+               .float().cpu() for s in tqdm(range(0, len(images), batch_size), disable=not progress,
+                                            desc=f"encoding {len(images)} images (frozen tower)", leave=False)]
+        model.image_encoder.train(was_training)
+        return torch.cat(out)
+    return _cached(path, compute)
+
+
+@torch.no_grad()
+def text_tower_features(model: CLIPModel, captions: list[str], cache_dir: str | None,
+                        batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """Text-encoder outputs (M, d_text) of `captions`."""
+    h = hashlib.sha256(_tower_id(model.config.text).encode())
+    for caption in captions:
+        h.update(caption.encode() + b"\0")
+    path = Path(cache_dir) / "features" / f"text-{h.hexdigest()[:24]}.safetensors" if cache_dir else None
+
+    def compute():
+        from tqdm.auto import tqdm
+        was_training = model.text_encoder.training
+        model.text_encoder.eval()
+        out = []
+        for s in tqdm(range(0, len(captions), batch_size), disable=not progress, leave=False,
+                      desc=f"encoding {len(captions)} captions (frozen tower)"):
+            tokens = {k: v.to(model.device) for k, v in model.tokenize(captions[s:s + batch_size]).items()}
+            out.append(model.text_encoder(**tokens).float().cpu())
+        model.text_encoder.train(was_training)
+        return torch.cat(out)
+    return _cached(path, compute)

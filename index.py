@@ -1,0 +1,316 @@
+"""Gallery embedding index: one row per image (or caption), exact or FAISS top-k, saved as files.
+
+An index is three files sharing a stem, the same whether it is the cache in CHECKPOINT/index/
+or a folder written by `python search.py --build-index` (stems `images` and `captions`):
+
+    <stem>.safetensors  {"embeddings": (N, D) float16, L2-normalised}
+    <stem>.json         version, kind ("images" | "captions"), identity, checkpoint, model
+                        (sha256 of its model.safetensors), paths (the image of each row),
+                        captions (caption indexes only), faiss (type, nlist, nprobe, recall)
+    <stem>.faiss        optional: a FAISS inner-product index over the same rows
+
+Each file is written to a temporary name and renamed, the JSON last, so a killed build is never
+read. Search is exact by default (matrix product + top-k, chunked over the gallery); with
+`faiss` installed a large gallery also gets a FAISS index (`IndexFlatIP`, or `IndexIVFFlat`
+whose nprobe is tuned at build time until its recall against exact search is high enough).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+INDEX_VERSION = 2  # bump when the index format changes, so old caches are rebuilt
+EXACT_CHUNK = 65_536  # gallery rows scored at once: 64 queries x 65k rows = 16 MB of scores
+IVF_MIN_SIZE = 200_000  # from here exact search costs ~30 ms a query on 2 CPU cores, IVF ~1 ms
+AUTO_FAISS_MIN_SIZE = IVF_MIN_SIZE  # "auto" never builds IndexFlatIP: 2x slower than torch's matmul here
+TARGET_RECALL = 0.95  # IVF nprobe is doubled until recall@k vs exact reaches this
+RECALL_QUERIES, RECALL_K = 200, 10  # sample used to measure IVF recall at build time
+MIN_POINTS_PER_CELL = 39  # FAISS's own minimum of training points per IVF centroid
+TRAIN_PER_CELL = 64  # k-means training sample per centroid (FAISS advises 30 to 256)
+
+
+class BadIndexError(ValueError):
+    """A prebuilt index that cannot be used: missing, incomplete or from another model."""
+
+
+@dataclass
+class GalleryIndex:
+    embeddings: torch.Tensor  # (N, D) float16, L2-normalised
+    paths: list[str]  # the image of each row
+    identity: str  # hash of the model weights + gallery; a mismatch means rebuild
+    captions: list[str] | None = None  # caption galleries: the text of each row
+    meta: dict = field(default_factory=dict)  # kind, checkpoint, model, faiss info
+    faiss_index: object = None  # a faiss.Index over the same rows, when built or loaded
+    _scoring: torch.Tensor | None = field(default=None, repr=False)  # float32 copy for exact search
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def search(self, queries: torch.Tensor, k: int, backend: str = "auto",
+               chunk: int = EXACT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-`k` rows for each of the (Q, D) normalised `queries` -> (scores, indices), (Q, k)
+        each, best first, on the CPU. `backend`: "exact", "faiss" (needs a FAISS index) or
+        "auto" (FAISS when this index has one, else exact)."""
+        k = min(k, len(self))
+        if backend == "faiss" and self.faiss_index is None:
+            raise BadIndexError("this index has no FAISS index: build it with --backend faiss")
+        if backend != "exact" and self.faiss_index is not None:
+            return faiss_search(self.faiss_index, queries, k)
+        if self._scoring is None or self._scoring.device != self.embeddings.device:
+            # float32 once: CPU half-precision GEMMs are slow, and scores need float32 to rank
+            self._scoring = self.embeddings.float()
+        scores, indices = exact_topk(queries.to(self._scoring), self._scoring, k, chunk)
+        return scores.cpu(), indices.cpu()
+
+
+def exact_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int,
+               chunk: int = EXACT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-`k` of (Q, D) `queries` in the (N, D) `gallery`, scanning
+    `chunk` rows at a time so no (Q, N) matrix is ever held -> (scores, indices) (Q, k)."""
+    k, queries = min(k, len(gallery)), queries.float()
+    best_s = queries.new_full((len(queries), 0), float("-inf"))
+    best_i = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)
+    for s in range(0, len(gallery), chunk):
+        scores = queries @ gallery[s:s + chunk].float().T  # (Q, c)
+        top = scores.topk(min(k, scores.shape[1]), dim=1)
+        cand_s = torch.cat([best_s, top.values], 1)  # (Q, <= 2k): running best + this chunk's
+        cand_i = torch.cat([best_i, top.indices + s], 1)
+        keep = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+        best_s, best_i = keep.values, cand_i.gather(1, keep.indices)
+    return best_s, best_i
+
+
+# ---------------------------------------------------------------- FAISS (optional)
+
+def faiss_module(required: bool = False):
+    """The `faiss` module, imported lazily; None when not installed (or raise if `required`)."""
+    try:
+        import faiss
+    except ImportError:
+        if required:
+            raise BadIndexError("--backend faiss needs FAISS: pip install faiss-cpu") from None
+        return None
+    return faiss
+
+
+def wants_faiss(backend: str, n: int) -> bool:
+    """Whether a gallery of `n` rows gets a FAISS index under `backend`."""
+    if backend == "faiss":
+        faiss_module(required=True)
+        return True
+    return backend == "auto" and n >= AUTO_FAISS_MIN_SIZE and faiss_module() is not None
+
+
+def faiss_search(faiss_index, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scores, indices = faiss_index.search(queries.detach().float().cpu().contiguous().numpy(), k)
+    scores, indices = torch.from_numpy(scores), torch.from_numpy(indices)
+    return scores, indices  # IVF may leave -1 (no row) at the end when few cells are probed
+
+
+def build_faiss(embeddings: torch.Tensor, kind: str = "auto", queries: torch.Tensor | None = None,
+                seed: int = 0, verbose: bool = True):
+    """A FAISS inner-product index over the (N, D) `embeddings` -> (index, info dict).
+
+    `kind`: "flat" (exact, IndexFlatIP), "ivf" (IndexIVFFlat, nlist ~ 4 sqrt(N)) or "auto"
+    (ivf from IVF_MIN_SIZE rows). For IVF, nprobe doubles until recall@RECALL_K against exact
+    search reaches TARGET_RECALL on `queries` (default: RECALL_QUERIES random gallery rows,
+    each query's own row left out); `info` records nlist, nprobe and the recall measured.
+    """
+    faiss = faiss_module(required=True)
+    x = embeddings.detach().float().cpu().contiguous().numpy()  # (N, D) float32
+    n, dim = x.shape
+    kind = ("ivf" if n >= IVF_MIN_SIZE else "flat") if kind == "auto" else kind
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+        index.add(x)
+        return index, {"type": "IndexFlatIP", "rows": n}
+    nlist = max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_CELL))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    train_rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:TRAIN_PER_CELL * nlist]
+    index.train(x[train_rows.sort().values.numpy()])  # k-means on a sample: minutes saved at 1M rows
+    index.add(x)
+    gen = torch.Generator().manual_seed(seed)
+    self_rows = None
+    if queries is None:  # gallery rows as queries; their own row is not a neighbour to find
+        self_rows = torch.randperm(n, generator=gen)[:RECALL_QUERIES]
+        queries = embeddings[self_rows].float()
+    queries = queries[:RECALL_QUERIES].float().cpu()
+    k = min(RECALL_K, n - 1)
+    extra = int(self_rows is not None)
+    _, exact = exact_topk(queries, embeddings.float(), k + extra)
+    nprobe, recall = 1, 0.0
+    for nprobe in _doubling(min(8, nlist), nlist):
+        index.nprobe = nprobe
+        _, approx = faiss_search(index, queries, k + extra)
+        recall = recall_at_k(approx, exact, k, self_rows)
+        if recall >= TARGET_RECALL:
+            break
+    info = {"type": "IndexIVFFlat", "rows": n, "nlist": nlist, "nprobe": nprobe,
+            f"recall@{k}": round(recall, 4), "recall_queries": len(queries),
+            "recall_query_source": "gallery rows" if self_rows is not None else "given queries"}
+    if verbose:
+        print(f"faiss IndexIVFFlat: {n} rows, nlist {nlist}, nprobe {nprobe}: recall@{k} "
+              f"{recall:.3f} vs exact on {len(queries)} queries", file=sys.stderr)
+    return index, info
+
+
+def _doubling(start: int, stop: int):
+    v = start
+    while v < stop:
+        yield v
+        v *= 2
+    yield stop
+
+
+def recall_at_k(approx: torch.Tensor, exact: torch.Tensor, k: int, self_rows=None) -> float:
+    """Mean fraction of each query's exact top-`k` found in its approximate top-`k`
+    (with `self_rows`, query q's own gallery row is dropped from both lists first)."""
+    found = 0
+    for q in range(len(exact)):
+        drop = {int(self_rows[q])} if self_rows is not None else set()
+        truth = [i for i in exact[q].tolist() if i not in drop][:k]
+        got = {i for i in approx[q].tolist() if i not in drop and i >= 0}
+        found += len(got.intersection(truth)) / max(1, len(truth))
+    return found / max(1, len(exact))
+
+
+def ensure_faiss(index: GalleryIndex, backend: str, stem=None, queries=None,
+                 verbose: bool = True) -> GalleryIndex:
+    """Give `index` the FAISS index `backend` asks for (built now if missing; saved beside
+    `stem` when given). `queries`: None or a callable -> (Q, D) recall queries."""
+    if index.faiss_index is not None or not wants_faiss(backend, len(index)):
+        return index
+    index.faiss_index, index.meta["faiss"] = build_faiss(
+        index.embeddings, queries=queries() if queries else None, verbose=verbose)
+    if stem is not None:
+        faiss = faiss_module(required=True)
+        stem = Path(stem)
+        _atomic(stem.with_suffix(".faiss"), lambda tmp: faiss.write_index(index.faiss_index, str(tmp)))
+        _write_meta(index, stem)
+    return index
+
+
+# ---------------------------------------------------------------- files
+
+def file_digest(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_digest(checkpoint) -> str:
+    """The identity of a saved model: sha256 of its weights file."""
+    path = Path(checkpoint) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a saved CLIPModel folder "
+                                "(expected config.json and model.safetensors)")
+    return file_digest(path)
+
+
+def gallery_digest(paths: list[str]) -> str:
+    """Changes when an image is added, removed, or rewritten (size or mtime)."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = Path(p).stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_meta(index: GalleryIndex, stem: Path) -> None:
+    meta = {"version": INDEX_VERSION, **index.meta, "identity": index.identity,
+            "rows": len(index), "dim": index.embeddings.shape[1], "paths": index.paths}
+    if index.captions is not None:
+        meta["captions"] = index.captions
+    _atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta)))
+
+
+def save_index(index: GalleryIndex, stem) -> Path:
+    """Write `index` as <stem>.safetensors (+ <stem>.faiss) + <stem>.json (last)."""
+    from safetensors.torch import save_file
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").unlink(missing_ok=True)  # first: a half-replaced index never reads as complete
+    emb = index.embeddings.half().cpu().contiguous()
+    _atomic(stem.with_suffix(".safetensors"), lambda tmp: save_file({"embeddings": emb}, str(tmp)))
+    faiss_file = stem.with_suffix(".faiss")
+    if index.faiss_index is not None:
+        faiss = faiss_module(required=True)
+        _atomic(faiss_file, lambda tmp: faiss.write_index(index.faiss_index, str(tmp)))
+    else:
+        faiss_file.unlink(missing_ok=True)
+        index.meta.pop("faiss", None)
+    _write_meta(index, stem)
+    return stem
+
+
+def load_index(stem, identity: str | None = None) -> GalleryIndex | None:
+    """The index saved at `stem`; None when incomplete, unreadable or (given `identity`) stale.
+    Its FAISS index is loaded too when it was saved and faiss is installed."""
+    from safetensors.torch import load_file
+    stem = Path(stem)
+    try:
+        meta = json.loads(stem.with_suffix(".json").read_text())
+        if meta.get("version") != INDEX_VERSION or (identity and meta.get("identity") != identity):
+            return None
+        embeddings = load_file(stem.with_suffix(".safetensors"))["embeddings"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if len(embeddings) != len(meta["paths"]):
+        return None
+    index = GalleryIndex(embeddings, meta.pop("paths"), meta.pop("identity"), meta.pop("captions", None))
+    for key in ("version", "rows", "dim"):
+        meta.pop(key, None)
+    index.meta = meta
+    faiss_file, faiss = stem.with_suffix(".faiss"), faiss_module()
+    if faiss is not None and "faiss" in meta and faiss_file.is_file():
+        index.faiss_index = faiss.read_index(str(faiss_file))
+        if "nprobe" in meta["faiss"]:
+            index.faiss_index.nprobe = meta["faiss"]["nprobe"]
+        if index.faiss_index.ntotal != len(index):
+            index.faiss_index = None
+    if index.faiss_index is None:
+        meta.pop("faiss", None)  # describes no index at hand
+    return index
+
+
+def open_prebuilt(folder, kind: str = "images", checkpoint=None) -> GalleryIndex:
+    """The `kind` index ("images" or "captions") of a folder written by --build-index, checked
+    against `checkpoint` (default: the checkpoint it was built from) -> GalleryIndex."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadIndexError(f"{folder}: index folder not found (build one with --build-index)")
+    index = load_index(folder / kind)
+    if index is None and kind == "captions" and (folder / "images.json").is_file():
+        raise BadIndexError(f"{folder} has no caption index: its gallery had no captions "
+                            "(image -> text search needs a captioned dataset)")
+    if index is None:
+        what = "image" if kind == "images" else "caption"
+        raise BadIndexError(f"{folder}: no complete {what} index ({kind}.json + {kind}.safetensors, "
+                            f"format v{INDEX_VERSION}); build one with --build-index")
+    checkpoint = Path(checkpoint or index.meta.get("checkpoint", ""))
+    current = model_digest(checkpoint)
+    if current != index.meta.get("model"):
+        raise BadIndexError(f"{folder} was built with another model (checkpoint "
+                            f"{index.meta.get('checkpoint')}, weights {str(index.meta.get('model'))[:12]}) "
+                            f"than {checkpoint} (weights {current[:12]}); rebuild it with "
+                            f"--build-index --checkpoint {checkpoint}")
+    return index
