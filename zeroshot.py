@@ -101,10 +101,6 @@ def zeroshot_classifier(model, class_names, templates=TEMPLATES) -> torch.Tensor
     return F.normalize(emb.view(len(class_names), len(templates), -1).mean(1), dim=-1)
 
 
-def _logit_scale(model) -> torch.Tensor:
-    return model.logit_scale.clamp(max=math.log(model.config.max_logit_scale)).exp()
-
-
 def classify(image, labels, model, templates=None) -> list[tuple[str, float]]:
     """Classify one image among `labels`: -> [(label, probability)], best first, summing to 1.
 
@@ -124,7 +120,7 @@ def classify(image, labels, model, templates=None) -> list[tuple[str, float]]:
         text = (zeroshot_classifier(model, labels, templates) if templates
                 else embed_texts(model, list(labels)))  # (C, D)
         features = model.encode_image(x[None].to(model.device)).float()  # (1, D)
-        probs = (_logit_scale(model) * features @ text.T).softmax(-1)[0].cpu()  # (C,)
+        probs = (model.scale() * features @ text.T).softmax(-1)[0].cpu()  # (C,)
     order = probs.argsort(descending=True).tolist()
     return [(labels[i], probs[i].item()) for i in order]
 
