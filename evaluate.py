@@ -68,6 +68,13 @@ def embed_texts(model: CLIPModel, captions: list[str], batch_size: int = 1024) -
                       for s in range(0, len(captions), batch_size)])
 
 
+def records_metrics(image_features: torch.Tensor, text_features: torch.Tensor, records) -> dict:
+    """`retrieval_metrics` for embeddings of `records`' images and (flattened) captions."""
+    text_to_image = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
+    metrics = retrieval_metrics(image_features, text_features, text_to_image)
+    return {**metrics, "images": len(image_features), "captions": len(text_features)}
+
+
 def evaluate_records(model: CLIPModel, records, images: torch.Tensor | None = None,
                      batch_size: int = 256) -> dict:
     """Recall metrics of `model` on `records` (decoded here unless `images` are given)."""
@@ -75,10 +82,8 @@ def evaluate_records(model: CLIPModel, records, images: torch.Tensor | None = No
     model.eval()
     if images is None:
         images, records = decode_images(records, model.config.image.image_size)
-    text_to_image = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
-    metrics = retrieval_metrics(embed_images(model, images, batch_size),
-                                embed_texts(model, all_captions(records)), text_to_image)
-    metrics.update(images=len(records), captions=len(text_to_image))
+    metrics = records_metrics(embed_images(model, images, batch_size),
+                              embed_texts(model, all_captions(records)), records)
     model.train(was_training)
     return metrics
 

@@ -20,7 +20,7 @@ import cli
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, default_device
 from data import (DataConfig, all_captions, check_captions, decode_images, load_splits, split_manifest,
                   to_model_input, token_batch, train_loader)
-from evaluate import evaluate_records, format_metrics, retrieval_metrics
+from evaluate import evaluate_records, format_metrics, records_metrics
 from features import image_tower_features, text_tower_features
 from loss import clip_loss
 from readers import DataError, DataWarning
@@ -127,11 +127,10 @@ class Inputs:
             return evaluate_records(model, self.records, self.images)
         was_training = model.training
         model.eval()
-        t2i = torch.tensor([i for i, r in enumerate(self.records) for _ in r.captions])
         image_f = model.project_image(self.image_features.to(model.device)).float()
         text_f = model.project_text(self.text_features.to(model.device)).float()
         model.train(was_training)
-        return {**retrieval_metrics(image_f, text_f, t2i), "images": len(image_f), "captions": len(text_f)}
+        return records_metrics(image_f, text_f, self.records)
 
 
 def set_train_mode(model: CLIPModel, tc: "TrainConfig"):
