@@ -140,8 +140,11 @@ def set_train_mode(model: CLIPModel, tc: "TrainConfig"):
     model.text_encoder.train(not tc.freeze_text)
 
 
-def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
-    """Train, keep the best model by validation recall, test it; return (model, run dir, metrics)."""
+def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
+    """Train, keep the best model by validation recall, test it; return (model, run dir, metrics).
+
+    on_epoch(history, run_dir), if given, runs after each epoch (e.g. to redraw live curves);
+    history is the list of log entries so far (the lines of log.jsonl)."""
     tc = cfg.train
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
@@ -216,6 +219,8 @@ def train(cfg: RunConfig) -> tuple[CLIPModel, Path, dict]:
             best = score
             model.save_pretrained(run_dir, extra_config={"data": asdict(cfg.data), "train": asdict(tc)})
         _draw_curves(history, run_dir / "curves.png")
+        if on_epoch is not None:
+            on_epoch(history, run_dir)
     log.close()
     return _finish(cfg, model, run_dir, splits, inputs, device)
 
