@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -122,6 +123,14 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
 
 
+def run_blocks(blocks, x, checkpointing: bool, **kwargs):
+    """Apply blocks in turn; with checkpointing, recompute their activations in backward."""
+    from torch.utils.checkpoint import checkpoint
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointing else block(x, **kwargs)
+    return x
+
+
 class ScratchViT(nn.Module):
     """A small ViT: patch embedding, CLS token, learned positions, pre-norm blocks."""
 
@@ -137,13 +146,12 @@ class ScratchViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, cfg.width) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
         self.ln = nn.LayerNorm(cfg.width)
-        self.out_dim = cfg.width
+        self.out_dim, self.checkpointing = cfg.width, False
 
     def forward(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
+        x = run_blocks(self.blocks, x, self.checkpointing and self.training)
         return self.ln(x[:, 0])
 
 
@@ -156,13 +164,12 @@ class ScratchTextTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.max_length, cfg.width) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
         self.ln = nn.LayerNorm(cfg.width)
-        self.out_dim = cfg.width
+        self.out_dim, self.checkpointing = cfg.width, False
 
     def forward(self, input_ids, attention_mask):
         x = self.token_embed(input_ids) + self.pos_embed[:, : input_ids.shape[1]]
         keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): padding is never attended to
-        for block in self.blocks:
-            x = block(x, attn_mask=keep)
+        x = run_blocks(self.blocks, x, self.checkpointing and self.training, attn_mask=keep)
         return self.ln(x)  # (B, T, C)
 
 
@@ -223,14 +230,54 @@ class TextEncoder(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def set_grad_checkpointing(encoder: nn.Module, enable: bool = True):
+    """Recompute each block's activations during backward: less memory, ~30% more compute."""
+    model = encoder.model
+    if encoder.kind == "hf":
+        new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.2x renamed it
+        if not enable:
+            (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
+        elif new_api:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif encoder.kind == "timm":
+        model.set_grad_checkpointing(enable)
+    else:
+        model.checkpointing = enable
+
+
+def encoder_blocks(encoder: nn.Module) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
+    """-> (the tower's blocks in order, each a list of its parameters; the parameters after the
+    last block, such as a final norm). Used to train only a tower's last N blocks."""
+    model = encoder.model
+    if encoder.kind == "timm":  # timm knows its own stages/blocks
+        from timm.models import group_parameters
+        groups = group_parameters(model, model.group_matcher(coarse=True))  # 0: stem; final norm joins the last
+        named = dict(model.named_parameters())
+        return [[named[n] for n in groups[k]] for k in sorted(groups) if k > 0], []
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]  # HF and scratch: the layer list
+    stack = max(stacks, key=len)
+    names = [n for n, _ in model.named_parameters()]
+    prefix = next(n for n, m in model.named_modules() if m is stack)
+    last = max(i for i, n in enumerate(names) if n.startswith(prefix + "."))
+    return [list(block.parameters()) for block in stack], [p for _, p in list(model.named_parameters())[last + 1:]]
+
+
 def _load_hf(name: str, pretrained: bool, tower: str):
     from transformers import AutoConfig, AutoModel
     try:
         config = AutoConfig.from_pretrained(name)
         extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}  # unused pooler
-        if pretrained:
-            return AutoModel.from_pretrained(name, **extra)
-        return AutoModel.from_config(config, **extra)
+        for attention in ("sdpa", None):  # fused attention kernels where the architecture has them
+            kwargs = {**extra, "attn_implementation": attention} if attention else extra
+            try:
+                if pretrained:
+                    return AutoModel.from_pretrained(name, **kwargs)
+                return AutoModel.from_config(config, **kwargs)
+            except ValueError as e:
+                if attention is None or "sdpa" not in str(e).lower():
+                    raise
     except OSError as e:
         what = "weights" if pretrained else "config"
         raise OSError(f"Could not load the {tower} encoder {what} for {name!r}: it is not a local "
@@ -355,6 +402,13 @@ class ProjectionHead(nn.Module):
         return self.layer_norm(x + projected)
 
 
+def _replace_file(path: Path, write):
+    """Write to a temporary name, then rename: a kill mid-save leaves the previous file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 class CLIPModel(nn.Module):
     """Two towers, two projection heads and a learnable temperature.
 
@@ -428,12 +482,12 @@ class CLIPModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {**(extra_config or {}), "model": asdict(self.config)}
-        (folder / "config.json").write_text(json.dumps(config, indent=2))
+        _replace_file(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
         for tower, encoder in (("image", self.image_encoder), ("text", self.text_encoder)):
             if encoder.kind == "hf":  # so from_pretrained rebuilds the architecture offline
                 encoder.model.config.save_pretrained(folder / f"{tower}_encoder")
         self.tokenizer.save_pretrained(folder)
-        save_model(self, str(folder / "model.safetensors"))
+        _replace_file(folder / "model.safetensors", lambda tmp: save_model(self, str(tmp)))
         return folder
 
     @classmethod

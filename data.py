@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Sampler
 
 from cache import load_images
 from readers import DataError, DataWarning, Record, detect_layout, load_records
@@ -30,7 +30,6 @@ class DataConfig:
     split_seed: int = 0  # seed of that split, so every run of a dataset sees the same split
     cache_dir: str = "data/cache"  # decoded images kept here across runs; empty = in memory only
     skip_bad: bool = False  # skip (count and report) bad rows and undecodable images instead of failing
-    num_workers: int = 0  # DataLoader workers; 0 suits the already-decoded images
 
 
 def split_by_image(records: list[Record], val_images: int, test_images: int,
@@ -147,28 +146,6 @@ def to_model_input(images: torch.Tensor, mean, std, augment: bool = False,
     return (x - mean) / std
 
 
-class PairDataset(Dataset):
-    """(image index, caption index) -> (its image row, the caption's flat index).
-
-    Image rows are decoded uint8 images, or a frozen tower's features; the caption index
-    picks pre-tokenized ids or a frozen text tower's features."""
-
-    def __init__(self, images: torch.Tensor, caption_offsets: list[int]):
-        self.images, self.offsets = images, caption_offsets
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, pair):
-        i, c = pair
-        return self.images[i], self.offsets[i] + c
-
-
-def collate(batch):
-    images, caption_index = zip(*batch)
-    return torch.stack(images), torch.tensor(caption_index)
-
-
 def token_batch(tokens: dict[str, torch.Tensor], index: torch.Tensor):
     """Rows `index` of pre-tokenized captions, padding trimmed to the longest among them."""
     ids, mask = tokens["input_ids"][index], tokens["attention_mask"][index]
@@ -182,15 +159,22 @@ class UniqueImageBatchSampler(Sampler):
     An epoch is `captions_per_epoch` rounds; each round visits every image once with a
     caption not yet used this epoch, in a fresh random order, and is cut into batches
     separately, so two captions of one image never meet in a batch (see loss.clip_loss).
+    Under DDP every rank draws the same global batch and keeps its own contiguous share
+    (rank r of W: pairs r*B/W to (r+1)*B/W), so uniqueness holds across the global batch —
+    torch's DistributedSampler shards items, not batches, and would lose that.
     """
 
     def __init__(self, caption_counts: list[int], batch_size: int, captions_per_epoch: int = 1,
-                 seed: int = 0, drop_last: bool = True):
+                 seed: int = 0, drop_last: bool = True, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} does not split evenly over {world_size} processes")
         self.counts, self.batch_size = caption_counts, batch_size
-        self.rounds, self.seed, self.drop_last, self.epoch = captions_per_epoch, seed, drop_last, 0
+        self.rounds, self.seed, self.drop_last = captions_per_epoch, seed, drop_last
+        self.rank, self.world_size, self.epoch, self.start = rank, world_size, 0, 0
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0):
+        """Iterate epoch `epoch`, skipping its first `start` batches (to resume mid-epoch)."""
+        self.epoch, self.start = epoch, start
 
     def _round_batches(self):
         n, b = len(self.counts), self.batch_size
@@ -202,11 +186,16 @@ class UniqueImageBatchSampler(Sampler):
     def __iter__(self):
         rng = random.Random(self.seed * 100_003 + self.epoch)
         caption_order = [rng.sample(range(c), c) for c in self.counts]
+        k = 0
         for r in range(self.rounds):
             images = rng.sample(range(len(self.counts)), len(self.counts))
-            for k in range(self._round_batches()):
-                chunk = images[k * self.batch_size:(k + 1) * self.batch_size]
-                yield [(i, caption_order[i][r % self.counts[i]]) for i in chunk]
+            for b in range(self._round_batches()):
+                k += 1
+                if k <= self.start:
+                    continue
+                chunk = images[b * self.batch_size:(b + 1) * self.batch_size]
+                share = -(-len(chunk) // self.world_size)
+                yield [(i, caption_order[i][r % self.counts[i]]) for i in chunk[self.rank * share:(self.rank + 1) * share]]
 
 
 def caption_offsets(records: list[Record]) -> list[int]:
@@ -220,13 +209,16 @@ def all_captions(records: list[Record]) -> list[str]:
     return [c for r in records for c in r.captions]
 
 
-def train_loader(records: list[Record], images: torch.Tensor, batch_size: int,
-                 captions_per_epoch: int, seed: int, num_workers: int = 0):
-    """A DataLoader of unique-image batches: (image rows, flat caption indices)."""
+def batch_indices(sampler: UniqueImageBatchSampler, records: list[Record]):
+    """Yield (image index, flat caption index) tensors (B,) for each batch of the sampler."""
+    offsets = caption_offsets(records)
+    for batch in sampler:
+        yield (torch.tensor([i for i, _ in batch]), torch.tensor([offsets[i] + c for i, c in batch]))
+
+
+def train_sampler(records: list[Record], batch_size: int, captions_per_epoch: int, seed: int,
+                  rank: int = 0, world_size: int = 1) -> UniqueImageBatchSampler:
     if len(records) < batch_size:
         raise DataError(f"only {len(records)} training images: lower --batch_size below that")
-    dataset = PairDataset(images, caption_offsets(records))
-    sampler = UniqueImageBatchSampler([len(r.captions) for r in records], batch_size,
-                                      captions_per_epoch, seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+    return UniqueImageBatchSampler([len(r.captions) for r in records], batch_size, captions_per_epoch,
+                                   seed, rank=rank, world_size=world_size)

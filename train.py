@@ -6,23 +6,28 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 import cli
-from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, default_device
-from data import (DataConfig, all_captions, check_captions, decode_images, load_splits, split_manifest,
-                  to_model_input, token_batch, train_loader)
+import distributed
+from checkpoint import find_resume, last_checkpoint, load_last, save_last
+from clipModel import (CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, default_device,
+                       set_grad_checkpointing)
+from data import (DataConfig, all_captions, batch_indices, check_captions, decode_images, load_splits,
+                  split_manifest, to_model_input, token_batch, train_sampler)
+from engine import (NonFiniteLoss, build_optimizer, build_scheduler, contrastive_backward, freeze_towers,
+                    grad_scaler, optimizer_step, resolve_precision, rng_state, set_rng_state)
 from evaluate import evaluate_records, format_metrics, records_metrics
 from features import image_tower_features, text_tower_features
-from loss import clip_loss
+from loss import clip_loss, gathered_clip_loss
 from readers import DataError, DataWarning
 
 
@@ -31,18 +36,33 @@ class TrainConfig:
     run_name: str = ""  # the run folder is OUT_DIR/RUN_NAME; empty = a timestamp
     out_dir: str = "runs"  # where run folders go
     epochs: int = 16  # passes over the training images (16 x 2,000 synthetic: ~4 min on 2 CPU cores)
-    batch_size: int = 64  # pairs per step: more negatives per step, but fewer steps per epoch
+    batch_size: int = 64  # pairs per optimizer step, over all GPUs and micro-batches: the negatives each pair sees
     captions_per_epoch: int = 1  # captions seen per image per epoch (each in its own round)
-    lr: float = 1e-3  # peak AdamW learning rate
+    lr: float = 1e-3  # peak AdamW learning rate of the projection heads and temperature (and towers by default)
+    image_lr: float = 0.0  # image tower's learning rate; 0 = lr (pretrained towers want ~1e-4)
+    text_lr: float = 0.0  # text tower's learning rate; 0 = lr (pretrained towers want ~1e-5)
     weight_decay: float = 0.1  # AdamW decay on weight matrices (never on biases, norms, temperature)
-    warmup_steps: int = 100  # linear warmup before the cosine decay
+    schedule: str = "cosine"  # cosine (warmup, then cosine decay per step) | plateau (x plateau_factor when val recall stalls) | constant
+    warmup_steps: int = 100  # linear warmup steps (cosine and constant schedules)
+    plateau_factor: float = 0.8  # plateau schedule: lr multiplier when val mean recall stops improving
+    plateau_patience: int = 1  # plateau schedule: epochs without improvement before lowering the lr
     augment: bool = True  # random resized crops (no flips: captions say "left of")
     freeze_image: bool = False  # keep the image tower fixed; without augment its features are computed once
     freeze_text: bool = False  # keep the text tower fixed; its caption features are computed once
+    train_image_blocks: int = 0  # with freeze_image: still train the image tower's last N blocks
+    train_text_blocks: int = 0  # with freeze_text: still train the text tower's last N blocks
     grad_clip: float = 1.0  # max gradient norm; 0 disables
+    precision: str = "auto"  # auto (bf16 on GPUs with it, else fp16 + grad scaler; fp32 on CPU) | fp32 | bf16 | fp16
+    accum_steps: int = 1  # split each batch into this many micro-batches: same gradients, less memory
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    compile: bool = False  # torch.compile both towers (faster steps on GPUs after a slow first one)
+    images_on_device: str = "auto"  # keep decoded training images on the GPU: auto (if they fit in half its free memory) | on | off
     seed: int = 0  # seeds model init, sampling and augmentation
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
     log_every: int = 10  # steps between log lines in log.jsonl
+    save_every: int = 0  # steps between last/ checkpoints; 0 = at each epoch end only
+    resume: str = ""  # continue a run: its folder, its last/ folder, or "latest"
+    tensorboard: bool = True  # also log to RUN/tensorboard when the tensorboard package is installed
     queries: tuple[str, ...] = ()  # text queries drawn in matches.png; empty = ones that suit the dataset
     progress: bool = True  # tqdm progress bars
 
@@ -59,22 +79,14 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-
-def param_groups(model: torch.nn.Module, weight_decay: float):
-    """Decay weight matrices only; biases, norms, embeddings' 1-d params and the temperature are exempt."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(warmup: int, total: int):
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return factor
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """The inverse of asdict, as saved in a run's config.json; unknown keys are ignored."""
+        def build(kind, values):
+            known = {f.name: f for f in fields(kind)}
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+        return cls(CLIPConfig.from_dict(d["model"]), build(DataConfig, d.get("data", {})),
+                   build(TrainConfig, d.get("train", {})))
 
 
 def prepare_data(cfg: RunConfig):
@@ -89,22 +101,46 @@ def prepare_data(cfg: RunConfig):
     return splits
 
 
+def _tower_trains(tc: TrainConfig, tower: str) -> bool:
+    return not getattr(tc, f"freeze_{tower}") or getattr(tc, f"train_{tower}_blocks") > 0
+
+
 class Inputs:
     """A split's inputs, ready for the model: decoded images or a frozen image tower's
     features, and pre-tokenized captions or a frozen text tower's features."""
 
-    def __init__(self, model: CLIPModel, records, images, tc: "TrainConfig", cache_dir: str):
+    def __init__(self, model: CLIPModel, records, images, tc: TrainConfig, cache_dir: str):
         self.records, self.images = records, images
         self.image_features = self.text_features = self.tokens = None
-        if tc.freeze_image and not tc.augment:  # frozen and never augmented: encode once
+        if not _tower_trains(tc, "image") and not tc.augment:  # frozen and never augmented: encode once
             self.image_features = image_tower_features(model, records, images, cache_dir, progress=tc.progress)
-        if tc.freeze_text:
+        if not _tower_trains(tc, "text"):
             self.text_features = text_tower_features(model, all_captions(records), cache_dir, progress=tc.progress)
         else:
             self.tokens = model.tokenize(all_captions(records))
 
+    def move_rows(self, device: torch.device, mode: str):
+        """Keep the per-image rows on the GPU when asked or when they fit: no host copies per batch."""
+        rows = self.image_rows()
+        if device.type != "cuda" or mode == "off":
+            return
+        if mode == "auto" and rows.numel() * rows.element_size() > 0.5 * torch.cuda.mem_get_info(device)[0]:
+            return
+        rows = rows.to(device)
+        if self.image_features is None:
+            self.images = rows
+        else:
+            self.image_features = rows
+
     def image_rows(self) -> torch.Tensor:
         return self.images if self.image_features is None else self.image_features
+
+    def batch_rows(self, image_index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        rows = self.image_rows()
+        rows = rows[image_index.to(rows.device)]  # (B, 3, S, S) uint8, or (B, d) features
+        if rows.device.type == "cpu" and device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(device, non_blocking=True)
 
     def embed(self, model: CLIPModel, image_rows, caption_index, augment: bool = False):
         """-> normalised (image embeddings, text embeddings) of a batch, on the model's device."""
@@ -133,96 +169,202 @@ class Inputs:
         return records_metrics(image_f, text_f, self.records)
 
 
-def set_train_mode(model: CLIPModel, tc: "TrainConfig"):
-    """Training mode, except frozen towers (their BatchNorm / dropout stay in eval mode)."""
+class Embedder(torch.nn.Module):
+    """The model step as one module, so DDP (which hooks a module's forward) can wrap it."""
+
+    def __init__(self, model: CLIPModel, inputs: Inputs, augment: bool):
+        super().__init__()
+        self.model, self.inputs, self.augment = model, inputs, augment
+
+    def forward(self, image_rows, caption_index):
+        return self.inputs.embed(self.model, image_rows, caption_index, self.augment)
+
+
+def set_train_mode(model: CLIPModel, tc: TrainConfig):
+    """Training mode, except fully frozen towers (their BatchNorm / dropout stay in eval mode)."""
     model.train()
-    model.image_encoder.train(not tc.freeze_image)
-    model.text_encoder.train(not tc.freeze_text)
+    model.image_encoder.train(_tower_trains(tc, "image"))
+    model.text_encoder.train(_tower_trains(tc, "text"))
+
+
+def build_model(cfg: RunConfig, splits, device, resume_from: Path | None):
+    """A fresh model, or the one in the checkpoint being resumed (with its trainer state)."""
+    tc = cfg.train
+    if resume_from is not None:
+        model, state = load_last(resume_from, device)
+    else:
+        model, state = CLIPModel(cfg.model, captions=all_captions(splits["train"])).to(device), None
+    freeze_towers(model, tc.freeze_image, tc.freeze_text, tc.train_image_blocks, tc.train_text_blocks)
+    if tc.grad_checkpointing:
+        for encoder in (model.image_encoder, model.text_encoder):
+            set_grad_checkpointing(encoder, True)
+    return model, state
 
 
 def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
     """Train, keep the best model by validation recall, test it; return (model, run dir, metrics).
 
     on_epoch(history, run_dir), if given, runs after each epoch (e.g. to redraw live curves);
-    history is the list of log entries so far (the lines of log.jsonl)."""
+    history is the list of log entries so far (the lines of log.jsonl). Under torchrun each
+    process trains its share of every batch; only rank 0 logs, evaluates and saves.
+    """
     tc = cfg.train
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
-    device = default_device() if tc.device == "auto" else torch.device(tc.device)
-    splits = prepare_data(cfg)
-    run_dir = Path(tc.out_dir) / (tc.run_name or time.strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    model = CLIPModel(cfg.model, captions=all_captions(splits["train"])).to(device)
-    model.image_encoder.requires_grad_(not tc.freeze_image)
-    model.text_encoder.requires_grad_(not tc.freeze_text)
-    splits = {s: check_captions(recs, model.tokenizer, cfg.data.skip_bad) for s, recs in splits.items()}
-    cfg.model = model.config  # resolved: image size and normalisation filled in
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    inputs = {}
-    for s in [s for s in splits if splits[s]]:
-        images, splits[s] = decode_images(splits[s], model.config.image.image_size, cfg.data.cache_dir,
-                                          cfg.data.skip_bad, tc.progress)
-        inputs[s] = Inputs(model, splits[s], images, tc, cfg.data.cache_dir)
-    (run_dir / "split.json").write_text(json.dumps(split_manifest(splits)))
+    rank, world, device = distributed.setup(default_device() if tc.device == "auto" else torch.device(tc.device))
+    main_rank = distributed.is_main()
+    resume_from = find_resume(tc.resume, tc.out_dir, tc.run_name) if tc.resume else None
+    run_dir = resume_from.parent if resume_from else Path(tc.out_dir) / (tc.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    with distributed.main_first():  # rank 0 generates data and fills the caches; the others read them
+        splits = prepare_data(cfg)
+        model, state = build_model(cfg, splits, device, resume_from)
+        splits = {s: check_captions(recs, model.tokenizer, cfg.data.skip_bad) for s, recs in splits.items()}
+        cfg.model = model.config  # resolved: image size and normalisation filled in
+        inputs = {}
+        for s in [s for s in splits if splits[s] and (s == "train" or main_rank)]:
+            images, splits[s] = decode_images(splits[s], model.config.image.image_size, cfg.data.cache_dir,
+                                              cfg.data.skip_bad, tc.progress and main_rank)
+            inputs[s] = Inputs(model, splits[s], images, tc, cfg.data.cache_dir)
+    if world > 1:
+        torch.manual_seed(tc.seed + rank)  # different augmentation and dropout on each rank
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (run_dir / "split.json").write_text(json.dumps(split_manifest(splits)))
     train_inputs = inputs["train"]
-    loader = train_loader(splits["train"], train_inputs.image_rows(), tc.batch_size, tc.captions_per_epoch,
-                          tc.seed, cfg.data.num_workers)
-    total_steps = tc.epochs * len(loader)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, total_steps))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"training on {device}: {len(splits['train'])} images, {total_steps} steps, "
-          f"{trainable / 1e6:.1f}M of {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
-          f"trained -> {run_dir}")
+    train_inputs.move_rows(device, tc.images_on_device)
+    sampler = train_sampler(splits["train"], tc.batch_size, tc.captions_per_epoch, tc.seed, rank, world)
+    if (tc.batch_size // world) % tc.accum_steps:
+        raise ValueError(f"batch_size {tc.batch_size} does not split into {world} x {tc.accum_steps} equal micro-batches")
+    total_steps = tc.epochs * len(sampler)
+    precision = resolve_precision(tc.precision, device)
+    optimizer = build_optimizer(model, tc, device)
+    scheduler = build_scheduler(optimizer, tc, total_steps)
+    scaler = grad_scaler(precision, device)
+    position = {"epoch": 0, "batch": 0, "step": 0, "best": -1.0, "history": []}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], device)
+        position = {k: state[k] for k in position}
+    if tc.compile:
+        model.image_encoder.compile()
+        model.text_encoder.compile()
+    step_module = Embedder(model, train_inputs, tc.augment)
+    if world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = gathered_clip_loss if world > 1 else clip_loss
+    no_sync = getattr(step_module, "no_sync", contextlib.nullcontext)
+    extra = {"data": asdict(cfg.data), "train": asdict(tc)}
+    logger = RunLogger(run_dir, resume=state is not None, tensorboard=tc.tensorboard) if main_rank else None
+    if main_rank:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"training on {device}{f' x {world} processes' if world > 1 else ''} ({precision}): "
+              f"{len(splits['train'])} images, {total_steps} steps, {trainable / 1e6:.1f}M of "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters trained -> {run_dir}"
+              + (f" (resumed at epoch {position['epoch'] + 1}, step {position['step']})" if state else ""))
 
-    history, best, step = [], -1.0, 0
-    log = open(run_dir / "log.jsonl", "w")
-    for epoch in range(tc.epochs):
+    def checkpoint(epoch, batch):
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": rng_state(device), **position,
+                 "epoch": epoch, "batch": batch}
+        save_last(run_dir, model, state, extra)
+
+    history, step, best = position["history"], position["step"], position["best"]
+    for epoch in range(position["epoch"], tc.epochs):
         set_train_mode(model, tc)
-        loader.batch_sampler.set_epoch(epoch)
-        bar = _progress(loader, tc.progress, f"epoch {epoch + 1}/{tc.epochs}")
+        start = position["batch"] if epoch == position["epoch"] else 0
+        sampler.set_epoch(epoch, start)
+        bar = _progress(batch_indices(sampler, splits["train"]), tc.progress and main_rank,
+                        f"epoch {epoch + 1}/{tc.epochs}", len(sampler), start)
         tick, pairs = time.perf_counter(), 0
-        for image_rows, caption_index in bar:
-            image_f, text_f = train_inputs.embed(model, image_rows, caption_index, tc.augment)
-            scale = model.scale()
-            loss = clip_loss(image_f, text_f, scale)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step, pairs = step + 1, pairs + len(image_rows)
-            if step % tc.log_every == 0 or step == total_steps:
+        for batch, (image_index, caption_index) in enumerate(bar, start=start + 1):
+            rows = train_inputs.batch_rows(image_index, device)
+            micro = list(zip(rows.chunk(tc.accum_steps), caption_index.chunk(tc.accum_steps)))
+            try:
+                loss = contrastive_backward(step_module, micro, model.scale, loss_fn, precision, device, no_sync)
+                grad_norm = optimizer_step(model, optimizer, scaler, tc.grad_clip)
+            except NonFiniteLoss as e:
+                last = last_checkpoint(run_dir)
+                raise NonFiniteLoss(
+                    f"{e} at step {step + 1} (epoch {epoch + 1}): training stopped. "
+                    + (f"The last good checkpoint is {last} (step {torch.load(last / 'trainer_state.pt', weights_only=True)['step']}); "
+                       f"resume with a lower learning rate: python train.py --resume={run_dir} --lr={tc.lr / 3:.1e}"
+                       if last else "No checkpoint was saved yet; restart with a lower --lr.")) from None
+            if tc.schedule != "plateau":
+                scheduler.step()
+            step, pairs = step + 1, pairs + len(rows) * world
+            if main_rank and (step % tc.log_every == 0 or batch == len(sampler)):
+                loss_value = distributed.mean(loss).item()
                 rate = pairs / (time.perf_counter() - tick)
-                entry = {"step": step, "epoch": epoch + 1, "loss": loss.item(),
-                         "lr": scheduler.get_last_lr()[0], "temperature": 1 / scale.item(), "pairs_per_s": rate}
+                entry = {"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                         "temperature": 1 / model.scale().item(), "grad_norm": grad_norm, "pairs_per_s": rate}
                 history.append(entry)
-                log.write(json.dumps(entry) + "\n")
+                logger.log(entry)
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{entry['lr']:.1e}", pairs_s=f"{rate:.0f}")
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{entry['lr']:.1e}", pairs_s=f"{rate:.0f}")
                 tick, pairs = time.perf_counter(), 0
+            elif not main_rank and step % tc.log_every == 0:
+                distributed.mean(loss)  # rank 0 is averaging the loss: join the collective
+            position.update(step=step, history=history)
+            if tc.save_every and step % tc.save_every == 0 and batch < len(sampler):
+                if main_rank:
+                    checkpoint(epoch, batch)
+                distributed.barrier()
         entry = {"epoch": epoch + 1, "step": step, "epoch_end": True}
-        if "val" in inputs:
+        if main_rank and "val" in inputs:
             val = inputs["val"].evaluate(model)
             entry.update({f"val_{k}": v for k, v in val.items()})
             print(f"epoch {epoch + 1}: val text->image R@1 {val['text_to_image_R@1']:.1f} "
                   f"R@5 {val['text_to_image_R@5']:.1f}, mean recall {val['mean_recall']:.1f}")
-        history.append(entry)
-        log.write(json.dumps(entry) + "\n")
-        log.flush()
-        score = entry.get("val_mean_recall", epoch)  # no val split: keep the latest
-        if score > best:
-            best = score
-            model.save_pretrained(run_dir, extra_config={"data": asdict(cfg.data), "train": asdict(tc)})
-        _draw_curves(history, run_dir / "curves.png")
-        if on_epoch is not None:
-            on_epoch(history, run_dir)
-    log.close()
+        score = distributed.broadcast_float(entry.get("val_mean_recall", float(epoch)))  # no val split: keep the latest
+        if tc.schedule == "plateau":
+            scheduler.step(score)
+        if main_rank:
+            history.append(entry)
+            logger.log(entry)
+            if score > best:
+                model.save_pretrained(run_dir, extra_config=extra)
+            best = max(best, score)
+            position.update(history=history, best=best)
+            checkpoint(epoch + 1, 0)
+            _draw_curves(history, run_dir / "curves.png")
+            if on_epoch is not None:
+                on_epoch(history, run_dir)
+        distributed.barrier()
+    if not main_rank:
+        return model, run_dir, {}
+    logger.close()
     return _finish(cfg, model, run_dir, splits, inputs, device)
+
+
+class RunLogger:
+    """One JSON line per entry in log.jsonl, and TensorBoard scalars when it is installed."""
+
+    def __init__(self, run_dir: Path, resume: bool, tensorboard: bool):
+        self.file = open(run_dir / "log.jsonl", "a" if resume else "w")
+        self.board = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.board = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                pass
+
+    def log(self, entry: dict):
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for key, value in entry.items():
+                if key not in ("step", "epoch", "epoch_end") and isinstance(value, (int, float)):
+                    self.board.add_scalar(key.replace("val_", "val/"), value, entry["step"])
+
+    def close(self):
+        self.file.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, device):
@@ -243,11 +385,11 @@ def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, dev
     return model, run_dir, metrics
 
 
-def _progress(iterable, enabled: bool, desc: str):
+def _progress(iterable, enabled: bool, desc: str, total: int, initial: int = 0):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, leave=False)
+    return tqdm(iterable, desc=desc, leave=False, total=total, initial=initial)
 
 
 def _draw_curves(history, path):
@@ -302,25 +444,43 @@ USAGE = ("usage: python train.py [--preset=NAME] [--key=value ...]   (e.g. --epo
          f"presets: {', '.join(PRESETS)}")
 
 
+def resolve_config(argv: list[str]) -> RunConfig:
+    """--key=value options (after any --preset) applied to the defaults or, with --resume, to
+    the resumed run's saved config, so `--resume=runs/x --epochs=30` extends run x."""
+    argv = expand_preset(argv)
+    cfg = cli.apply_overrides(RunConfig(), argv, aliases=ALIASES)
+    if not cfg.train.resume:
+        return cfg
+    folder = find_resume(cfg.train.resume, cfg.train.out_dir, cfg.train.run_name)
+    saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    cli.apply_overrides(saved, argv, aliases=ALIASES)
+    saved.train.resume = str(folder)
+    return saved
+
+
+ALIASES = {"data": "data.path"}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg = RunConfig()
     if "-h" in argv or "--help" in argv:
-        print(cli.help_text(cfg, USAGE))
+        print(cli.help_text(RunConfig(), USAGE))
         return None
     try:
-        cli.apply_overrides(cfg, expand_preset(argv), aliases={"data": "data.path"})
+        cfg = resolve_config(argv)
     except (cli.ConfigError, OSError) as e:
         sys.exit(f"error: {e}\n{USAGE}")
     try:
         with cli.reported_warnings(DataWarning) as data_issues:
             result = train(cfg)
-    except (DataError, OSError, ValueError) as e:
+        if data_issues and distributed.is_main():
+            print("data issues in this run (skipped items are counted here):")
+            print("\n".join(f"  - {issue}" for issue in data_issues))
+        return result
+    except (NonFiniteLoss, DataError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if data_issues:
-        print("data issues in this run (skipped items are counted here):")
-        print("\n".join(f"  - {issue}" for issue in data_issues))
-    return result
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""Checkpoints that survive a kill at any moment, and finding the one to resume from.
+
+    runs/<name>/               the best model so far (CLIPModel.from_pretrained reads it)
+    runs/<name>/last/          the latest state: a model folder + trainer_state.pt
+
+`last/` is written whole into `last.tmp/` and then swapped in by renames, so at every instant
+either the previous or the new checkpoint is complete on disk (`last.old/` covers the moment
+between the two renames).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from clipModel import CLIPModel
+
+STATE_FILE = "trainer_state.pt"
+
+
+def save_last(run_dir: Path, model: CLIPModel, state: dict, extra_config: dict) -> Path:
+    """Write the model and the trainer state (optimizer, scheduler, scaler, RNG, position) as `last/`."""
+    run_dir = Path(run_dir)
+    tmp, last, old = run_dir / "last.tmp", run_dir / "last", run_dir / "last.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, extra_config)
+    torch.save(state, tmp / STATE_FILE)
+    with open(tmp / STATE_FILE, "rb") as f:
+        os.fsync(f.fileno())
+    if last.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        last.rename(old)
+    tmp.rename(last)
+    shutil.rmtree(old, ignore_errors=True)
+    return last
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / STATE_FILE).is_file() and (folder / "model.safetensors").is_file()
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The run's newest complete checkpoint folder, or None."""
+    for name in ("last", "last.old"):
+        if _complete(Path(run_dir) / name):
+            return Path(run_dir) / name
+    return None
+
+
+def find_resume(value: str, out_dir: str, run_name: str = "") -> Path:
+    """--resume=VALUE -> a checkpoint folder. VALUE: a run folder, a last/ folder, or `latest`
+    (the run named by --run_name, else the most recently saved run under --out_dir)."""
+    if value == "latest":
+        runs = [Path(out_dir) / run_name] if run_name else sorted(Path(out_dir).glob("*/"))
+        found = [c for c in map(last_checkpoint, runs) if c is not None]
+        if not found:
+            where = Path(out_dir) / run_name if run_name else out_dir
+            raise FileNotFoundError(f"--resume=latest: no checkpoint (last/) under {where}")
+        return max(found, key=lambda c: (c / STATE_FILE).stat().st_mtime)
+    path = Path(value)
+    if _complete(path):
+        return path
+    found = last_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"--resume={value}: not a run folder with a last/ checkpoint, "
+                                "nor a checkpoint folder itself")
+    return found
+
+
+def load_last(folder: Path, device) -> tuple[CLIPModel, dict]:
+    """-> (the model, the trainer state dict), from a folder written by save_last."""
+    model = CLIPModel.from_pretrained(folder, device=device)
+    state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    return model, state
