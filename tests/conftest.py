@@ -28,3 +28,28 @@ def tiny_run(tmp_path_factory):
             f"--cache_dir={root / 'cache'}", *TINY_MODEL]
     model, run_dir, metrics = train.main(argv)
     return data, run_dir, metrics
+
+
+TINY_CAPTIONS = ["a red circle above a blue square", "a big green triangle", "a small yellow star on the left"]
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """A tiny ViT and DistilBERT saved with save_pretrained, as a user's local folders would be."""
+    import torch
+    from transformers import (DistilBertConfig, DistilBertModel, DistilBertTokenizerFast, ViTConfig,
+                              ViTImageProcessor, ViTModel)
+    words = sorted({w for c in TINY_CAPTIONS for w in c.split()})
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, image_size=32, patch_size=8))
+    vit.save_pretrained(root / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
+                      image_std=[0.2, 0.25, 0.3]).save_pretrained(root / "vit")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    DistilBertTokenizerFast(vocab_file=str(vocab)).save_pretrained(root / "bert")
+    DistilBertModel(DistilBertConfig(vocab_size=5 + len(words), dim=32, n_layers=2, n_heads=2,
+                                     hidden_dim=64, max_position_embeddings=64)).save_pretrained(root / "bert")
+    return root
