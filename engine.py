@@ -160,7 +160,8 @@ def contrastive_backward(embed, micro_batches: list, scale_fn, loss_fn, precisio
                 end = start + len(image_f)
                 images = torch.cat([all_images[:start], image_f, all_images[end:]])
                 texts = torch.cat([all_texts[:start], text_f, all_texts[end:]])
-                scale = scale_fn() if j == 0 else scale_fn().detach()  # its gradient counted once
+                # the temperature's gradient is counted once, in the pass DDP synchronises
+                scale = scale_fn() if last else scale_fn().detach()
                 loss = loss_fn(images, texts, scale)
             if j == 0:
                 _check_finite(loss)

@@ -1,4 +1,6 @@
 """Contrastive losses over (already L2-normalised) image and text features."""
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -27,8 +29,10 @@ def gathered_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor
     import torch.distributed as dist
     from torch.distributed.nn.functional import all_gather
     rank, B = dist.get_rank(), len(image_features)
-    all_images = torch.cat(all_gather(image_features))  # (W*B, D)
-    all_texts = torch.cat(all_gather(text_features))  # (W*B, D)
+    with warnings.catch_warnings():  # torch >= 2.12 points to a private API instead; this one is public
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather", FutureWarning)
+        all_images = torch.cat(all_gather(image_features))  # (W*B, D)
+        all_texts = torch.cat(all_gather(text_features))  # (W*B, D)
     labels = torch.arange(rank * B, (rank + 1) * B, device=image_features.device)  # this rank's pairs
     logits_per_image = logit_scale * image_features @ all_texts.T  # (B, W*B)
     logits_per_text = logit_scale * text_features @ all_images.T  # (B, W*B)
