@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from clipModel import CLIPModel
-from data import all_captions, to_model_input, token_batch
+from data import all_captions, prefetch, to_model_input, token_batch
 from evaluate import evaluate_records, records_metrics
 from features import image_tower_features, text_tower_features
 
@@ -45,11 +45,19 @@ class Inputs:
         return self.images if self.image_features is None else self.image_features
 
     def batch_rows(self, image_index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The batch's image rows (B, 3, S, S) uint8 or (B, d) features, gathered where they live
+        (pinned for a fast copy when that is the host and the model is on a GPU)."""
         rows = self.image_rows()
-        rows = rows[image_index.to(rows.device)]  # (B, 3, S, S) uint8, or (B, d) features
+        rows = rows[image_index.to(rows.device)]
         if rows.device.type == "cpu" and device.type == "cuda":
             rows = rows.pin_memory()
-        return rows.to(device, non_blocking=True)
+        return rows
+
+    def batches(self, indices, device: torch.device):
+        """(image index, caption index) batches -> (image rows, caption index); host gathers run
+        one batch ahead in a thread, device-resident rows are gathered on the device."""
+        gathered = ((self.batch_rows(i, device), c) for i, c in indices)
+        return gathered if self.image_rows().device == device else prefetch(gathered)
 
     def embed(self, model: CLIPModel, image_rows, caption_index, augment: bool = False):
         """-> normalised (image embeddings, text embeddings) of a batch, on the model's device."""

@@ -192,11 +192,11 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
         set_train_mode(model, tc)
         start = position["batch"] if epoch == position["epoch"] else 0
         sampler.set_epoch(epoch, start)
-        bar = _progress(batch_indices(sampler, splits["train"]), tc.progress and main_rank,
-                        f"epoch {epoch + 1}/{tc.epochs}", len(sampler), start)
+        bar = _progress(train_inputs.batches(batch_indices(sampler, splits["train"]), device),
+                        tc.progress and main_rank, f"epoch {epoch + 1}/{tc.epochs}", len(sampler), start)
         tick, pairs = time.perf_counter(), 0
-        for batch, (image_index, caption_index) in enumerate(bar, start=start + 1):
-            rows = train_inputs.batch_rows(image_index, device)
+        for batch, (rows, caption_index) in enumerate(bar, start=start + 1):
+            rows = rows.to(device, non_blocking=True)
             micro = list(zip(rows.chunk(tc.accum_steps), caption_index.chunk(tc.accum_steps)))
             try:
                 loss = contrastive_backward(step_module, micro, model.scale, loss_fn, precision, device, no_sync)

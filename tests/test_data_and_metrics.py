@@ -211,3 +211,16 @@ def test_column_options_on_a_layout_without_columns_are_rejected(tmp_path):
     (tmp_path / "captions.txt").write_text("image,caption\n")
     with pytest.raises(DataError, match="apply to csv and hf"):
         load_splits(DataConfig(path=str(tmp_path), image_column="x"))
+
+
+def test_prefetch_keeps_order_and_raises_the_producers_error():
+    from data import prefetch
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+    it = prefetch(failing())
+    assert next(it) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(it)
