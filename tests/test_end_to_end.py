@@ -140,3 +140,14 @@ def test_frozen_towers_train_only_the_heads_from_cached_features(tmp_path):
     full = evaluate.main(["--checkpoint", str(run_dir), "--data", str(data), "--split", "test"])
     for key in ("text_to_image_R@1", "text_to_image_R@5", "image_to_text_R@1", "image_to_text_mean_rank"):
         assert full[key] == pytest.approx(metrics[key], abs=1e-4), key
+
+
+def test_tensorboard_gets_the_logged_scalars(tiny_run):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional (requirements-dev.txt installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, run_dir, _ = tiny_run
+    board = EventAccumulator(str(run_dir / "tensorboard"))
+    board.Reload()
+    assert {"loss", "lr", "temperature", "pairs_per_s", "val/mean_recall"} <= set(board.Tags()["scalars"])
+    logged = [json.loads(line) for line in open(run_dir / "log.jsonl")]
+    assert [s.value for s in board.Scalars("loss")] == pytest.approx([e["loss"] for e in logged if "loss" in e])

@@ -178,3 +178,21 @@ def test_plateau_schedule_lowers_lr_when_recall_stalls():
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
     with pytest.raises(ValueError, match="schedule"):
         build_scheduler(opt, TrainConfig(schedule="linear"), 10)
+
+
+@pytest.mark.slow
+def test_compiled_towers_match_eager():
+    """--compile: torch.compile (inductor; needs a C++ compiler on CPU) gives the eager loss and gradients."""
+    images, ids, mask = batch(8)
+    results = []
+    for compiled in (False, True):
+        model = tiny_model()
+        if compiled:
+            model.image_encoder.compile()
+            model.text_encoder.compile()
+        loss = contrastive_backward(embed_fn(model), [(images, ids, mask)], model.scale, clip_loss, "fp32",
+                                    torch.device("cpu"))
+        results.append((loss, grads(model)))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-4)
+    for name in results[0][1]:
+        torch.testing.assert_close(results[1][1][name], results[0][1][name], atol=1e-5, rtol=1e-3, msg=name)
