@@ -47,7 +47,7 @@ class TextEncoderConfig:
     pretrained: bool = True  # False: same architecture, random weights (no download)
     pooling: str = "cls"  # "cls": first token (DistilBERT); "mean": masked mean (MiniLM)
     max_length: int = 64  # captions are truncated to this many tokens
-    vocab_size: int = 2000  # scratch: WordPiece vocabulary trained on the training captions
+    vocab_size: int = 2000  # scratch: WordPiece vocabulary built from the training captions
     width: int = 128  # scratch transformer width
     depth: int = 3  # scratch transformer blocks
     heads: int = 4  # scratch attention heads

@@ -173,7 +173,7 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
     loss_fn = gathered_clip_loss if world > 1 else clip_loss
     no_sync = getattr(step_module, "no_sync", contextlib.nullcontext)
     extra = {"data": asdict(cfg.data), "train": asdict(tc)}
-    logger = RunLogger(run_dir, resume=state is not None, tensorboard=tc.tensorboard) if main_rank else None
+    logger = RunLogger(run_dir, position["history"], tc.tensorboard) if main_rank else None
     if main_rank:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"training on {device}{f' x {world} processes' if world > 1 else ''} ({precision}): "
@@ -256,15 +256,20 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
 
 
 class RunLogger:
-    """One JSON line per entry in log.jsonl, and TensorBoard scalars when it is installed."""
+    """One JSON line per entry in log.jsonl, and TensorBoard scalars when it is installed.
 
-    def __init__(self, run_dir: Path, resume: bool, tensorboard: bool):
-        self.file = open(run_dir / "log.jsonl", "a" if resume else "w")
+    A resumed run starts from the checkpoint's history: lines logged after that checkpoint
+    are dropped from both, since those steps are about to be run again."""
+
+    def __init__(self, run_dir: Path, history: list[dict], tensorboard: bool):
+        self.file = open(run_dir / "log.jsonl", "w")
+        self.file.writelines(json.dumps(entry) + "\n" for entry in history)
         self.board = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.board = SummaryWriter(str(run_dir / "tensorboard"))
+                step = max((e["step"] for e in history), default=0)
+                self.board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if history else None)
             except ImportError:  # tensorboard is optional
                 pass
 
