@@ -47,9 +47,10 @@ def tiny_hf(tmp_path_factory):
     vit.save_pretrained(root / "vit")
     ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
                       image_std=[0.2, 0.25, 0.3]).save_pretrained(root / "vit")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
-    DistilBertTokenizerFast(vocab_file=str(vocab)).save_pretrained(root / "bert")
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    tokenizer = DistilBertTokenizerFast(vocab=vocab)  # transformers 5 ignores a vocab_file= here
+    assert len(tokenizer) == len(vocab) and tokenizer.unk_token_id not in tokenizer(TINY_CAPTIONS[0])["input_ids"]
+    tokenizer.save_pretrained(root / "bert")
     DistilBertModel(DistilBertConfig(vocab_size=5 + len(words), dim=32, n_layers=2, n_heads=2,
                                      hidden_dim=64, max_position_embeddings=64)).save_pretrained(root / "bert")
     return root
