@@ -126,3 +126,99 @@ def captions_figure(image, matches, path=None, title: str = ""):
                     fontsize=9, va="center", transform=ax_txt.transAxes, wrap=True)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+# ---------------------------------------------------------------- notebook figures (build_model.ipynb)
+
+def _as_array(image):
+    """A path, PIL image, (H, W, 3) array or (3, H, W) uint8 tensor -> an (H, W, 3) array for imshow."""
+    import numpy as np
+    from PIL import Image
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            return np.asarray(im.convert("RGB"))
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
+    return array.transpose(1, 2, 0) if array.ndim == 3 and array.shape[0] in (1, 3) else array
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "\u2026"
+
+
+def captioned_images(images, captions, columns: int = 4, path=None, ax_size: float = 2.6, width: int = 30):
+    """Images (paths, PIL images, arrays or (3, H, W) uint8 tensors), each with its caption
+    wrapped underneath; save to `path` if given."""
+    import textwrap
+    plt = _plt()
+    rows = max(1, math.ceil(len(images) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * ax_size, rows * (ax_size + 0.7)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(_as_array(image))
+        ax.set_title("\n".join(textwrap.wrap(caption, width)[:3]), fontsize=8, y=-0.02, va="top")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def similarity_matrix(matrix, images, captions, title: str = "", path=None, max_chars: int = 45):
+    """A batch's (B, B) image x caption scores as a heatmap: `matrix[i][j]` scores image i
+    against caption j (as `logits_per_image` in loss.clip_loss). Captions label the rows,
+    image thumbnails the columns, values are written in the cells and the matching pairs
+    (the diagonal) are outlined; save to `path` if given."""
+    import numpy as np
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+    from matplotlib.patches import Rectangle
+    plt = _plt()
+    scores = np.asarray(matrix.detach().cpu() if hasattr(matrix, "detach") else matrix, dtype=float).T
+    B = len(captions)
+    cell = 0.62  # inches per cell
+    fig, ax = plt.subplots(figsize=(B * cell + 4.2, B * cell + 1.6))
+    shown = ax.imshow(scores, cmap="viridis", aspect="equal")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03, label="scale \u00d7 cosine similarity")
+    ax.set_yticks(range(B), [_short(c, max_chars) for c in captions], fontsize=8)
+    ax.set_xticks(range(B), [""] * B)
+    ax.tick_params(length=0)
+    ax.set_xlabel("rows: captions, columns: images; outlined: the matching pairs", fontsize=8)
+    low, high = scores.min(), scores.max()
+    for j in range(B):
+        for i in range(B):
+            bright = (scores[j, i] - low) > 0.6 * (high - low + 1e-12)
+            ax.text(i, j, f"{scores[j, i]:.1f}", ha="center", va="center", fontsize=7,
+                    color="black" if bright else "white")
+        ax.add_patch(Rectangle((j - 0.44, j - 0.44), 0.88, 0.88, fill=False, edgecolor="red", lw=1.8))
+    thumb = cell * 72 * 0.9  # thumbnail side in points
+    for i, image in enumerate(images):
+        pixels = _as_array(image)
+        box = OffsetImage(pixels, zoom=thumb / max(pixels.shape[:2]))
+        ax.add_artist(AnnotationBbox(box, (i, -0.5), xybox=(0, thumb / 2 + 3), xycoords="data",
+                                     boxcoords="offset points", frameon=False, annotation_clip=False))
+    ax.set_title(title, pad=thumb + 10, fontsize=10)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def class_probabilities(images, predictions, title: str = "", top: int = 5, path=None, ax_size: float = 2.6):
+    """Zero-shot results: each image above a bar chart of its best `top` (label, probability)
+    pairs (as from zeroshot.classify, best first); save to `path` if given."""
+    plt = _plt()
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(n * ax_size + 0.8, 2 * ax_size + 0.4), squeeze=False,
+                             gridspec_kw={"height_ratios": [1.1, 1]})
+    for col, (image, preds) in enumerate(zip(images, predictions)):
+        axes[0, col].imshow(_as_array(image))
+        axes[0, col].axis("off")
+        labels, probs = zip(*preds[:top])
+        bars = axes[1, col]
+        bars.barh(range(len(probs)), probs, color=["tab:green"] + ["tab:gray"] * (len(probs) - 1))
+        bars.set_yticks(range(len(labels)), [_short(label, 22) for label in labels], fontsize=8)
+        bars.invert_yaxis()
+        bars.set_xlim(0, 1)
+        bars.tick_params(axis="x", labelsize=7)
+        bars.set_xlabel("probability", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _finish(fig, path)

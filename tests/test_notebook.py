@@ -1,0 +1,102 @@
+"""build_model.ipynb: stored without outputs, holds no model code, and runs headless in QUICK mode.
+
+The execution test runs every cell with nbclient on the CPU (synthetic data, small model, few
+epochs) in a temporary folder, fails on any cell error, and checks that every cell tagged
+"figure" drew an image. The executed notebook is never written back into the repository; set
+CLIP_NOTEBOOK_OUT=PATH to keep a copy for inspection.
+"""
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "build_model.ipynb"
+TOOL = ROOT / "tools" / "strip_notebook.py"
+
+
+def strip_tool():
+    spec = importlib.util.spec_from_file_location("strip_notebook", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cells(kind=None):
+    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    return [c for c in nb["cells"] if kind is None or c["cell_type"] == kind]
+
+
+def source(cell) -> str:
+    return "".join(cell["source"])
+
+
+def test_notebook_is_stored_without_outputs():
+    result = subprocess.run([sys.executable, str(TOOL), "--check", str(NOTEBOOK)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_strip_tool_strips_and_check_catches_outputs(tmp_path):
+    strip_notebook = strip_tool()
+    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    nb["cells"][2]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["hi\n"]}]
+    nb["cells"][2]["execution_count"] = 3
+    nb["cells"][2]["metadata"]["scrolled"] = True
+    nb["metadata"]["colab"]["provenance"] = [{"file_id": "x"}]
+    dirty = tmp_path / "dirty.ipynb"
+    dirty.write_text(json.dumps(nb, indent=2), encoding="utf-8")
+    assert strip_notebook.main(["--check", str(dirty)]) == 1
+    assert strip_notebook.main([str(dirty)]) == 0
+    assert strip_notebook.main(["--check", str(dirty)]) == 0
+    assert dirty.read_text(encoding="utf-8") == NOTEBOOK.read_text(encoding="utf-8")  # back to the stored bytes
+
+
+def test_notebook_is_glue_not_model_code():
+    code = "\n".join(source(c) for c in cells("code"))
+    assert not re.search(r"^\s*class\s", code, re.MULTILINE), "model code lives in clipModel.py, not here"
+    assert "nn.Module" not in code and "torch.optim" not in code and "backward(" not in code
+    for call in ('find_matches("dog")', 'find_matches("plane")', 'find_matches("Gloomy weather")',
+                 'find_matches("someone dunks on the basket")'):
+        assert call in code
+    assert "colab.research.google.com/github/" in source(cells("markdown")[0])  # the Open in Colab badge
+
+
+def test_notebook_runs_headless_in_quick_mode(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    # QUICK mode, smaller than a user's QUICK run, everything written under tmp_path.
+    monkeypatch.setenv("CLIP_QUICK", "1")
+    monkeypatch.setenv("CLIP_EPOCHS", "2")
+    monkeypatch.setenv("CLIP_SYNTHETIC_IMAGES", "256")
+    monkeypatch.setenv("CLIP_WORKDIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU path, as CI has it
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the notebook's %matplotlib inline decides
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(nb, kernel_name="python3", timeout=600, startup_timeout=120,
+                            resources={"metadata": {"path": str(ROOT)}})
+    try:
+        client.execute()  # raises CellExecutionError, with the cell and traceback, on any error
+    finally:
+        if os.environ.get("CLIP_NOTEBOOK_OUT"):
+            nbformat.write(nb, os.environ["CLIP_NOTEBOOK_OUT"])
+
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    figures = [c for c in nb.cells if "figure" in c.metadata.get("tags", [])]
+    assert len(figures) >= 7
+    for cell in figures:
+        images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+        assert images, f"no figure drawn by the cell:\n{cell.source[:300]}"
+    # Everything the run wrote is under tmp_path, none of it in the repository's runs/ or data/.
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "model.safetensors").is_file() and (runs[0] / "metrics.json").is_file()
+    assert (tmp_path / "data" / "synthetic" / "captions.csv").is_file() and (tmp_path / "data" / "cache").is_dir()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"model saved in {runs[0].resolve()}" in printed
