@@ -218,7 +218,8 @@ def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig(),
     return out_dir
 
 
-def ensure_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig()) -> Path:
+def ensure_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig(),
+                     progress: bool = True) -> Path:
     """Generate the dataset in out_dir unless a complete one with this config is there."""
     out_dir = Path(out_dir)
     try:
@@ -226,7 +227,7 @@ def ensure_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticCon
     except (OSError, ValueError):
         existing = None
     if existing != asdict(config) or not (out_dir / "captions.csv").is_file():
-        generate(out_dir, config)
+        generate(out_dir, config, progress=progress)
     return out_dir
 
 

@@ -94,7 +94,7 @@ def prepare_data(cfg: RunConfig):
     """Resolve the dataset folder (generating the synthetic set if needed) and split it."""
     if not cfg.data.path:
         from synthetic import SyntheticConfig, ensure_synthetic
-        ensure_synthetic(cfg.data.synthetic_dir, SyntheticConfig())
+        ensure_synthetic(cfg.data.synthetic_dir, SyntheticConfig(), progress=cfg.train.progress)
         cfg.data.path = cfg.data.synthetic_dir
     splits = load_splits(cfg.data)
     if not splits["train"]:
