@@ -339,24 +339,15 @@ def _offline_build_config(config: CLIPConfig, folder: Path) -> CLIPConfig:
 # ---------------------------------------------------------------- tokenizer and transforms
 
 def train_tokenizer(captions, vocab_size: int = 2000, max_length: int = 64):
-    """A lowercase WordPiece tokenizer for the scratch text encoder, built from the captions:
-    every character (so no word is ever unknown) plus the most frequent whole words.
-
-    Built rather than trained: tokenizers' WordPieceTrainer breaks frequency ties in hash order,
-    which changes from call to call, so the same captions and seed would not repeat a run.
-    """
-    from collections import Counter
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    """Train a lowercase WordPiece tokenizer on captions (for the scratch text encoder)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    counts = Counter(w for c in captions for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(c)))
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    chars = sorted({ch for w in counts for ch in w})
-    words = [w for w, _ in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])) if len(w) > 1]
-    vocab = special + chars + ["##" + ch for ch in chars]
-    vocab += words[:max(0, vocab_size - len(vocab))]
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
-    tok.normalizer, tok.pre_tokenizer = normalizer, pre
+    tok.train_from_iterator(list(captions), trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=special, show_progress=False))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",

@@ -19,6 +19,22 @@ from conftest import TINY_MODEL
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def same_tokenizer_for_same_captions():
+    """tokenizers' WordPiece trainer breaks frequency ties in hash order, so two fresh runs on one
+    seed can get different vocabularies (and so different runs). A resumed run reloads its saved
+    tokenizer; only the separately started reference run needs the same one pinned."""
+    import clipModel
+    made, train_tokenizer = {}, clipModel.train_tokenizer
+
+    def pinned(captions, *args, **kwargs):
+        key = (tuple(captions), args, tuple(sorted(kwargs.items())))
+        return made.setdefault(key, train_tokenizer(captions, *args, **kwargs))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(clipModel, "train_tokenizer", pinned)
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     from synthetic import SyntheticConfig, generate
