@@ -26,6 +26,8 @@ def free_port() -> int:
 
 def setup_inputs():
     """A tiny model (no dropout: ranks draw different masks) and 8 image/caption pairs."""
+    from transformers import DistilBertTokenizerFast
+
     from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
     from readers import Record
     from inputs import Inputs
@@ -35,7 +37,10 @@ def setup_inputs():
                      text=TextEncoderConfig(kind="scratch", width=32, depth=1, heads=2, vocab_size=100, pooling="mean"),
                      projection_dim=16, dropout=0.0)
     captions = [f"{c} number {i}" for i, c in enumerate(TINY_CAPTIONS * 3)][:BATCH]
-    model = CLIPModel(cfg, captions=captions)
+    # A fixed vocabulary: a tokenizer trained in each process could number its tokens differently
+    words = sorted({w for c in captions for w in c.split()})
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
+    model = CLIPModel(cfg, tokenizer=DistilBertTokenizerFast(vocab=vocab))
     records = [Record(image=Path(f"{i}.jpg"), captions=[c]) for i, c in enumerate(captions)]
     images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     return model, Inputs(model, records, images, TrainConfig(augment=False), cache_dir="")
