@@ -18,7 +18,7 @@ import torch
 
 import cli
 import distributed
-from checkpoint import find_resume, last_checkpoint, load_last, save_last
+from checkpoint import STATE_FILE, find_resume, last_checkpoint, load_last, save_last
 from clipModel import (CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, default_device,
                        set_grad_checkpointing)
 from data import (DataConfig, all_captions, batch_indices, check_captions, decode_images, load_splits,
@@ -183,8 +183,8 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
 
     def checkpoint(epoch, batch):
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": rng_state(device), **position,
-                 "epoch": epoch, "batch": batch}
+                 "scaler": scaler.state_dict(), "rng": rng_state(device), "epoch": epoch, "batch": batch,
+                 "step": step, "best": best, "history": history}
         save_last(run_dir, model, state, extra)
 
     history, step, best = position["history"], position["step"], position["best"]
@@ -205,25 +205,23 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
                 last = last_checkpoint(run_dir)
                 raise NonFiniteLoss(
                     f"{e} at step {step + 1} (epoch {epoch + 1}): training stopped. "
-                    + (f"The last good checkpoint is {last} (step {torch.load(last / 'trainer_state.pt', weights_only=True)['step']}); "
+                    + (f"The last good checkpoint is {last} (step {torch.load(last / STATE_FILE, weights_only=True)['step']}); "
                        f"resume with a lower learning rate: python train.py --resume={run_dir} --lr={tc.lr / 3:.1e}"
                        if last else "No checkpoint was saved yet; restart with a lower --lr.")) from None
             if tc.schedule != "plateau":
                 scheduler.step()
             step, pairs = step + 1, pairs + len(rows) * world
-            if main_rank and (step % tc.log_every == 0 or batch == len(sampler)):
-                loss_value = distributed.mean(loss).item()
-                rate = pairs / (time.perf_counter() - tick)
-                entry = {"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                         "temperature": 1 / model.scale().item(), "grad_norm": grad_norm, "pairs_per_s": rate}
-                history.append(entry)
-                logger.log(entry)
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{entry['lr']:.1e}", pairs_s=f"{rate:.0f}")
-                tick, pairs = time.perf_counter(), 0
-            elif not main_rank and step % tc.log_every == 0:
-                distributed.mean(loss)  # rank 0 is averaging the loss: join the collective
-            position.update(step=step, history=history)
+            if step % tc.log_every == 0 or batch == len(sampler):
+                loss_value = distributed.mean(loss).item()  # a collective: every rank joins
+                if main_rank:
+                    rate = pairs / (time.perf_counter() - tick)
+                    entry = {"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                             "temperature": 1 / model.scale().item(), "grad_norm": grad_norm, "pairs_per_s": rate}
+                    history.append(entry)
+                    logger.log(entry)
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{entry['lr']:.1e}", pairs_s=f"{rate:.0f}")
+                    tick, pairs = time.perf_counter(), 0
             if tc.save_every and step % tc.save_every == 0 and batch < len(sampler):
                 if main_rank:
                     checkpoint(epoch, batch)
@@ -243,7 +241,6 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
             if score > best:
                 model.save_pretrained(run_dir, extra_config=extra)
             best = max(best, score)
-            position.update(history=history, best=best)
             checkpoint(epoch + 1, 0)
             _draw_curves(history, run_dir / "curves.png")
             if on_epoch is not None:
