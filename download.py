@@ -138,7 +138,7 @@ def kaggle_fetch(slug: str, out_dir: Path, creds: Credentials) -> None:
         try:
             from kaggle.api.kaggle_api_extended import KaggleApi
         except ImportError as e:
-            raise DownloadError(f"Could not import the kaggle package ({e}): pip install kaggle") from None
+            raise DownloadError(_import_hint(e)) from None
         api = KaggleApi()
         api.authenticate()  # reads the variables above into the instance; no network for a key
         # Not forced, so a later run resumes an interrupted download left in out_dir.
@@ -149,6 +149,16 @@ def kaggle_fetch(slug: str, out_dir: Path, creds: Credentials) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _import_hint(e: ImportError) -> str:
+    # An installed kaggle can fail to import for want of a module it uses but does not
+    # declare (kaggle 2.2 and `six`): name that module, not kaggle.
+    missing = e.name or ""
+    if not missing or missing == "kaggle" or missing.startswith("kaggle."):
+        return f"The kaggle package is not installed ({e}): pip install kaggle"
+    return (f"The kaggle package is installed but cannot be imported: it needs the module "
+            f"{missing!r}, which is missing ({e}): pip install {missing.split('.')[0]}")
 
 
 def _explain(e: BaseException, spec: Spec, target: Path, creds: Credentials) -> str:

@@ -324,6 +324,26 @@ def test_real_fetch_hands_credentials_to_the_kaggle_api(tmp_path, monkeypatch):
     assert (tmp_path / "flickr8k.zip").is_file()
 
 
+@pytest.mark.parametrize("missing,hint", [("six", "needs the module 'six'"),
+                                           ("kaggle", "The kaggle package is not installed")])
+def test_kaggle_import_failure_names_the_real_cause(tmp_path, monkeypatch, missing, hint):
+    """kaggle 2.2 imports `six` without declaring it: an installed kaggle that fails to import
+    must not be reported as "not installed"."""
+    for mod in [m for m in sys.modules if m == "kaggle" or m.startswith("kaggle.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    real_import = __import__
+
+    def failing_import(name, *args, **kwargs):
+        if name.startswith("kaggle"):
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.__import__", failing_import)
+    with pytest.raises(DownloadError) as err:
+        download.kaggle_fetch("adityajn105/flickr8k", tmp_path, download.Credentials("kaggle.json", "erin", KEY))
+    assert hint in str(err.value) and f"pip install {missing}" in str(err.value)
+
+
 def test_interrupted_download_is_kept_for_resume_but_never_extracted(tmp_path, creds):
     def interrupted(slug, out_dir, credentials):
         (Path(out_dir) / "flickr8k.zip").write_bytes(b"PK\x03\x04 partial")

@@ -51,7 +51,9 @@ def test_metrics_match_brute_force(n, c, seed, integer):
     logits = torch.randint(0, 4, (n, c), generator=g).float() if integer else torch.randn(n, c, generator=g)
     labels = torch.randint(0, c, (n,), generator=g)
     ks = sorted({1, min(5, c), c})
-    ranks = [1 + sum(logits[i, j] > logits[i, labels[i]] for j in range(c)) for i in range(n)]
+    # brute force in plain Python numbers: pytest.approx compares numbers, not tensors
+    rows, truth = logits.tolist(), labels.tolist()
+    ranks = [1 + sum(rows[i][j] > rows[i][truth[i]] for j in range(c)) for i in range(n)]
     expected = {k: 100.0 * sum(r <= k for r in ranks) / n for k in ks}
     assert topk_accuracy(logits, labels, ks) == pytest.approx(expected)
     pred = logits.argmax(1)
