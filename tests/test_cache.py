@@ -1,5 +1,10 @@
-"""cache.py: cached == direct (bit-exact), reuse, rebuild on change, half-built caches, bad images."""
+"""cache.py: cached == direct (bit-exact), reuse, rebuild on change, half-built caches, bad images,
+a full disk, temporary files of killed builds."""
+import errno
 import os
+import re
+import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -11,7 +16,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cache  # noqa: E402
-from cache import cache_key, load_images  # noqa: E402
+from cache import CacheSpaceError, cache_key, load_images  # noqa: E402
 from clipModel import ImageEncoderConfig, image_transform  # noqa: E402
 from data import to_model_input  # noqa: E402
 from readers import DataError, DataWarning, Record, open_rgb  # noqa: E402
@@ -229,3 +234,89 @@ def test_all_bad_with_skip_bad(tmp_path):
     with pytest.warns(DataWarning, match="skipped 2 images"):
         images, kept = load_images(recs, S, tmp_path / "cache", skip_bad=True, progress=False)
     assert images.shape == (0, 3, S, S) and kept == []
+
+
+# ---------------------------------------------------------------- full disk, killed builds
+
+def fake_free_space(monkeypatch, free: int):
+    usage = shutil.disk_usage(".")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))
+
+
+def test_too_little_free_space_is_refused(tmp_path, monkeypatch, count_decodes):
+    recs = some_images(tmp_path / "img", 3)
+    fake_free_space(monkeypatch, 5 * 10**6)
+    with pytest.raises(CacheSpaceError) as raised:
+        load_images(recs, S, tmp_path / "cache", progress=False)
+    message = str(raised.value)
+    assert str(tmp_path / "cache") in message
+    assert re.search(r"needs 10\d\.\d MB, of which 104\.9 MB is a margin to leave free; 5\.0 MB free",
+                     message)
+    assert "--cache_dir=ELSEWHERE" in message and "--cache_dir= (empty)" in message
+    assert isinstance(raised.value, OSError) and raised.value.errno == errno.ENOSPC
+    assert count_decodes == [] and list((tmp_path / "cache").iterdir()) == []  # refused up front
+    images, _ = load_images(recs, S, None, progress=False)  # the way out it names still works
+    assert images.shape == (3, 3, S, S)
+
+
+class FillsUp:
+    """A file whose writes fail with `code` once `room` bytes are written, like a full disk."""
+
+    def __init__(self, file, room: int, code: int):
+        self.file, self.room, self.code = file, room, code
+
+    def write(self, data):
+        self.room -= memoryview(data).nbytes
+        if self.room < 0:
+            raise OSError(self.code, os.strerror(self.code))
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_disk_full_while_writing(tmp_path, monkeypatch, code):
+    recs = some_images(tmp_path / "img", 4)
+    fake_free_space(monkeypatch, 10**12)  # the check up front passes; the disk fills up later
+    monkeypatch.setattr(cache, "open", lambda *a, **k: FillsUp(open(*a, **k), 2 * 3 * S * S, code),
+                        raising=False)
+    with pytest.raises(CacheSpaceError, match=r"not enough disk space .*writing it failed: "
+                       + os.strerror(code)) as raised:
+        load_images(recs, S, tmp_path / "cache", progress=False)
+    assert "--cache_dir=ELSEWHERE" in str(raised.value)
+    assert list((tmp_path / "cache").iterdir()) == []  # the partial temporary file is gone
+    monkeypatch.undo()  # space again: the cache builds
+    images, _ = load_images(recs, S, tmp_path / "cache", progress=False)
+    memory, _ = load_images(recs, S, None, progress=False)
+    assert torch.equal(images, memory)
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()  # exited and reaped: no process has this pid (until it is reused)
+    return child.pid
+
+
+def test_temp_files_of_dead_builds_removed(tmp_path):
+    recs = some_images(tmp_path / "img", 2)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    key, other, dead = cache_key(recs, S), "0123456789abcdef01234567", dead_pid()
+    gone = [folder / f"{key}.u8.tmp{dead}", folder / f"{key}.json.tmp{dead}",
+            folder / f"{other}.u8.tmp{dead}"]
+    kept = [folder / f"{other}.u8.tmp{os.getpid()}",  # a live build of another cache
+            folder / f"{other}.u8.tmp1",  # pid 1 always runs (as another user: PermissionError)
+            folder / f"notes.txt.tmp{dead}"]  # not a cache file
+    for path in gone + kept:
+        path.write_bytes(b"x" * 100)
+    images, _ = load_images(recs, S, folder, progress=False)
+    assert images.shape == (2, 3, S, S)
+    assert not any(path.exists() for path in gone)
+    assert all(path.exists() for path in kept)
