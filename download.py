@@ -4,8 +4,10 @@
     python download.py flickr30k [--dest data] [--kaggle-json PATH] [--force]
 
 Uses the `kaggle` package's Python API, unpacks the zip safely (no member may land outside
-the destination), checks the image and caption counts, and only then moves the folder into
-place. A dataset folder that already has the expected counts is not downloaded again.
+the destination, nor unpack to more than the free space or MAX_RATIO times its packed size),
+checks the image and caption counts, and only then moves the folder into place. A dataset
+folder that already has the expected counts is not downloaded again, nor is a zip that an
+earlier run downloaded but could not unpack (no space, Ctrl-C).
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ class DownloadError(RuntimeError):
     """A credential, network or archive problem; the message says what to do about it."""
 
 
+class BadArchive(DownloadError):
+    """The archive itself is unusable (corrupt, refused, wrong content): never reuse it."""
+
+
 @dataclass(frozen=True)
 class Spec:
     slug: str        # Kaggle dataset id, owner/name
@@ -50,6 +56,11 @@ DATASETS = {
                             "flickr30k_images/flickr30k_images/results.csv")),
 }
 
+# Zip bomb limits, checked against the archive's listing before anything is written.
+MAX_RATIO = 200                  # JPEGs compress ~1:1 and caption files ~4:1; bombs reach ~1000:1
+RATIO_MIN_SIZE = 1 << 20         # a smaller member cannot fill a disk, whatever its ratio
+FREE_SPACE_MARGIN = 250 * 10**6  # left free after unpacking: block rounding of ~32k files, other writers
+
 NO_CREDENTIALS = ("No Kaggle credentials found: put kaggle.json in ~/.kaggle/ (mode 600), set "
                   "KAGGLE_USERNAME and KAGGLE_KEY, or pass --kaggle-json PATH "
                   "(from Python: kaggle_json=PATH or install_kaggle_json(...)).")
@@ -68,10 +79,13 @@ class Credentials:
 def _parse_kaggle_json(data: bytes | dict, where: str) -> Credentials:
     try:
         obj = data if isinstance(data, dict) else json.loads(data)
-        username, key = str(obj["username"]), str(obj["key"])
+        username, key = obj["username"], obj["key"]
+        if not all(isinstance(v, str) and v.strip() for v in (username, key)):
+            raise ValueError  # null or "" would reach Kaggle as the name "None" or nothing
     except (ValueError, KeyError, TypeError):  # messages of these could quote the file: drop them
         raise DownloadError(f"{where} is not a valid kaggle.json: it must be a JSON object with "
-                            "\"username\" and \"key\" (get it at kaggle.com > Settings > API)") from None
+                            "non-empty \"username\" and \"key\" strings (get it at kaggle.com > "
+                            "Settings > API)") from None
     return Credentials(where, username, key)
 
 
@@ -79,6 +93,9 @@ def _read_kaggle_json(path: Path) -> Credentials:
     if not path.is_file():
         raise DownloadError(f"kaggle.json not found at {path}: pass the file from "
                             "kaggle.com > Settings > API")
+    # Warn like the kaggle client does; changing the user's file behind their back would not.
+    if os.name != "nt" and path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
+        print(f"warning: {path} is readable by other users: run chmod 600 {path}", file=sys.stderr)
     return _parse_kaggle_json(path.read_bytes(), str(path))
 
 
@@ -188,26 +205,37 @@ def _inside(path: Path, out: Path) -> bool:
     return path == str(out) or path.startswith(str(out) + os.sep)
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
 def _check_member(zf: zipfile.ZipFile, m: zipfile.ZipInfo, out: Path) -> None:
     name = m.filename
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or name[1:2] == ":" or ".." in parts or not _inside(out / name, out):
-        raise DownloadError(f"refusing archive member {name!r}: an absolute path or '..' "
-                            f"would write outside {out}")
+        raise BadArchive(f"refusing archive member {name!r}: an absolute path or '..' "
+                         f"would write outside {out}")
     if stat.S_ISLNK(m.external_attr >> 16):
         link = zf.read(m).decode("utf-8", "replace")
         escapes = link.startswith("/") or not _inside((out / name).parent / link, out)
         # The Kaggle archives hold no links; refusing all of them keeps extraction simple.
-        raise DownloadError(f"refusing archive member {name!r}: it is a symlink to {link!r}"
-                            + (f", outside {out}" if escapes else ""))
+        raise BadArchive(f"refusing archive member {name!r}: it is a symlink to {link!r}"
+                         + (f", outside {out}" if escapes else ""))
+    ratio = m.file_size / max(m.compress_size, 1)
+    if m.file_size > RATIO_MIN_SIZE and ratio > MAX_RATIO:
+        raise BadArchive(f"refusing archive member {name!r}: it would unpack from {m.compress_size:,} "
+                         f"bytes to {_mb(m.file_size)}, {ratio:,.0f} times its size (the limit is "
+                         f"{MAX_RATIO}), like a zip bomb")
 
 
 def extract(archive: str | Path, out: str | Path, skip: tuple[str, ...] = ()) -> None:
     """Unpack zip `archive` into folder `out`, refusing members that would land outside it.
 
-    Every member is checked before anything is written; members starting with a `skip`
+    Every member is checked before anything is written: its path, symlinks, its compression
+    ratio (MAX_RATIO) and the free space for all of them; members starting with a `skip`
     prefix are left out. A corrupt or truncated archive (bad zip, CRC error) is deleted
-    and reported, so it is never half-used.
+    and reported, so it is never half-used. Raises BadArchive for a corrupt or refused
+    archive, DownloadError when `out` lacks the space.
     """
     archive, out = Path(archive), Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +245,12 @@ def extract(archive: str | Path, out: str | Path, skip: tuple[str, ...] = ()) ->
             for m in members:
                 _check_member(zf, m, out)
             members = [m for m in members if not m.filename.startswith(skip)]
-            with tqdm(total=sum(m.file_size for m in members), unit="B", unit_scale=True,
+            total, free = sum(m.file_size for m in members), shutil.disk_usage(out).free
+            if total + FREE_SPACE_MARGIN > free:
+                raise DownloadError(f"not enough space to extract {archive.name}: it unpacks to "
+                                    f"{_mb(total)} (plus a {_mb(FREE_SPACE_MARGIN)} margin) but "
+                                    f"only {_mb(free)} is free in {out.parent}")
+            with tqdm(total=total, unit="B", unit_scale=True,
                       desc=f"extracting {archive.name}") as bar:
                 for m in members:
                     path = out / m.filename
@@ -225,14 +258,22 @@ def extract(archive: str | Path, out: str | Path, skip: tuple[str, ...] = ()) ->
                         path.mkdir(parents=True, exist_ok=True)
                         continue
                     path.parent.mkdir(parents=True, exist_ok=True)
+                    # The checks above trust the declared size: never write past it (zipfile
+                    # itself stops there, so this only guards against a reader that does not).
+                    written = 0
                     with zf.open(m) as src, open(path, "wb") as dst:  # src checks the CRC at EOF
                         while chunk := src.read(1 << 20):
+                            written += len(chunk)
+                            if written > m.file_size:
+                                raise BadArchive(f"refusing archive member {m.filename!r}: it "
+                                                 f"unpacks to more than the {m.file_size:,} bytes "
+                                                 "its header declares")
                             dst.write(chunk)
                             bar.update(len(chunk))
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         archive.unlink(missing_ok=True)
-        raise DownloadError(f"the downloaded archive {archive.name} is corrupt or truncated ({e}): "
-                            "removed it; run the download again") from None
+        raise BadArchive(f"the downloaded archive {archive.name} is corrupt or truncated ({e}): "
+                         "removed it; run the download again") from None
 
 
 def verify(name: str, root: str | Path, where: str | None = None) -> tuple[int, int]:
@@ -271,6 +312,8 @@ def download(name: str, dest: str | Path = "data", kaggle_json: str | Path | Non
     A folder that already has the expected counts is returned untouched unless `force`.
     `fetch(slug, out_dir, credentials)` must leave the dataset's zip in `out_dir`; it
     defaults to the kaggle API (`kaggle_fetch`). Raises DownloadError with what to do.
+    A zip that failed to unpack through no fault of its own stays in `dest/.NAME-download`
+    and the next call unpacks it without downloading; a corrupt or refused one is deleted.
     """
     if name not in DATASETS:
         raise DownloadError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
@@ -283,32 +326,48 @@ def download(name: str, dest: str | Path = "data", kaggle_json: str | Path | Non
             return target
         except DownloadError as e:
             print(f"{e}; downloading it again")
-    creds = find_credentials(kaggle_json)
     work = dest / f".{name}-download"  # a fixed name, so kaggle can resume a partial zip here
     if force:
         shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"Downloading {spec.slug} from Kaggle (credentials from {creds.source})")
-    try:
-        (fetch or kaggle_fetch)(spec.slug, work, creds)
-    except (Exception, SystemExit) as e:  # noqa: BLE001 - any kaggle failure becomes one sentence
-        if not any(work.iterdir()):
-            work.rmdir()  # keep only a partial zip, which kaggle resumes next time
-        msg = str(e) if isinstance(e, DownloadError) else _explain(e, spec, target, creds)
-        raise DownloadError(_scrub(msg, creds)) from None
-    try:
-        zips = sorted(work.glob("*.zip"))
-        if len(zips) != 1:
-            raise DownloadError(f"expected one .zip from Kaggle in {work}, found {len(zips)}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-extract-", dir=dest))  # same filesystem
+    zips = sorted(work.glob("*.zip"))
+    # A zip kept by a run that failed to extract it is complete (a partial one lacks the
+    # central directory, which comes last): unpack it again rather than download it again.
+    if len(zips) == 1 and zipfile.is_zipfile(zips[0]):
+        print(f"Reusing {zips[0]}, downloaded by an earlier run")
+    else:
+        creds = find_credentials(kaggle_json)
+        work.mkdir(parents=True, exist_ok=True)
+        print(f"Downloading {spec.slug} from Kaggle (credentials from {creds.source})")
         try:
-            extract(zips[0], tmp, spec.skip)
+            (fetch or kaggle_fetch)(spec.slug, work, creds)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - any kaggle failure becomes one sentence
+            if not any(work.iterdir()):
+                work.rmdir()  # keep only a partial zip, which kaggle resumes next time
+            msg = str(e) if isinstance(e, DownloadError) else _explain(e, spec, target, creds)
+            raise DownloadError(_scrub(msg, creds)) from None
+        zips = sorted(work.glob("*.zip"))
+    if len(zips) != 1:
+        shutil.rmtree(work, ignore_errors=True)
+        raise DownloadError(f"expected one .zip from Kaggle in {work}, found {len(zips)}")
+    archive = zips[0]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-extract-", dir=dest))  # same filesystem
+    try:
+        extract(archive, tmp, spec.skip)
+        try:
             n_img, n_cap = verify(name, tmp, where=f"the archive of {spec.slug}")
-            _replace_dir(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except DownloadError as e:  # intact but not the expected content: reusing it cannot help
+            raise BadArchive(str(e)) from None
+        _replace_dir(tmp, target)
+    except BadArchive:  # corrupt, refused (path, link, bomb) or wrong counts: download it anew
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    except (DownloadError, OSError) as e:  # the destination failed (no space, permissions), not the zip
+        reason = e if isinstance(e, DownloadError) else f"could not extract {archive.name} into {dest} ({e})"
+        raise DownloadError(f"{reason}; kept the downloaded archive at {archive}, so running this "
+                            "again extracts it without downloading it again") from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)  # a bad archive must not be reused next time
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     print(f"{target}: {n_img:,} images, {n_cap:,} captions")
     return target
 

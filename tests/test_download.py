@@ -1,7 +1,10 @@
 """download.py against tiny zips in the exact Kaggle layouts; offline, no real ~/.kaggle."""
 import dataclasses
+import errno
+import io
 import json
 import os
+import random
 import re
 import stat
 import sys
@@ -179,6 +182,85 @@ def test_corrupt_download_is_removed_with_clear_error(tmp_path, creds, damage):
     assert not (dest / "flickr8k").exists() and leftovers(dest, "flickr8k") == []
 
 
+def caption_text(n_rows):
+    """Caption-like rows, which deflate about 4:1 like the real captions files."""
+    rng, words = random.Random(0), "a dog man woman runs jumps the in on grass water red child".split()
+    return "".join(f"{rng.randrange(10**9)}.jpg,{' '.join(rng.choices(words, k=12))} .\n"
+                   for _ in range(n_rows)).encode()
+
+
+@pytest.mark.parametrize("data, refused", [
+    pytest.param(b"\0" * (2 << 20), True, id="bomb"),  # 2 MB from ~2 KB
+    pytest.param(b"\0" * (512 << 10), False, id="small"),  # as compressible, but too small to matter
+    pytest.param(random.Random(0).randbytes(download.RATIO_MIN_SIZE + 1), False, id="jpeg"),  # 1:1
+    pytest.param(caption_text(16_000), False, id="captions"),  # 4:1, 1.1 MB
+])
+def test_zip_bomb_member_is_refused_but_real_ratios_pass(tmp_path, creds, data, refused):
+    member = zipfile.ZipInfo("Images/extra.jpg")
+    member.compress_type = zipfile.ZIP_DEFLATED
+    dest, fetch = tmp_path / "data", Fetch("flickr8k", extra=[(member, data)])
+    if refused:
+        with pytest.raises(DownloadError, match=r"refusing archive member 'Images/extra.jpg': "
+                                                 r"it would unpack from [\d,]+ bytes to 2.1 MB, "
+                                                 r"[\d,]+ times its size \(the limit is 200\)"):
+            download.download("flickr8k", dest, fetch=fetch)
+        assert not (dest / "flickr8k").exists()
+    else:
+        assert (download.download("flickr8k", dest, fetch=fetch) / member.filename).read_bytes() == data
+    assert leftovers(dest, "flickr8k") == []  # a refused archive is deleted, not kept for reuse
+
+
+def test_member_longer_than_its_header_is_cut_off(tmp_path, monkeypatch):
+    """zipfile itself stops at the declared size; a reader that did not must not fill the disk."""
+    archive, real_open = kaggle_zip(tmp_path / "flickr8k.zip", "flickr8k"), zipfile.ZipFile.open
+
+    def lying_open(self, member, *args, **kwargs):
+        src = real_open(self, member, *args, **kwargs)
+        return io.BytesIO(src.read() + b"\0" * (2 << 20)) if src.name == "Images/0.jpg" else src
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", lying_open)
+    declared = zipfile.ZipFile(archive).getinfo("Images/0.jpg").file_size
+    with pytest.raises(download.BadArchive, match=f"'Images/0.jpg': it unpacks to more than the "
+                                                  f"{declared} bytes its header declares"):
+        download.extract(archive, tmp_path / "out")
+    assert (tmp_path / "out" / "Images" / "0.jpg").stat().st_size <= declared
+
+
+def no_space(m):
+    m.setattr(download.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100_000))
+
+
+def disk_full(m):
+    def open_(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return open(path, mode, *args, **kwargs)
+    m.setattr(download, "open", open_, raising=False)
+
+
+@pytest.mark.parametrize("failure, message", [
+    pytest.param(no_space, r"not enough space to extract flickr8k.zip: it unpacks to 0.0 MB \(plus a "
+                           r"250.0 MB margin\) but only 0.1 MB is free in .*data; ", id="no_space"),
+    pytest.param(disk_full, r"could not extract flickr8k.zip into .* \(\[Errno 28\] No space left "
+                            r"on device: ", id="disk_full"),
+])
+def test_failed_extraction_keeps_the_archive_and_a_rerun_reuses_it(
+        tmp_path, creds, monkeypatch, capsys, failure, message):
+    dest = tmp_path / "data"
+    archive = dest / ".flickr8k-download" / "flickr8k.zip"
+    with monkeypatch.context() as m, pytest.raises(DownloadError, match=message) as err:
+        failure(m)
+        download.download("flickr8k", dest, fetch=Fetch("flickr8k"))
+    assert str(err.value).endswith(f"; kept the downloaded archive at {archive}, so running this "
+                                   "again extracts it without downloading it again")
+    assert archive.is_file() and not (dest / "flickr8k").exists()
+    assert leftovers(dest, "flickr8k") == [".flickr8k-download"]  # no half-extracted folder
+    monkeypatch.delenv("KAGGLE_KEY")  # reusing the archive needs neither Kaggle nor credentials
+    assert download.download("flickr8k", dest, fetch=refuse) == dest / "flickr8k"
+    assert f"Reusing {archive}" in capsys.readouterr().out
+    assert download.verify("flickr8k", dest / "flickr8k") == (3, 15) and leftovers(dest, "flickr8k") == []
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_wrong_counts_name_expected_and_found(tmp_path, creds, name):
     dest = tmp_path / "data"
@@ -242,6 +324,32 @@ def test_invalid_kaggle_json_is_reported_without_its_content(tmp_path, capsys):
     assert "not a valid kaggle.json" in err and KEY not in err
     assert download.main(["flickr8k", "--kaggle-json", str(tmp_path / "none.json")]) == 1
     assert "kaggle.json not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [{"username": None, "key": None}, {"username": "bob", "key": ""},
+                                     {"username": " ", "key": KEY}, {"username": "bob", "key": 12345}],
+                         ids=["null", "empty_key", "blank_username", "number_key"])
+def test_null_or_empty_username_or_key_is_invalid(tmp_path, isolated, content):
+    path = tmp_path / "kaggle.json"
+    path.write_text(json.dumps(content))
+    # a file, and what a notebook passes to install_kaggle_json
+    for load in (lambda: download.find_credentials(path), lambda: download.install_kaggle_json(content)):
+        with pytest.raises(DownloadError, match="is not a valid kaggle.json") as err:
+            load()
+        assert KEY not in str(err.value)
+    assert not (isolated / ".kaggle").exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="no POSIX file modes")
+@pytest.mark.parametrize("mode, warned", [(0o644, True), (0o640, True), (0o600, False)],
+                         ids=["644", "640", "600"])
+def test_kaggle_json_readable_by_others_is_warned_about(tmp_path, capsys, mode, warned):
+    path = tmp_path / "kaggle.json"
+    path.write_text(json.dumps({"username": "bob", "key": KEY}))
+    path.chmod(mode)
+    assert download.find_credentials(path).key == KEY
+    err = capsys.readouterr().err
+    assert err == (f"warning: {path} is readable by other users: run chmod 600 {path}\n" if warned else "")
 
 
 @pytest.mark.parametrize("kind", ["dict", "bytes", "path", "colab"])
