@@ -10,17 +10,30 @@ def _plt():
     return plt
 
 
+def _as_array(image):
+    """A path, PIL image, (H, W, 3) array or (3, H, W) uint8 tensor -> an (H, W, 3) array for imshow.
+    Every figure shows image files through here: decoded as the loader does (readers.open_rgb:
+    EXIF rotation applied, so phone photos stand upright); an unreadable file raises DataError."""
+    import numpy as np
+    from PIL import Image
+    from readers import open_rgb
+    if isinstance(image, (str, Path)):
+        return np.asarray(open_rgb(image))
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
+    return array.transpose(1, 2, 0) if array.ndim == 3 and array.shape[0] in (1, 3) else array
+
+
 def image_grid(matches, title: str = "", columns: int = 3, path=None, ax_size: float = 2.6):
     """Draw search results (objects with .path and .score) as a grid; save to `path` if given."""
-    from PIL import Image
     plt = _plt()
     rows = max(1, math.ceil(len(matches) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(columns * ax_size, rows * ax_size + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, m in zip(axes.flat, matches):
-        with Image.open(m.path) as im:
-            ax.imshow(im.convert("RGB"))
+        ax.imshow(_as_array(m.path))
         ax.set_title(f"{m.score:.3f}", fontsize=9)
     if title:
         fig.suptitle(title)
@@ -30,7 +43,6 @@ def image_grid(matches, title: str = "", columns: int = 3, path=None, ax_size: f
 
 def query_grids(results: dict, path=None, ax_size: float = 1.6):
     """One row per query: {query: [matches]} -> a single figure."""
-    from PIL import Image
     plt = _plt()
     columns = max(len(m) for m in results.values())
     fig, axes = plt.subplots(len(results), columns, squeeze=False,
@@ -41,8 +53,7 @@ def query_grids(results: dict, path=None, ax_size: float = 1.6):
             ax.spines[:].set_visible(False)
         row[0].set_ylabel(query, rotation=0, ha="right", va="center", fontsize=9)
         for ax, m in zip(row, matches):
-            with Image.open(m.path) as im:
-                ax.imshow(im.convert("RGB"))
+            ax.imshow(_as_array(m.path))
     fig.tight_layout()
     return _finish(fig, path)
 
@@ -108,16 +119,11 @@ def _finish(fig, path):
 
 
 def captions_figure(image, matches, path=None, title: str = ""):
-    """Draw an image (a path or PIL image) beside its best captions (objects with .caption
+    """Draw an image (a path, PIL image or array) beside its best captions (objects with .caption
     and .score, best first, as from search.find_captions); save to `path` if given."""
-    from PIL import Image
     plt = _plt()
     fig, (ax_img, ax_txt) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [1, 1.8]})
-    if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            ax_img.imshow(im.convert("RGB"))
-    else:
-        ax_img.imshow(image)
+    ax_img.imshow(_as_array(image))
     ax_img.axis("off")
     ax_img.set_title(title or (Path(image).name if isinstance(image, (str, Path)) else ""), fontsize=9)
     ax_txt.axis("off")
@@ -129,19 +135,6 @@ def captions_figure(image, matches, path=None, title: str = ""):
 
 
 # ---------------------------------------------------------------- notebook figures (build_model.ipynb)
-
-def _as_array(image):
-    """A path, PIL image, (H, W, 3) array or (3, H, W) uint8 tensor -> an (H, W, 3) array for imshow."""
-    import numpy as np
-    from PIL import Image
-    if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            return np.asarray(im.convert("RGB"))
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
-    return array.transpose(1, 2, 0) if array.ndim == 3 and array.shape[0] in (1, 3) else array
-
 
 def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit - 1].rstrip() + "\u2026"

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import re
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -72,6 +74,12 @@ class LoadReport:
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+# Flickr8k's longest caption is 199 characters and the text model reads 64 tokens: a caption
+# ten times that long is rows run together (a stray quote), not a description.
+MAX_CAPTION_CHARS = 1000
+# The largest photos people caption are ~50 MP, and every decode thread holds one full image:
+# refuse more (from the header, before decoding), well below PIL's ~89 MP bomb warning.
+MAX_IMAGE_PIXELS = 64_000_000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
                      "a photo of the small {}.", "a photo of the large {}.")
@@ -98,6 +106,11 @@ def _read_text(path: Path) -> tuple[str, bool]:
         return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff"), True
 
 
+def _has_visible(text: str) -> bool:
+    # zero-width spaces, joiners and BOMs (format characters, category Cf) show nothing
+    return any(not c.isspace() and unicodedata.category(c) != "Cf" for c in text)
+
+
 def _not_utf8(fields: list[str]) -> bytes:
     return bytes(ord(c) - 0xDC00 for f in fields for c in f if 0xDC80 <= ord(c) <= 0xDCFF)
 
@@ -111,11 +124,18 @@ def _csv_rows(text: str):
             yield line, row
 
 
-def _row_ok(report: LoadReport, where: str, row: list[str], expected: list[str],
+def _spans_lines(line: int, text: str) -> str:
+    # csv lets a quoted field run over line ends: one stray quote eats the rows after it
+    breaks = len(re.findall(r"\r\n|\r|\n", text.rstrip()))  # a trailing one ends the file
+    return f"spans lines {line}-{line + breaks}: an unclosed quote?" if breaks else ""
+
+
+def _row_ok(report: LoadReport, line: int, where: str, row: list[str], expected: list[str],
             dirty: bool) -> bool:
     if len(row) != len(expected):
-        report.bad("wrong field count", where,
-                   f"expected {len(expected)} fields {expected}, got {len(row)}")
+        spans = _spans_lines(line, ",".join(row))
+        report.bad("wrong field count", where, f"expected {len(expected)} fields {expected}, "
+                   f"got {len(row)}" + (f"; the row {spans}" if spans else ""))
     elif dirty and (bad := _not_utf8(row)):
         report.bad("not utf-8", where, f"bytes that are not UTF-8: {bad!r}")
     else:
@@ -145,8 +165,14 @@ class _Grouper:
         path, caption = self.paths[name], caption.strip()
         if path is None:
             return  # the missing image was reported on its first row
-        if not caption:
+        if not _has_visible(caption):
             return self.report.bad("empty caption", where, f"empty caption for {name!r}")
+        if spans := _spans_lines(line, caption):
+            return self.report.bad("multi-line caption", where, f"caption {spans}")
+        if len(caption) > MAX_CAPTION_CHARS:
+            return self.report.bad("caption too long", where, f"caption is {len(caption)} "
+                                   f"characters, more than the {MAX_CAPTION_CHARS} a caption "
+                                   "may have (readers.MAX_CAPTION_CHARS)")
         if number is not None:
             if (path, number) in self.numbers:
                 return self.report.bad("duplicate row", where,
@@ -204,12 +230,16 @@ def read_caption_csv(root: str | Path, csv_name: str = "captions.csv",
     rows = _csv_rows(text)
     _, header = next(rows, (1, []))
     header = [h.strip() for h in header]
+    # a repeated name would silently keep its last column; blank ones are spreadsheet padding
+    repeated = [h for h, n in Counter(header).items() if n > 1 and h]
+    if repeated:
+        raise DataError(f"{csv_path}:1: repeated column(s) {repeated} in header {header}")
     missing = {image_column, caption_column} - set(header)
     if missing:
         raise DataError(f"{csv_path}:1: missing column(s) {sorted(missing)}; found {header}")
     grouper = _Grouper(report, _file_resolver(csv_path.parent / image_dir), allow_duplicates)
     for line, row in rows:
-        if not _row_ok(report, f"{csv_path}:{line}", row, header, dirty):
+        if not _row_ok(report, line, f"{csv_path}:{line}", row, header, dirty):
             continue
         values = dict(zip(header, row))
         split = values.get(split_column, "").strip() or None
@@ -314,7 +344,7 @@ def read_flickr8k(root: str | Path, *, allow_duplicates: bool = True, skip_bad: 
             raise DataError(f"{caption_path}:1: expected header 'image,caption', got {header}")
     for line, row in rows:
         where = f"{caption_path}:{line}"
-        if not _row_ok(report, where, row, ["image#N", "caption"] if token_format
+        if not _row_ok(report, line, where, row, ["image#N", "caption"] if token_format
                        else ["image", "caption"], dirty):
             continue
         name, number = row[0].strip(), None
@@ -440,16 +470,30 @@ def load_records(path: str | Path, layout: str = "auto", **options) -> list[Reco
     return records
 
 
+def _to_8bit(im: Image.Image) -> float:
+    # factor onto 0-255 for 16-bit or float grey (convert("L") then clips what is outside)
+    if im.mode != "F":
+        return 1 / 257  # 16-bit: 0-65535
+    low, high = im.getextrema()
+    return 255 if 0 <= low and high <= 1 else 1  # floats of scientific images: 0-1, or 0-255
+
+
 def open_rgb(path: str | Path) -> Image.Image:
     """Open and fully decode an image as RGB (EXIF rotation applied, alpha composited on
-    white); corrupt or truncated files raise DataError naming the file."""
+    white, 16-bit and float grey scaled to 8 bits); corrupt or truncated files, and images
+    over MAX_IMAGE_PIXELS, raise DataError naming the file."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncation must fail here, not decode as grey
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            if (pixels := im.width * im.height) > MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: image is {im.width}x{im.height} "
+                                f"({math.ceil(pixels / 1e6)} MP), more than the "
+                                f"{MAX_IMAGE_PIXELS // 10**6} MP this loader decodes")
             im.load()
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("I", "I;16", "I;16B", "I;16L"):
-                im = im.point(lambda v: v / 257).convert("L")  # 16-bit grey -> 8-bit
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey
+                scale = _to_8bit(im)
+                im = im.point(lambda v: v * scale).convert("L")
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -457,5 +501,7 @@ def open_rgb(path: str | Path) -> Image.Image:
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(background, im)
             return im.convert("RGB")
+    except DataError:
+        raise  # already says what is wrong (a ValueError, which the next line would wrap)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode image ({e})") from None

@@ -1,16 +1,20 @@
 """readers.py: every layout, auto-detect, bad input (strict and skip_bad), open_rgb."""
 import io
+import re
+import struct
 import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from readers import (DataError, DataWarning, LoadReport, detect_layout, load_records,  # noqa: E402
-                     load_records_with_report, open_rgb, read_caption_csv, read_class_folders)
+from readers import (MAX_CAPTION_CHARS, DataError, DataWarning, LoadReport,  # noqa: E402
+                     detect_layout, load_records, load_records_with_report, open_rgb,
+                     read_caption_csv, read_class_folders)
 
 SHARED_FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 
@@ -300,6 +304,17 @@ BAD = [  # (make, bad line "file:line", kind[, options])
     (_f8([], {"splits/train.txt": [A, B]}), "train.txt:2", "no captions"),
     (_f8(["404.jpg,a cat ."], {"splits/train.txt": [A, "404.jpg"]}), "captions.txt:3",
      "missing image"),
+    # a stray quote makes the caption run on over the next lines (csv lets quotes span lines)
+    (_f8([f'{B},"never closed', f"{A},lost ."]), "captions.txt:3", "multi-line caption"),
+    (_csv([f"images/1.png,{'x' * (MAX_CAPTION_CHARS + 1)},train"]), "captions.csv:3",
+     "caption too long"),
+    (_f30([f"2199200615.jpg| 0| {'x' * (MAX_CAPTION_CHARS + 1)}"]), "results.csv:3",
+     "caption too long"),
+    (_f8([f"{B},{'x' * (MAX_CAPTION_CHARS + 1)}"]), "captions.txt:3", "caption too long"),
+    # only invisible characters (zero-width space, joiners, BOM, word joiner): empty
+    (_csv(["images/1.png,\u200b\u200c\ufeff,train"]), "captions.csv:3", "empty caption"),
+    (_f30(["2199200615.jpg| 0| \u200b \t\u2060"]), "results.csv:3", "empty caption"),
+    (_f8([f"{B},\u200b"]), "captions.txt:3", "empty caption"),
 ]
 
 
@@ -346,6 +361,49 @@ def test_hf_bad_rows(tmp_path):
     assert again.skipped == report.skipped  # replayed from the manifest, still reported
 
 
+@pytest.mark.parametrize("split, kind, error", [
+    ("", "multi-line caption", "caption spans lines 12-301"),  # caption last: it eats the rest
+    (",split", "wrong field count", "expected 3 fields .*, got 2; the row spans lines 12-301")])
+def test_stray_quote_is_named_not_swallowed(tmp_path, split, kind, error):
+    # 300 rows, row 11 opens a quote it never closes: csv reads the rest of the file into it
+    images(tmp_path / "images", *[f"{i:05d}.png" for i in range(11)])
+    write(tmp_path / "captions.csv", lines(f"image,caption{split}", *[
+        f'images/{i:05d}.png,"quote never closed' if i == 10 else f"images/{i:05d}.png,photo {i}"
+        + (",train" if split else "") for i in range(300)]))
+    with pytest.raises(DataError, match=rf"captions\.csv:12: {error}: an unclosed quote\?$"):
+        load_records(tmp_path)
+    recs, report = load_records_with_report(tmp_path, skip_bad=True)
+    assert len(recs) == 10 and report.skipped == {kind: 1}
+
+
+def test_caption_limits_keep_real_captions_unchanged(tmp_path):
+    real = ["x" * MAX_CAPTION_CHARS,
+            "a family \U0001f468\u200d\U0001f469\u200d\U0001f467 on a beach",  # joined emoji
+            "caf\u00e9\u200b au lait", '"quoted" one, on one line']
+    quoted = ['"' + c.replace('"', '""') + '"' for c in real]  # as a spreadsheet writes them
+    make_synthetic(tmp_path, [CSV_HEAD, *[f"images/0.png,{q},train" for q in quoted]])
+    assert load_records(tmp_path)[0].captions == real
+
+
+@pytest.mark.parametrize("header, row, repeated", [
+    ("image,caption,caption", "images/0.png,first,second", "['caption']"),
+    ("image,image,caption,split,split", "images/0.png,images/1.png,a,train,val",
+     "['image', 'split']"),
+    (" caption,image,caption ", "first,images/0.png,second", "['caption']")])
+def test_csv_repeated_column_is_an_error(tmp_path, header, row, repeated):
+    # each row is well formed: without the check the last column of a name silently wins
+    make_synthetic(tmp_path, [header, row])
+    with pytest.raises(DataError,
+                       match=rf"captions\.csv:1: repeated column\(s\) {re.escape(repeated)}"):
+        load_records(tmp_path)
+
+
+def test_csv_blank_trailing_columns_still_load(tmp_path):
+    # spreadsheets export "image,caption,," when cells right of the data were once touched
+    make_synthetic(tmp_path, ["image,caption,,", "images/0.png,a red circle,,"])
+    assert load_records(tmp_path)[0].captions == ["a red circle"]
+
+
 def test_report_summary_is_one_line():
     report = LoadReport(skip_bad=True)
     report.bad("missing image", "a.csv:3", "image file not found: x.jpg")
@@ -370,6 +428,7 @@ def _saved(tmp_path, name, im, **kw) -> Path:
     ("half.png", Image.new("RGBA", (4, 4), (0, 0, 0, 128)), (127, 127, 127)),
     ("la.png", Image.new("LA", (4, 4), (0, 0)), (255, 255, 255)),
     ("pal.png", Image.new("P", (4, 4), 0), (0, 0, 0)),
+    ("grey16.png", Image.new("I;16", (4, 4), 51400), (200, 200, 200)),
 ])
 def test_open_rgb_converts(tmp_path, name, image, expect):
     im = open_rgb(_saved(tmp_path, name, image))
@@ -391,6 +450,44 @@ def test_open_rgb_corrupt_raises(tmp_path, monkeypatch, data):
     path = write(tmp_path / "bad.jpg", data)
     with pytest.raises(DataError, match=r"bad\.jpg: cannot decode image \(.+\)"):
         open_rgb(path)
+
+
+@pytest.mark.parametrize("values, expect", [
+    ([[0.0, 0.7], [1.0, 0.25]], [0, 178, 255, 63]),       # 0-1, as scientific images store them
+    ([[0.0, 178.5], [300.0, -5.0]], [0, 178, 255, 0])],   # already 0-255: clipped
+    ids=["unit", "0-255"])
+def test_open_rgb_float_tiff(tmp_path, values, expect):
+    np = pytest.importorskip("numpy")
+    path = _saved(tmp_path, "float.tiff", Image.fromarray(np.array(values, np.float32), mode="F"))
+    with Image.open(path) as stored:
+        assert stored.mode == "F"  # a real 32-bit float TIFF
+    im = open_rgb(path)
+    assert im.mode == "RGB"
+    assert [im.getpixel((x, y)) for y in (0, 1) for x in (0, 1)] == [(v, v, v) for v in expect]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height but holds no pixels: tiny, and decoding it fails."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, > 89 MP
+@pytest.mark.parametrize("width, height, error", [
+    (12000, 12000, r"image is 12000x12000 \(144 MP\), more than the 64 MP this loader decodes"),
+    (8001, 8000, r"image is 8001x8000 \(65 MP\), more than the 64 MP"),
+    (8000, 8000, r"cannot decode image"),  # at the limit: decoded (and this one has no pixels)
+])
+def test_open_rgb_refuses_huge_images_from_the_header(tmp_path, width, height, error):
+    pixels_limit = Image.MAX_IMAGE_PIXELS
+    path = write(tmp_path / "huge.png", _png_header(width, height))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: {error}"):
+        open_rgb(path)
+    assert Image.MAX_IMAGE_PIXELS == pixels_limit  # PIL's global setting is left alone
 
 
 # ---------------------------------------------------------------- the shared real copy
