@@ -18,6 +18,10 @@ from data import all_captions, decode_images, load_splits, run_data_config, to_m
 from readers import DataError, DataWarning
 
 
+class NonFiniteFeatures(ValueError):
+    """Embeddings with NaN or inf: recall computed from them would be meaningless."""
+
+
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
                       text_to_image: torch.Tensor, ks=(1, 5, 10), chunk: int = 1024) -> dict:
     """Recall@K (in %) and mean/median rank, text->image and image->text.
@@ -25,22 +29,28 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     `image_features` (N_img, D) and `text_features` (N_txt, D) are L2-normalised;
     `text_to_image[t]` is the image index of caption t. A text query hits at k if its image
     ranks in the top k; an image query hits if any of its captions does (CLIP_benchmark's
-    definition). Ranks are 1-based; ties count in the query's favour. Works in chunks so
-    large galleries fit in memory.
+    definition). Ranks are 1-based and a tie counts against the query: an item scoring
+    exactly as high as the true one ranks above it, so a collapsed model (all embeddings
+    equal) scores like chance's worst case, never 100%. Non-finite features raise ValueError.
+    Works in chunks so large galleries fit in memory.
     """
+    for which, features in (("image", image_features), ("text", text_features)):
+        if not torch.isfinite(features).all():
+            raise NonFiniteFeatures(f"non-finite {which} features (NaN or inf): the model's weights are "
+                             "corrupt or training diverged; recall would be meaningless")
     n_img = len(image_features)
     text_to_image = text_to_image.to(image_features.device)
     t2i_rank = torch.empty(len(text_features), dtype=torch.long)
     for s in range(0, len(text_features), chunk):
         sims = text_features[s:s + chunk] @ image_features.T  # (c, N_img)
         true = sims.gather(1, text_to_image[s:s + chunk, None])  # (c, 1)
-        t2i_rank[s:s + chunk] = (sims > true).sum(1).cpu() + 1
+        t2i_rank[s:s + chunk] = (sims >= true).sum(1).cpu()  # the true image itself counts once
     i2t_rank = torch.empty(n_img, dtype=torch.long)
     for s in range(0, n_img, chunk):
         sims = image_features[s:s + chunk] @ text_features.T  # (c, N_txt)
         own = text_to_image[None, :] == torch.arange(s, s + len(sims), device=sims.device)[:, None]
         best_own = sims.masked_fill(~own, float("-inf")).max(1, keepdim=True).values  # (c, 1)
-        i2t_rank[s:s + chunk] = (sims > best_own).sum(1).cpu() + 1
+        i2t_rank[s:s + chunk] = ((sims >= best_own) & ~own).sum(1).cpu() + 1  # others tying count
     metrics = {}
     for name, rank in (("text_to_image", t2i_rank), ("image_to_text", i2t_rank)):
         for k in ks:
@@ -76,12 +86,13 @@ def records_metrics(image_features: torch.Tensor, text_features: torch.Tensor, r
 
 
 def evaluate_records(model: CLIPModel, records, images: torch.Tensor | None = None,
-                     batch_size: int = 256) -> dict:
-    """Recall metrics of `model` on `records` (decoded here unless `images` are given)."""
+                     batch_size: int = 256, skip_bad: bool = False) -> dict:
+    """Recall metrics of `model` on `records` (decoded here unless `images` are given; with
+    `skip_bad` undecodable images are left out and reported instead of raising DataError)."""
     was_training = model.training
     model.eval()
     if images is None:
-        images, records = decode_images(records, model.config.image.image_size)
+        images, records = decode_images(records, model.config.image.image_size, skip_bad=skip_bad)
     metrics = records_metrics(embed_images(model, images, batch_size),
                               embed_texts(model, all_captions(records)), records)
     model.train(was_training)
@@ -109,6 +120,7 @@ def main(argv=None) -> dict:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--layout", default="auto", help="dataset layout (default: detect)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be decoded")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto")
     p.add_argument("--out", default=None, help="JSON path (default: CHECKPOINT/eval_SPLIT.json, "
                    "or CHECKPOINT/zeroshot_NAME.json with a confusion-matrix PNG beside it)")
@@ -119,17 +131,32 @@ def main(argv=None) -> dict:
         if args.zeroshot:
             return _zeroshot_main(model, args)
         records = load_splits(run_data_config(args.checkpoint, args.data, args.layout))[args.split]
-    except (FileNotFoundError, DataError, OSError) as e:
+        if not records:
+            raise DataError(f"the {args.split} split of {args.data} is empty")
+        metrics = evaluate_records(model, records, batch_size=args.batch_size, skip_bad=args.skip_bad)
+    except NonFiniteFeatures as e:
+        sys.exit(f"error: {args.checkpoint}: {e}")
+    except DataError as e:
+        sys.exit(f"error: {e}" + ("" if args.skip_bad else " (--skip-bad leaves such images out)"))
+    except (FileNotFoundError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if not records:
-        sys.exit(f"error: the {args.split} split of {args.data} is empty")
-    metrics = evaluate_records(model, records, batch_size=args.batch_size)
     metrics.update(checkpoint=str(args.checkpoint), data=str(args.data), split=args.split)
-    out = Path(args.out or Path(args.checkpoint) / f"eval_{args.split}.json")
-    out.write_text(json.dumps(metrics, indent=2))
-    print(format_metrics(metrics))
-    print(f"wrote {out}")
+    print(format_metrics(metrics))  # first: a folder we cannot write to must not cost the result
+    save_json(metrics, Path(args.out or Path(args.checkpoint) / f"eval_{args.split}.json"))
     return metrics
+
+
+def save_json(obj: dict, out: Path, also: str = "") -> bool:
+    """Write `obj` to `out` and say so; on failure (read-only folder, disk full) say why and go on."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(obj, indent=2))
+    except OSError as e:
+        print(f"warning: could not write {out} ({e.strerror or e}); pass --out PATH to save it elsewhere",
+              file=sys.stderr)
+        return False
+    print(f"wrote {out}{also}")
+    return True
 
 
 def _zeroshot_main(model: CLIPModel, args) -> dict:
@@ -139,13 +166,11 @@ def _zeroshot_main(model: CLIPModel, args) -> dict:
     data = zeroshot.load_labelled(args.zeroshot, model.config.image.image_size)
     metrics = zeroshot.zeroshot_evaluate(model, data, templates, args.batch_size)
     metrics.update(checkpoint=str(args.checkpoint), data=str(args.zeroshot))
-    out = Path(args.out or Path(args.checkpoint) / f"zeroshot_{data.name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2))
-    plots.confusion_matrix(metrics["confusion"], data.class_names, path=out.with_suffix(".png"),
-                           title=f"zero-shot {data.name}: top-1 {metrics['top1']:.1f}%")
     print(zeroshot.format_zeroshot(metrics))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    out = Path(args.out or Path(args.checkpoint) / f"zeroshot_{data.name}.json")
+    if save_json(metrics, out, also=f" and {out.with_suffix('.png')}"):
+        plots.confusion_matrix(metrics["confusion"], data.class_names, path=out.with_suffix(".png"),
+                               title=f"zero-shot {data.name}: top-1 {metrics['top1']:.1f}%")
     return metrics
 
 

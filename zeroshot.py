@@ -34,10 +34,12 @@ CIFAR_FILES = ("cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.me
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
     """Top-k accuracy (in %) for each k: `logits` (N, C), `labels` (N,) class indices.
 
-    A sample hits at k when fewer than k classes score strictly higher than its label
-    (ties count in the label's favour, as in evaluate.retrieval_metrics)."""
+    A sample hits at k when fewer than k other classes score at least as high as its label
+    (a tie counts against the label, as in evaluate.retrieval_metrics)."""
+    if not torch.isfinite(logits).all():  # NaN compares false everywhere: it would rank first
+        raise ValueError("non-finite logits (NaN or inf): the model's weights are corrupt")
     true = logits.gather(1, labels[:, None].to(logits.device))  # (N, 1)
-    rank = (logits > true).sum(1) + 1  # (N,) 1-based rank of the true class
+    rank = (logits >= true).sum(1)  # (N,) 1-based rank of the true class, ties ranked above it
     return {k: 100.0 * (rank <= k).float().mean().item() for k in ks}
 
 

@@ -100,15 +100,54 @@ def test_recall_on_a_hand_built_example():
     image_f = torch.eye(3)
     text_f = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 1.0, 0], [0.6, 0, 0.8]])
     m = retrieval_metrics(image_f, text_f, torch.tensor([0, 0, 1, 2]), ks=(1, 2))
-    # text ranks: caption0 -> 1, caption1 -> image0 scores 0 vs image1 1 -> rank 2, caption2 -> 1,
-    # caption3 -> image2 0.8 beats image0 0.6 -> rank 1
+    # text ranks: caption0 -> 1, caption1 -> image0 scores 0 vs image1 1 and image2 0 (a tie,
+    # counted against it) -> rank 3, caption2 -> 1, caption3 -> image2 0.8 beats image0 0.6 -> rank 1
     assert m["text_to_image_R@1"] == pytest.approx(75.0)
-    assert m["text_to_image_R@2"] == pytest.approx(100.0)
-    assert m["text_to_image_mean_rank"] == pytest.approx(1.25)
-    # image0: its best caption (caption0, 1.0) is top; image1: caption1/2 tie at 1.0, caption2 is its own
-    # -> rank 1; image2: caption3 (0.8) is its best and the top score in column -> rank 1
-    assert m["image_to_text_R@1"] == pytest.approx(100.0)
+    assert m["text_to_image_R@2"] == pytest.approx(75.0)
+    assert m["text_to_image_mean_rank"] == pytest.approx(1.5)
+    # image0: its best caption (caption0, 1.0) is top; image1: caption1 (image0's) ties its own
+    # caption2 at 1.0 and a tie counts against the query -> rank 2; image2: caption3 (0.8) is top -> rank 1
+    assert m["image_to_text_R@1"] == pytest.approx(200 / 3)
+    assert m["image_to_text_mean_rank"] == pytest.approx(4 / 3)
     assert m["image_to_text_median_rank"] == 1
+
+
+def test_collapsed_embeddings_score_like_a_constant_model():
+    # every image and caption identical: each query ties with the whole gallery, which must not be a win
+    m = retrieval_metrics(F.normalize(torch.ones(100, 8)), F.normalize(torch.ones(500, 8)),
+                          torch.arange(500) // 5)
+    for d in ("text_to_image", "image_to_text"):
+        assert m[f"{d}_R@1"] == m[f"{d}_R@5"] == m[f"{d}_R@10"] == 0.0
+    assert m["text_to_image_median_rank"] == 100 and m["image_to_text_median_rank"] == 496
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("which", ["image", "text"])
+def test_non_finite_features_are_an_error(bad, which):
+    image_f, text_f = torch.eye(4), torch.eye(4)
+    (image_f if which == "image" else text_f)[2, 1] = bad
+    with pytest.raises(ValueError, match=f"non-finite {which} features"):
+        retrieval_metrics(image_f, text_f, torch.arange(4))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recall_with_many_ties_matches_pessimistic_brute_force(seed):
+    # integer-valued features make equal similarities common; a tie ranks the query below it
+    g = torch.Generator().manual_seed(seed)
+    image_f = torch.randint(0, 2, (12, 4), generator=g).float()
+    t2i = torch.arange(12).repeat_interleave(2)
+    text_f = torch.randint(0, 2, (24, 4), generator=g).float()
+    m = retrieval_metrics(image_f, text_f, t2i, ks=(1, 3))
+    sims = (text_f @ image_f.T).tolist()  # (24, 12) in plain numbers
+    t2i_rank = [sum(s >= row[t2i[t]] for s in row) for t, row in enumerate(sims)]
+    i2t_rank = []
+    for i in range(12):
+        column = [row[i] for row in sims]
+        best = max(column[t] for t in range(24) if t2i[t] == i)
+        i2t_rank.append(1 + sum(column[t] >= best for t in range(24) if t2i[t] != i))
+    for k in (1, 3):
+        assert m[f"text_to_image_R@{k}"] == pytest.approx(100 * sum(r <= k for r in t2i_rank) / 24)
+        assert m[f"image_to_text_R@{k}"] == pytest.approx(100 * sum(r <= k for r in i2t_rank) / 12)
 
 
 def test_perfect_and_reversed_retrieval():

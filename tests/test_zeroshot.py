@@ -28,12 +28,20 @@ CLASSES = ["red circle", "blue_square", "green star"]
 
 def test_topk_accuracy_hand_built():
     logits = torch.tensor([[0.1, 0.9, 0.0],   # label 1: rank 1
-                           [0.8, 0.1, 0.1],   # label 2: rank 2 (the equal 0.1 does not count)
+                           [0.8, 0.1, 0.1],   # label 2: rank 3 (the equal 0.1 counts against it)
                            [0.2, 0.3, 0.5],   # label 2: rank 1
                            [0.5, 0.4, 0.3]])  # label 2: rank 3
     acc = topk_accuracy(logits, torch.tensor([1, 2, 2, 2]), ks=(1, 2, 3))
-    assert acc == pytest.approx({1: 50.0, 2: 75.0, 3: 100.0})
-    assert topk_accuracy(torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([1]), ks=(1,)) == {1: 100.0}
+    assert acc == pytest.approx({1: 50.0, 2: 50.0, 3: 100.0})
+    assert topk_accuracy(torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([1]), ks=(1, 2)) == {1: 0.0, 2: 100.0}
+    assert topk_accuracy(torch.ones(4, 10), torch.arange(4), ks=(1, 9, 10)) == {1: 0.0, 9: 0.0, 10: 100.0}
+
+
+def test_topk_accuracy_refuses_non_finite_logits():
+    logits = torch.zeros(3, 4)
+    logits[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        topk_accuracy(logits, torch.tensor([0, 2, 1]))
 
 
 def test_confusion_and_per_class_hand_built():
@@ -47,13 +55,13 @@ def test_confusion_and_per_class_hand_built():
                                               (300, 7, 3, True), (64, 100, 4, True)])
 def test_metrics_match_brute_force(n, c, seed, integer):
     g = torch.Generator().manual_seed(seed)
-    # integer logits make ties common: they must count in the label's favour
+    # integer logits make ties common: a tie must count against the label (never a free win)
     logits = torch.randint(0, 4, (n, c), generator=g).float() if integer else torch.randn(n, c, generator=g)
     labels = torch.randint(0, c, (n,), generator=g)
     ks = sorted({1, min(5, c), c})
     # brute force in plain Python numbers: pytest.approx compares numbers, not tensors
     rows, truth = logits.tolist(), labels.tolist()
-    ranks = [1 + sum(rows[i][j] > rows[i][truth[i]] for j in range(c)) for i in range(n)]
+    ranks = [sum(rows[i][j] >= rows[i][truth[i]] for j in range(c)) for i in range(n)]
     expected = {k: 100.0 * sum(r <= k for r in ranks) / n for k in ks}
     assert topk_accuracy(logits, labels, ks) == pytest.approx(expected)
     pred = logits.argmax(1)
