@@ -267,14 +267,14 @@ def encoder_blocks(encoder: nn.Module) -> tuple[list[list[nn.Parameter]], list[n
 def _load_hf(name: str, pretrained: bool, tower: str):
     from transformers import AutoConfig, AutoModel
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, trust_remote_code=False)  # a folder's .py never runs
         extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}  # unused pooler
         for attention in ("sdpa", None):  # fused attention kernels where the architecture has them
             kwargs = {**extra, "attn_implementation": attention} if attention else extra
             try:
                 if pretrained:
-                    return AutoModel.from_pretrained(name, **kwargs)
-                return AutoModel.from_config(config, **kwargs)
+                    return AutoModel.from_pretrained(name, trust_remote_code=False, **kwargs)
+                return AutoModel.from_config(config, trust_remote_code=False, **kwargs)
             except ValueError as e:
                 if attention is None or "sdpa" not in str(e).lower():
                     raise
@@ -316,7 +316,7 @@ def resolve_image_config(cfg: ImageEncoderConfig, encoder: ImageEncoder) -> Imag
         if not (cfg.mean and cfg.std):  # given, or saved with a checkpoint: no lookup needed
             try:
                 from transformers import AutoImageProcessor
-                proc = AutoImageProcessor.from_pretrained(cfg.name)
+                proc = AutoImageProcessor.from_pretrained(cfg.name, trust_remote_code=False)
                 mean, std = proc.image_mean, proc.image_std
             except (OSError, ValueError):
                 warnings.warn(f"no image processor for {cfg.name!r}; normalising with mean=std=0.5")
@@ -362,7 +362,7 @@ def build_tokenizer(cfg: TextEncoderConfig, captions=None):
         return train_tokenizer(captions, cfg.vocab_size, cfg.max_length)
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(cfg.name)
+        return AutoTokenizer.from_pretrained(cfg.name, trust_remote_code=False)
     except OSError as e:
         raise OSError(f"Could not load the tokenizer of {cfg.name!r}: not a local folder and the "
                       "Hugging Face Hub is unreachable. " + OFFLINE_HINT.format(tower="text")) from e
@@ -492,14 +492,61 @@ class CLIPModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, device=None) -> "CLIPModel":
-        """Load a folder written by `save_pretrained` (offline, no pickle)."""
-        from safetensors.torch import load_model
+        """Load a folder written by `save_pretrained` (offline, no pickle, no code from the folder).
+
+        A damaged folder raises `CheckpointError` naming the file and what is wrong: invalid
+        config.json, a weights file that is truncated, corrupt or holds NaN/inf, or a config that
+        no longer matches the weights."""
         from transformers import AutoTokenizer
         folder = Path(folder)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise FileNotFoundError(f"{folder} is not a saved CLIPModel folder "
                                     "(expected config.json and model.safetensors)")
-        config = CLIPConfig.from_dict(json.loads((folder / "config.json").read_text())["model"])
-        model = cls(config, tokenizer=AutoTokenizer.from_pretrained(folder), _saved_folder=folder)
-        load_model(model, str(folder / "model.safetensors"), device=str(device or "cpu"))
+        config = read_model_config(folder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            model = cls(config, tokenizer=tokenizer, _saved_folder=folder)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{folder}: config.json and the saved files do not make a model "
+                                  f"({_brief(e)})") from None
+        _load_weights(model, folder / "model.safetensors", device)
         return model.to(device or "cpu").eval()
+
+
+class CheckpointError(ValueError):
+    """A saved model folder that cannot be loaded: the message names the file and the fault."""
+
+
+def _brief(e: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def read_model_config(folder) -> CLIPConfig:
+    """The `CLIPConfig` in FOLDER/config.json, or CheckpointError naming the file."""
+    path = Path(folder) / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise CheckpointError(f'{path}: no "model" entry, so not a config written by save_pretrained')
+    try:
+        return CLIPConfig.from_dict(saved["model"])
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: invalid model config ({_brief(e)})") from None
+
+
+def _load_weights(model: CLIPModel, path: Path, device) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+    try:
+        load_model(model, str(path), device=str(device or "cpu"))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: corrupt or truncated weights file ({e})") from None
+    except RuntimeError as e:  # missing/unexpected keys or shape mismatches
+        raise CheckpointError(f"{path.parent}: config.json does not match model.safetensors: the "
+                              f"config describes another architecture ({_brief(e)})") from None
+    for name, tensor in model.state_dict().items():  # a same-size overwrite shows up as NaN/inf
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {name}: the file is corrupt")

@@ -1,11 +1,13 @@
 """clipModel: encoders of every kind, projection head, temperature, save/load, loss."""
+import io
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from clipModel import (CLIPConfig, CLIPModel, ImageEncoderConfig, ProjectionHead, TextEncoderConfig,
+from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ImageEncoderConfig, ProjectionHead, TextEncoderConfig,
                        image_transform)
 from data import decode_images, to_model_input
 from loss import clip_loss
@@ -175,3 +177,84 @@ def test_batch_augmentation_is_a_crop():
     cropped = to_model_input(images, (0.5,) * 3, (0.5,) * 3, augment=True, scale=(0.5, 0.5))
     assert cropped.shape == plain.shape and not torch.allclose(cropped, plain)
     assert cropped.min() >= plain.min() - 1e-5 and cropped.max() <= plain.max() + 1e-5  # interpolation only
+
+
+# ---------------------------------------------------------------- damaged or hostile checkpoint folders
+
+@pytest.fixture
+def saved(tmp_path):
+    model = CLIPModel(scratch_config(), captions=CAPTIONS).eval()
+    return model.save_pretrained(tmp_path / "ckpt")
+
+
+def _overwrite_middle(path, data: bytes):
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        f.write(data)
+    assert path.stat().st_size == size
+
+
+def test_nan_weights_in_a_same_size_file_are_refused(saved):
+    _overwrite_middle(saved / "model.safetensors", b"\xff" * 4096)  # 0xffffffff is a float32 NaN
+    with pytest.raises(CheckpointError, match=r"ckpt.*model.safetensors.*non-finite"):
+        CLIPModel.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "empty"])
+def test_damaged_weights_file_is_one_clear_error(saved, damage):
+    path = saved / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "header": b"\x00" * 64 + data[64:],
+                      "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match=r"ckpt.*model.safetensors.*(corrupt|truncated)"):
+        CLIPModel.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("change,what", [
+    ({"image": {"width": 64}}, "image_encoder"),
+    ({"projection_dim": 64}, "projection"),
+    ({"image": {"image_size": 48}}, "image_encoder"),
+    ({"text": {"kind": "hf", "name": "bert"}}, "text"),
+])
+def test_config_that_no_longer_matches_the_weights_is_named(saved, change, what):
+    path = saved / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in change.items():
+        if isinstance(value, dict):
+            config["model"][key].update(value)
+        else:
+            config["model"][key] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"ckpt.*config.json.*(match|mismatch).*{what}|ckpt.*{what}"):
+        CLIPModel.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("text,problem", [("{\n", "not valid JSON"), ('{"data": {}}', 'no "model"'),
+                                          ('{"model": {"image": 3}}', "invalid model config")])
+def test_broken_config_json_names_the_file(saved, text, problem):
+    (saved / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=rf"ckpt.config\.json.*{problem}"):
+        CLIPModel.from_pretrained(saved)
+
+
+def test_checkpoint_folder_cannot_run_code(saved, monkeypatch):
+    """A tokenizer_config.json whose auto_map points at a .py beside it must never be imported,
+    nor make transformers ask on stdin whether to run it."""
+    marker = saved / "ran"
+    (saved / "evil.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('pwned')\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "class EvilTok(PreTrainedTokenizerFast):\n    pass\n")
+    path = saved / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTok"]}
+    config["tokenizer_class"] = "EvilTok"  # no class transformers knows: it would ask, then import evil.py
+    path.write_text(json.dumps(config))
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # a "y" at the prompt ran it before
+    try:
+        CLIPModel.from_pretrained(saved)
+    except (CheckpointError, ValueError):
+        pass  # refusing is fine; running the code is not
+    assert not marker.exists()
