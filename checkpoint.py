@@ -9,13 +9,16 @@ between the two renames).
 """
 from __future__ import annotations
 
+import itertools
 import os
+import pickle
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
-from clipModel import CLIPModel
+from clipModel import CheckpointError, CLIPModel
 
 STATE_FILE = "trainer_state.pt"
 
@@ -25,16 +28,53 @@ def save_last(run_dir: Path, model: CLIPModel, state: dict, extra_config: dict) 
     run_dir = Path(run_dir)
     tmp, last, old = run_dir / "last.tmp", run_dir / "last", run_dir / "last.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, extra_config)
-    torch.save(state, tmp / STATE_FILE)
-    with open(tmp / STATE_FILE, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        model.save_pretrained(tmp, extra_config)
+        torch.save(state, tmp / STATE_FILE)
+        with open(tmp / STATE_FILE, "rb") as f:
+            os.fsync(f.fileno())
+    except OSError as e:  # disk full, quota, read-only: the previous last/ is still whole
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous checkpoint {last_checkpoint(run_dir)} is intact" if last_checkpoint(run_dir) \
+            else "no earlier checkpoint"
+        raise OSError(e.errno, f"could not save the checkpoint {last} ({e.strerror or e}); {kept}. "
+                      f"Free some space, then continue with --resume={run_dir}") from None
     if last.exists():
         shutil.rmtree(old, ignore_errors=True)
         last.rename(old)
     tmp.rename(last)
     shutil.rmtree(old, ignore_errors=True)
     return last
+
+
+def check_run_name(out_dir: str, run_name: str, overwrite: bool) -> None:
+    """Fail fast, before any data is prepared, when --run_name names an existing run."""
+    path = Path(out_dir) / run_name
+    if run_name and path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists: continue it with --resume={path}, replace it "
+                              "with --overwrite (its files are deleted), or pick another --run_name")
+
+
+def new_run_dir(out_dir: str, run_name: str = "", overwrite: bool = False) -> Path:
+    """Create a fresh run folder and return it. mkdir is atomic, so two runs started together
+    never share a folder: a timestamp name that is taken gets -2, -3, ...; a taken --run_name
+    is an error unless `overwrite` (then the old run is deleted first)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if run_name:
+        if overwrite:
+            shutil.rmtree(out / run_name, ignore_errors=True)
+        check_run_name(out_dir, run_name, overwrite=False)
+        (out / run_name).mkdir()
+        return out / run_name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        path = out / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _complete(folder: Path) -> bool:
@@ -72,5 +112,10 @@ def find_resume(value: str, out_dir: str, run_name: str = "") -> Path:
 def load_last(folder: Path, device) -> tuple[CLIPModel, dict]:
     """-> (the model, the trainer state dict), from a folder written by save_last."""
     model = CLIPModel.from_pretrained(folder, device=device)
-    state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    path = Path(folder) / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt trainer state ({' '.join(str(e).split())[:300]}); resume from "
+                              f"another checkpoint, e.g. {Path(folder).parent / 'last.old'} if it exists") from None
     return model, state

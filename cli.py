@@ -30,6 +30,11 @@ def leaves(cfg, prefix: str = "") -> dict[str, tuple[object, dataclasses.Field]]
     return out
 
 
+def leaves_values(cfg) -> dict[str, object]:
+    """Every leaf field's current value, by dotted path."""
+    return {path: getattr(owner, f.name) for path, (owner, f) in leaves(cfg).items()}
+
+
 def parse_value(text: str, current):
     if isinstance(current, bool):
         low = text.lower()

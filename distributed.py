@@ -68,3 +68,12 @@ def broadcast_float(value: float) -> float:
         t = t.cuda()
     dist.broadcast(t, 0)
     return float(t.item())
+
+
+def broadcast_object(obj):
+    """Rank 0's (picklable, small) object on every rank, e.g. the run folder it created."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]

@@ -18,7 +18,7 @@ import torch
 
 import cli
 import distributed
-from checkpoint import STATE_FILE, find_resume, last_checkpoint, load_last, save_last
+from checkpoint import STATE_FILE, check_run_name, find_resume, last_checkpoint, load_last, new_run_dir, save_last
 from clipModel import (CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, default_device,
                        set_grad_checkpointing)
 from data import (DataConfig, all_captions, batch_indices, check_captions, decode_images, load_splits,
@@ -34,7 +34,8 @@ from readers import DataError, DataWarning
 
 @dataclass
 class TrainConfig:
-    run_name: str = ""  # the run folder is OUT_DIR/RUN_NAME; empty = a timestamp
+    run_name: str = ""  # the run folder is OUT_DIR/RUN_NAME; empty = a timestamp (made unique)
+    overwrite: bool = False  # allow --run_name of an existing run: its folder is deleted first
     out_dir: str = "runs"  # where run folders go
     epochs: int = 16  # passes over the training images (16 x 2,000 synthetic: ~4 min on 2 CPU cores)
     batch_size: int = 64  # pairs per optimizer step, over all GPUs and micro-batches: the negatives each pair sees
@@ -129,7 +130,8 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
     rank, world, device = distributed.setup(default_device() if tc.device == "auto" else torch.device(tc.device))
     main_rank = distributed.is_main()
     resume_from = find_resume(tc.resume, tc.out_dir, tc.run_name) if tc.resume else None
-    run_dir = resume_from.parent if resume_from else Path(tc.out_dir) / (tc.run_name or time.strftime("%Y%m%d-%H%M%S"))
+    if resume_from is None:
+        check_run_name(tc.out_dir, tc.run_name, tc.overwrite)
     with distributed.main_first():  # rank 0 generates data and fills the caches; the others read them
         splits = prepare_data(cfg)
         model, state = build_model(cfg, splits, device, resume_from)
@@ -142,8 +144,11 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
             inputs[s] = Inputs(model, splits[s], images, tc, cfg.data.cache_dir)
     if world > 1:
         torch.manual_seed(tc.seed + rank)  # different augmentation and dropout on each rank
+    if resume_from is not None:
+        run_dir = resume_from.parent
+    else:  # claimed only now, so a run that fails while preparing its data leaves no folder
+        run_dir = distributed.broadcast_object(new_run_dir(tc.out_dir, tc.run_name, tc.overwrite) if main_rank else None)
     if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         (run_dir / "split.json").write_text(json.dumps(split_manifest(splits)))
     train_inputs = inputs["train"]
@@ -326,10 +331,31 @@ def resolve_config(argv: list[str]) -> RunConfig:
     if not cfg.train.resume:
         return cfg
     folder = find_resume(cfg.train.resume, cfg.train.out_dir, cfg.train.run_name)
-    saved = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    saved = read_run_config(folder)
+    before = cli.leaves_values(saved.model)
     cli.apply_overrides(saved, argv, aliases=ALIASES)
+    after = cli.leaves_values(saved.model)
+    changed = [f"model.{k}: {before[k]!r} -> {after[k]!r}" for k in before if after[k] != before[k]]
+    if changed:  # the checkpoint's weights have the saved shape: the change would be ignored
+        raise cli.ConfigError("--resume cannot change the model (" + "; ".join(changed) + "); training "
+                              "and data options may change. Start a new run for another model.")
     saved.train.resume = str(folder)
     return saved
+
+
+def read_run_config(folder: Path) -> RunConfig:
+    """The RunConfig saved in FOLDER/config.json; a broken file is a ConfigError naming it."""
+    path = Path(folder) / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise cli.ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise cli.ConfigError(f'{path}: no "model" entry, so not a run config written by train.py')
+    try:
+        return RunConfig.from_dict(saved)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise cli.ConfigError(f"{path}: invalid run config ({e})") from None
 
 
 ALIASES = {"data": "data.path"}
