@@ -265,6 +265,7 @@ def save_index(index: GalleryIndex, stem) -> Path:
 def load_index(stem, identity: str | None = None) -> GalleryIndex | None:
     """The index saved at `stem`; None when incomplete, unreadable or (given `identity`) stale.
     Its FAISS index is loaded too when it was saved and faiss is installed."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     stem = Path(stem)
     try:
@@ -272,7 +273,7 @@ def load_index(stem, identity: str | None = None) -> GalleryIndex | None:
         if meta.get("version") != INDEX_VERSION or (identity and meta.get("identity") != identity):
             return None
         embeddings = load_file(stem.with_suffix(".safetensors"))["embeddings"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # truncated, corrupt: rebuild
         return None
     if len(embeddings) != len(meta["paths"]):
         return None
@@ -282,14 +283,29 @@ def load_index(stem, identity: str | None = None) -> GalleryIndex | None:
     index.meta = meta
     faiss_file, faiss = stem.with_suffix(".faiss"), faiss_module()
     if faiss is not None and "faiss" in meta and faiss_file.is_file():
-        index.faiss_index = faiss.read_index(str(faiss_file))
-        if "nprobe" in meta["faiss"]:
+        try:
+            index.faiss_index = faiss.read_index(str(faiss_file))
+        except RuntimeError:  # a truncated .faiss: exact search still works, FAISS is rebuilt
+            index.faiss_index = None
+        if index.faiss_index is not None and "nprobe" in meta["faiss"]:
             index.faiss_index.nprobe = meta["faiss"]["nprobe"]
-        if index.faiss_index.ntotal != len(index):
+        if index.faiss_index is not None and index.faiss_index.ntotal != len(index):
             index.faiss_index = None
     if index.faiss_index is None:
         meta.pop("faiss", None)  # describes no index at hand
     return index
+
+
+def mark_missing(stem, missing: list[str]) -> None:
+    """Record in <stem>.json that these gallery images no longer exist (best effort), so later
+    searches warn that the index is stale."""
+    path = Path(stem).with_suffix(".json")
+    try:
+        meta = json.loads(path.read_text())
+        meta["missing"] = sorted(set(meta.get("missing", [])) | set(missing))
+        _atomic(path, lambda tmp: tmp.write_text(json.dumps(meta)))
+    except (OSError, ValueError):
+        pass
 
 
 def open_prebuilt(folder, kind: str = "images", checkpoint=None) -> GalleryIndex:
@@ -306,6 +322,10 @@ def open_prebuilt(folder, kind: str = "images", checkpoint=None) -> GalleryIndex
         what = "image" if kind == "images" else "caption"
         raise BadIndexError(f"{folder}: no complete {what} index ({kind}.json + {kind}.safetensors, "
                             f"format v{INDEX_VERSION}); build one with --build-index")
+    if index.meta.get("missing"):
+        print(f"warning: {folder} is stale: {len(index.meta['missing'])} of its images were missing when "
+              f"it was last searched (first: {index.meta['missing'][0]}); rebuild it with --build-index",
+              file=sys.stderr)
     checkpoint = Path(checkpoint or index.meta.get("checkpoint", ""))
     current = model_digest(checkpoint)
     if current != index.meta.get("model"):

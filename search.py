@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import re
 import sys
@@ -27,7 +28,7 @@ from clipModel import CLIPModel, default_device
 from data import SPLITS, decode_images, load_splits, run_data_config
 from evaluate import embed_images, embed_texts
 from index import (INDEX_VERSION, RECALL_QUERIES, GalleryIndex, ensure_faiss, gallery_digest,
-                   load_index, model_digest, open_prebuilt, save_index)
+                   load_index, mark_missing, model_digest, open_prebuilt, save_index)
 from readers import IMAGE_SUFFIXES, DataError, DataWarning, Record, detect_layout, open_rgb
 
 @dataclass
@@ -152,7 +153,8 @@ def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int =
     when the model or a gallery file changed. `backend` "auto" adds a FAISS index to large
     galleries when faiss is installed, "faiss" always, "exact" never."""
     gallery = gallery_digest([str(r.image) for r in records])
-    stem = stem or Path(checkpoint) / "index" / f"images-{_paths_key(records)}"
+    name = f"images-{_paths_key(records)}"
+    stems = [stem] if stem else [Path(checkpoint) / "index" / name, user_index_dir(checkpoint) / name]
     captions = [c for r in records for c in r.captions]
 
     def recall_queries():  # text -> image is what this index serves: measure IVF recall on captions
@@ -161,7 +163,7 @@ def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int =
         sample = random.Random(0).sample(captions, min(RECALL_QUERIES, len(captions)))
         return _encode(model, lambda: embed_texts(model, sample))
 
-    return _load_or_build(stem, checkpoint, gallery, backend, recall_queries,
+    return _load_or_build(stems, checkpoint, gallery, backend, recall_queries,
                           lambda: build_index(model, records, batch_size, images, skip_bad=skip_bad))
 
 
@@ -171,21 +173,39 @@ def load_or_build_caption_index(model: CLIPModel, checkpoint, records, batch_siz
     when the model or any caption changed."""
     captions = [c for r in records for c in r.captions]
     paths = [str(r.image) for r in records for _ in r.captions]
-    stem = stem or Path(checkpoint) / "index" / f"captions-{_paths_key(records)}"
-    return _load_or_build(stem, checkpoint, _caption_digest(captions, paths), backend, None,
+    name = f"captions-{_paths_key(records)}"
+    stems = [stem] if stem else [Path(checkpoint) / "index" / name, user_index_dir(checkpoint) / name]
+    return _load_or_build(stems, checkpoint, _caption_digest(captions, paths), backend, None,
                           lambda: build_caption_index(model, records, batch_size))
 
 
-def _load_or_build(stem, checkpoint, gallery: str, backend: str, queries, build) -> GalleryIndex:
+def user_index_dir(checkpoint) -> Path:
+    """Where indexes of `checkpoint` go when its own folder cannot be written (read-only, full):
+    a folder per checkpoint under the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
+    key = hashlib.sha256(str(Path(checkpoint).resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clip-foundation" / "index" / key
+
+
+def _load_or_build(stems, checkpoint, gallery: str, backend: str, queries, build) -> GalleryIndex:
+    # stems: where the index may be saved, in order of preference (the first that loads is used)
     model_id = model_digest(checkpoint)
     identity = f"v{INDEX_VERSION}:{model_id}:{gallery}"  # stale when the model or gallery changed
-    index = load_index(stem, identity)
-    if index is not None:
-        return ensure_faiss(index, backend, stem, queries)  # built and saved now if missing
+    for stem in stems:
+        if (index := load_index(stem, identity)) is not None:
+            return ensure_faiss(index, backend, stem, queries)  # built and saved now if missing
     index = build()
     index.identity = identity
     index.meta.update(checkpoint=str(Path(checkpoint).resolve()), model=model_id)
-    save_index(ensure_faiss(index, backend, queries=queries), stem)
+    ensure_faiss(index, backend, queries=queries)
+    for i, stem in enumerate(stems):
+        try:
+            save_index(index, stem)
+            return index
+        except OSError as e:  # read-only checkpoint folder, disk full: search on, say where it went
+            then = f"; saving it in {stems[i + 1].parent} instead" if i + 1 < len(stems) else \
+                "; searching without saving it (it is rebuilt next time)"
+            print(f"warning: could not save the index in {Path(stem).parent} ({e.strerror or e}){then}",
+                  file=sys.stderr)
     return index
 
 
@@ -340,24 +360,44 @@ def main(argv=None):
 
 
 def _report(args, results):
+    """Print the results first, then draw them: a missing image or an unwritable folder must
+    not cost the answer. Images gone since a prebuilt index was built are named, and the
+    index is marked stale."""
     import plots
     if args.image:
         slug, what = Path(args.image).stem, {"image": args.image}
         out = Path(args.out or Path(args.checkpoint) / f"captions_{slug}.png")
-        plots.captions_figure(args.image, results, path=out)
-        lines = [f"{m.score:.4f}  {m.caption}" for m in results]
+        lines, missing = [f"{m.score:.4f}  {m.caption}" for m in results], []
     else:
         slug = re.sub(r"[^a-z0-9]+", "_", args.query.lower()).strip("_")[:40] or "query"
         what = {"query": args.query}
         out = Path(args.out or Path(args.checkpoint) / f"search_{slug}.png")
-        plots.image_grid(results, title=args.query, path=out)
         lines = [f"{m.score:.4f}  {m.path}" for m in results]
+        missing = [m.path for m in results if not Path(m.path).is_file()]
+    figure = "figure" if args.image else "grid"
     if args.json:
-        print(json.dumps({**what, "grid" if not args.image else "figure": str(out),
-                          "matches": [asdict(m) for m in results]}, indent=2))
+        print(json.dumps({**what, figure: str(out), "matches": [asdict(m) for m in results],
+                          "missing": missing}, indent=2))
     else:
         print("\n".join(lines))
-        print(f"{'figure' if args.image else 'grid'}: {out}")
+    if missing:
+        print(f"warning: {len(missing)} of these images no longer exist (moved or deleted since the "
+              f"index was built): {', '.join(missing)}; rebuild the index", file=sys.stderr)
+        if args.index:
+            mark_missing(Path(args.index) / "images", missing)
+    try:
+        if args.image:
+            plots.captions_figure(args.image, results, path=out)
+        elif shown := [m for m in results if m.path not in missing]:
+            plots.image_grid(shown, title=args.query, path=out)
+        else:
+            return results
+    except (OSError, DataError) as e:
+        print(f"warning: could not write the {figure} {out} ({getattr(e, 'strerror', None) or e}); "
+              "pass --out PATH to write it elsewhere", file=sys.stderr)
+    else:
+        if not args.json:
+            print(f"{figure}: {out}")
     return results
 
 
