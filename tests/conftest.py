@@ -30,6 +30,21 @@ def tiny_run(tmp_path_factory):
     return data, run_dir, metrics
 
 
+def wordpiece_tokenizer(words):
+    """A DistilBERT tokenizer over a fixed vocabulary ([PAD] [UNK] [CLS] [SEP] [MASK] + words), built
+    from a `tokenizers` object: transformers 4 needs vocab_file= and 5 ignores it, both take this."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import DistilBertTokenizerFast
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(special + list(words))}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return DistilBertTokenizerFast(tokenizer_object=tok, **{f"{k}_token": f"[{k.upper()}]"
+                                                            for k in ("pad", "unk", "cls", "sep", "mask")})
+
+
 TINY_CAPTIONS = ["a red circle above a blue square", "a big green triangle", "a small yellow star on the left"]
 
 
@@ -37,8 +52,7 @@ TINY_CAPTIONS = ["a red circle above a blue square", "a big green triangle", "a 
 def tiny_hf(tmp_path_factory):
     """A tiny ViT and DistilBERT saved with save_pretrained, as a user's local folders would be."""
     import torch
-    from transformers import (DistilBertConfig, DistilBertModel, DistilBertTokenizerFast, ViTConfig,
-                              ViTImageProcessor, ViTModel)
+    from transformers import DistilBertConfig, DistilBertModel, ViTConfig, ViTImageProcessor, ViTModel
     words = sorted({w for c in TINY_CAPTIONS for w in c.split()})
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
@@ -47,9 +61,8 @@ def tiny_hf(tmp_path_factory):
     vit.save_pretrained(root / "vit")
     ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6],
                       image_std=[0.2, 0.25, 0.3]).save_pretrained(root / "vit")
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
-    tokenizer = DistilBertTokenizerFast(vocab=vocab)  # transformers 5 ignores a vocab_file= here
-    assert len(tokenizer) == len(vocab) and tokenizer.unk_token_id not in tokenizer(TINY_CAPTIONS[0])["input_ids"]
+    tokenizer = wordpiece_tokenizer(words)
+    assert len(tokenizer) == 5 + len(words) and tokenizer.unk_token_id not in tokenizer(TINY_CAPTIONS[0])["input_ids"]
     tokenizer.save_pretrained(root / "bert")
     DistilBertModel(DistilBertConfig(vocab_size=5 + len(words), dim=32, n_layers=2, n_heads=2,
                                      hidden_dim=64, max_position_embeddings=64)).save_pretrained(root / "bert")

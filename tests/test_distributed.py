@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import TINY_CAPTIONS, TINY_MODEL
+from conftest import TINY_CAPTIONS, TINY_MODEL, wordpiece_tokenizer
 from data import UniqueImageBatchSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,6 @@ def free_port() -> int:
 
 def setup_inputs():
     """A tiny model (no dropout: ranks draw different masks) and 8 image/caption pairs."""
-    from transformers import DistilBertTokenizerFast
 
     from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
     from readers import Record
@@ -39,8 +38,7 @@ def setup_inputs():
     captions = [f"{c} number {i}" for i, c in enumerate(TINY_CAPTIONS * 3)][:BATCH]
     # A fixed vocabulary: a tokenizer trained in each process could number its tokens differently
     words = sorted({w for c in captions for w in c.split()})
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words)}
-    model = CLIPModel(cfg, tokenizer=DistilBertTokenizerFast(vocab=vocab))
+    model = CLIPModel(cfg, tokenizer=wordpiece_tokenizer(words))
     records = [Record(image=Path(f"{i}.jpg"), captions=[c]) for i, c in enumerate(captions)]
     images = torch.randint(0, 256, (BATCH, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     return model, Inputs(model, records, images, TrainConfig(augment=False), cache_dir="")
