@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -17,6 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from clip_foundation.files import atomic_write
+
+__all__ = ["CLIPModel", "CLIPConfig", "ImageEncoderConfig", "TextEncoderConfig", "ProjectionHead",
+           "CheckpointError", "clip_loss", "gathered_clip_loss", "image_transform", "resize_crop",
+           "to_model_input", "default_device"]
 
 OFFLINE_HINT = ("Offline options: a local folder saved with save_pretrained (--{tower}.name=PATH), "
                 "--{tower}.pretrained=false to build from a local config with random weights, "
@@ -368,15 +373,49 @@ def build_tokenizer(cfg: TextEncoderConfig, captions=None):
                       "Hugging Face Hub is unreachable. " + OFFLINE_HINT.format(tower="text")) from e
 
 
-def image_transform(cfg: ImageEncoderConfig, train: bool = False):
-    """PIL image or uint8 tensor -> normalised float tensor (3, S, S) for this encoder.
+def resize_crop(image_size: int):
+    """PIL image or uint8 tensor -> uint8 (3, S, S): resize the short side to S, center-crop S x S.
 
-    The first steps (resize + center crop) are a no-op on an already-cached S×S image,
-    so the decoded-image cache and the direct path give identical tensors.
+    The one resize both data paths share: the decoded-image cache stores its output, and
+    `image_transform` starts with it (a no-op on an S x S image), so cached and direct inputs
+    are identical. No `Image.draft`: it would change pixels."""
+    from torchvision.transforms import v2
+    return v2.Compose([v2.ToImage(), v2.RGB(), v2.Resize(image_size, antialias=True),
+                       v2.CenterCrop(image_size)])
+
+
+def to_model_input(images: torch.Tensor, mean, std, augment: bool = False,
+                   scale=(0.8, 1.0), ratio=(0.9, 1.1)) -> torch.Tensor:
+    """Decoded uint8 images (B, 3, S, S) -> normalised float batch, on their own device.
+
+    With `augment`, a random resized crop per image done as one batched affine resample
+    (the batch equivalent of `image_transform(train=True)`), so augmentation costs nothing
+    next to the model step, on the GPU too. No flips: "left of" must stay left.
     """
+    x = images.float().mul_(1.0 / 255)  # exactly torchvision's ToDtype(scale=True)
+    if augment:
+        B, dev = len(x), x.device
+        area = torch.empty(B, device=dev).uniform_(*scale)
+        aspect = torch.empty(B, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+        # crop width and height as fractions of the image side
+        w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
+        theta = torch.zeros(B, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 1, 1] = w, h
+        theta[:, 0, 2] = (torch.rand(B, device=dev) * 2 - 1) * (1 - w)  # crop centre, in [-1, 1] units
+        theta[:, 1, 2] = (torch.rand(B, device=dev) * 2 - 1) * (1 - h)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def image_transform(cfg: ImageEncoderConfig, train: bool = False):
+    """One PIL image or uint8 tensor -> normalised float tensor (3, S, S) for this encoder:
+    `resize_crop`, then (with `train`) a random resized crop, then `to_model_input`'s scaling."""
     from torchvision.transforms import v2
     size = cfg.image_size
-    steps = [v2.ToImage(), v2.RGB(), v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    steps = [resize_crop(size)]
     if train:  # light augmentation; no flips, which would break "left of" captions
         steps.append(v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
@@ -400,13 +439,6 @@ class ProjectionHead(nn.Module):
         projected = self.projection(x)
         x = self.dropout(self.fc(self.gelu(projected)))
         return self.layer_norm(x + projected)
-
-
-def _replace_file(path: Path, write):
-    """Write to a temporary name, then rename: a kill mid-save leaves the previous file whole."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class CLIPModel(nn.Module):
@@ -482,12 +514,12 @@ class CLIPModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {**(extra_config or {}), "model": asdict(self.config)}
-        _replace_file(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        atomic_write(folder / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
         for tower, encoder in (("image", self.image_encoder), ("text", self.text_encoder)):
             if encoder.kind == "hf":  # so from_pretrained rebuilds the architecture offline
                 encoder.model.config.save_pretrained(folder / f"{tower}_encoder")
         self.tokenizer.save_pretrained(folder)
-        _replace_file(folder / "model.safetensors", lambda tmp: save_model(self, str(tmp)))
+        atomic_write(folder / "model.safetensors", lambda tmp: save_model(self, str(tmp)))
         return folder
 
     @classmethod
@@ -550,3 +582,39 @@ def _load_weights(model: CLIPModel, path: Path, device) -> None:
     for name, tensor in model.state_dict().items():  # a same-size overwrite shows up as NaN/inf
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {name}: the file is corrupt")
+
+
+# ---------------------------------------------------------------- the contrastive loss
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+              logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy: pair i of the batch is the only positive for row/column i.
+
+    Two captions of one image in a batch would be false negatives; the training sampler
+    (data.UniqueImageBatchSampler) never puts two captions of one image in a batch.
+    """
+    logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
+    labels = torch.arange(len(logits_per_image), device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+
+def gathered_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                       logit_scale: torch.Tensor) -> torch.Tensor:
+    """clip_loss over the global batch of all DDP ranks, computed for this rank's rows.
+
+    Features are all-gathered *with* gradients, so every negative on every rank trains every
+    tower; each rank scores its own B rows against all W*B columns (and back), which costs
+    B x WB instead of WB x WB. DDP averages the ranks' gradients, and the mean of the ranks'
+    losses is exactly clip_loss on the concatenated batch.
+    """
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+    rank, B = dist.get_rank(), len(image_features)
+    with warnings.catch_warnings():  # torch >= 2.12 points to a private API instead; this one is public
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather", FutureWarning)
+        all_images = torch.cat(all_gather(image_features))  # (W*B, D)
+        all_texts = torch.cat(all_gather(text_features))  # (W*B, D)
+    labels = torch.arange(rank * B, (rank + 1) * B, device=image_features.device)  # this rank's pairs
+    logits_per_image = logit_scale * image_features @ all_texts.T  # (B, W*B)
+    logits_per_text = logit_scale * text_features @ all_images.T  # (B, W*B)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2

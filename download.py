@@ -1,7 +1,7 @@
 """Download Flickr8k / Flickr30k from Kaggle into the layout the loaders read.
 
-    python download.py flickr8k  [--dest data] [--kaggle-json PATH] [--force]
-    python download.py flickr30k [--dest data] [--kaggle-json PATH] [--force]
+    python download.py flickr8k  [--dest=data] [--kaggle_json=PATH] [--force]
+    python download.py flickr30k [--dest=data] [--kaggle_json=PATH] [--force]
 
 Uses the `kaggle` package's Python API, unpacks the zip safely (no member may land outside
 the destination, nor unpack to more than the free space or MAX_RATIO times its packed size),
@@ -11,7 +11,6 @@ earlier run downloaded but could not unpack (no space, Ctrl-C).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from clip_foundation import cli
 
 
 class DownloadError(RuntimeError):
@@ -372,16 +373,24 @@ def download(name: str, dest: str | Path = "data", kaggle_json: str | Path | Non
     return target
 
 
+@dataclass
+class DownloadConfig:
+    name: str = ""  # the dataset (the first bare argument): flickr8k or flickr30k
+    dest: str = "data"  # parent folder: the dataset lands in DEST/NAME
+    kaggle_json: str = ""  # kaggle.json to use; empty = ~/.kaggle, KAGGLE_USERNAME/KAGGLE_KEY, ...
+    force: bool = False  # download even if the folder is already complete
+
+
+USAGE = f"usage: python download.py {{{','.join(sorted(DATASETS))}}} [--dest=data] [--kaggle_json=PATH] [--force]"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status."""
-    parser = argparse.ArgumentParser(description="Download a caption dataset from Kaggle.")
-    parser.add_argument("name", choices=sorted(DATASETS), help="dataset to download")
-    parser.add_argument("--dest", default="data", help="parent folder (default: data)")
-    parser.add_argument("--kaggle-json", metavar="PATH", help="kaggle.json to use")
-    parser.add_argument("--force", action="store_true", help="download even if complete")
-    args = parser.parse_args(argv)
+    args = cli.parse(DownloadConfig(), argv, USAGE, positional=("name",))
+    if args.name not in DATASETS:
+        cli.usage_error(f"invalid choice {args.name!r}: pick one of {', '.join(sorted(DATASETS))}", USAGE)
     try:
-        download(args.name, args.dest, args.kaggle_json, args.force)
+        download(args.name, args.dest, args.kaggle_json or None, args.force)
     except (DownloadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

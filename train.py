@@ -16,20 +16,20 @@ from pathlib import Path
 
 import torch
 
-import cli
-import distributed
-from checkpoint import STATE_FILE, check_run_name, find_resume, last_checkpoint, load_last, new_run_dir, save_last
-from clipModel import (CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, default_device,
-                       set_grad_checkpointing)
-from data import (DataConfig, all_captions, batch_indices, check_captions, decode_images, load_splits,
-                  split_manifest, train_sampler)
-from engine import (NonFiniteLoss, build_optimizer, build_scheduler, contrastive_backward, freeze_towers,
-                    grad_scaler, optimizer_step, resolve_precision, rng_state, set_rng_state)
-from evaluate import format_metrics
-from inputs import Embedder, Inputs, set_train_mode
-from loss import clip_loss, gathered_clip_loss
-from presets import PRESETS, expand_preset
-from readers import DataError, DataWarning
+from clip_foundation import cli, distributed
+from clip_foundation.checkpoint import (STATE_FILE, check_run_name, find_resume, last_checkpoint, load_last,
+                                        new_run_dir, save_last)
+from clip_foundation.data import (DataConfig, all_captions, batch_indices, check_captions, decode_images,
+                                  load_splits, split_manifest, train_sampler)
+from clip_foundation.engine import (NonFiniteLoss, build_optimizer, build_scheduler, contrastive_backward,
+                                    freeze_towers, grad_scaler, optimizer_step, resolve_precision, rng_state,
+                                    set_rng_state)
+from clip_foundation.inputs import Embedder, Inputs, set_train_mode, tower_trains
+from clip_foundation.presets import PRESETS, expand_preset
+from clip_foundation.records import DataError, DataWarning
+from clip_foundation.retrieval import format_metrics
+from clipModel import (CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, clip_loss, default_device,
+                       gathered_clip_loss, set_grad_checkpointing)
 
 
 @dataclass
@@ -94,7 +94,7 @@ class RunConfig:
 def prepare_data(cfg: RunConfig):
     """Resolve the dataset folder (generating the synthetic set if needed) and split it."""
     if not cfg.data.path:
-        from synthetic import SyntheticConfig, ensure_synthetic
+        from clip_foundation.synthetic import SyntheticConfig, ensure_synthetic
         ensure_synthetic(cfg.data.synthetic_dir, SyntheticConfig(), progress=cfg.train.progress)
         cfg.data.path = cfg.data.synthetic_dir
     splits = load_splits(cfg.data)
@@ -129,6 +129,8 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
     torch.manual_seed(tc.seed)
     rank, world, device = distributed.setup(default_device() if tc.device == "auto" else torch.device(tc.device))
     main_rank = distributed.is_main()
+    image_trains = tower_trains(tc.freeze_image, tc.train_image_blocks)
+    text_trains = tower_trains(tc.freeze_text, tc.train_text_blocks)
     resume_from = find_resume(tc.resume, tc.out_dir, tc.run_name) if tc.resume else None
     if resume_from is None:
         check_run_name(tc.out_dir, tc.run_name, tc.overwrite)
@@ -141,7 +143,8 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
         for s in [s for s in splits if splits[s] and (s == "train" or main_rank)]:
             images, splits[s] = decode_images(splits[s], model.config.image.image_size, cfg.data.cache_dir,
                                               cfg.data.skip_bad, tc.progress and main_rank)
-            inputs[s] = Inputs(model, splits[s], images, tc, cfg.data.cache_dir)
+            inputs[s] = Inputs(model, splits[s], images, image_trains=image_trains, text_trains=text_trains,
+                               augment=tc.augment, cache_dir=cfg.data.cache_dir, progress=tc.progress)
     if world > 1:
         torch.manual_seed(tc.seed + rank)  # different augmentation and dropout on each rank
     if resume_from is not None:
@@ -158,8 +161,9 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
         raise ValueError(f"batch_size {tc.batch_size} does not split into {world} x {tc.accum_steps} equal micro-batches")
     total_steps = tc.epochs * len(sampler)
     precision = resolve_precision(tc.precision, device)
-    optimizer = build_optimizer(model, tc, device)
-    scheduler = build_scheduler(optimizer, tc, total_steps)
+    optimizer = build_optimizer(model, device, tc.lr, tc.weight_decay, tc.image_lr, tc.text_lr)
+    scheduler = build_scheduler(optimizer, tc.schedule, total_steps, tc.warmup_steps, tc.plateau_factor,
+                                tc.plateau_patience)
     scaler = grad_scaler(precision, device)
     position = {"epoch": 0, "batch": 0, "step": 0, "best": -1.0, "history": []}
     if state is not None:
@@ -194,7 +198,7 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
 
     history, step, best = position["history"], position["step"], position["best"]
     for epoch in range(position["epoch"], tc.epochs):
-        set_train_mode(model, tc)
+        set_train_mode(model, image_trains, text_trains)
         start = position["batch"] if epoch == position["epoch"] else 0
         sampler.set_epoch(epoch, start)
         bar = _progress(train_inputs.batches(batch_indices(sampler, splits["train"]), device),
@@ -296,12 +300,12 @@ def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, dev
     metrics = {"split": split, **inputs[split].evaluate(model)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"{split} split:\n{format_metrics(metrics)}")
-    from plots import query_grids
-    from search import find_matches, load_or_build_index
+    from clip_foundation.gallery import find_matches, load_or_build_index
+    from clip_foundation.plots import query_grids
     index = load_or_build_index(model, run_dir, splits[split], images=inputs[split].images)
     synthetic = (Path(cfg.data.path) / "synthetic.json").is_file()
     queries = cfg.train.queries or (SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES)
-    results = {q: find_matches(q, model, index, n=6) for q in queries}
+    results = {q: find_matches(model, index, q, n=6) for q in queries}
     query_grids(results, path=run_dir / "matches.png")
     print(f"saved model, config, metrics.json, log.jsonl, curves.png and matches.png in {run_dir}")
     return model, run_dir, metrics
@@ -315,7 +319,7 @@ def _progress(iterable, enabled: bool, desc: str, total: int, initial: int = 0):
 
 
 def _draw_curves(history, path):
-    from plots import training_curves
+    from clip_foundation.plots import training_curves
     training_curves(history, path)
 
 

@@ -28,8 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cache import load_images, prepare_transform  # noqa: E402
-from readers import load_records, open_rgb  # noqa: E402
+from clip_foundation.cache import load_images
+from clipModel import resize_crop as prepare_transform  # noqa: E402
+from clip_foundation.readers import load_records
+from clip_foundation.records import open_rgb  # noqa: E402
 
 
 class DirectImages(Dataset):

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index import (GalleryIndex, build_faiss, exact_topk, faiss_module,  # noqa: E402
-                   recall_at_k)
+from clip_foundation.index import (GalleryIndex, build_faiss, exact_topk, faiss_module,  # noqa: E402
+                                   recall_at_k)
 
 
 def clustered(n: int, dim: int, clusters: int, spread: float, seed: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
     python benchmarks/synthetic_queries.py --checkpoint runs/NAME [--split test] [-n 9]
 
-For every colour x shape pair it searches the split with `search.find_matches` and checks
+For every colour x shape pair it searches the split with `gallery.find_matches` and checks
 each hit against the image's attribute columns in captions.csv. Prints the hits per query,
 how many queries reach 7 of 9, and writes JSON beside the checkpoint.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipModel import CLIPModel  # noqa: E402
-from search import find_matches, gallery_records, load_or_build_index  # noqa: E402
-from synthetic import COLORS, SHAPES, contains  # noqa: E402
+from clip_foundation.gallery import find_matches, gallery_records, load_or_build_index  # noqa: E402
+from clip_foundation.synthetic import COLORS, SHAPES, contains  # noqa: E402
 
 
 def main(argv=None):
@@ -33,7 +33,7 @@ def main(argv=None):
     for color in COLORS:
         for shape in SHAPES:
             query = f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
-            matches = find_matches(query, model, index, args.n)
+            matches = find_matches(model, index, query, args.n)
             hits = sum(contains(by_path[m.path], color, shape) for m in matches)
             present = sum(contains(a, color, shape) for a in by_path.values())
             rows.append({"query": query, "hits": hits, "n": args.n, "in_gallery": present})

@@ -39,11 +39,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.data_path import DirectImages, make_jpegs  # noqa: E402
-from cache import load_images  # noqa: E402
+from clip_foundation.cache import load_images  # noqa: E402
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, train_tokenizer  # noqa: E402
-from data import UniqueImageBatchSampler, to_model_input, token_batch  # noqa: E402
-from loss import clip_loss  # noqa: E402
-from readers import Record  # noqa: E402
+from clip_foundation.data import UniqueImageBatchSampler, token_batch
+from clipModel import to_model_input  # noqa: E402
+from clipModel import clip_loss  # noqa: E402
+from clip_foundation.records import Record  # noqa: E402
 
 
 def variant(model, bf16=True, attn="sdpa", fused=False, compile=False, batch=256, engine=False):
@@ -183,7 +184,7 @@ def make_step(model, forward, spec: dict, device):
 
 def engine_step(model, optimizer, spec: dict, device):
     """The seed model stepped by the project's training engine, as train.py steps it."""
-    import engine
+    from clip_foundation import engine
     precision = "bf16" if spec["bf16"] else "fp32"
     scaler = engine.grad_scaler(precision, device)
 
@@ -316,7 +317,7 @@ def one_pass(epoch, consume, device, warmup: int = 2) -> float:
 
 def end_to_end(step, data, batch, side, ids, device) -> list[dict]:
     """Pairs/s of the model step fed by each data path, with the project's batched augmentation
-    and normalisation on the device (data.to_model_input) and pre-tokenized ids trimmed per
+    and normalisation on the device (clipModel.to_model_input) and pre-tokenized ids trimmed per
     batch (data.token_batch), as train.py does; each against the step alone on synthetic
     images, timed just before over as many steps (a shared machine's load drifts)."""
     tokens = {"input_ids": ids.cpu(), "attention_mask": torch.ones_like(ids.cpu())}

@@ -1,7 +1,7 @@
 """Decoded-image cache: decode and resize each image once, reuse it across epochs and runs.
 
 `load_images` decodes every record's image with `readers.open_rgb`, resizes and center-crops
-it to the encoder's input side (`prepare_transform`, the one definition of that step) and
+it to the encoder's input side (`clipModel.resize_crop`, the one definition of that step) and
 returns a uint8 (M, 3, S, S) tensor. With a `cache_dir` the result is stored on disk as
 
     <cache_dir>/<key>.u8    raw uint8 rows, C order, shape (M, 3, S, S)
@@ -35,7 +35,9 @@ from pathlib import Path
 
 import torch
 
-from readers import DataError, DataWarning, Record, open_rgb
+from clipModel import resize_crop
+
+from .records import DataError, DataWarning, Record, open_rgb
 
 CACHE_VERSION = 1  # bump when the decode/resize method changes: old caches then go unused
 SPACE_MARGIN = 100 * 2**20  # bytes left free beyond the cache, for the logs and checkpoints of the run
@@ -44,17 +46,6 @@ _TEMP_FILE = re.compile(r"[0-9a-f]{24}\.(u8|json)\.tmp([1-9][0-9]{0,8})")  # our
 
 class CacheSpaceError(OSError):
     """Not enough disk space for the decoded-image cache; the message says what to do."""
-
-
-def prepare_transform(image_size: int):
-    """PIL RGB image -> uint8 (3, S, S): resize the short side to S, then center-crop S×S.
-
-    The same steps open `clipModel.image_transform`, which leaves an S×S image unchanged,
-    so cached images give exactly the tensors of the direct path. No `Image.draft`: it
-    would change pixels."""
-    from torchvision.transforms import v2
-    return v2.Compose([v2.ToImage(), v2.Resize(image_size, antialias=True),
-                       v2.CenterCrop(image_size)])
 
 
 def cache_key(records: list[Record], image_size: int) -> str:
@@ -114,7 +105,7 @@ def _decode_all(paths: list[str], store, image_size: int, skip_bad: bool,
     # release the GIL). -> {index: error} of images that failed, by index; without skip_bad
     # the first raises, as does any error of `store` (e.g. a full disk).
     from tqdm.auto import tqdm
-    prepare = prepare_transform(image_size)
+    prepare = resize_crop(image_size)
 
     def work(i: int) -> str | None:
         try:

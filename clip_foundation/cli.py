@@ -93,6 +93,48 @@ def apply_overrides(cfg, argv: list[str], aliases: dict[str, str] | None = None)
     return cfg
 
 
+def parse(cfg, argv: list[str] | None, usage: str, positional: tuple[str, ...] = (),
+          aliases: dict[str, str] | None = None):
+    """A script's whole command line -> `cfg` (a dataclass, filled in place and returned).
+
+    `--key=value` (or `--key value`, `-k value`, a bare `--flag`) sets any field; bare arguments
+    fill the `positional` fields in order. `--help` prints every field with its comment and
+    exits; a mistake exits with one line and the usage."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(cfg, usage))
+        raise SystemExit(0)
+    options, bare, i = [], [], 0
+    try:
+        while i < len(argv):
+            arg = argv[i]
+            if len(arg) > 1 and arg.startswith("-") and not arg.startswith("--") and not arg[1:2].isdigit():
+                arg = "-" + arg  # -n 9 is --n 9
+            if not arg.startswith("--"):
+                bare.append(arg)
+            elif "=" in arg or i + 1 == len(argv):
+                options.append(arg)
+            else:  # "--key value" unless the key is a boolean flag
+                path = resolve_key(cfg, arg[2:], aliases)
+                owner, f = leaves(cfg)[path]
+                takes_value = (not isinstance(getattr(owner, f.name), bool)
+                               or argv[i + 1].lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"))
+                options += [arg, argv[i + 1]] if takes_value else [arg]
+                i += takes_value
+            i += 1
+        if len(bare) > len(positional):
+            raise ConfigError(f"unexpected argument {bare[len(positional)]!r}")
+        return apply_overrides(cfg, [f"--{k}={v}" for k, v in zip(positional, bare)] + options, aliases)
+    except ConfigError as e:
+        usage_error(str(e), usage)
+
+
+def usage_error(message: str, usage: str):
+    """Exit as command lines do on a usage mistake: the message and the usage on stderr, status 2."""
+    print(f"error: {message}\n{usage}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def field_comments(cls) -> dict[str, str]:
     """The trailing `# comment` of each field line in a dataclass's source."""
     try:

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from cache import load_images
-from readers import DataError, DataWarning, Record, detect_layout, load_records
+from .cache import load_images
+from .records import DataError, DataWarning, Record
+from .readers import detect_layout, load_records
 
 SPLITS = ("train", "val", "test")
 
@@ -51,14 +50,25 @@ def split_by_image(records: list[Record], val_images: int, test_images: int,
     return {s: [records[i] for i in sorted(idx)] for s, idx in chosen.items()}
 
 
-def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
+def load_all(cfg: DataConfig) -> list[Record]:
+    """Every record of the dataset at `cfg.path`, unsplit."""
     columns = {k: v for k, v in (("image_column", cfg.image_column),
                                  ("caption_column", cfg.caption_column)) if v}
     layout = detect_layout(cfg.path) if cfg.layout == "auto" else cfg.layout
     if columns and layout not in ("csv", "hf"):
         raise DataError(f"--image_column/--caption_column apply to csv and hf datasets, not {layout}")
-    records = load_records(cfg.path, layout, skip_bad=cfg.skip_bad, **columns)
-    return split_by_image(records, cfg.val_images, cfg.test_images, cfg.split_seed)
+    return load_records(cfg.path, layout, skip_bad=cfg.skip_bad, **columns)
+
+
+def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
+    """The dataset split by image: its own split when it ships one, else a seeded one."""
+    return split_by_image(load_all(cfg), cfg.val_images, cfg.test_images, cfg.split_seed)
+
+
+def load_split(cfg: DataConfig, split: str) -> list[Record]:
+    """One split as `load_splits` makes it, or "all": every record, never split, so any folder
+    of any size can be scored or searched as a whole."""
+    return load_all(cfg) if split == "all" else load_splits(cfg)[split]
 
 
 def check_captions(records: list[Record], tokenizer, skip_bad: bool = False) -> list[Record]:
@@ -118,32 +128,6 @@ def decode_images(records: list[Record], image_size: int, cache_dir: str | None 
     """
     images, kept = load_images(records, image_size, cache_dir or None, skip_bad, progress)
     return images, [records[i] for i in kept]
-
-
-def to_model_input(images: torch.Tensor, mean, std, augment: bool = False,
-                   scale=(0.8, 1.0), ratio=(0.9, 1.1)) -> torch.Tensor:
-    """Decoded uint8 images (B, 3, S, S) -> normalised float batch, on their own device.
-
-    With `augment`, a random resized crop per image done as one batched affine resample
-    (the batch equivalent of the per-image `image_transform(train=True)`), so augmentation
-    costs nothing next to the model step, on the GPU too. No flips: "left of" must stay left.
-    """
-    x = images.float().mul_(1.0 / 255)  # exactly torchvision's ToDtype(scale=True)
-    if augment:
-        B, dev = len(x), x.device
-        area = torch.empty(B, device=dev).uniform_(*scale)
-        aspect = torch.empty(B, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-        # crop width and height as fractions of the image side
-        w, h = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
-        theta = torch.zeros(B, 2, 3, device=dev)
-        theta[:, 0, 0], theta[:, 1, 1] = w, h
-        theta[:, 0, 2] = (torch.rand(B, device=dev) * 2 - 1) * (1 - w)  # crop centre, in [-1, 1] units
-        theta[:, 1, 2] = (torch.rand(B, device=dev) * 2 - 1) * (1 - h)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
 
 
 def token_batch(tokens: dict[str, torch.Tensor], index: torch.Tensor):

@@ -55,8 +55,10 @@ def param_groups(model: CLIPModel, weight_decay: float, lr: float, image_lr: flo
     return list(groups.values())
 
 
-def build_optimizer(model: CLIPModel, tc, device: torch.device) -> torch.optim.AdamW:
-    groups = param_groups(model, tc.weight_decay, tc.lr, tc.image_lr, tc.text_lr)
+def build_optimizer(model: CLIPModel, device: torch.device, lr: float, weight_decay: float,
+                    image_lr: float = 0.0, text_lr: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over `param_groups` (a tower's lr of 0 means `lr`)."""
+    groups = param_groups(model, weight_decay, lr, image_lr, text_lr)
     # the fused CUDA kernel updates every parameter in one launch
     return torch.optim.AdamW(groups, fused=device.type == "cuda")
 
@@ -69,16 +71,17 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
-def build_scheduler(optimizer, tc, total_steps: int):
+def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: int = 0,
+                    plateau_factor: float = 0.8, plateau_patience: int = 1):
     """Stepped every optimizer step (cosine, constant) or every epoch on val mean recall (plateau)."""
-    if tc.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, total_steps))
-    if tc.schedule == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, tc.warmup_steps)))
-    if tc.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=tc.plateau_factor,
-                                                          patience=tc.plateau_patience)
-    raise ValueError(f"unknown schedule {tc.schedule!r}; use cosine, plateau or constant")
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+    if schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=plateau_factor,
+                                                          patience=plateau_patience)
+    raise ValueError(f"unknown schedule {schedule!r}; use cosine, plateau or constant")
 
 
 # ---------------------------------------------------------------- precision
@@ -171,7 +174,7 @@ def contrastive_backward(embed, micro_batches: list, scale_fn, loss_fn, precisio
 
 
 def _check_finite(loss: torch.Tensor):
-    import distributed
+    from . import distributed
     value = distributed.mean(loss.detach())  # every rank decides alike
     if not torch.isfinite(value):
         raise NonFiniteLoss(f"the loss became {value.item()}")

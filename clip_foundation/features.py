@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-from cache import cache_key
-from clipModel import CLIPModel
-from data import to_model_input
+from clipModel import CLIPModel, to_model_input
+
+from .cache import cache_key
+from .files import atomic_write
+from .retrieval import eval_mode
 
 
 def _tower_id(config) -> str:
@@ -38,9 +40,7 @@ def _cached(path: Path | None, compute) -> torch.Tensor:
     features = compute()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"features": features.contiguous()}, tmp)
-        os.replace(tmp, path)  # never a half-written cache file
+        atomic_write(path, lambda tmp: save_file({"features": features.contiguous()}, tmp))
     return features
 
 
@@ -54,12 +54,10 @@ def image_tower_features(model: CLIPModel, records, images: torch.Tensor, cache_
 
     def compute():
         from tqdm.auto import tqdm
-        was_training = model.image_encoder.training
-        model.image_encoder.eval()
-        out = [model.image_encoder(to_model_input(images[s:s + batch_size].to(model.device), cfg.mean, cfg.std))
-               .float().cpu() for s in tqdm(range(0, len(images), batch_size), disable=not progress,
-                                            desc=f"encoding {len(images)} images (frozen tower)", leave=False)]
-        model.image_encoder.train(was_training)
+        with eval_mode(model.image_encoder):
+            out = [model.image_encoder(to_model_input(images[s:s + batch_size].to(model.device), cfg.mean, cfg.std))
+                   .float().cpu() for s in tqdm(range(0, len(images), batch_size), disable=not progress,
+                                                desc=f"encoding {len(images)} images (frozen tower)", leave=False)]
         return torch.cat(out)
     return _cached(path, compute)
 
@@ -75,13 +73,11 @@ def text_tower_features(model: CLIPModel, captions: list[str], cache_dir: str | 
 
     def compute():
         from tqdm.auto import tqdm
-        was_training = model.text_encoder.training
-        model.text_encoder.eval()
         out = []
-        for s in tqdm(range(0, len(captions), batch_size), disable=not progress, leave=False,
-                      desc=f"encoding {len(captions)} captions (frozen tower)"):
-            tokens = {k: v.to(model.device) for k, v in model.tokenize(captions[s:s + batch_size]).items()}
-            out.append(model.text_encoder(**tokens).float().cpu())
-        model.text_encoder.train(was_training)
+        with eval_mode(model.text_encoder):
+            for s in tqdm(range(0, len(captions), batch_size), disable=not progress, leave=False,
+                          desc=f"encoding {len(captions)} captions (frozen tower)"):
+                tokens = {k: v.to(model.device) for k, v in model.tokenize(captions[s:s + batch_size]).items()}
+                out.append(model.text_encoder(**tokens).float().cpu())
         return torch.cat(out)
     return _cached(path, compute)

@@ -19,12 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .files import atomic_write
 
 INDEX_VERSION = 2  # bump when the index format changes, so old caches are rebuilt
 EXACT_CHUNK = 65_536  # gallery rows scored at once: 64 queries x 65k rows = 16 MB of scores
@@ -193,7 +194,7 @@ def ensure_faiss(index: GalleryIndex, backend: str, stem=None, queries=None,
     if stem is not None:
         faiss = faiss_module(required=True)
         stem = Path(stem)
-        _atomic(stem.with_suffix(".faiss"), lambda tmp: faiss.write_index(index.faiss_index, str(tmp)))
+        atomic_write(stem.with_suffix(".faiss"), lambda tmp: faiss.write_index(index.faiss_index, str(tmp)))
         _write_meta(index, stem)
     return index
 
@@ -226,21 +227,12 @@ def gallery_digest(paths: list[str]) -> str:
     return h.hexdigest()
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_meta(index: GalleryIndex, stem: Path) -> None:
     meta = {"version": INDEX_VERSION, **index.meta, "identity": index.identity,
             "rows": len(index), "dim": index.embeddings.shape[1], "paths": index.paths}
     if index.captions is not None:
         meta["captions"] = index.captions
-    _atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta)))
+    atomic_write(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta)))
 
 
 def save_index(index: GalleryIndex, stem) -> Path:
@@ -250,11 +242,11 @@ def save_index(index: GalleryIndex, stem) -> Path:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").unlink(missing_ok=True)  # first: a half-replaced index never reads as complete
     emb = index.embeddings.half().cpu().contiguous()
-    _atomic(stem.with_suffix(".safetensors"), lambda tmp: save_file({"embeddings": emb}, str(tmp)))
+    atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file({"embeddings": emb}, str(tmp)))
     faiss_file = stem.with_suffix(".faiss")
     if index.faiss_index is not None:
         faiss = faiss_module(required=True)
-        _atomic(faiss_file, lambda tmp: faiss.write_index(index.faiss_index, str(tmp)))
+        atomic_write(faiss_file, lambda tmp: faiss.write_index(index.faiss_index, str(tmp)))
     else:
         faiss_file.unlink(missing_ok=True)
         index.meta.pop("faiss", None)
@@ -303,7 +295,7 @@ def mark_missing(stem, missing: list[str]) -> None:
     try:
         meta = json.loads(path.read_text())
         meta["missing"] = sorted(set(meta.get("missing", [])) | set(missing))
-        _atomic(path, lambda tmp: tmp.write_text(json.dumps(meta)))
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(meta)))
     except (OSError, ValueError):
         pass
 

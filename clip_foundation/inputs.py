@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import torch
 
-from clipModel import CLIPModel
-from data import all_captions, prefetch, to_model_input, token_batch
-from evaluate import evaluate_records, records_metrics
-from features import image_tower_features, text_tower_features
+from clipModel import CLIPModel, to_model_input
+
+from .data import all_captions, prefetch, token_batch
+from .features import image_tower_features, text_tower_features
+from .retrieval import eval_mode, evaluate_records, records_metrics
 
 
-def _tower_trains(tc, tower: str) -> bool:
-    return not getattr(tc, f"freeze_{tower}") or getattr(tc, f"train_{tower}_blocks") > 0
+def tower_trains(frozen: bool, trained_blocks: int) -> bool:
+    """Whether any of a tower's weights train: not frozen, or frozen but for its last blocks."""
+    return not frozen or trained_blocks > 0
 
 
 class Inputs:
     """A split's inputs, ready for the model: decoded images or a frozen image tower's
     features, and pre-tokenized captions or a frozen text tower's features."""
 
-    def __init__(self, model: CLIPModel, records, images, tc, cache_dir: str):
+    def __init__(self, model: CLIPModel, records, images, *, image_trains: bool = True,
+                 text_trains: bool = True, augment: bool = False, cache_dir: str = "", progress: bool = True):
         self.records, self.images = records, images
         self.image_features = self.text_features = self.tokens = None
-        if not _tower_trains(tc, "image") and not tc.augment:  # frozen and never augmented: encode once
-            self.image_features = image_tower_features(model, records, images, cache_dir, progress=tc.progress)
-        if not _tower_trains(tc, "text"):
-            self.text_features = text_tower_features(model, all_captions(records), cache_dir, progress=tc.progress)
+        if not image_trains and not augment:  # frozen and never augmented: encode once
+            self.image_features = image_tower_features(model, records, images, cache_dir, progress=progress)
+        if not text_trains:
+            self.text_features = text_tower_features(model, all_captions(records), cache_dir, progress=progress)
         else:
             self.tokens = model.tokenize(all_captions(records))
 
@@ -78,11 +81,9 @@ class Inputs:
         """Recall metrics; cheap when both towers' features are cached."""
         if self.image_features is None or self.text_features is None:
             return evaluate_records(model, self.records, self.images)
-        was_training = model.training
-        model.eval()
-        image_f = model.project_image(self.image_features.to(model.device)).float()
-        text_f = model.project_text(self.text_features.to(model.device)).float()
-        model.train(was_training)
+        with eval_mode(model):
+            image_f = model.project_image(self.image_features.to(model.device)).float()
+            text_f = model.project_text(self.text_features.to(model.device)).float()
         return records_metrics(image_f, text_f, self.records)
 
 
@@ -97,8 +98,8 @@ class Embedder(torch.nn.Module):
         return self.inputs.embed(self.model, image_rows, caption_index, self.augment)
 
 
-def set_train_mode(model: CLIPModel, tc):
+def set_train_mode(model: CLIPModel, image_trains: bool, text_trains: bool):
     """Training mode, except fully frozen towers (their BatchNorm / dropout stay in eval mode)."""
     model.train()
-    model.image_encoder.train(_tower_trains(tc, "image"))
-    model.text_encoder.train(_tower_trains(tc, "text"))
+    model.image_encoder.train(image_trains)
+    model.text_encoder.train(text_trains)

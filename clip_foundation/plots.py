@@ -16,7 +16,7 @@ def _as_array(image):
     EXIF rotation applied, so phone photos stand upright); an unreadable file raises DataError."""
     import numpy as np
     from PIL import Image
-    from readers import open_rgb
+    from .records import open_rgb
     if isinstance(image, (str, Path)):
         return np.asarray(open_rgb(image))
     if isinstance(image, Image.Image):

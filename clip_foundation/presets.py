@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cli
+from . import cli
 
 SHARED_EFFICIENTNET = Path(__file__).resolve().parent.parent / "shared/pretrained/tf_efficientnet_lite0.safetensors"
 

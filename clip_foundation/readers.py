@@ -10,77 +10,19 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import re
 import unicodedata
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageFile, ImageOps
+from .records import SPLIT_ALIASES, DataError, DataWarning, LoadReport, Record, image_files
 
 
-class DataError(ValueError):
-    """Bad input data: the message names the file (and line) at fault."""
-
-
-class DataWarning(UserWarning):
-    """Data problems that were skipped (skip_bad=True) or repaired while loading."""
-
-
-@dataclass
-class Record:
-    image: Path                  # absolute path of the image file
-    captions: list[str]          # every caption of this image, in file order
-    split: str | None = None     # "train"/"val"/"test" when the dataset ships a split
-    line: int | None = None      # first line of the source file that named this image
-    extra: dict = field(default_factory=dict)  # other CSV columns (e.g. synthetic attributes)
-
-
-@dataclass
-class LoadReport:
-    """What one load skipped or repaired. `skipped`/`notes` count by kind; `first` keeps
-    the first "file:line: message" of each kind. Bad input raises unless `skip_bad`."""
-    skip_bad: bool = False
-    layout: str | None = None
-    skipped: Counter = field(default_factory=Counter)
-    notes: Counter = field(default_factory=Counter)
-    first: dict = field(default_factory=dict)
-
-    def bad(self, kind: str, where: str, msg: str) -> None:
-        """Bad input: raise DataError, or (skip_bad) count it so the caller skips it."""
-        if not self.skip_bad:
-            raise DataError(f"{where}: {msg}")
-        self.skipped[kind] += 1
-        self.first.setdefault(kind, f"{where}: {msg}")
-
-    def note(self, kind: str, where: str, msg: str) -> None:
-        """Something repaired or dropped by rule (never an error): always counted."""
-        self.notes[kind] += 1
-        self.first.setdefault(kind, f"{where}: {msg}")
-
-    def summary(self) -> str:
-        """One line for the log; empty when nothing was skipped or noted."""
-        parts = []
-        for title, counts in (("skipped", self.skipped), ("noted", self.notes)):
-            if counts:
-                kinds = ", ".join(f"{n} {k}" for k, n in counts.items())
-                firsts = "; ".join(self.first[k] for k in counts)
-                parts.append(f"{title} {sum(counts.values())}: {kinds} (first: {firsts})")
-        return "; ".join(parts)
-
-
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 # Flickr8k's longest caption is 199 characters and the text model reads 64 tokens: a caption
 # ten times that long is rows run together (a stray quote), not a description.
 MAX_CAPTION_CHARS = 1000
-# The largest photos people caption are ~50 MP, and every decode thread holds one full image:
-# refuse more (from the header, before decoding), well below PIL's ~89 MP bomb warning.
-MAX_IMAGE_PIXELS = 64_000_000
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
                      "a photo of the small {}.", "a photo of the large {}.")
 LAYOUTS = {
@@ -369,11 +311,6 @@ def read_flickr8k(root: str | Path, *, allow_duplicates: bool = True, skip_bad: 
     return grouper.result(caption_path)
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith(".") and p.is_file())
-
-
 def _class_roots(root: Path) -> list[tuple[str | None, Path]]:
     # [(split, folder of class folders)]: ROOT itself, or ROOT/train, ROOT/test, ...
     subdirs = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
@@ -392,7 +329,7 @@ def read_class_folders(root: str | Path, templates=DEFAULT_TEMPLATES, *,
     records, classes = [], set()
     for split, folder in _class_roots(root):
         for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            images = _image_files(d)
+            images = image_files(d)
             if not images:
                 report.note("class folder with no images", str(d), "ignored")
                 continue
@@ -432,7 +369,7 @@ def detect_layout(path: str | Path) -> str:
             return "csv"
         if _is_hf(path):
             return "hf"
-        if any(_image_files(d) for _, f in _class_roots(path) for d in f.iterdir() if d.is_dir()):
+        if any(image_files(d) for _, f in _class_roots(path) for d in f.iterdir() if d.is_dir()):
             return "classes"
     else:
         raise DataError(f"{path}: dataset folder not found")
@@ -450,7 +387,7 @@ def load_records_with_report(path: str | Path, layout: str = "auto", *, skip_bad
     layout = detect_layout(path) if layout == "auto" else layout
     report = LoadReport(skip_bad, layout)
     if layout == "hf":
-        from readers_hf import read_hf  # imports the optional `datasets` lazily
+        from .readers_hf import read_hf  # imports the optional `datasets` lazily
         return read_hf(path, report=report, **options), report
     if layout not in READERS:
         raise DataError(f"unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}")
@@ -470,38 +407,3 @@ def load_records(path: str | Path, layout: str = "auto", **options) -> list[Reco
     return records
 
 
-def _to_8bit(im: Image.Image) -> float:
-    # factor onto 0-255 for 16-bit or float grey (convert("L") then clips what is outside)
-    if im.mode != "F":
-        return 1 / 257  # 16-bit: 0-65535
-    low, high = im.getextrema()
-    return 255 if 0 <= low and high <= 1 else 1  # floats of scientific images: 0-1, or 0-255
-
-
-def open_rgb(path: str | Path) -> Image.Image:
-    """Open and fully decode an image as RGB (EXIF rotation applied, alpha composited on
-    white, 16-bit and float grey scaled to 8 bits); corrupt or truncated files, and images
-    over MAX_IMAGE_PIXELS, raise DataError naming the file."""
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncation must fail here, not decode as grey
-    try:
-        with Image.open(path) as im:  # reads the header only
-            if (pixels := im.width * im.height) > MAX_IMAGE_PIXELS:
-                raise DataError(f"{path}: image is {im.width}x{im.height} "
-                                f"({math.ceil(pixels / 1e6)} MP), more than the "
-                                f"{MAX_IMAGE_PIXELS // 10**6} MP this loader decodes")
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey
-                scale = _to_8bit(im)
-                im = im.point(lambda v: v * scale).convert("L")
-            if im.mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(background, im)
-            return im.convert("RGB")
-    except DataError:
-        raise  # already says what is wrong (a ValueError, which the next line would wrap)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot decode image ({e})") from None

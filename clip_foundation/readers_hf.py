@@ -12,7 +12,8 @@ import re
 import shutil
 from pathlib import Path
 
-from readers import SPLIT_ALIASES, DataError, LoadReport, Record
+from .files import atomic_write
+from .records import SPLIT_ALIASES, DataError, LoadReport, Record
 
 CAPTION_COLUMNS = ("caption", "captions", "text", "sentences")
 MANIFEST = "records.json"
@@ -99,7 +100,7 @@ def _write_image(image: dict | None, stem: Path, where: str, report: LoadReport)
         ext = (".jpg" if data[:3] == b"\xff\xd8\xff" else
                ".png" if data[:8] == b"\x89PNG\r\n\x1a\n" else None)
         if ext is None:  # other formats: re-encode losslessly as PNG
-            from readers import open_rgb
+            from .records import open_rgb
             try:
                 out = stem.with_suffix(".png")
                 open_rgb(io.BytesIO(data)).save(out)
@@ -190,9 +191,8 @@ def read_hf(source: str | Path, *, image_column: str | None = None,
                                       {"hf_split": split_name, "hf_index": i}))
     if not records:
         raise DataError(f"{source}: no usable rows")
-    tmp = manifest.with_suffix(".tmp")  # written last, renamed: a crash leaves no manifest
-    tmp.write_text(json.dumps({"key": key, "issues": recorder.issues, "records": [
+    text = json.dumps({"key": key, "issues": recorder.issues, "records": [
         {"image": str(r.image), "captions": r.captions, "split": r.split, "line": r.line,
-         "extra": r.extra} for r in records]}))
-    tmp.replace(manifest)
+         "extra": r.extra} for r in records]})
+    atomic_write(manifest, lambda tmp: tmp.write_text(text))  # written last: a crash leaves no manifest
     return records

@@ -5,16 +5,15 @@ It lets the whole pipeline (training, evaluation, search) run offline on a fresh
 `captions.csv` with `image,caption,split` - and adds attribute columns (colours, shapes,
 sizes, centres, position, relation) so tests can check what retrieval returns.
 
-    python synthetic.py --out=data/synthetic --n_train=2000 --seed=0
+    python -m clip_foundation.synthetic --out=data/synthetic --n_train=2000 --seed=0
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -231,22 +230,24 @@ def ensure_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticCon
     return out_dir
 
 
+@dataclass
+class SyntheticCommand:
+    out: str = "data/synthetic"  # output folder
+    set: SyntheticConfig = field(default_factory=SyntheticConfig)  # what to generate (--n_train=..., --seed=...)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Command line: python synthetic.py --out=data/synthetic [--n_train=2000] [--seed=0] ..."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--out", default="data/synthetic", help="output folder")
-    for f in fields(SyntheticConfig):
-        parser.add_argument(f"--{f.name}", type=int, default=f.default)
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    config = SyntheticConfig(**args)
+    """Command line: python -m clip_foundation.synthetic --out=data/synthetic [--n_train=2000] [--seed=0] ..."""
+    from .cli import parse
+    args = parse(SyntheticCommand(), argv, "usage: python -m clip_foundation.synthetic [--out=DIR] [--n_train=N] ...")
+    config = args.set
     try:
-        generate(out, config)
+        generate(args.out, config)
     except ValueError as e:
-        parser.error(str(e))
+        raise SystemExit(f"error: {e}") from None
     n = config.n_train + config.n_val + config.n_test
     print(f"wrote {n} images ({config.n_train} train / {config.n_val} val / {config.n_test} test) "
-          f"and {n * config.captions_per_image} captions to {out}")
+          f"and {n * config.captions_per_image} captions to {args.out}")
 
 
 if __name__ == "__main__":

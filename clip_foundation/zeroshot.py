@@ -9,7 +9,6 @@ ensembling), giving one (C, D) classifier; an image's class is its most similar 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -18,10 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cache import prepare_transform
-from data import decode_images
-from evaluate import embed_images, embed_texts
-from readers import DataError, open_rgb, read_class_folders
+from clipModel import resize_crop
+from .data import decode_images
+from .retrieval import embed_images, embed_texts, eval_mode
+from .records import DataError, open_rgb
+from .readers import read_class_folders
 
 TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.",
              "a drawing of a {}.", "a close-up photo of a {}.", "a photo of a small {}.",
@@ -83,27 +83,16 @@ def read_templates(path) -> list[str]:
     return templates
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 def zeroshot_classifier(model, class_names, templates=TEMPLATES) -> torch.Tensor:
     """Prompt-ensembled class embeddings (C, D): per class, the normalised mean of the
     normalised embeddings of every template filled with the cleaned class name."""
     prompts = [t.format(clean_class_name(c)) for c in class_names for t in templates]
-    with _eval_mode(model):
+    with eval_mode(model), torch.no_grad():
         emb = embed_texts(model, prompts)  # (C * T, D), each row normalised
     return F.normalize(emb.view(len(class_names), len(templates), -1).mean(1), dim=-1)
 
 
-def classify(image, labels, model, templates=None) -> list[tuple[str, float]]:
+def classify(model, image, labels, templates=None) -> list[tuple[str, float]]:
     """Classify one image among `labels`: -> [(label, probability)], best first, summing to 1.
 
     `image` is a PIL image, a path, or a (3, H, W) / (1, 3, H, W) tensor (uint8, or float
@@ -118,7 +107,7 @@ def classify(image, labels, model, templates=None) -> list[tuple[str, float]]:
             raise ValueError(f"classify takes one image, got a batch of {len(image)}")
         image = image[0]
     x = model.image_transform(train=False)(image)  # (3, S, S) normalised
-    with _eval_mode(model):
+    with eval_mode(model), torch.no_grad():
         text = (zeroshot_classifier(model, labels, templates) if templates
                 else embed_texts(model, list(labels)))  # (C, D)
         features = model.encode_image(x[None].to(model.device)).float()  # (1, D)
@@ -181,7 +170,7 @@ def _embed(model, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     S = model.config.image.image_size
     if images.shape[-2:] == (S, S):
         return embed_images(model, images, batch_size)
-    resize = prepare_transform(S)
+    resize = resize_crop(S)
     return torch.cat([embed_images(model, resize(images[s:s + 1024]).as_subclass(torch.Tensor),
                                    batch_size) for s in range(0, len(images), 1024)])
 
@@ -194,7 +183,7 @@ def zeroshot_evaluate(model, data: LabelledImages, templates=TEMPLATES,
     C = len(data.class_names)
     if len(data.images) == 0:
         raise DataError(f"{data.name}: no images to classify")
-    with _eval_mode(model):
+    with eval_mode(model), torch.no_grad():
         features = _embed(model, data.images, batch_size)  # (N, D)
     logits = features @ zeroshot_classifier(model, data.class_names, templates).T  # (N, C)
     k = min(5, C)

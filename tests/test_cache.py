@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cache  # noqa: E402
-from cache import CacheSpaceError, cache_key, load_images  # noqa: E402
+from clip_foundation import cache  # noqa: E402
+from clip_foundation.cache import CacheSpaceError, cache_key, load_images  # noqa: E402
 from clipModel import ImageEncoderConfig, image_transform  # noqa: E402
-from data import to_model_input  # noqa: E402
-from readers import DataError, DataWarning, Record, open_rgb  # noqa: E402
+from clipModel import to_model_input  # noqa: E402
+from clip_foundation.records import DataError, DataWarning, Record, open_rgb  # noqa: E402
 
 S = 16
 CFG = ImageEncoderConfig(kind="scratch", image_size=S, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28))
@@ -81,7 +81,7 @@ def test_cached_equals_direct(tmp_path, use_cache):
         for img, rec in zip(images, recs):
             direct = image_transform(CFG, train=False)(open_rgb(rec.image))  # (3, S, S) float
             assert torch.equal(image_transform(CFG, train=False)(img), direct)
-            # data.to_model_input divides by 255, ToDtype multiplies by 1/255: <= 1 ulp apart.
+            # clipModel.to_model_input divides by 255, ToDtype multiplies by 1/255: <= 1 ulp apart.
             torch.testing.assert_close(to_model_input(img[None], CFG.mean, CFG.std)[0], direct,
                                        rtol=0, atol=0)
 

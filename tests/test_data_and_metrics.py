@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cli
-from data import UniqueImageBatchSampler, check_captions, split_by_image
-from evaluate import retrieval_metrics
-from readers import DataError, Record
+from clip_foundation import cli
+from clip_foundation.data import UniqueImageBatchSampler, check_captions, split_by_image
+from clip_foundation.retrieval import retrieval_metrics
+from clip_foundation.records import DataError, Record
 
 
 @pytest.mark.parametrize("counts,batch,rounds", [([5] * 40, 8, 5), ([1, 2, 3, 5] * 10, 7, 3), ([3] * 9, 4, 1)])
@@ -231,7 +231,7 @@ def test_skip_bad_drops_and_reports_unreadable_captions(tokenizer):
 
 def test_csv_column_names_are_configurable(tmp_path):
     from PIL import Image
-    from data import DataConfig, load_splits
+    from clip_foundation.data import DataConfig, load_splits
     for i in range(4):
         Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / f"p{i}.jpg")
     rows = ["id,filename,text"] + [f"{i},p{i // 2}.jpg,photo {i}" for i in range(8)]
@@ -245,7 +245,7 @@ def test_csv_column_names_are_configurable(tmp_path):
 
 
 def test_column_options_on_a_layout_without_columns_are_rejected(tmp_path):
-    from data import DataConfig, load_splits
+    from clip_foundation.data import DataConfig, load_splits
     (tmp_path / "Images").mkdir()
     (tmp_path / "captions.txt").write_text("image,caption\n")
     with pytest.raises(DataError, match="apply to csv and hf"):
@@ -253,7 +253,7 @@ def test_column_options_on_a_layout_without_columns_are_rejected(tmp_path):
 
 
 def test_prefetch_keeps_order_and_raises_the_producers_error():
-    from data import prefetch
+    from clip_foundation.data import prefetch
     assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
 
     def failing():

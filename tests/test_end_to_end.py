@@ -6,9 +6,10 @@ import torch
 
 import evaluate
 import search
+from clip_foundation import gallery
 import train
 from conftest import TINY_MODEL
-from synthetic import SyntheticConfig, generate
+from clip_foundation.synthetic import SyntheticConfig, generate
 
 def test_training_learns_far_above_chance(tiny_run):
     _, run_dir, metrics = tiny_run
@@ -61,9 +62,9 @@ def test_search_cli_finds_what_was_asked_and_caches_the_gallery(tiny_run, tmp_pa
 def test_search_index_is_rebuilt_when_the_model_changes(tiny_run, tmp_path):
     from clipModel import CLIPModel
     data, run_dir, _ = tiny_run
-    records = search.gallery_records(run_dir, str(data), "test")
+    records = gallery.gallery_records(run_dir, str(data), "test")
     model = CLIPModel.from_pretrained(run_dir)
-    first = search.load_or_build_index(model, run_dir, records)
+    first = gallery.load_or_build_index(model, run_dir, records)
     copy = tmp_path / "copy"
     with __import__("torch").no_grad():
         model.logit_scale.add_(1.0)  # any weight change gives another model identity
@@ -71,7 +72,7 @@ def test_search_index_is_rebuilt_when_the_model_changes(tiny_run, tmp_path):
     (copy / "index").mkdir()
     for f in (run_dir / "index").iterdir():  # a stale index from the other model
         (copy / "index" / f.name).write_bytes(f.read_bytes())
-    rebuilt = search.load_or_build_index(model, copy, records)
+    rebuilt = gallery.load_or_build_index(model, copy, records)
     assert rebuilt.identity != first.identity
 
 

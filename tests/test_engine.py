@@ -6,10 +6,9 @@ import torch
 
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, set_grad_checkpointing
 from conftest import TINY_CAPTIONS
-from engine import (NonFiniteLoss, build_scheduler, contrastive_backward, freeze_towers, optimizer_step,
-                    param_groups, resolve_precision, grad_scaler)
-from loss import clip_loss
-from train import TrainConfig
+from clip_foundation.engine import (NonFiniteLoss, build_scheduler, contrastive_backward, freeze_towers, grad_scaler,
+                                    optimizer_step, param_groups, resolve_precision)
+from clipModel import clip_loss
 
 
 def tiny_model(dropout=0.0, stem="linear", seed=0) -> CLIPModel:
@@ -170,14 +169,13 @@ def test_non_finite_loss_and_gradients_raise():
 
 def test_plateau_schedule_lowers_lr_when_recall_stalls():
     model = tiny_model()
-    tc = TrainConfig(schedule="plateau", plateau_factor=0.5, plateau_patience=1, lr=1e-3)
-    opt = torch.optim.AdamW(param_groups(model, 0.1, tc.lr), lr=tc.lr)
-    sched = build_scheduler(opt, tc, total_steps=10)
+    opt = torch.optim.AdamW(param_groups(model, 0.1, 1e-3), lr=1e-3)
+    sched = build_scheduler(opt, "plateau", total_steps=10, plateau_factor=0.5, plateau_patience=1)
     for score in (10.0, 20.0, 20.0, 20.0):
         sched.step(score)
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
     with pytest.raises(ValueError, match="schedule"):
-        build_scheduler(opt, TrainConfig(schedule="linear"), 10)
+        build_scheduler(opt, "linear", 10)
 
 
 @pytest.mark.slow

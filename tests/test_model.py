@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ImageEncoderConfig, ProjectionHead, TextEncoderConfig,
                        image_transform)
-from data import decode_images, to_model_input
-from loss import clip_loss
-from readers import Record
+from clip_foundation.data import decode_images
+from clipModel import to_model_input
+from clipModel import clip_loss
+from clip_foundation.records import Record
 
 from conftest import TINY_CAPTIONS as CAPTIONS
 

@@ -59,9 +59,9 @@ def test_notebook_is_glue_not_model_code():
     code = "\n".join(source(c) for c in cells("code"))
     assert not re.search(r"^\s*class\s", code, re.MULTILINE), "model code lives in clipModel.py, not here"
     assert "nn.Module" not in code and "torch.optim" not in code and "backward(" not in code
-    for call in ('find_matches("dog")', 'find_matches("plane")', 'find_matches("Gloomy weather")',
-                 'find_matches("someone dunks on the basket")'):
-        assert call in code
+    for query in ("dog", "plane", "Gloomy weather", "someone dunks on the basket"):  # the seed's searches
+        assert f'gallery.show("{query}")' in code or f'gallery.find_matches("{query}")' in code
+    assert not re.search(r"^\s*def find_matches", code, re.MULTILINE), "the library's Gallery searches"
     assert "colab.research.google.com/github/" in source(cells("markdown")[0])  # the Open in Colab badge
 
 

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from readers import (MAX_CAPTION_CHARS, DataError, DataWarning, LoadReport,  # noqa: E402
-                     detect_layout, load_records, load_records_with_report, open_rgb,
-                     read_caption_csv, read_class_folders)
+from clip_foundation.readers import (MAX_CAPTION_CHARS, detect_layout, load_records,  # noqa: E402
+                                     load_records_with_report, read_caption_csv, read_class_folders)
+from clip_foundation.records import DataError, DataWarning, LoadReport, open_rgb  # noqa: E402
 
 SHARED_FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 

@@ -9,13 +9,14 @@ import pytest
 
 import evaluate
 import search
+from clip_foundation import gallery
 import train
 from conftest import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    from synthetic import SyntheticConfig, generate
+    from clip_foundation.synthetic import SyntheticConfig, generate
     root = tmp_path_factory.mktemp("robust")
     return generate(root / "data", SyntheticConfig(n_train=60, n_val=10, n_test=12), progress=False), root
 
@@ -58,7 +59,7 @@ def test_evaluate_names_a_corrupt_image_in_the_split_and_can_skip_it(run_copy, t
     args = ["--checkpoint", str(run), "--data", str(data), "--split", "test", "--out", str(tmp_path / "m.json")]
     with pytest.raises(SystemExit) as exc:
         evaluate.main(args)
-    assert Path(victim).name in str(exc.value) and "--skip-bad" in str(exc.value)
+    assert Path(victim).name in str(exc.value) and "--skip_bad" in str(exc.value)
     metrics = evaluate.main(args + ["--skip-bad"])
     assert metrics["images"] == len({r.split(",")[0] for r in rows[1:] if ",test" in r}) - 1
 
@@ -167,7 +168,7 @@ def test_truncated_index_file_is_rebuilt(run_copy, capsys):
 
 def test_search_falls_back_to_the_user_cache_when_the_checkpoint_is_read_only(run_copy, tmp_path,
                                                                                monkeypatch, capsys):
-    import index as index_module
+    from clip_foundation import index as index_module
     data, run = run_copy
     shutil.rmtree(run / "index", ignore_errors=True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -178,7 +179,7 @@ def test_search_falls_back_to_the_user_cache_when_the_checkpoint_is_read_only(ru
             raise PermissionError(13, "Permission denied", str(stem))
         return real_save(index, stem)
 
-    monkeypatch.setattr(search, "save_index", read_only)
+    monkeypatch.setattr(gallery, "save_index", read_only)
     args = ["a green triangle", "--checkpoint", str(run), "--data", str(data), "-n", "3",
             "--out", str(tmp_path / "g.png")]
     results = search.main(args)
@@ -196,7 +197,7 @@ def test_search_falls_back_to_the_user_cache_when_the_checkpoint_is_read_only(ru
 def test_disk_full_while_saving_last_is_one_clear_error(small_data, monkeypatch):
     import errno
 
-    import checkpoint
+    from clip_foundation import checkpoint
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import search
-from index import (GalleryIndex, build_faiss, exact_topk, faiss_module, load_index, recall_at_k,
-                   save_index)
+from clip_foundation import gallery
+from clip_foundation.records import DataError
+from clip_foundation.index import GalleryIndex, build_faiss, exact_topk, faiss_module, load_index, recall_at_k, save_index
 
 needs_faiss = pytest.mark.skipif(faiss_module() is None, reason="faiss not installed")
 
@@ -84,7 +85,7 @@ def test_ivf_recall_is_measured_and_high_on_a_clustered_gallery():
     assert info["recall@10"] >= 0.9 and info["recall_queries"] == 200
     fresh = clustered(300, seed=7)  # new points around the same centres: queries the build never saw
     _, exact = exact_topk(fresh, emb, 10)
-    _, approx = search.GalleryIndex(emb.half(), [""] * len(emb), "", faiss_index=ivf).search(fresh, 10)
+    _, approx = GalleryIndex(emb.half(), [""] * len(emb), "", faiss_index=ivf).search(fresh, 10)
     assert recall_at_k(approx, exact, 10) >= 0.9
 
 
@@ -124,9 +125,9 @@ def test_build_index_in_chunks_equals_one_pass(tiny_run):
     from clipModel import CLIPModel
     data, run_dir, _ = tiny_run
     model = CLIPModel.from_pretrained(run_dir)
-    records = search.gallery_records(run_dir, str(data), "test")[:20]
-    one = search.build_index(model, records, progress=False)
-    chunked = search.build_index(model, records, batch_size=3, chunk=7, progress=False)
+    records = gallery.gallery_records(run_dir, str(data), "test")[:20]
+    one = gallery.build_index(model, records, progress=False)
+    chunked = gallery.build_index(model, records, batch_size=3, chunk=7, progress=False)
     assert one.paths == chunked.paths == [str(r.image) for r in records]
     assert torch.allclose(one.embeddings.float(), chunked.embeddings.float(), atol=2e-3)
 
@@ -135,23 +136,23 @@ def test_cache_is_reused_then_rebuilt_when_a_gallery_file_or_the_model_changes(t
     from clipModel import CLIPModel
     data, _, _ = tiny_run
     model = CLIPModel.from_pretrained(checkpoint)
-    records = search.gallery_records(checkpoint, str(data), "test")[:12]
-    first = search.load_or_build_index(model, checkpoint, records)
+    records = gallery.gallery_records(checkpoint, str(data), "test")[:12]
+    first = gallery.load_or_build_index(model, checkpoint, records)
     meta = next((checkpoint / "index").glob("images-*.json"))
     stamp = meta.stat().st_mtime_ns
-    assert search.load_or_build_index(model, checkpoint, records).identity == first.identity
+    assert gallery.load_or_build_index(model, checkpoint, records).identity == first.identity
     assert meta.stat().st_mtime_ns == stamp  # served from the cache
     st = records[3].image.stat()
     os.utime(records[3].image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     try:
-        touched = search.load_or_build_index(model, checkpoint, records)
+        touched = gallery.load_or_build_index(model, checkpoint, records)
     finally:
         os.utime(records[3].image, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert touched.identity != first.identity and meta.stat().st_mtime_ns != stamp
     with torch.no_grad():
         model.logit_scale.add_(1.0)
     model.save_pretrained(checkpoint)  # new weights, same folder
-    assert search.load_or_build_index(model, checkpoint, records).identity.split(":")[1] != \
+    assert gallery.load_or_build_index(model, checkpoint, records).identity.split(":")[1] != \
         first.identity.split(":")[1]
 
 
@@ -161,12 +162,12 @@ def test_caption_index_is_rebuilt_when_a_caption_changes(tiny_run, checkpoint):
     from clipModel import CLIPModel
     data, _, _ = tiny_run
     model = CLIPModel.from_pretrained(checkpoint)
-    records = search.gallery_records(checkpoint, str(data), "test")[:5]
-    first = search.load_or_build_caption_index(model, checkpoint, records)
+    records = gallery.gallery_records(checkpoint, str(data), "test")[:5]
+    first = gallery.load_or_build_caption_index(model, checkpoint, records)
     assert len(first) == sum(len(r.captions) for r in records) and first.captions[0] == records[0].captions[0]
     assert first.paths[0] == str(records[0].image)
     edited = [replace(records[0], captions=["a purple triangle"] + records[0].captions[1:])] + records[1:]
-    again = search.load_or_build_caption_index(model, checkpoint, edited)
+    again = gallery.load_or_build_caption_index(model, checkpoint, edited)
     assert again.identity != first.identity and again.captions[0] == "a purple triangle"
     assert len(list((checkpoint / "index").glob("captions-*.json"))) == 1  # replaced, not piled up
 
@@ -190,48 +191,48 @@ def photo_folder(tiny_run, tmp_path):
 
 def test_a_plain_image_folder_is_a_gallery(tiny_run, photo_folder):
     _, run_dir, _ = tiny_run
-    records = search.gallery_records(run_dir, str(photo_folder), "test")
+    records = gallery.gallery_records(run_dir, str(photo_folder), "test")
     assert len(records) == 6 and all(r.captions == [] for r in records)
     assert all(".thumbs" not in str(r.image) for r in records)
-    assert search.image_folder_records(photo_folder) == records
+    assert gallery.image_folder_records(photo_folder) == records
     (photo_folder / "empty").mkdir()
-    with pytest.raises(search.DataError, match="no image files"):
-        search.image_folder_records(photo_folder / "empty")
-    with pytest.raises(search.DataError, match="not found"):
-        search.image_folder_records(photo_folder / "missing")
+    with pytest.raises(DataError, match="no image files"):
+        gallery.image_folder_records(photo_folder / "empty")
+    with pytest.raises(DataError, match="not found"):
+        gallery.image_folder_records(photo_folder / "missing")
 
 
 def test_embed_image_accepts_a_path_a_pil_image_and_tensors(tiny_run):
     from clipModel import CLIPModel
-    from readers import open_rgb
+    from clip_foundation.records import open_rgb
     data, run_dir, _ = tiny_run
     model = CLIPModel.from_pretrained(run_dir)
-    records = search.gallery_records(run_dir, str(data), "test")[:4]
-    gallery = search.build_index(model, records, progress=False)
+    records = gallery.gallery_records(run_dir, str(data), "test")[:4]
+    index = gallery.build_index(model, records, progress=False)
     path = records[2].image
-    from_path = search.embed_image(path, model)
+    from_path = gallery.embed_image(model, path)
     pil = open_rgb(path)
     uint8 = torch.from_numpy(__import__("numpy").array(pil)).permute(2, 0, 1)  # (3, H, W)
-    for other in (search.embed_image(str(path), model), search.embed_image(pil, model),
-                  search.embed_image(uint8, model),
-                  search.embed_image(model.image_transform()(pil), model)):
+    for other in (gallery.embed_image(model, str(path)), gallery.embed_image(model, pil),
+                  gallery.embed_image(model, uint8),
+                  gallery.embed_image(model, model.image_transform()(pil))):
         assert torch.allclose(other, from_path, atol=1e-5)
-    assert torch.allclose(from_path[0], gallery.embeddings[2].float(), atol=2e-3)  # same as the gallery path
+    assert torch.allclose(from_path[0], index.embeddings[2].float(), atol=2e-3)  # same as the gallery path
     with pytest.raises(FileNotFoundError, match="not found"):
-        search.embed_image(path.with_name("nope.png"), model)
+        gallery.embed_image(model, path.with_name("nope.png"))
 
 
 def test_find_captions_names_the_colour_of_single_shape_images(tiny_run):
     from clipModel import CLIPModel
-    from synthetic import COLORS
+    from clip_foundation.synthetic import COLORS
     data, run_dir, _ = tiny_run
     model = CLIPModel.from_pretrained(run_dir)
-    records = search.gallery_records(run_dir, str(data), "test")
-    captions = search.build_caption_index(model, records, progress=False)
+    records = gallery.gallery_records(run_dir, str(data), "test")
+    captions = gallery.build_caption_index(model, records, progress=False)
     singles = [r for r in records if r.extra["n_shapes"] == "1"][:20]
     hits = 0
     for r in singles:
-        matches = search.find_captions(r.image, model, captions, n=5)
+        matches = gallery.find_captions(model, captions, r.image, n=5)
         assert len(matches) == 5 and len({m.caption.lower() for m in matches}) == 5  # distinct
         assert [m.score for m in matches] == sorted((m.score for m in matches), reverse=True)
         assert all(m.image_path in captions.paths for m in matches)
@@ -311,11 +312,12 @@ def test_bad_input_exits_with_a_clear_message(argv, message):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["a dog", "--checkpoint", "x", "-n", "0"], "-n must be at least 1"),
+    (["a dog", "--checkpoint", "x", "-n", "-1"], "-n must be at least 1"),
     (["--checkpoint", "x"], "exactly one of"),
     (["a dog", "--image", "x.png", "--checkpoint", "x"], "exactly one of"),
-    (["a dog"], "--checkpoint DIR is required"),
-    (["--build-index", "--index", "x"], "--out DIR"),
+    (["a dog"], "--checkpoint=DIR is required"),
+    (["--build-index", "--index", "x"], "--out=DIR"),
+    (["a dog", "--checkpoint", "x", "--no_such_option=1"], "unknown option --no_such_option"),
 ])
 def test_bad_arguments_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -326,8 +328,8 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys):
 def test_find_functions_reject_bad_arguments():
     index = GalleryIndex(unit(3, 8).half(), ["a", "b", "c"], "id")
     with pytest.raises(ValueError, match="empty query"):
-        search.find_matches("  ", None, index)
+        gallery.find_matches(None, index, "  ")
     with pytest.raises(ValueError, match="at least 1"):
-        search.find_matches("a dog", None, index, n=0)
+        gallery.find_matches(None, index, "a dog", n=0)
     with pytest.raises(ValueError, match="not a caption index"):
-        search.find_captions("x.png", None, index)
+        gallery.find_captions(None, index, "x.png")

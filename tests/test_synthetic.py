@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import synthetic  # noqa: E402
-from synthetic import COLORS, SIZES, SyntheticConfig, ensure_synthetic, generate, main  # noqa: E402
+from clip_foundation import synthetic  # noqa: E402
+from clip_foundation.synthetic import COLORS, SIZES, SyntheticConfig, ensure_synthetic, generate, main  # noqa: E402
 
 SIZE_WORDS = {w for ws in synthetic.SIZE_WORDS.values() for w in ws}
 TINY = SyntheticConfig(n_train=20, n_val=5, n_test=5, image_size=64, captions_per_image=5, seed=0)
@@ -91,8 +91,8 @@ def test_layout(tiny):
 
 
 def test_readable_by_readers(tiny):
-    readers = pytest.importorskip("readers")
-    records = readers.load_records(tiny)
+    from clip_foundation.readers import load_records
+    records = load_records(tiny)
     assert len(records) == 30 and all(len(r.captions) == 5 for r in records)
     assert records[0].split == "train" and "color1" in records[0].extra
 

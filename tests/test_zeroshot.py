@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
-import zeroshot
-from cache import prepare_transform
-from clipModel import CLIPModel
-from readers import read_caption_csv
+from clip_foundation import retrieval, zeroshot
+from clipModel import CLIPModel, resize_crop
+from clip_foundation.readers import read_caption_csv
 from test_model import scratch_config
-from zeroshot import confusion, per_class_accuracy, topk_accuracy
+from clip_foundation.zeroshot import confusion, per_class_accuracy, topk_accuracy
 
 CLASSES = ["red circle", "blue_square", "green star"]
 
@@ -112,7 +111,7 @@ def test_classify_every_input_kind_gives_one_sorted_distribution(scratch_model, 
     uint8 = torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W)
     inputs = {"pil": Image.fromarray(pixels), "path": tmp_path / "im.png", "str": str(tmp_path / "im.png"),
               "uint8": uint8, "batch of one": uint8[None], "float": uint8.float() / 255}
-    results = {k: zeroshot.classify(v, CLASSES, scratch_model) for k, v in inputs.items()}
+    results = {k: zeroshot.classify(scratch_model, v, CLASSES) for k, v in inputs.items()}
     for kind, result in results.items():
         probs = [p for _, p in result]
         assert sorted(label for label, _ in result) == sorted(CLASSES), kind
@@ -120,10 +119,10 @@ def test_classify_every_input_kind_gives_one_sorted_distribution(scratch_model, 
         # a float image is resized in float, the others in uint8 (rounded): nearly equal
         tol = 1e-3 if kind == "float" else 1e-6
         assert dict(result) == pytest.approx(dict(results["pil"]), abs=tol), kind
-    ensembled = zeroshot.classify(uint8, CLASSES, scratch_model, templates=zeroshot.TEMPLATES)
+    ensembled = zeroshot.classify(scratch_model, uint8, CLASSES, templates=zeroshot.TEMPLATES)
     assert sum(p for _, p in ensembled) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="one image"):
-        zeroshot.classify(uint8[None].repeat(2, 1, 1, 1), CLASSES, scratch_model)
+        zeroshot.classify(scratch_model, uint8[None].repeat(2, 1, 1, 1), CLASSES)
 
 
 def test_classify_uses_the_clamped_logit_scale(scratch_model):
@@ -133,16 +132,16 @@ def test_classify_uses_the_clamped_logit_scale(scratch_model):
         img = scratch_model.encode_image(scratch_model.image_transform()(image)[None])
         text = scratch_model.encode_text(CLASSES)
         expected = (100.0 * img @ text.T).softmax(-1)[0]
-        got = dict(zeroshot.classify(image, CLASSES, scratch_model))
+        got = dict(zeroshot.classify(scratch_model, image, CLASSES))
         scratch_model.logit_scale.fill_(math.log(1 / 0.07))
     assert [got[c] for c in CLASSES] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
 def test_embedding_resizes_other_sizes_in_chunks(scratch_model):
     images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
-    resized = torch.stack([prepare_transform(32)(im) for im in images])
+    resized = torch.stack([resize_crop(32)(im) for im in images])
     torch.testing.assert_close(zeroshot._embed(scratch_model, images, 2),
-                               evaluate.embed_images(scratch_model, resized))
+                               retrieval.embed_images(scratch_model, resized))
 
 
 # ---------------------------------------------------------------- end to end on the tiny run
@@ -188,7 +187,7 @@ def test_classify_names_the_right_colour_on_the_tiny_run(tiny_run):
     model = CLIPModel.from_pretrained(run_dir)
     by_colour = single_shape_by_colour(data)
     labels = [f"a {c} shape" for c in by_colour]
-    hits = [zeroshot.classify(p, labels, model)[0][0] == f"a {c} shape"
+    hits = [zeroshot.classify(model, p, labels)[0][0] == f"a {c} shape"
             for c, paths in by_colour.items() for p in paths]
     assert sum(hits) >= 0.6 * len(hits)
 

@@ -1,0 +1,113 @@
+"""Retrieval evaluation: embed images and captions, then recall@K both ways, every image
+counted once with all its captions (CLIP_benchmark's protocol)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from clipModel import CLIPModel, to_model_input
+
+from .data import all_captions, decode_images
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Run a block with `model` and all its submodules in eval mode, then restore each one's
+    own mode, even when the block raises (an interrupted notebook cell must not leave dropout
+    off for the next training run; frozen towers kept in eval mode stay so)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class NonFiniteFeatures(ValueError):
+    """Embeddings with NaN or inf: recall computed from them would be meaningless."""
+
+
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
+                      text_to_image: torch.Tensor, ks=(1, 5, 10), chunk: int = 1024) -> dict:
+    """Recall@K (in %) and mean/median rank, text->image and image->text.
+
+    `image_features` (N_img, D) and `text_features` (N_txt, D) are L2-normalised;
+    `text_to_image[t]` is the image index of caption t. A text query hits at k if its image
+    ranks in the top k; an image query hits if any of its captions does (CLIP_benchmark's
+    definition). Ranks are 1-based and a tie counts against the query: an item scoring
+    exactly as high as the true one ranks above it, so a collapsed model (all embeddings
+    equal) scores like chance's worst case, never 100%. Non-finite features raise ValueError.
+    Works in chunks so large galleries fit in memory.
+    """
+    for which, features in (("image", image_features), ("text", text_features)):
+        if not torch.isfinite(features).all():
+            raise NonFiniteFeatures(f"non-finite {which} features (NaN or inf): the model's weights are "
+                             "corrupt or training diverged; recall would be meaningless")
+    n_img = len(image_features)
+    text_to_image = text_to_image.to(image_features.device)
+    t2i_rank = torch.empty(len(text_features), dtype=torch.long)
+    for s in range(0, len(text_features), chunk):
+        sims = text_features[s:s + chunk] @ image_features.T  # (c, N_img)
+        true = sims.gather(1, text_to_image[s:s + chunk, None])  # (c, 1)
+        t2i_rank[s:s + chunk] = (sims >= true).sum(1).cpu()  # the true image itself counts once
+    i2t_rank = torch.empty(n_img, dtype=torch.long)
+    for s in range(0, n_img, chunk):
+        sims = image_features[s:s + chunk] @ text_features.T  # (c, N_txt)
+        own = text_to_image[None, :] == torch.arange(s, s + len(sims), device=sims.device)[:, None]
+        best_own = sims.masked_fill(~own, float("-inf")).max(1, keepdim=True).values  # (c, 1)
+        i2t_rank[s:s + chunk] = ((sims >= best_own) & ~own).sum(1).cpu() + 1  # others tying count
+    metrics = {}
+    for name, rank in (("text_to_image", t2i_rank), ("image_to_text", i2t_rank)):
+        for k in ks:
+            metrics[f"{name}_R@{k}"] = 100.0 * (rank <= k).float().mean().item()
+        metrics[f"{name}_mean_rank"] = rank.float().mean().item()
+        metrics[f"{name}_median_rank"] = rank.float().median().item()
+    metrics["mean_recall"] = sum(metrics[f"{d}_R@{k}"] for d in ("text_to_image", "image_to_text")
+                                 for k in ks) / (2 * len(ks))
+    return metrics
+
+
+@torch.no_grad()
+def embed_images(model: CLIPModel, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Decoded uint8 images (N, 3, S, S) -> normalised features (N, D)."""
+    cfg, out = model.config.image, []
+    for s in range(0, len(images), batch_size):
+        batch = to_model_input(images[s:s + batch_size].to(model.device), cfg.mean, cfg.std)
+        out.append(model.encode_image(batch).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(model: CLIPModel, captions: list[str], batch_size: int = 1024) -> torch.Tensor:
+    return torch.cat([model.encode_text(captions[s:s + batch_size]).float()
+                      for s in range(0, len(captions), batch_size)])
+
+
+def records_metrics(image_features: torch.Tensor, text_features: torch.Tensor, records) -> dict:
+    """`retrieval_metrics` for embeddings of `records`' images and (flattened) captions."""
+    text_to_image = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
+    metrics = retrieval_metrics(image_features, text_features, text_to_image)
+    return {**metrics, "images": len(image_features), "captions": len(text_features)}
+
+
+def evaluate_records(model: CLIPModel, records, images: torch.Tensor | None = None,
+                     batch_size: int = 256, skip_bad: bool = False) -> dict:
+    """Recall metrics of `model` on `records` (decoded here unless `images` are given; with
+    `skip_bad` undecodable images are left out and reported instead of raising DataError)."""
+    with eval_mode(model):
+        if images is None:
+            images, records = decode_images(records, model.config.image.image_size, skip_bad=skip_bad)
+        return records_metrics(embed_images(model, images, batch_size),
+                               embed_texts(model, all_captions(records)), records)
+
+
+def format_metrics(m: dict) -> str:
+    rows = [f"{'':15}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mean r':>8}{'med r':>7}"]
+    for d, label in (("text_to_image", "text -> image"), ("image_to_text", "image -> text")):
+        rows.append(f"{label:15}" + "".join(f"{m[f'{d}_R@{k}']:7.1f}" for k in (1, 5, 10))
+                    + f"{m[f'{d}_mean_rank']:8.1f}{m[f'{d}_median_rank']:7.0f}")
+    return "\n".join(rows) + f"\n({m['images']} images, {m['captions']} captions)"
+
+

@@ -1,0 +1,92 @@
+"""The project's shape: scripts at the root over one library package, imports pointing one way,
+no cycles, a small public API, and `eval_mode` restoring every module's own mode."""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "clip_foundation"
+SCRIPTS = {"train", "evaluate", "search", "download", "app"}  # entry points; the model file is clipModel
+
+
+def modules() -> dict[str, Path]:
+    found = {p.stem: p for p in ROOT.glob("*.py")}
+    found.update({f"{PACKAGE}.{p.stem}": p for p in (ROOT / PACKAGE).glob("*.py") if p.stem != "__init__"})
+    return found
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """Project modules that `name` imports anywhere in its file (lazy imports included)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: inside the package
+                base = f"{PACKAGE}.{base}" if base else PACKAGE
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        out |= {t for t in targets if t in known}
+    out.discard(name)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+
+
+def test_only_scripts_at_the_root():
+    root = {p.stem for p in ROOT.glob("*.py")}
+    assert root <= SCRIPTS | {"clipModel"}, f"library modules belong in {PACKAGE}/: {root - SCRIPTS - {'clipModel'}}"
+
+
+def test_library_never_imports_a_script():
+    for name, targets in graph().items():
+        if name.startswith(PACKAGE) or name == "clipModel":
+            assert not targets & SCRIPTS, f"{name} imports the script(s) {targets & SCRIPTS}"
+
+
+def test_no_import_cycles():
+    edges = graph()
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_clip_model_exports_a_small_api():
+    import clipModel
+    assert "torch" not in clipModel.__all__ and "json" not in clipModel.__all__
+    assert len(clipModel.__all__) <= 15
+    for name in clipModel.__all__:
+        assert getattr(clipModel, name).__doc__, f"clipModel.{name} has no docstring"
+
+
+@pytest.mark.parametrize("start_training", [True, False])
+def test_eval_mode_restores_every_module_even_after_an_exception(start_training):
+    from clip_foundation.retrieval import eval_mode
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(2))
+    model.train(start_training)
+    model[2].eval()  # a frozen part kept in eval mode inside a training model
+    before = [m.training for m in model.modules()]
+    with pytest.raises(KeyboardInterrupt):
+        with eval_mode(model):
+            assert not any(m.training for m in model.modules())
+            raise KeyboardInterrupt  # a notebook user interrupting an embedding cell
+    assert [m.training for m in model.modules()] == before
