@@ -235,40 +235,6 @@ class TextEncoder(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def set_grad_checkpointing(encoder: nn.Module, enable: bool = True):
-    """Recompute each block's activations during backward: less memory, ~30% more compute."""
-    model = encoder.model
-    if encoder.kind == "hf":
-        new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.2x renamed it
-        if not enable:
-            (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
-        elif new_api:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif encoder.kind == "timm":
-        model.set_grad_checkpointing(enable)
-    else:
-        model.checkpointing = enable
-
-
-def encoder_blocks(encoder: nn.Module) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
-    """-> (the tower's blocks in order, each a list of its parameters; the parameters after the
-    last block, such as a final norm). Used to train only a tower's last N blocks."""
-    model = encoder.model
-    if encoder.kind == "timm":  # timm knows its own stages/blocks
-        from timm.models import group_parameters
-        groups = group_parameters(model, model.group_matcher(coarse=True))  # 0: stem; final norm joins the last
-        named = dict(model.named_parameters())
-        return [[named[n] for n in groups[k]] for k in sorted(groups) if k > 0], []
-    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]  # HF and scratch: the layer list
-    stack = max(stacks, key=len)
-    names = [n for n, _ in model.named_parameters()]
-    prefix = next(n for n, m in model.named_modules() if m is stack)
-    last = max(i for i, n in enumerate(names) if n.startswith(prefix + "."))
-    return [list(block.parameters()) for block in stack], [p for _, p in list(model.named_parameters())[last + 1:]]
-
-
 def _load_hf(name: str, pretrained: bool, tower: str):
     from transformers import AutoConfig, AutoModel
     try:

@@ -23,13 +23,13 @@ from clip_foundation.data import (DataConfig, all_captions, batch_indices, check
                                   load_splits, split_manifest, train_sampler)
 from clip_foundation.engine import (NonFiniteLoss, build_optimizer, build_scheduler, contrastive_backward,
                                     freeze_towers, grad_scaler, optimizer_step, resolve_precision, rng_state,
-                                    set_rng_state)
+                                    set_grad_checkpointing, set_rng_state)
 from clip_foundation.inputs import Embedder, Inputs, set_train_mode, tower_trains
 from clip_foundation.presets import PRESETS, expand_preset
 from clip_foundation.records import DataError, DataWarning
 from clip_foundation.retrieval import format_metrics
 from clipModel import (CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, clip_loss, default_device,
-                       gathered_clip_loss, set_grad_checkpointing)
+                       gathered_clip_loss)
 
 
 @dataclass

@@ -4,10 +4,10 @@ import re
 import pytest
 import torch
 
-from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, set_grad_checkpointing
+from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
 from conftest import TINY_CAPTIONS
 from clip_foundation.engine import (NonFiniteLoss, build_scheduler, contrastive_backward, freeze_towers, grad_scaler,
-                                    optimizer_step, param_groups, resolve_precision)
+                                    optimizer_step, param_groups, resolve_precision, set_grad_checkpointing)
 from clipModel import clip_loss
 
 
