@@ -29,7 +29,7 @@ def _datasets():
 
 
 def default_cache_dir(source: str | Path, split: str | None = None) -> Path:
-    """data/hf/<sanitized name> beside this file; local sources get a hash of their path."""
+    """data/hf/<sanitized name> in the repository root; local sources get a hash of their path."""
     source = str(source)
     if source.startswith("hf:"):
         name = source[3:]
@@ -37,7 +37,7 @@ def default_cache_dir(source: str | Path, split: str | None = None) -> Path:
         path = Path(source).resolve()
         name = f"{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", name + (f"-{split}" if split else "")).strip("_.")
-    return Path(__file__).resolve().parent / "data" / "hf" / name
+    return Path(__file__).resolve().parents[1] / "data" / "hf" / name  # the repository root
 
 
 def _split_of(file: Path) -> str:

@@ -506,3 +506,9 @@ def test_shared_flickr8k():
     assert not by_split["test"] and not by_split[None]
     assert all(len(r.captions) == 5 for r in recs)
     assert seconds < 10, f"loading took {seconds:.1f}s"
+
+
+def test_hf_images_go_to_the_repository_data_folder():
+    from clip_foundation.readers_hf import default_cache_dir
+    root = Path(__file__).resolve().parents[1]
+    assert default_cache_dir("hf:user/set") == root / "data" / "hf" / "user_set"
