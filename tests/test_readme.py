@@ -1,0 +1,77 @@
+"""Every command the README and docs show is one the scripts accept as written: its options exist
+and parse (nothing is run). Benchmark and tool scripts, which are not on the shared CLI, are
+checked to exist."""
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import download
+import evaluate
+import search
+import train
+from clip_foundation import cli
+from clip_foundation.presets import PRESETS
+from clip_foundation.synthetic import SyntheticCommand
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def shown_commands():
+    """(page, command) for every `python ...` / `torchrun ...` line of a ```bash block."""
+    found = []
+    for page in PAGES:
+        if not page.is_file():
+            continue
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.split(r"\s#\s", line)[0].strip()
+                for part in line.split("&&"):
+                    part = part.strip()
+                    if part.startswith(("python ", "torchrun ")) and not part.startswith(
+                            ("python -m pytest", "python -m pip", "python -m venv", "python3 -m venv")):
+                        found.append((page.name, part))
+    return found
+
+
+COMMANDS = shown_commands()
+
+
+def test_the_pages_show_commands():
+    scripts = {shlex.split(c)[1] for _, c in COMMANDS if c.startswith("python ")}
+    assert {"train.py", "evaluate.py", "search.py", "download.py"} <= scripts
+
+
+def check(args: list[str]):
+    """Parse the arguments of one shown command with the real command line of its script."""
+    script, args = args[0], args[1:]
+    if script == "train.py":
+        preset = [a for a in args if a.startswith("--preset")]
+        for a in preset:
+            assert a.split("=", 1)[1] in PRESETS
+        rest = [a for a in args if not a.startswith(("--preset", "--resume"))]
+        cli.apply_overrides(train.RunConfig(), rest, aliases=train.ALIASES)
+    elif script == "evaluate.py":
+        cli.parse(evaluate.EvalConfig(), args, evaluate.USAGE)
+    elif script == "search.py":
+        cli.parse(search.SearchConfig(), args, search.USAGE, positional=("query",))
+    elif script == "download.py":
+        assert cli.parse(download.DownloadConfig(), args, download.USAGE, positional=("name",)).name in download.DATASETS
+    elif script == "clip_foundation.synthetic":
+        cli.parse(SyntheticCommand(), args, "")
+    else:
+        assert (ROOT / script).is_file(), f"{script} does not exist"
+
+
+@pytest.mark.parametrize("page,command", COMMANDS, ids=[f"{p}:{c[:60]}" for p, c in COMMANDS])
+def test_shown_command_parses(page, command):
+    words = shlex.split(command)
+    if words[0] == "torchrun":
+        words = words[next(i for i, w in enumerate(words) if w.endswith(".py")):]
+    else:
+        words = words[1:]
+        if words[0] == "-m":
+            words = words[1:]
+    check(words)
