@@ -302,7 +302,8 @@ def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, dev
     print(f"{split} split:\n{format_metrics(metrics)}")
     from clip_foundation.gallery import find_matches, load_or_build_index
     from clip_foundation.plots import query_grids
-    index = load_or_build_index(model, run_dir, splits[split], images=inputs[split].images)
+    index = load_or_build_index(model, run_dir, splits[split], images=inputs[split].images,
+                                tower_features=inputs[split].image_features)  # frozen tower: no re-encoding
     synthetic = (Path(cfg.data.path) / "synthetic.json").is_file()
     queries = cfg.train.queries or (SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES)
     results = {q: find_matches(model, index, q, n=6) for q in queries}

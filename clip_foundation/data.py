@@ -29,6 +29,7 @@ class DataConfig:
     split_seed: int = 0  # seed of that split, so every run of a dataset sees the same split
     cache_dir: str = "data/cache"  # decoded images kept here across runs; empty = in memory only
     skip_bad: bool = False  # skip (count and report) bad rows and undecodable images instead of failing
+    val_from_train: int = 0  # carve this many training images as val (picks the epoch); the dataset's val then scores as test if it has none
 
 
 def split_by_image(records: list[Record], val_images: int, test_images: int,
@@ -61,8 +62,24 @@ def load_all(cfg: DataConfig) -> list[Record]:
 
 
 def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
-    """The dataset split by image: its own split when it ships one, else a seeded one."""
-    return split_by_image(load_all(cfg), cfg.val_images, cfg.test_images, cfg.split_seed)
+    """The dataset split by image: its own split when it ships one, else a seeded one (then,
+    with `val_from_train`, the validation images carved from train)."""
+    splits = split_by_image(load_all(cfg), cfg.val_images, cfg.test_images, cfg.split_seed)
+    return carve_val_from_train(splits, cfg.val_from_train, cfg.split_seed)
+
+
+def carve_val_from_train(splits: dict[str, list[Record]], n: int, seed: int = 0) -> dict[str, list[Record]]:
+    """Move `n` seeded training images into val, so the epoch and recipe are chosen on images
+    carved from train; the dataset's own val then becomes the test split when it has none."""
+    if n <= 0:
+        return splits
+    train = splits["train"]
+    if n >= len(train):
+        raise DataError(f"--val_from_train={n} leaves no training images (the train split has {len(train)})")
+    chosen = set(random.Random(seed).sample(range(len(train)), n))
+    return {"train": [r for i, r in enumerate(train) if i not in chosen],
+            "val": [r for i, r in enumerate(train) if i in chosen],
+            "test": splits["test"] or splits["val"]}
 
 
 def load_split(cfg: DataConfig, split: str) -> list[Record]:

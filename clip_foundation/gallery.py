@@ -128,12 +128,25 @@ def _paths_key(records) -> str:  # names the cache file of one gallery
                           ).hexdigest()[:16]
 
 
+def index_from_tower_features(model: CLIPModel, records, tower_features: torch.Tensor,
+                              chunk: int = 4096) -> GalleryIndex:
+    """The image index of `records` from a frozen image tower's outputs (N, d_image), cached
+    when the run trained: only the projection head runs, no image is decoded or encoded again."""
+    with eval_mode(model), torch.no_grad():
+        parts = [model.project_image(tower_features[s:s + chunk].to(model.device)).half().cpu()
+                 for s in range(0, len(tower_features), chunk)]  # (c, D) each
+    paths = [str(r.image) for r in records]
+    embeddings = torch.cat(parts) if parts else torch.empty(0, model.config.projection_dim).half()
+    return GalleryIndex(embeddings, paths, gallery_digest(paths), meta={"kind": "images"})
+
+
 def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int = 256,
-                        images=None, *, backend: str = "auto", stem=None,
+                        images=None, *, tower_features=None, backend: str = "auto", stem=None,
                         skip_bad: bool = False) -> GalleryIndex:
     """The image index of `records`, cached in CHECKPOINT/index/ (or saved at `stem`), rebuilt
-    when the model or a gallery file changed. `backend` "auto" adds a FAISS index to large
-    galleries when faiss is installed, "faiss" always, "exact" never."""
+    when the model or a gallery file changed. `tower_features`: a frozen image tower's outputs
+    for `records`, when at hand (then only the projection head runs). `backend` "auto" adds a
+    FAISS index to large galleries when faiss is installed, "faiss" always, "exact" never."""
     gallery = gallery_digest([str(r.image) for r in records])
     name = f"images-{_paths_key(records)}"
     stems = [stem] if stem else [Path(checkpoint) / "index" / name, user_index_dir(checkpoint) / name]
@@ -145,8 +158,11 @@ def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int =
         sample = random.Random(0).sample(captions, min(RECALL_QUERIES, len(captions)))
         return _encode(model, lambda: embed_texts(model, sample))
 
-    return _load_or_build(stems, checkpoint, gallery, backend, recall_queries,
-                          lambda: build_index(model, records, batch_size, images, skip_bad=skip_bad))
+    if tower_features is not None:
+        build = lambda: index_from_tower_features(model, records, tower_features)  # noqa: E731
+    else:
+        build = lambda: build_index(model, records, batch_size, images, skip_bad=skip_bad)  # noqa: E731
+    return _load_or_build(stems, checkpoint, gallery, backend, recall_queries, build)
 
 
 def load_or_build_caption_index(model: CLIPModel, checkpoint, records, batch_size: int = 1024, *,

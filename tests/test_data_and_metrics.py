@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_foundation import cli
-from clip_foundation.data import UniqueImageBatchSampler, check_captions, split_by_image
+from clip_foundation.data import UniqueImageBatchSampler, carve_val_from_train, check_captions, split_by_image
 from clip_foundation.retrieval import retrieval_metrics
 from clip_foundation.records import DataError, Record
 
@@ -62,6 +62,23 @@ def test_seeded_split_is_by_image_disjoint_and_reproducible():
     images = [r.image for s in a.values() for r in s]
     assert len(images) == len(set(images)) == 50
     assert a == b and a != split_by_image(recs, 5, 10, seed=1)
+
+
+@pytest.mark.parametrize("shipped_test", [0, 3])
+def test_val_carved_from_train_keeps_the_dataset_val_for_scoring(shipped_test):
+    """The epoch is chosen on images carved from train; the dataset's own val (Flickr8k's dev) is
+    then the held-out score when the dataset ships no test split."""
+    recs = (records(40, "train") + [Record(f"/dev/{i}.jpg", ["d"], "val") for i in range(6)]
+            + [Record(f"/test/{i}.jpg", ["t"], "test") for i in range(shipped_test)])
+    splits = carve_val_from_train(split_by_image(recs, 100, 100), 8, seed=0)
+    train, val, test = (splits[s] for s in ("train", "val", "test"))
+    assert len(train) == 32 and len(val) == 8 and all(r.split == "train" for r in train + val)
+    assert not {r.image for r in train} & {r.image for r in val}
+    assert [r.image for r in test] == ([f"/test/{i}.jpg" for i in range(3)] if shipped_test
+                                       else [f"/dev/{i}.jpg" for i in range(6)])
+    assert splits == carve_val_from_train(split_by_image(recs, 100, 100), 8, seed=0)  # seeded
+    with pytest.raises(DataError, match="val_from_train"):
+        carve_val_from_train(split_by_image(recs, 100, 100), 40, seed=0)
 
 
 def test_split_too_small_is_a_clear_error():

@@ -132,6 +132,21 @@ def test_build_index_in_chunks_equals_one_pass(tiny_run):
     assert torch.allclose(one.embeddings.float(), chunked.embeddings.float(), atol=2e-3)
 
 
+def test_index_from_cached_tower_features_equals_encoding_the_images(tiny_run):
+    from clip_foundation.data import decode_images
+    from clip_foundation.features import image_tower_features
+    from clipModel import CLIPModel
+    data, run_dir, _ = tiny_run
+    model = CLIPModel.from_pretrained(run_dir)
+    records = gallery.gallery_records(run_dir, str(data), "test")[:20]
+    images, records = decode_images(records, model.config.image.image_size, progress=False)
+    features = image_tower_features(model, records, images, cache_dir=None, progress=False)
+    encoded = gallery.build_index(model, records, images=images, progress=False)
+    projected = gallery.index_from_tower_features(model, records, features)
+    assert projected.paths == encoded.paths and projected.identity == encoded.identity
+    assert torch.allclose(projected.embeddings.float(), encoded.embeddings.float(), atol=2e-3)
+
+
 def test_cache_is_reused_then_rebuilt_when_a_gallery_file_or_the_model_changes(tiny_run, checkpoint):
     from clipModel import CLIPModel
     data, _, _ = tiny_run
