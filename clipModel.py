@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from clip_foundation.files import atomic_write
 
 __all__ = ["CLIPModel", "CLIPConfig", "ImageEncoderConfig", "TextEncoderConfig", "ProjectionHead",
-           "CheckpointError", "clip_loss", "gathered_clip_loss", "image_transform", "resize_crop",
+           "CheckpointError", "clip_loss", "gathered_clip_loss", "siglip_loss", "image_transform", "resize_crop",
            "to_model_input", "default_device"]
 
 OFFLINE_HINT = ("Offline options: a local folder saved with save_pretrained (--{tower}.name=PATH), "
@@ -66,6 +66,7 @@ class CLIPConfig:
     dropout: float = 0.1  # dropout inside the projection heads
     init_temperature: float = 0.07  # CLIP's initial softmax temperature
     max_logit_scale: float = 100.0  # clamp on exp(logit_scale), as in CLIP, for stability
+    loss: str = "clip"  # clip (softmax over the batch) | siglip (a sigmoid per pair with a learnt bias, Zhai et al. 2023)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPConfig":
@@ -429,6 +430,10 @@ class CLIPModel(nn.Module):
         self.image_projection = ProjectionHead(self.image_encoder.out_dim, dim, dropout)
         self.text_projection = ProjectionHead(self.text_encoder.out_dim, dim, dropout)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
+        if config.loss == "siglip":  # SigLIP's bias starts at -10: most pairs in a batch are negatives
+            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        elif config.loss != "clip":
+            raise ValueError(f"unknown loss {config.loss!r}: use clip or siglip")
 
     @property
     def device(self) -> torch.device:
@@ -588,3 +593,12 @@ def gathered_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor
     logits_per_image = logit_scale * image_features @ all_texts.T  # (B, W*B)
     logits_per_text = logit_scale * text_features @ all_images.T  # (B, W*B)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor) -> torch.Tensor:
+    """Sigmoid loss (SigLIP, Zhai et al. 2023): every (image, text) pair of the batch is its own
+    binary question, "do these match?", so no softmax couples the batch; mean over images."""
+    logits = logit_scale * image_features @ text_features.T + logit_bias  # (B, B)
+    labels = 2 * torch.eye(len(logits), device=logits.device) - 1  # +1 on the diagonal, -1 elsewhere
+    return -F.logsigmoid(labels * logits).sum() / len(logits)

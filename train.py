@@ -29,7 +29,7 @@ from clip_foundation.presets import PRESETS, expand_preset
 from clip_foundation.records import DataError, DataWarning
 from clip_foundation.retrieval import format_metrics
 from clipModel import (CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, clip_loss, default_device,
-                       gathered_clip_loss)
+                       gathered_clip_loss, siglip_loss)
 
 
 @dataclass
@@ -179,7 +179,12 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
     if world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = gathered_clip_loss if world > 1 else clip_loss
+    if model.config.loss == "siglip":
+        if world > 1:
+            raise ValueError("--loss=siglip trains on one process for now; use the default clip loss with torchrun")
+        loss_fn = lambda image_f, text_f, scale: siglip_loss(image_f, text_f, scale, model.logit_bias)  # noqa: E731
+    else:
+        loss_fn = gathered_clip_loss if world > 1 else clip_loss
     no_sync = getattr(step_module, "no_sync", contextlib.nullcontext)
     extra = {"data": asdict(cfg.data), "train": asdict(tc)}
     logger = RunLogger(run_dir, position["history"], tc.tensorboard) if main_rank else None

@@ -152,3 +152,15 @@ def test_tensorboard_gets_the_logged_scalars(tiny_run):
     assert {"loss", "lr", "temperature", "pairs_per_s", "val/mean_recall"} <= set(board.Tags()["scalars"])
     logged = [json.loads(line) for line in open(run_dir / "log.jsonl")]
     assert [s.value for s in board.Scalars("loss")] == pytest.approx([e["loss"] for e in logged if "loss" in e])
+
+
+def test_siglip_loss_trains_far_above_chance(tmp_path):
+    """--loss=siglip on the same set and schedule as the session's clip-loss run (tiny_run)."""
+    data = generate(tmp_path / "synthetic", SyntheticConfig(n_train=400, n_val=40, n_test=60), progress=False)
+    argv = [f"--data={data}", f"--out_dir={tmp_path / 'runs'}", "--epochs=12", "--batch_size=50",
+            "--lr=2e-3", "--warmup_steps=10", "--progress=false", f"--cache_dir={tmp_path / 'cache'}",
+            "--loss=siglip", "--init_temperature=0.1", *TINY_MODEL]
+    model, run_dir, metrics = train.main(argv)
+    assert model.config.loss == "siglip" and model.logit_bias.item() != -10.0  # the bias trained
+    chance_r5 = 100 * 5 / metrics["images"]
+    assert metrics["text_to_image_R@5"] > 3 * chance_r5 and metrics["image_to_text_R@5"] > 3 * chance_r5

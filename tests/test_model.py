@@ -259,3 +259,33 @@ def test_checkpoint_folder_cannot_run_code(saved, monkeypatch):
     except (CheckpointError, ValueError):
         pass  # refusing is fine; running the code is not
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- the SigLIP option
+
+@pytest.mark.parametrize("batch,scale,bias", [(1, 10.0, -10.0), (4, 3.0, 0.5), (9, 25.0, -4.0)])
+def test_siglip_loss_matches_the_per_pair_definition(batch, scale, bias):
+    from clipModel import siglip_loss
+    g = torch.Generator().manual_seed(batch)
+    img = F.normalize(torch.randn(batch, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(batch, 8, generator=g), dim=-1)
+    expected = 0.0
+    for i in range(batch):
+        for j in range(batch):
+            z = scale * float(img[i] @ txt[j]) + bias
+            expected += math.log1p(math.exp(-z)) if i == j else math.log1p(math.exp(z))  # -log sigmoid(+-z)
+    got = siglip_loss(img, txt, torch.tensor(scale), torch.tensor(bias))
+    assert got.item() == pytest.approx(expected / batch, rel=1e-5)
+
+
+def test_siglip_model_has_a_bias_that_round_trips(tmp_path):
+    plain = CLIPModel(scratch_config(), captions=CAPTIONS)
+    assert not hasattr(plain, "logit_bias")
+    model = CLIPModel(scratch_config(loss="siglip"), captions=CAPTIONS)
+    assert model.logit_bias.item() == -10.0
+    with torch.no_grad():
+        model.logit_bias.fill_(-3.5)
+    loaded = CLIPModel.from_pretrained(model.save_pretrained(tmp_path / "s"))
+    assert loaded.config.loss == "siglip" and loaded.logit_bias.item() == -3.5
+    with pytest.raises(ValueError, match="unknown loss"):
+        CLIPModel(scratch_config(loss="hinge"), captions=CAPTIONS)
