@@ -13,7 +13,10 @@ def _flickr8k_pretrained() -> list[str]:
     return ["--image.kind=timm", "--image.name=tf_efficientnet_lite0",
             "--text.kind=hf", f"--text.name={text_model_folder()}", "--text.pooling=mean",
             "--freeze_image", "--freeze_text", "--augment=false", "--captions_per_epoch=5",
-            "--epochs=2", "--batch_size=256", "--lr=1e-3", "--warmup_steps=50", "--weight_decay=0.1"]
+            # large batches of cached features: more negatives per step (batch 2048: dev R@1 21.9 vs 20.5
+            # at 256), the epoch picked on 500 images carved from train, never on the reported split
+            "--epochs=8", "--batch_size=2048", "--lr=3e-3", "--warmup_steps=5", "--weight_decay=0.1",
+            "--val_from_train=500"]
 
 
 def _tutorial() -> list[str]:
