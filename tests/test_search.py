@@ -348,3 +348,18 @@ def test_find_functions_reject_bad_arguments():
         gallery.find_matches(None, index, "a dog", n=0)
     with pytest.raises(ValueError, match="not a caption index"):
         gallery.find_captions(None, index, "x.png")
+
+
+def test_gallery_object_matches_the_functions(tiny_run, checkpoint, tmp_path):
+    from clipModel import CLIPModel
+    data, _, _ = tiny_run
+    g = gallery.Gallery.from_run(checkpoint, str(data))  # loads the model itself
+    records = gallery.gallery_records(checkpoint, str(data), "test")
+    model = CLIPModel.from_pretrained(checkpoint)
+    index = gallery.load_or_build_index(model, checkpoint, records)
+    assert len(g) == len(records)
+    assert g.find_matches("a red circle", n=5) == gallery.find_matches(model, index, "a red circle", n=5)
+    shown = g.show("a red circle", n=4, path=tmp_path / "grid.png")
+    assert len(shown) == 4 and (tmp_path / "grid.png").stat().st_size > 1000
+    captions = g.find_captions(records[0].image, n=3)
+    assert len(captions) == 3 and all(c.caption for c in captions)
