@@ -529,8 +529,9 @@ def _brief(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def read_model_config(folder) -> CLIPConfig:
-    """The `CLIPConfig` in FOLDER/config.json, or CheckpointError naming the file."""
+def read_saved_config(folder) -> dict:
+    """FOLDER/config.json as written by save_pretrained (the model's config under "model", a
+    run's data and training configs beside it), or CheckpointError naming the file."""
     path = Path(folder) / "config.json"
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -538,10 +539,16 @@ def read_model_config(folder) -> CLIPConfig:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise CheckpointError(f'{path}: no "model" entry, so not a config written by save_pretrained')
+    return saved
+
+
+def read_model_config(folder) -> CLIPConfig:
+    """The `CLIPConfig` in FOLDER/config.json, or CheckpointError naming the file."""
+    saved = read_saved_config(folder)
     try:
         return CLIPConfig.from_dict(saved["model"])
     except (TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: invalid model config ({_brief(e)})") from None
+        raise CheckpointError(f"{Path(folder) / 'config.json'}: invalid model config ({_brief(e)})") from None
 
 
 def _load_weights(model: CLIPModel, path: Path, device) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from clip_foundation import cli, zeroshot
-from clip_foundation.data import load_split, run_data_config
+from clip_foundation.data import SPLITS, load_split, run_data_config
 from clip_foundation.files import atomic_write
 from clip_foundation.records import DataError, DataWarning
 from clip_foundation.retrieval import NonFiniteFeatures, evaluate_records, format_metrics
@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     args = cli.parse(EvalConfig(), argv, USAGE)
     if not args.checkpoint:
         cli.usage_error("--checkpoint is required", USAGE)
-    if args.split not in ("train", "val", "test", "all"):
+    if args.split not in (*SPLITS, "all"):
         cli.usage_error(f"--split must be train, val, test or all, not {args.split!r}", USAGE)
     try:
         device = default_device() if args.device == "auto" else torch.device(args.device)

@@ -25,6 +25,7 @@ import torch
 from clip_foundation import cli
 from clip_foundation.gallery import (find_captions, find_matches, gallery_records, load_or_build_caption_index,
                                      load_or_build_index)
+from clip_foundation.data import SPLITS
 from clip_foundation.index import ensure_faiss, mark_missing, open_prebuilt
 from clip_foundation.records import DataError, DataWarning
 from clipModel import CLIPModel, default_device
@@ -81,7 +82,7 @@ def main(argv=None):
         cli.usage_error("give exactly one of: a text query, --image=PATH, --build_index", USAGE)
     if args.n < 0:
         cli.usage_error("-n must be at least 1 (0 = the default: 9 images or 5 captions)", USAGE)
-    if args.split not in ("train", "val", "test", "all") or args.backend not in ("auto", "exact", "faiss"):
+    if args.split not in (*SPLITS, "all") or args.backend not in ("auto", "exact", "faiss"):
         cli.usage_error("--split is train, val, test or all; --backend is auto, exact or faiss", USAGE)
     if not (args.checkpoint or args.index):
         cli.usage_error("--checkpoint=DIR is required (searching a prebuilt --index=DIR may omit it)", USAGE)

@@ -28,8 +28,8 @@ from clip_foundation.inputs import Embedder, Inputs, set_train_mode, tower_train
 from clip_foundation.presets import PRESETS, expand_preset
 from clip_foundation.records import DataError, DataWarning
 from clip_foundation.retrieval import format_metrics
-from clipModel import (CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, clip_loss, default_device,
-                       gathered_clip_loss, siglip_loss)
+from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, clip_loss,
+                       default_device, gathered_clip_loss, read_saved_config, siglip_loss)
 
 
 @dataclass
@@ -354,18 +354,12 @@ def resolve_config(argv: list[str]) -> RunConfig:
 
 
 def read_run_config(folder: Path) -> RunConfig:
-    """The RunConfig saved in FOLDER/config.json; a broken file is a ConfigError naming it."""
-    path = Path(folder) / "config.json"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise cli.ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(saved, dict) or "model" not in saved:
-        raise cli.ConfigError(f'{path}: no "model" entry, so not a run config written by train.py')
+    """The RunConfig saved in FOLDER/config.json; a broken file is an error naming it."""
+    saved = read_saved_config(folder)  # CheckpointError for invalid JSON or no "model" entry
     try:
         return RunConfig.from_dict(saved)
     except (TypeError, ValueError, AttributeError) as e:
-        raise cli.ConfigError(f"{path}: invalid run config ({e})") from None
+        raise cli.ConfigError(f"{Path(folder) / 'config.json'}: invalid run config ({e})") from None
 
 
 ALIASES = {"data": "data.path"}
@@ -378,7 +372,7 @@ def main(argv=None):
         return None
     try:
         cfg = resolve_config(argv)
-    except (cli.ConfigError, OSError) as e:
+    except (cli.ConfigError, CheckpointError, OSError) as e:
         sys.exit(f"error: {e}\n{USAGE}")
     try:
         with cli.reported_warnings(DataWarning) as data_issues:

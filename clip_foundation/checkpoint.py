@@ -35,8 +35,8 @@ def save_last(run_dir: Path, model: CLIPModel, state: dict, extra_config: dict) 
             os.fsync(f.fileno())
     except OSError as e:  # disk full, quota, read-only: the previous last/ is still whole
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"the previous checkpoint {last_checkpoint(run_dir)} is intact" if last_checkpoint(run_dir) \
-            else "no earlier checkpoint"
+        previous = last_checkpoint(run_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint"
         raise OSError(e.errno, f"could not save the checkpoint {last} ({e.strerror or e}); {kept}. "
                       f"Free some space, then continue with --resume={run_dir}") from None
     if last.exists():

@@ -35,14 +35,14 @@ def leaves_values(cfg) -> dict[str, object]:
     return {path: getattr(owner, f.name) for path, (owner, f) in leaves(cfg).items()}
 
 
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def parse_value(text: str, current):
     if isinstance(current, bool):
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"expected true/false, got {text!r}")
+        if text.lower() not in BOOLEANS:
+            raise ConfigError(f"expected true/false, got {text!r}")
+        return BOOLEANS[text.lower()]
     if isinstance(current, int):
         return int(text)
     if isinstance(current, float):
@@ -117,8 +117,7 @@ def parse(cfg, argv: list[str] | None, usage: str, positional: tuple[str, ...] =
             else:  # "--key value" unless the key is a boolean flag
                 path = resolve_key(cfg, arg[2:], aliases)
                 owner, f = leaves(cfg)[path]
-                takes_value = (not isinstance(getattr(owner, f.name), bool)
-                               or argv[i + 1].lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"))
+                takes_value = not isinstance(getattr(owner, f.name), bool) or argv[i + 1].lower() in BOOLEANS
                 options += [arg, argv[i + 1]] if takes_value else [arg]
                 i += takes_value
             i += 1
