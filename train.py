@@ -11,12 +11,13 @@ import json
 import random
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from clip_foundation import cli, distributed
+from clip_foundation import cli, distributed, shards, stream
 from clip_foundation.checkpoint import (STATE_FILE, check_run_name, find_resume, last_checkpoint, load_last,
                                         new_run_dir, save_last)
 from clip_foundation.data import (DataConfig, all_captions, batch_indices, check_captions, decode_images,
@@ -93,6 +94,8 @@ class RunConfig:
 
 def prepare_data(cfg: RunConfig):
     """Resolve the dataset folder (generating the synthetic set if needed) and split it."""
+    if stream.is_shards(cfg.data.path):  # streamed train set; val/test from their own folders
+        return shards.streamed_splits(cfg.data)
     if not cfg.data.path:
         from clip_foundation.synthetic import SyntheticConfig, ensure_synthetic
         ensure_synthetic(cfg.data.synthetic_dir, SyntheticConfig(), progress=cfg.train.progress)
@@ -140,7 +143,10 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
         splits = {s: check_captions(recs, model.tokenizer, cfg.data.skip_bad) for s, recs in splits.items()}
         cfg.model = model.config  # resolved: image size and normalisation filled in
         inputs = {}
-        for s in [s for s in splits if splits[s] and (s == "train" or main_rank)]:
+        streaming = stream.is_shards(cfg.data.path)
+        if streaming:  # no decoded cache of the train set: batches stream from its shards
+            inputs["train"] = stream.StreamInputs(model, cfg.data, tc.batch_size, tc.seed, rank, world)
+        for s in [s for s in splits if splits[s] and (s == "train" or main_rank) and s not in inputs]:
             images, splits[s] = decode_images(splits[s], model.config.image.image_size, cfg.data.cache_dir,
                                               cfg.data.skip_bad, tc.progress and main_rank)
             inputs[s] = Inputs(model, splits[s], images, image_trains=image_trains, text_trains=text_trains,
@@ -153,10 +159,12 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
         run_dir = distributed.broadcast_object(new_run_dir(tc.out_dir, tc.run_name, tc.overwrite) if main_rank else None)
     if main_rank:
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (run_dir / "split.json").write_text(json.dumps(split_manifest(splits)))
+        (run_dir / "split.json").write_text(json.dumps(
+            {**split_manifest(splits), **({"train": inputs["train"].urls} if streaming else {})}))
     train_inputs = inputs["train"]
     train_inputs.move_rows(device, tc.images_on_device)
-    sampler = train_sampler(splits["train"], tc.batch_size, tc.captions_per_epoch, tc.seed, rank, world)
+    sampler = train_inputs if streaming else train_sampler(splits["train"], tc.batch_size, tc.captions_per_epoch,
+                                                           tc.seed, rank, world)
     if (tc.batch_size // world) % tc.accum_steps:
         raise ValueError(f"batch_size {tc.batch_size} does not split into {world} x {tc.accum_steps} equal micro-batches")
     total_steps = tc.epochs * len(sampler)
@@ -172,6 +180,8 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], device)
         position = {k: state[k] for k in position}
+        if streaming:
+            train_inputs.restore(state.get("stream"))
     if tc.compile:
         model.image_encoder.compile()
         model.text_encoder.compile()
@@ -195,8 +205,8 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters trained -> {run_dir}"
               + (f" (resumed at epoch {position['epoch'] + 1}, step {position['step']})" if state else ""))
 
-    def checkpoint(epoch, batch):
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    def checkpoint(epoch, batch, stream_state=None):
+        state = {"stream": stream_state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "rng": rng_state(device), "epoch": epoch, "batch": batch,
                  "step": step, "best": best, "history": history}
         save_last(run_dir, model, state, extra)
@@ -206,7 +216,8 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
         set_train_mode(model, image_trains, text_trains)
         start = position["batch"] if epoch == position["epoch"] else 0
         sampler.set_epoch(epoch, start)
-        bar = _progress(train_inputs.batches(batch_indices(sampler, splits["train"]), device),
+        source = sampler if streaming else batch_indices(sampler, splits["train"])
+        bar = _progress(train_inputs.batches(source, device),
                         tc.progress and main_rank, f"epoch {epoch + 1}/{tc.epochs}", len(sampler), start)
         tick, pairs = time.perf_counter(), 0
         for batch, (rows, caption_index) in enumerate(bar, start=start + 1):
@@ -237,8 +248,9 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
                         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{entry['lr']:.1e}", pairs_s=f"{rate:.0f}")
                     tick, pairs = time.perf_counter(), 0
             if tc.save_every and step % tc.save_every == 0 and batch < len(sampler):
+                stream_state = train_inputs.state() if streaming else None  # a collective: every rank joins
                 if main_rank:
-                    checkpoint(epoch, batch)
+                    checkpoint(epoch, batch, stream_state)
                 distributed.barrier()
         entry = {"epoch": epoch + 1, "step": step, "epoch_end": True}
         if main_rank and "val" in inputs:
@@ -249,17 +261,20 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
         score = distributed.broadcast_float(entry.get("val_mean_recall", float(epoch)))  # no val split: keep the latest
         if tc.schedule == "plateau":
             scheduler.step(score)
+        stream_state = train_inputs.state() if streaming else None  # a collective: every rank joins
         if main_rank:
             history.append(entry)
             logger.log(entry)
             if score > best:
                 model.save_pretrained(run_dir, extra_config=extra)
             best = max(best, score)
-            checkpoint(epoch + 1, 0)
+            checkpoint(epoch + 1, 0, stream_state)
             _draw_curves(history, run_dir / "curves.png")
             if on_epoch is not None:
                 on_epoch(history, run_dir)
         distributed.barrier()
+    if streaming and (skips := train_inputs.report()) and main_rank:  # a collective: every rank joins
+        warnings.warn(skips, DataWarning)
     if not main_rank:
         return model, run_dir, {}
     logger.close()

@@ -30,6 +30,12 @@ class DataConfig:
     cache_dir: str = "data/cache"  # decoded images kept here across runs; empty = in memory only
     skip_bad: bool = False  # skip (count and report) bad rows and undecodable images instead of failing
     val_from_train: int = 0  # carve this many training images as val (picks the epoch); the dataset's val then scores as test if it has none
+    val_data: str = ""  # with --data naming shards (streaming): the val set, a dataset folder or shard set
+    test_data: str = ""  # streaming: the test set, a dataset folder or shard set
+    train_samples: int = 0  # streaming: samples per epoch; 0 = the count in the shards' shards.json / img2dataset stats
+    workers: int = 2  # streaming: DataLoader processes per GPU decoding shards; 0 = in the training process
+    streams: int = 0  # streaming: shard streams each global batch draws from; 0 = processes x workers (keep it to resume on other hardware)
+    shuffle_buffer: int = 1000  # streaming: samples each stream shuffles among (more mixes better, costs memory)
 
 
 def split_by_image(records: list[Record], val_images: int, test_images: int,

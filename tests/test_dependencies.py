@@ -27,6 +27,7 @@ IMPORTS = {
     "tqdm": "import tqdm.auto",
     "kaggle": "from kaggle.api.kaggle_api_extended import KaggleApi",  # what download.py imports
     "six": "import six",
+    "webdataset": "import webdataset",
     "pytest": "import pytest",
     "datasets": "import datasets",
     "faiss-cpu": "import faiss",
