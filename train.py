@@ -151,6 +151,10 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
                                               cfg.data.skip_bad, tc.progress and main_rank)
             inputs[s] = Inputs(model, splits[s], images, image_trains=image_trains, text_trains=text_trains,
                                augment=tc.augment, cache_dir=cfg.data.cache_dir, progress=tc.progress)
+    if world > 1 and resume_from is None:  # a scratch tokenizer trained in each process numbers tokens its own way
+        model.tokenizer = distributed.broadcast_object(model.tokenizer)
+        if not streaming and inputs["train"].tokens is not None:  # streamed captions are tokenized per batch
+            inputs["train"].tokens = model.tokenize(all_captions(splits["train"]))
     if world > 1:
         torch.manual_seed(tc.seed + rank)  # different augmentation and dropout on each rank
     if resume_from is not None:

@@ -61,6 +61,9 @@ def check(args: list[str]):
         assert cli.parse(download.DownloadConfig(), args, download.USAGE, positional=("name",)).name in download.DATASETS
     elif script == "clip_foundation.synthetic":
         cli.parse(SyntheticCommand(), args, "")
+    elif script == "clip_foundation.shards":
+        from clip_foundation.shards import ShardsConfig
+        assert cli.parse(ShardsConfig(), args, "", positional=("src", "out")).out
     else:
         assert (ROOT / script).is_file(), f"{script} does not exist"
 

@@ -1,0 +1,89 @@
+"""Benchmark streaming from local shards beside the cached and JPEG-folder paths, in images/s.
+
+    python benchmarks/stream_speed.py --data ../shared/data/flickr8k --images 1000 --size 224
+
+Converts the first --images records to shards of --shard_size (clip_foundation.shards), then
+measures: (a) streaming: decode + resize in N DataLoader workers (clip_foundation.stream, as
+train.py reads shards); (b) the JPEG-folder path: the one-off decode of the folder into the
+uint8 cache (thread pool, clip_foundation.cache); (c) the cached path: shuffled batches of the
+memory-mapped cache. On a CUDA device it also times the training step of --model_step (pairs/s)
+to say whether streaming keeps it fed. Prints a table and writes JSON (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from clip_foundation import stream  # noqa: E402
+from clip_foundation.cache import load_images  # noqa: E402
+from clip_foundation.readers import load_records  # noqa: E402
+from clip_foundation.shards import write_shards  # noqa: E402
+
+
+def streaming_rate(urls, size: int, workers: int, batch: int, images: int) -> float:
+    """Images/s of decoded (b, 3, S, S) uint8 pieces out of a DataLoader over the shards."""
+    streams = max(workers, 1)
+    data = stream.ShardStreams(urls, streams, list(range(streams)), batch // streams, size, 0, 100,
+                               {s: (0, 0) for s in range(streams)})
+    loader = iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers,
+                                              prefetch_factor=4 if workers else None))
+    next(loader)  # worker start-up is not counted
+    start, n = time.perf_counter(), 0
+    while n < images:
+        n += len(next(loader)["images"])
+    return n / (time.perf_counter() - start)
+
+
+def cached_rate(images: torch.Tensor, batch: int) -> float:
+    start, n = time.perf_counter(), 0
+    for order in torch.randperm(len(images)).split(batch):
+        n += len(images[order].clone())
+    return n / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared/data/flickr8k"))
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--shard_size", type=int, default=100)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", default="0,1,2")
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    records = load_records(args.data)[:args.images]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards(records, Path(tmp) / "shards", args.shard_size, progress=False)
+        urls = stream.shard_urls(str(Path(tmp) / "shards"))
+        for w in [int(x) for x in args.workers.split(",")]:
+            rate = streaming_rate(urls, args.size, w, args.batch, len(records))
+            rows.append({"path": f"streaming shards, {w} workers", "images_per_s": rate})
+        start = time.perf_counter()
+        images, _ = load_images(records, args.size, Path(tmp) / "cache", progress=False)
+        rows.append({"path": "JPEG folder -> uint8 cache (one-off build, threads)",
+                     "images_per_s": len(records) / (time.perf_counter() - start)})
+        images, _ = load_images(records, args.size, Path(tmp) / "cache", progress=False)  # memory-mapped
+        rows.append({"path": "cached path (memory-mapped uint8 batches)", "images_per_s": cached_rate(images, args.batch)})
+        del images
+    result = {"images": len(records), "size": args.size, "cpus": os.cpu_count(), "cpu": platform.processor(),
+              "torch": torch.__version__, "rows": rows}
+    for r in rows:
+        print(f"{r['path']:<55} {r['images_per_s']:>10.0f} images/s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
