@@ -1,0 +1,306 @@
+"""A search page in the browser (Gradio): type a phrase and see the gallery images that match it,
+drop in a photo and see the captions and labels that fit it, and what is loaded.
+
+    python app.py --checkpoint=runs/NAME                    # the run's test images
+    page = SearchPage.from_run("runs/NAME"); page.launch()   # the same from Python (inline in Jupyter/Colab)
+
+`SearchPage` holds the model and the indexes, embedded once (cached beside the checkpoint) and
+reused by every query: a text query costs one text-tower forward plus the index lookup. Its
+`on_query` / `on_image` are the page's handlers as plain functions (tests and the latency
+benchmark call them directly); `build` lays them out with Gradio, imported only there.
+
+Safe by default: the server binds 127.0.0.1; Gradio keeps its files (uploads, copies of what it
+shows) in this page's own temporary folder, and no other folder is allowed, so the page's file
+routes reach uploads and thumbnails of gallery images only; uploads are capped in size and
+decoded by `open_rgb` (64 MP limit, decompression bombs and non-images refused with a message).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipModel import CLIPModel
+
+from .files import atomic_write
+from .gallery import Gallery, find_captions, gallery_records, load_or_build_caption_index
+from .index import GalleryIndex
+from .records import DataError, Record, open_rgb
+from .zeroshot import TEMPLATES, classify
+
+SYNTHETIC_QUERIES = ("a red circle", "a small blue square", "a yellow star on the left",
+                     "a green triangle above a purple circle")
+PHOTO_QUERIES = ("dog", "plane", "Gloomy weather", "someone dunks on the basket")  # the seed tutorial's
+PHOTO_LABELS = "dog, cat, horse, bicycle, car, boat, child, crowd"
+THUMB_SIDE = 384  # thumbnails shown (and served) instead of the gallery files themselves
+MAX_RESULTS = 48  # the n slider's top
+
+
+class PageError(ValueError):
+    """A mistake in what the user typed or dropped in; its message is shown in the page."""
+
+
+@dataclass
+class SearchPage:
+    """A `Gallery` (model + image index) with a caption index, as the handlers of one web page."""
+    gallery: Gallery
+    captions: GalleryIndex | None  # image -> text candidates; None: no captions found
+    info: dict  # what is loaded, shown in the page (see `summary`)
+    examples: tuple[str, ...] = PHOTO_QUERIES
+    labels: str = PHOTO_LABELS  # default zero-shot labels, comma-separated
+    templates: tuple[str, ...] | None = TEMPLATES  # prompts for bare labels; None: labels as written
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="clip-app-")))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def from_run(cls, checkpoint, data: str | None = None, split: str = "test", *, captions: str = "train",
+                 gallery: Gallery | None = None, model: CLIPModel | None = None, backend: str = "auto",
+                 device=None) -> "SearchPage":
+        """The page over `checkpoint`'s `split` of `data` (default: the data it trained on; any
+        folder of photos works, see `gallery_records`), or over `gallery` when given.
+
+        `captions` are the image -> text candidates: "train" (the run's training captions),
+        "gallery" (the gallery's own) or a text file with one caption per line."""
+        gallery = gallery or Gallery.from_run(checkpoint, data, split, model=model, backend=backend, device=device)
+        caption_index, caption_note = _caption_index(gallery, captions, data, backend)
+        synthetic = _is_synthetic(checkpoint, data)
+        info = describe_run(gallery, caption_index, caption_note, data or "the run's data", split)
+        return cls(gallery, caption_index, info, SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES,
+                   _synthetic_labels() if synthetic else PHOTO_LABELS, None if synthetic else TEMPLATES)
+
+    # ------------------------------------------------------------ handlers (no Gradio here)
+
+    def on_query(self, query: str, n: int = 9) -> tuple[list[tuple[str, str]], list[str], str]:
+        """A text query -> (grid: [(thumbnail, "score  name")], the gallery path of each, message)."""
+        query = (query or "").strip()
+        if not query:
+            raise PageError("Type what to look for, e.g. " + " or ".join(f'"{q}"' for q in self.examples[:2]))
+        n = max(1, min(int(n or 9), MAX_RESULTS, len(self.gallery)))
+        grid, paths, unreadable = [], [], []
+        for m in self.gallery.find_matches(query, n):
+            try:
+                grid.append((self.thumbnail(m.path), f"{m.score:.3f}  {Path(m.path).name}"))
+                paths.append(m.path)
+            except (OSError, DataError):  # moved, deleted or damaged since the index was built
+                unreadable.append(Path(m.path).name)
+        note = f"top {len(grid)} of {len(self.gallery)} images for \"{query}\" (cosine similarity)"
+        if unreadable:
+            note += f"; {len(unreadable)} could not be shown (gone or unreadable: {', '.join(unreadable)})"
+        return grid, paths, note
+
+    def on_image(self, image, labels: str = "", n: int = 5) -> tuple[list[list[str]], dict[str, float], str]:
+        """An image (a path or PIL image) -> (caption rows [score, caption], {label: probability}, message)."""
+        if image is None or image == "":
+            raise PageError("Upload or paste a photo, or click an image in the grid")
+        try:
+            picture = open_rgb(image) if isinstance(image, (str, Path)) else image
+        except DataError as e:  # not an image, corrupt, truncated, or over the 64 MP limit
+            raise PageError(f"That file cannot be used as an image: {str(e).split(': ', 1)[-1]}") from None
+        rows, notes = [], []
+        if self.captions is None:
+            notes.append(f"no captions to rank ({self.info['captions']})")
+        else:
+            rows = [[f"{c.score:.3f}", c.caption]
+                    for c in find_captions(self.gallery.model, self.captions, picture, max(1, int(n or 5)))]
+        names = list(dict.fromkeys(s.strip() for s in (labels or "").split(",") if s.strip()))
+        probs = {}
+        if len(names) >= 2:
+            probs = dict(classify(self.gallery.model, picture, names, self.templates))
+        else:
+            notes.append("type two or more labels, comma-separated, for zero-shot probabilities")
+        width, height = picture.size
+        return rows, probs, "; ".join([f"image {width}x{height}"] + notes)
+
+    def thumbnail(self, path) -> str:
+        """A small JPEG of gallery image `path` in this page's folder (made once), for the grid."""
+        stat = Path(path).stat()
+        key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode("utf-8", "surrogateescape"))
+        out = self.workdir / "thumbs" / f"{key.hexdigest()[:24]}.jpg"
+        with self._lock:
+            if not out.is_file():
+                picture = open_rgb(path)
+                picture.thumbnail((THUMB_SIDE, THUMB_SIDE))
+                out.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(out, lambda tmp: picture.save(tmp, "JPEG", quality=90))
+        return str(out)
+
+    def summary(self) -> str:
+        """What is loaded, as Markdown."""
+        return "\n".join(f"- **{k}**: {v}" for k, v in self.info.items())
+
+    # ------------------------------------------------------------ the page
+
+    def build(self):
+        """The page as a `gradio.Blocks`, not started (see `launch`)."""
+        return build_blocks(self)
+
+    def launch(self, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+               max_upload_mb: float = 10, **kwargs):
+        """Start the page's server: blocking in a script, inline in Jupyter and Colab ->
+        the launched `gradio.Blocks` (`.local_url`, `.close()`). `port` None: the first free
+        from 7860; uploads over `max_upload_mb` are refused; `kwargs` go to `Blocks.launch`."""
+        blocks = build_blocks(self)
+        blocks.launch(server_name=host, server_port=port, share=share, allowed_paths=[], ssr_mode=False,
+                      max_file_size=int(max_upload_mb * 1024 * 1024), css=CSS, **kwargs)
+        return blocks
+
+
+# ---------------------------------------------------------------- loading
+
+def _caption_index(gallery: Gallery, source: str, data, backend: str) -> tuple[GalleryIndex | None, str]:
+    """The caption index named by `source` -> (index or None, a line saying where it came from)."""
+    try:
+        if source == "gallery":
+            records, what = gallery.records, "the gallery's captions"
+        elif source == "train":
+            records, what = gallery_records(gallery.checkpoint, data, "train"), "the run's training captions"
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise DataError(f"{path}: caption file not found")
+            lines = [t.strip() for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+            records, what = [Record(path.resolve(), lines)], f"{path.name}"
+        if not any(r.captions for r in records):
+            raise DataError(f"{what}: none")
+        index = load_or_build_caption_index(gallery.model, gallery.checkpoint, records, backend=backend)
+        return index, f"{len(index)} from {what}"
+    except (OSError, DataError, UnicodeDecodeError) as e:
+        return None, f"none ({e}); pass --captions=FILE, one caption per line"
+
+
+def _is_synthetic(checkpoint, data) -> bool:
+    """Whether the gallery is the built-in synthetic set (its example queries are about shapes)."""
+    from .data import run_data_config
+    try:
+        folder = Path(data) if data else Path(run_data_config(checkpoint).path)
+    except (OSError, ValueError):
+        return False
+    return (folder / "synthetic.json").is_file()
+
+
+def _synthetic_labels() -> str:
+    from .synthetic import COLORS
+    return ", ".join(f"a {colour} shape" for colour in COLORS)
+
+
+def describe_run(gallery: Gallery, captions: GalleryIndex | None, caption_note: str, data, split) -> dict:
+    """What the page shows as loaded: model, towers, gallery, index kind, the run's test recall."""
+    cfg, folder = gallery.model.config, Path(gallery.checkpoint)
+    towers = [f"{t.kind} {t.name}" if t.kind != "scratch" else "scratch (trained from nothing)"
+              for t in (cfg.image, cfg.text)]
+    faiss = gallery.images.meta.get("faiss")
+    index = "exact (matrix product + top-k)" if not faiss else faiss["type"] + "".join(
+        f", {k} {v}" for k, v in faiss.items() if k in ("nlist", "nprobe") or k.startswith("recall@"))
+    info = {"model": folder.resolve().name,
+            "towers": f"image: {towers[0]}, {cfg.image.image_size} px; text: {towers[1]}; "
+                      f"{cfg.projection_dim}-d embeddings",
+            "gallery": f"{len(gallery):,} images ({split} split of {data})" if not _is_folder(gallery)
+                       else f"{len(gallery):,} images under {Path(os.path.commonpath(gallery.images.paths))}",
+            "index": index, "captions": caption_note}
+    try:
+        m = json.loads((folder / "metrics.json").read_text())
+        info["test recall"] = (f"text -> image R@1/5/10 {m['text_to_image_R@1']:.1f} / {m['text_to_image_R@5']:.1f}"
+                               f" / {m['text_to_image_R@10']:.1f} on {m.get('images', '?')} {m.get('split', '')}"
+                               " images")
+    except (OSError, ValueError, KeyError, TypeError):
+        info["test recall"] = "not measured (no metrics.json in the checkpoint folder)"
+    return info
+
+
+def _is_folder(gallery: Gallery) -> bool:  # a plain folder of photos: no captions anywhere
+    return bool(gallery.records) and not any(r.captions for r in gallery.records)
+
+
+# ---------------------------------------------------------------- the page in Gradio (imported only here)
+
+CSS = "#message p, #image_message p {margin: 0}"
+
+
+def _private_files(page: SearchPage) -> None:
+    """Gradio's upload folder and example cache inside the page's folder (read by Gradio when
+    components and the server are created): nothing another app wrote is served."""
+    os.environ["GRADIO_TEMP_DIR"] = str(page.workdir / "gradio")
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(page.workdir / "examples")
+
+
+def _tolerant_upload(image):
+    """Let `image`'s (a gr.Image) upload step never fail: a file that is no image, or too large
+    for PIL to open, reaches the handler as its path, and `open_rgb` there says what is wrong.
+    (Wrapping the one instance: a gr.Image subclass makes Gradio write a .pyi beside this file.)"""
+    preprocess = image.preprocess
+
+    def tolerant(payload):
+        try:
+            return preprocess(payload)
+        except Exception:  # noqa: BLE001 (PIL raises many kinds; the handler reports it)
+            return str(payload.path) if payload is not None and payload.path else None
+    image.preprocess = tolerant
+    return image
+
+
+def build_blocks(page: SearchPage):
+    """The page as a `gradio.Blocks`, not started."""
+    _private_files(page)
+    import gradio as gr
+
+    def search(query, n):
+        try:
+            grid, paths, note = page.on_query(query, n)
+        except PageError as e:
+            return [], [], f"⚠️ {e}"
+        return grid, paths, note
+
+    def describe(image, labels, n):
+        try:
+            rows, probs, note = page.on_image(image, labels, n)
+        except PageError as e:
+            return [], None, f"⚠️ {e}"
+        return rows, probs or None, note
+
+    def pick(paths, labels, n, evt):  # a click on the grid: that gallery image
+        if not paths or evt.index is None or evt.index >= len(paths):
+            return None, [], None, "⚠️ search first, then click an image"
+        path = paths[evt.index]
+        return (page.thumbnail(path), *describe(path, labels, n))
+    pick.__annotations__["evt"] = gr.SelectData  # how Gradio knows to pass the click
+
+    with gr.Blocks(title="CLIP search", analytics_enabled=False) as blocks:
+        gr.Markdown("## CLIP search: type what to look for, or drop in a photo")
+        with gr.Accordion("What is loaded", open=False):
+            gr.Markdown(page.summary(), elem_id="loaded")
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Row():
+                    query = gr.Textbox(label="Text → images", placeholder=page.examples[0], scale=4,
+                                       elem_id="query", max_length=1000, submit_btn="Search")
+                    n = gr.Slider(1, min(MAX_RESULTS, len(page.gallery)), value=min(9, len(page.gallery)),
+                                  step=1, label="images", scale=1, elem_id="n")
+                message = gr.Markdown(elem_id="message")
+                grid = gr.Gallery(label="best matches (score, file)", columns=5, height="auto",
+                                  object_fit="contain", allow_preview=False, elem_id="grid")
+                paths = gr.State([])  # the gallery files behind the grid, kept on the server
+                examples = gr.Examples([[q] for q in page.examples], inputs=query, label="Examples")
+            with gr.Column(scale=2):
+                image = gr.Image(label="Image → text: upload or paste a photo, or click a result",
+                                 type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                 height=240, elem_id="image")
+                _tolerant_upload(image)
+                labels = gr.Textbox(label="Zero-shot labels, comma-separated", value=page.labels,
+                                    elem_id="labels", submit_btn="Classify")
+                n_captions = gr.Slider(1, 20, value=5, step=1, label="captions", elem_id="n_captions")
+                image_message = gr.Markdown(elem_id="image_message")
+                captions = gr.Dataframe(headers=["score", "caption"], label="captions that fit it best",
+                                        interactive=False, wrap=True, elem_id="captions")
+                probs = gr.Label(label="zero-shot probabilities", elem_id="probs")
+
+        query.submit(search, [query, n], [grid, paths, message], api_name="search")
+        n.release(search, [query, n], [grid, paths, message], api_visibility="private")
+        examples.load_input_event.then(search, [query, n], [grid, paths, message], api_visibility="private")
+        image.upload(describe, [image, labels, n_captions], [captions, probs, image_message], api_name="describe")
+        labels.submit(describe, [image, labels, n_captions], [captions, probs, image_message], api_visibility="private")
+        grid.select(pick, [paths, labels, n_captions], [image, captions, probs, image_message], api_visibility="private")
+    return blocks

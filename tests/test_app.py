@@ -1,0 +1,207 @@
+"""app.py and clip_foundation/webapp.py: the search page, tested as a person uses it.
+
+On the tiny trained synthetic model (the `tiny_run` fixture): the handlers themselves, the running
+server through its HTTP API (`gradio_client`) and its file route, and a real headless Chromium
+that types a query, checks the grid, uploads an image and saves a screenshot. The browser test
+skips, saying why, where Playwright or Debian's chromium is missing or cannot start.
+"""
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import app
+from clip_foundation import cli
+from clip_foundation.webapp import PageError, SearchPage
+from test_readers import _png_header
+
+gradio = pytest.importorskip("gradio", reason="the page needs gradio: pip install -r requirements.txt")
+
+CHROMIUM = os.environ.get("CLIP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def attributes(data: Path) -> dict[str, set[tuple[str, str]]]:
+    """Image file name -> the (colour, shape) of each shape in it, from the set's captions.csv."""
+    with open(data / "captions.csv", newline="") as f:
+        return {Path(r["image"]).name: {(r[f"color{i}"], r[f"shape{i}"]) for i in (1, 2) if r[f"color{i}"]}
+                for r in csv.DictReader(f)}
+
+
+def red(attrs, name) -> bool:
+    return any(colour == "red" for colour, _ in attrs[name])
+
+
+def gallery_names(page) -> list[str]:
+    return [Path(r.image).name for r in page.gallery.records]
+
+
+@pytest.fixture(scope="module")
+def page(tiny_run):
+    data, run_dir, _ = tiny_run
+    return SearchPage.from_run(run_dir, str(data), "test")
+
+
+@pytest.fixture(scope="module")
+def served(page):
+    """The page's server, started once for this module -> its URL."""
+    blocks = page.launch(prevent_thread_lock=True, quiet=True, max_upload_mb=1)
+    yield blocks.local_url
+    blocks.close()
+
+
+def red_circle_image(tiny_run) -> Path:
+    data, _, _ = tiny_run
+    attrs = attributes(data)
+    return next(data / "images" / name for name in sorted(attrs) if attrs[name] == {("red", "circle")})
+
+
+# ---------------------------------------------------------------- the handlers
+
+
+def test_a_red_circle_brings_back_red_circles(page, tiny_run):
+    attrs = attributes(tiny_run[0])
+    grid, paths, note = page.on_query("a red circle", 9)
+    assert len(grid) == len(paths) == 9 and note.startswith('top 9 of 60 images for "a red circle"')
+    names = [Path(p).name for p in paths]  # the tiny model knows colours (learnt first), not yet shapes
+    base = sum(red(attrs, n) for n in gallery_names(page)) / len(page.gallery)  # about 1 in 5
+    assert sum(red(attrs, n) for n in names[:5]) >= 4 > 5 * base / 2, names
+    assert all(Path(thumb).is_relative_to(page.workdir) for thumb, _ in grid)  # thumbnails, not the files
+    assert [label.split()[1] for _, label in grid] == [Path(p).name for p in paths]
+    scores = [float(label.split()[0]) for _, label in grid]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_image_to_text_ranks_captions_and_labels(page, tiny_run):
+    rows, probs, note = page.on_image(str(red_circle_image(tiny_run)), "a red shape, a blue shape, a green shape", 3)
+    assert len(rows) == 3 and any("red" in caption for _, caption in rows)
+    assert max(probs, key=probs.get) == "a red shape" and sum(probs.values()) == pytest.approx(1, abs=1e-4)
+    assert note.startswith("image ")
+    _, probs, note = page.on_image(str(red_circle_image(tiny_run)), "just one label", 3)
+    assert probs == {} and "two or more labels" in note
+
+
+def test_what_is_loaded(page):
+    info = page.info
+    assert "scratch" in info["towers"] and "60 images" in info["gallery"] and info["index"].startswith("exact")
+    assert "text -> image R@1/5/10" in info["test recall"] and "training captions" in info["captions"]
+    assert page.examples[0] == "a red circle"  # the synthetic model gets shape queries
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("content, message", [
+    (b"just some text", "cannot identify image file"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "cannot decode image"),  # a truncated PNG
+    (_png_header(12000, 12000), "more than the 64 MP"),  # a decompression bomb's header
+])
+def test_bad_uploads_say_what_is_wrong(page, tmp_path, content, message):
+    path = tmp_path / "upload.png"
+    path.write_bytes(content)
+    with pytest.raises(PageError, match=message):
+        page.on_image(str(path), "a, b")
+
+
+def test_empty_query_and_missing_image_are_messages(page):
+    with pytest.raises(PageError, match="Type what to look for"):
+        page.on_query("   ", 9)
+    with pytest.raises(PageError, match="Upload or paste a photo"):
+        page.on_image(None)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"^error: .*not a saved CLIPModel folder|^error: .*not found"):
+        app.main([f"--checkpoint={tmp_path / 'missing'}"])
+    for argv, said in (([], "--checkpoint=DIR is required"), (["--checkpoint=x", "--split=dev"], "--split is"),
+                       (["--checkpoint=x", "--gallery=a", "--data=b"], "not both"), (["--bogus=1"], "unknown option")):
+        with pytest.raises(SystemExit) as stop:
+            app.main(argv)
+        assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_missing_gallery_is_one_line(tiny_run, tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: .*image folder not found"):
+        app.main([f"--checkpoint={tiny_run[1]}", f"--gallery={tmp_path / 'nowhere'}"])
+
+
+def test_defaults_are_safe():
+    cfg = cli.parse(app.AppConfig(), ["--checkpoint=runs/x"], app.USAGE)
+    assert cfg.host == "127.0.0.1" and not cfg.share and cfg.max_upload_mb == 10
+
+
+# ---------------------------------------------------------------- the running server
+
+
+def test_api_search_and_describe(served, tiny_run):
+    from gradio_client import Client, handle_file
+    client = Client(served, verbose=False)
+    grid, message = client.predict("a red circle", 4, api_name="/search")
+    attrs = attributes(tiny_run[0])
+    names = [item["caption"].split()[1] for item in grid]
+    assert len(names) == 4 and sum(red(attrs, n) for n in names) >= 3 and "a red circle" in message
+    _, message = client.predict("", 4, api_name="/search")
+    assert "Type what to look for" in message  # and the server goes on serving:
+    rows, probs, message = client.predict(handle_file(str(red_circle_image(tiny_run))), "a red shape, a blue shape",
+                                          3, api_name="/describe")
+    assert probs["label"] == "a red shape" and len(rows["data"]) == 3
+    text, bomb = Path(tiny_run[1]) / "not_an_image.png", Path(tiny_run[1]) / "bomb.png"
+    text.write_text("hello")
+    bomb.write_bytes(_png_header(30000, 30000))  # past even PIL's own limit, which Gradio's upload step meets
+    for upload, said in ((text, "cannot identify image file"), (bomb, "decompression bomb")):
+        _, _, message = client.predict(handle_file(str(upload)), "a, b", 3, api_name="/describe")
+        assert "cannot be used as an image" in message and said in message
+
+
+def test_file_route_serves_nothing_outside_the_page(served, tiny_run):
+    import httpx
+    data, run_dir, _ = tiny_run
+    for path in ("/etc/passwd", data / "captions.csv", red_circle_image(tiny_run), run_dir / "model.safetensors"):
+        response = httpx.get(f"{served}gradio_api/file={path}")
+        assert response.status_code == 403, (path, response.status_code)
+
+
+def test_uploads_are_capped(served, tmp_path):
+    import httpx
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (2 * 1024 * 1024))  # the module's server takes 1 MB
+    response = httpx.post(f"{served}gradio_api/upload", files={"files": big.open("rb")})
+    assert response.status_code == 413, response.status_code
+
+
+# ---------------------------------------------------------------- a real browser
+
+
+def test_in_a_real_browser(served, tiny_run, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python client is not installed")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set CLIP_CHROMIUM)")
+    attrs = attributes(tiny_run[0])
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        except sync_api.Error as e:
+            pytest.skip(f"Chromium at {CHROMIUM} cannot start here: {str(e).splitlines()[0]}")
+        try:
+            tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+            tab.goto(served)
+            box = tab.locator("#query textarea")
+            box.fill("a red circle")
+            box.press("Enter")
+            tab.wait_for_function("document.querySelector('#message').innerText.includes('a red circle')")
+            labels = tab.locator("#grid .caption-label").all_inner_texts()  # "score  file" under each image
+            names = [label.split()[1] for label in labels]
+            assert len(names) == 9 and tab.locator("#grid img").count() == 9
+            assert sum(red(attrs, n) for n in names[:5]) >= 4, names
+            tab.locator("#image input[type=file]").set_input_files(str(red_circle_image(tiny_run)))
+            tab.wait_for_function("document.querySelector('#image_message').innerText.includes('image ')")
+            captions = tab.locator("#captions").inner_text()
+            assert "red" in captions and "a red shape" in tab.locator("#probs").inner_text()
+            tab.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            if os.environ.get("CLIP_APP_SCREENSHOT"):
+                shutil.copy(tmp_path / "app.png", os.environ["CLIP_APP_SCREENSHOT"])
+        finally:
+            browser.close()
+    assert (tmp_path / "app.png").stat().st_size > 10_000
