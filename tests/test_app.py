@@ -132,6 +132,14 @@ def test_defaults_are_safe():
     assert cfg.host == "127.0.0.1" and not cfg.share and cfg.max_upload_mb == 10
 
 
+def test_latency_benchmark_smoke():
+    from benchmarks import search_latency
+    result = search_latency.main(["--app", "--rows=300,600", "--queries=6", "--dim=64"])
+    assert result["text_tower"] == "scratch" and result["text_forward"]["p50_ms"] > 0
+    for rows in ("300", "600"):
+        assert result[rows]["index"] == "exact" and 0 < result[rows]["p50_ms"] <= result[rows]["p95_ms"]
+
+
 # ---------------------------------------------------------------- the running server
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import app
 import download
 import evaluate
 import search
@@ -57,6 +58,8 @@ def check(args: list[str]):
         cli.parse(evaluate.EvalConfig(), args, evaluate.USAGE)
     elif script == "search.py":
         cli.parse(search.SearchConfig(), args, search.USAGE, positional=("query",))
+    elif script == "app.py":
+        cli.parse(app.AppConfig(), args, app.USAGE)
     elif script == "download.py":
         assert cli.parse(download.DownloadConfig(), args, download.USAGE, positional=("name",)).name in download.DATASETS
     elif script == "clip_foundation.synthetic":
