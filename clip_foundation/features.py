@@ -20,7 +20,7 @@ from clipModel import CLIPModel, to_model_input
 
 from .cache import cache_key
 from .files import atomic_write
-from .retrieval import eval_mode
+from .retrieval import eval_mode, image_layout, length_order
 
 
 def _tower_id(config) -> str:
@@ -46,7 +46,7 @@ def _cached(path: Path | None, compute) -> torch.Tensor:
 
 @torch.no_grad()
 def image_tower_features(model: CLIPModel, records, images: torch.Tensor, cache_dir: str | None,
-                         batch_size: int = 128, progress: bool = True) -> torch.Tensor:
+                         batch_size: int = 32, progress: bool = True) -> torch.Tensor:
     """Image-encoder outputs (N, d_image) of the decoded uint8 `images` of `records`."""
     cfg = model.config.image
     key = hashlib.sha256((_tower_id(cfg) + cache_key(records, cfg.image_size)).encode()).hexdigest()[:24]
@@ -54,19 +54,12 @@ def image_tower_features(model: CLIPModel, records, images: torch.Tensor, cache_
 
     def compute():
         from tqdm.auto import tqdm
-        tower = model.image_encoder
-        # timm CNNs run their convolutions ~1.5x faster on channels-last tensors (measured on a 2-core CPU)
-        layout = torch.channels_last if cfg.kind == "timm" else torch.contiguous_format
         out = []
-        with eval_mode(tower):
-            tower.to(memory_format=layout)
-            try:
-                for s in tqdm(range(0, len(images), batch_size), disable=not progress,
-                              desc=f"encoding {len(images)} images (frozen tower)", leave=False):
-                    x = to_model_input(images[s:s + batch_size].to(model.device), cfg.mean, cfg.std)
-                    out.append(tower(x.contiguous(memory_format=layout)).float().cpu())  # (b, d_image)
-            finally:
-                tower.to(memory_format=torch.contiguous_format)
+        with eval_mode(model.image_encoder), image_layout(model) as layout:
+            for s in tqdm(range(0, len(images), batch_size), disable=not progress,
+                          desc=f"encoding {len(images)} images (frozen tower)", leave=False):
+                x = to_model_input(images[s:s + batch_size].to(model.device), cfg.mean, cfg.std)
+                out.append(model.image_encoder(x.contiguous(memory_format=layout)).float().cpu())  # (b, d_image)
         return torch.cat(out)
     return _cached(path, compute)
 
@@ -82,11 +75,7 @@ def text_tower_features(model: CLIPModel, captions: list[str], cache_dir: str | 
 
     def compute():
         from tqdm.auto import tqdm
-        # Batches of captions of similar length: padding to the longest in a batch of random
-        # captions wastes most of the work (Flickr captions: 8 to 40 tokens).
-        lengths = [len(ids) for ids in model.tokenizer(captions, truncation=True,
-                                                       max_length=model.config.text.max_length)["input_ids"]]
-        order = sorted(range(len(captions)), key=lengths.__getitem__)
+        order = length_order(model, captions)  # similar lengths per batch: little padding
         out = torch.empty(len(captions), model.text_encoder.out_dim)
         with eval_mode(model.text_encoder):
             for s in tqdm(range(0, len(captions), batch_size), disable=not progress, leave=False,

@@ -69,20 +69,49 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     return metrics
 
 
+@contextlib.contextmanager
+def image_layout(model: CLIPModel):
+    """-> the memory format to feed the image tower in this block: channels-last for timm
+    convolutional towers (~1.5x faster on a CPU, measured), whose weights are switched for
+    the block and restored after; contiguous for the others."""
+    tower = model.image_encoder
+    if tower.kind != "timm":
+        yield torch.contiguous_format
+        return
+    tower.to(memory_format=torch.channels_last)
+    try:
+        yield torch.channels_last
+    finally:
+        tower.to(memory_format=torch.contiguous_format)
+
+
+def length_order(model: CLIPModel, captions: list[str]) -> list[int]:
+    """Caption indices sorted by token count: batches of similar lengths pad little (Flickr
+    captions run from 8 to 40 tokens; a random batch pads all of them to the longest)."""
+    ids = model.tokenizer(list(captions), truncation=True, max_length=model.config.text.max_length)["input_ids"]
+    return sorted(range(len(captions)), key=lambda i: len(ids[i]))
+
+
 @torch.no_grad()
-def embed_images(model: CLIPModel, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def embed_images(model: CLIPModel, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """Decoded uint8 images (N, 3, S, S) -> normalised features (N, D)."""
     cfg, out = model.config.image, []
-    for s in range(0, len(images), batch_size):
-        batch = to_model_input(images[s:s + batch_size].to(model.device), cfg.mean, cfg.std)
-        out.append(model.encode_image(batch).float())
+    with image_layout(model) as layout:
+        for s in range(0, len(images), batch_size):
+            batch = to_model_input(images[s:s + batch_size].to(model.device), cfg.mean, cfg.std)
+            out.append(model.encode_image(batch.contiguous(memory_format=layout)).float())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def embed_texts(model: CLIPModel, captions: list[str], batch_size: int = 1024) -> torch.Tensor:
-    return torch.cat([model.encode_text(captions[s:s + batch_size]).float()
-                      for s in range(0, len(captions), batch_size)])
+def embed_texts(model: CLIPModel, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Captions -> normalised features (M, D), in the captions' order."""
+    order = length_order(model, captions)
+    out = torch.empty(len(captions), model.config.projection_dim)
+    for s in range(0, len(captions), batch_size):
+        chunk = order[s:s + batch_size]
+        out[chunk] = model.encode_text([captions[i] for i in chunk]).float().cpu()  # (b, D)
+    return out.to(model.device)
 
 
 def records_metrics(image_features: torch.Tensor, text_features: torch.Tensor, records) -> dict:

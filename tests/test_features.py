@@ -25,3 +25,28 @@ def test_length_sorted_caption_batches_give_each_caption_its_own_features(scratc
         alone = torch.cat([model.text_encoder(**model.tokenize([c])) for c in CAPTIONS])
     batched = text_tower_features(model, CAPTIONS, cache_dir=None, batch_size=batch_size, progress=False)
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 256])
+def test_embed_texts_keeps_caption_order(scratch_model, batch_size):
+    from clip_foundation.retrieval import embed_texts
+    model = scratch_model
+    with torch.no_grad():
+        alone = torch.cat([model.encode_text([c]) for c in CAPTIONS])
+    torch.testing.assert_close(embed_texts(model, CAPTIONS, batch_size=batch_size), alone, atol=1e-5, rtol=1e-4)
+
+
+def test_channels_last_image_encoding_matches_and_restores_the_timm_tower():
+    from clip_foundation.retrieval import embed_images
+    from clipModel import to_model_input
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(image=ImageEncoderConfig(kind="timm", name="test_efficientnet", pretrained=False,
+                                                          image_size=64),
+                                 text=TextEncoderConfig(kind="scratch", width=32, depth=1)), captions=CAPTIONS).eval()
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    cfg = model.config.image
+    with torch.no_grad():
+        reference = model.encode_image(to_model_input(images, cfg.mean, cfg.std))
+    torch.testing.assert_close(embed_images(model, images, batch_size=2), reference, atol=1e-5, rtol=1e-4)
+    conv = next(m for m in model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()  # the tower is back in its own layout for training
