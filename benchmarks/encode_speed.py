@@ -1,16 +1,22 @@
 """Frozen-tower encoding speed: images/s and captions/s per execution path, on this machine.
 
-    python benchmarks/encode_speed.py                       # Lite0 + MiniLM, batch 64, CPU
+    python benchmarks/encode_speed.py                       # Lite0 + MiniLM, CPU
     python benchmarks/encode_speed.py --image=tf_efficientnet_lite2 --batches=5
 
-Paths: eager fp32 (contiguous), fp32 with channels-last tensors, and bf16 autocast (shown only
-where it runs faster than a tenth of fp32: CPUs without bf16 units emulate it). Weights come
-from the pip packages of requirements-pretrained.txt, so it runs offline. Prints one line per
-path; nothing is written.
+Image paths: eager fp32 (contiguous), fp32 channels-last at two batch sizes (with the minor page
+faults per image: large batches allocate activations that glibc maps fresh from the kernel on
+every layer, which shows up as system time), and bf16 autocast (marked emulated where the CPU
+has no bf16 units). Caption paths: batches of captions of mixed lengths padded to the longest
+(what a plain loop does), and the same captions in length-sorted batches (what
+`clip_foundation.retrieval.length_order` gives every encoding path), with the token positions
+computed per caption (padding included), which does not depend on the machine's load. Weights come from the pip
+packages of requirements-pretrained.txt, so it runs offline. Prints one line per path.
 """
 from __future__ import annotations
 
 import argparse
+import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -20,45 +26,80 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, to_model_input  # noqa: E402
 from clip_foundation.pretrained import text_model_folder  # noqa: E402
+from clip_foundation.retrieval import length_order  # noqa: E402
 
 
-def rate(fn, items: int, batches: int) -> float:
+def rate(fn, items: int, batches: int) -> tuple[float, float]:
+    """-> (items per second, minor page faults per item) over `batches` calls after a warm-up."""
     fn()  # warm-up: kernels chosen, memory allocated
-    start = time.perf_counter()
+    faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
     for _ in range(batches):
         fn()
-    return items * batches / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return items * batches / seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (items * batches)
+
+
+def mixed_captions(n: int, seed: int = 0) -> list[str]:
+    """Captions of 4 to 30 words, like Flickr's (short ones common, long ones rare)."""
+    words = "a dog man woman child runs jumps red blue on the in of with grass water street ball".split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(min(30, 4 + int(rng.expovariate(1 / 8)))))
+            for _ in range(n)]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--image", default="tf_efficientnet_lite0", help="timm image tower")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--batches", type=int, default=3, help="timed batches per path")
+    p.add_argument("--batch", type=int, default=128, help="images per batch (the large-batch rows)")
+    p.add_argument("--small_batch", type=int, default=32, help="images per batch of the frozen-feature path")
+    p.add_argument("--captions", type=int, default=1024, help="captions per timed pass")
+    p.add_argument("--caption_batch", type=int, default=256, help="captions per batch")
+    p.add_argument("--batches", type=int, default=2, help="timed batches (image rows) or passes (caption rows)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     config = CLIPConfig(image=ImageEncoderConfig(kind="timm", name=args.image),
                         text=TextEncoderConfig(kind="hf", name=text_model_folder(), pooling="mean"))
     model = CLIPModel(config).eval()
     S, cfg = model.config.image.image_size, model.config.image
-    images = torch.randint(0, 256, (args.batch, 3, S, S), dtype=torch.uint8)
-    tokens = model.tokenize(["a little girl in a pink dress is climbing the stairs of a wooden house"] * args.batch)
     tower, text = model.image_encoder, model.text_encoder
-    print(f"{torch.__version__}, {torch.get_num_threads()} threads, {args.image} at {S} px, batch {args.batch}")
+    print(f"{torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
+          f"{args.image} at {S} px")
+
+    def images(n):
+        return to_model_input(torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8), cfg.mean, cfg.std)
+
+    def row(label, result):
+        print(f"{label:40s}{result[0]:8.1f}/s {result[1]:8.0f} page faults per item")
+
     with torch.inference_mode():
-        x = to_model_input(images, cfg.mean, cfg.std)
+        x = images(args.batch)
         fp32 = rate(lambda: tower(x), args.batch, args.batches)
-        print(f"images   fp32 contiguous      {fp32:8.1f}/s")
+        row(f"images   fp32 contiguous, batch {args.batch}", fp32)
         tower.to(memory_format=torch.channels_last)
-        xc = x.contiguous(memory_format=torch.channels_last)
-        print(f"images   fp32 channels-last   {rate(lambda: tower(xc), args.batch, args.batches):8.1f}/s")
+        for n in (args.batch, args.small_batch):
+            xc = images(n).contiguous(memory_format=torch.channels_last)
+            row(f"images   fp32 channels-last, batch {n}", rate(lambda: tower(xc), n, max(1, args.batches * args.batch // n)))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16 = rate(lambda: tower(xc), args.batch, 1)
-        print(f"images   bf16 channels-last   {bf16:8.1f}/s" + ("  (emulated: no bf16 units)" if bf16 < fp32 / 10 else ""))
+            bf16 = rate(lambda: tower(xc), args.small_batch, 1)
+        row(f"images   bf16 channels-last, batch {args.small_batch}"
+            + (" (emulated)" if bf16[0] < fp32[0] / 10 else ""), bf16)
         tower.to(memory_format=torch.contiguous_format)
-        print(f"captions fp32                 {rate(lambda: text(**tokens), args.batch, args.batches):8.1f}/s")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            print(f"captions bf16                 {rate(lambda: text(**tokens), args.batch, 1):8.1f}/s")
+        captions = mixed_captions(args.captions)
+        order = length_order(model, captions)
+
+        B = args.caption_batch
+
+        def encode(ordered):
+            for s in range(0, len(ordered), B):
+                text(**model.tokenize(ordered[s:s + B]))
+
+        def padded(ordered):  # token positions computed per caption: load-independent
+            return sum(model.tokenize(ordered[s:s + B])["input_ids"].numel()
+                       for s in range(0, len(ordered), B)) / len(ordered)
+        sorted_captions = [captions[i] for i in order]
+        for label, ordered in (("mixed lengths", captions), ("length-sorted", sorted_captions)):
+            speed = rate(lambda: encode(ordered), len(captions), args.batches)[0]
+            print(f"{f'captions fp32, {label}, batch {B}':40s}{speed:8.1f}/s {padded(ordered):8.1f} tokens per caption")
 
 
 if __name__ == "__main__":

