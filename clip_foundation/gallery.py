@@ -240,7 +240,12 @@ def find_matches(model: CLIPModel, index: GalleryIndex, query: str, n: int = 9,
     if n < 1:
         raise ValueError("n must be at least 1")
     text = _encode(model, lambda: model.encode_text([query]))  # (1, D)
-    scores, rows = index.search(text, n, backend)
+    return nearest_images(index, text, n, backend)
+
+
+def nearest_images(index: GalleryIndex, embedding: torch.Tensor, n: int, backend: str = "auto") -> list[Match]:
+    """The `n` gallery images nearest the normalised (1, D) `embedding`, best first."""
+    scores, rows = index.search(embedding, n, backend)
     return [Match(index.paths[i], s) for s, i in zip(scores[0].tolist(), rows[0].tolist()) if i >= 0]
 
 

@@ -10,7 +10,7 @@ or a folder written by `python search.py --build-index` (stems `images` and `cap
     <stem>.faiss        optional: a FAISS inner-product index over the same rows
 
 Each file is written to a temporary name and renamed, the JSON last, so a killed build is never
-read. Search is exact by default (matrix product + top-k, chunked over the gallery); with
+read. Search is exact by default (matrix product + top-k, see `exact_topk`); with
 `faiss` installed a large gallery also gets a FAISS index (`IndexFlatIP`, or `IndexIVFFlat`
 whose nprobe is tuned at build time until its recall against exact search is high enough).
 """
@@ -28,7 +28,11 @@ import torch
 from .files import atomic_write
 
 INDEX_VERSION = 2  # bump when the index format changes, so old caches are rebuilt
-EXACT_CHUNK = 65_536  # gallery rows scored at once: 64 queries x 65k rows = 16 MB of scores
+EXACT_CHUNK = 65_536  # gallery rows scored at once for a batch of 64 queries (16 MB of float32 scores)
+SCORE_BUDGET = 64 * EXACT_CHUNK  # scores held at once: fewer queries scan more rows per pass (1 query: 4M)
+HALF_MAX_QUERIES = 4  # up to this many queries score a float16 gallery in float16 (memory-bound: ~1.7x
+#                       faster on a CPU); more queries are compute-bound, where CPU float16 GEMMs are slow
+HALF_MARGIN = 32  # float16 first pass keeps k + this many candidates, re-scored in float32
 IVF_MIN_SIZE = 200_000  # from here exact search costs ~30 ms a query on 2 CPU cores, IVF ~1 ms
 AUTO_FAISS_MIN_SIZE = IVF_MIN_SIZE  # "auto" never builds IndexFlatIP: 2x slower than torch's matmul here
 TARGET_RECALL = 0.95  # IVF nprobe is doubled until recall@k vs exact reaches this
@@ -55,37 +59,62 @@ class GalleryIndex:
         return len(self.embeddings)
 
     def search(self, queries: torch.Tensor, k: int, backend: str = "auto",
-               chunk: int = EXACT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-`k` rows for each of the (Q, D) normalised `queries` -> (scores, indices), (Q, k)
         each, best first, on the CPU. `backend`: "exact", "faiss" (needs a FAISS index) or
-        "auto" (FAISS when this index has one, else exact)."""
+        "auto" (FAISS when this index has one, else exact). `chunk`: see `exact_topk`."""
         k = min(k, len(self))
         if backend == "faiss" and self.faiss_index is None:
             raise BadIndexError("this index has no FAISS index: build it with --backend faiss")
         if backend != "exact" and self.faiss_index is not None:
             return faiss_search(self.faiss_index, queries, k)
-        if self._scoring is None or self._scoring.device != self.embeddings.device:
-            # float32 once: CPU half-precision GEMMs are slow, and scores need float32 to rank
-            self._scoring = self.embeddings.float()
-        scores, indices = exact_topk(queries.to(self._scoring), self._scoring, k, chunk)
+        if len(queries) <= HALF_MAX_QUERIES:  # a page's or a command's query: the float16 rows as they are
+            gallery = self.embeddings
+        else:
+            if self._scoring is None or self._scoring.device != self.embeddings.device:
+                # float32 once for batches: CPU half-precision GEMMs are slow when compute-bound
+                self._scoring = self.embeddings.float().contiguous()
+            gallery = self._scoring
+        scores, indices = exact_topk(queries.to(gallery.device), gallery, k, chunk)
         return scores.cpu(), indices.cpu()
 
 
 def exact_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int,
-               chunk: int = EXACT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact inner-product top-`k` of (Q, D) `queries` in the (N, D) `gallery`, scanning
-    `chunk` rows at a time so no (Q, N) matrix is ever held -> (scores, indices) (Q, k)."""
-    k, queries = min(k, len(gallery)), queries.float()
-    best_s = queries.new_full((len(queries), 0), float("-inf"))
-    best_i = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)
+               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-`k` of (Q, D) `queries` in the (N, D) `gallery` -> (scores,
+    indices) (Q, k), float32 scores. One matrix product + top-k per pass of `chunk` rows
+    (default: as many as keep Q x rows within SCORE_BUDGET, so one pass for a single query up
+    to 4M rows); no (Q, N) matrix beyond that is ever held.
+
+    A float16 `gallery` with at most HALF_MAX_QUERIES queries is scored in float16 (half the
+    memory traffic of float32: the whole cost of a single query), keeping the best k +
+    HALF_MARGIN rows, which are then re-scored in float32 and ranked: the same rows and scores
+    as float32 search unless more than HALF_MARGIN rows tie with the k-th within float16
+    rounding (~5e-4)."""
+    k = min(k, len(gallery))
+    half = gallery.dtype == torch.float16 and len(queries) <= HALF_MAX_QUERIES
+    pick = min(len(gallery), k + HALF_MARGIN) if half else k
+    q = queries.to(torch.float16 if half else torch.float32)
+    chunk = chunk or max(EXACT_CHUNK, SCORE_BUDGET // max(1, len(queries)))
+    best_s = best_i = None
     for s in range(0, len(gallery), chunk):
-        scores = queries @ gallery[s:s + chunk].float().T  # (Q, c)
-        top = scores.topk(min(k, scores.shape[1]), dim=1)
-        cand_s = torch.cat([best_s, top.values], 1)  # (Q, <= 2k): running best + this chunk's
+        rows = gallery[s:s + chunk]
+        scores = q @ (rows if half else rows.float()).T  # (Q, c)
+        top = scores.topk(min(pick, scores.shape[1]), dim=1)
+        if best_s is None:  # the first (for a single query usually the only) pass
+            best_s, best_i = top.values, top.indices
+            continue
+        cand_s = torch.cat([best_s, top.values], 1)  # (Q, <= 2 pick): running best + this chunk's
         cand_i = torch.cat([best_i, top.indices + s], 1)
-        keep = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+        keep = cand_s.topk(min(pick, cand_s.shape[1]), dim=1)
         best_s, best_i = keep.values, cand_i.gather(1, keep.indices)
-    return best_s, best_i
+    if best_s is None:  # an empty gallery
+        return queries.new_empty(len(queries), 0).float(), torch.empty(len(queries), 0, dtype=torch.long)
+    if not half:
+        return best_s, best_i
+    exact = torch.bmm(gallery[best_i].float(), queries.float()[:, :, None])[:, :, 0]  # (Q, pick) float32
+    keep = exact.topk(k, dim=1)
+    return keep.values, best_i.gather(1, keep.indices)
 
 
 # ---------------------------------------------------------------- FAISS (optional)

@@ -5,7 +5,8 @@ drop in a photo and see the captions and labels that fit it, and what is loaded.
     page = SearchPage.from_run("runs/NAME"); page.launch()   # the same from Python (inline in Jupyter/Colab)
 
 `SearchPage` holds the model and the indexes, embedded once (cached beside the checkpoint) and
-reused by every query: a text query costs one text-tower forward plus the index lookup. Its
+reused by every query: a text query costs one text-tower forward (one torch thread, see
+`launch`) plus the index lookup; thumbnails are made the first time an image is shown. Its
 `on_query` / `on_image` are the page's handlers as plain functions (tests and the latency
 benchmark call them directly); `build` lays them out with Gradio, imported only there.
 
@@ -24,10 +25,13 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from clipModel import CLIPModel
 
 from .files import atomic_write
-from .gallery import Gallery, find_captions, gallery_records, load_or_build_caption_index
+from .gallery import (Gallery, Match, find_captions, gallery_records, load_or_build_caption_index,
+                      nearest_images)
 from .index import GalleryIndex
 from .records import DataError, Record, open_rgb
 from .zeroshot import TEMPLATES, classify
@@ -54,7 +58,9 @@ class SearchPage:
     labels: str = PHOTO_LABELS  # default zero-shot labels, comma-separated
     templates: tuple[str, ...] | None = TEMPLATES  # prompts for bare labels; None: labels as written
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="clip-app-")))
+    threads: int | None = 1  # torch threads while serving (see `launch`); None: torch's own setting
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _thumbs: dict = field(default_factory=dict, repr=False)  # gallery path -> its thumbnail, made once
 
     @classmethod
     def from_run(cls, checkpoint, data: str | None = None, split: str = "test", *, captions: str = "train",
@@ -81,9 +87,10 @@ class SearchPage:
             raise PageError("Type what to look for, e.g. " + " or ".join(f'"{q}"' for q in self.examples[:2]))
         n = max(1, min(int(n or 9), MAX_RESULTS, len(self.gallery)))
         grid, paths, unreadable = [], [], []
-        for m in self.gallery.find_matches(query, n):
+        for m in self.find(query, n):
             try:
-                grid.append((self.thumbnail(m.path), f"{m.score:.3f}  {Path(m.path).name}"))
+                thumb = self._thumbs.get(m.path) or self.thumbnail(m.path)
+                grid.append((thumb, f"{m.score:.3f}  {Path(m.path).name}"))
                 paths.append(m.path)
             except (OSError, DataError):  # moved, deleted or damaged since the index was built
                 unreadable.append(Path(m.path).name)
@@ -91,6 +98,17 @@ class SearchPage:
         if unreadable:
             note += f"; {len(unreadable)} could not be shown (gone or unreadable: {', '.join(unreadable)})"
         return grid, paths, note
+
+    def find(self, query: str, n: int) -> list[Match]:
+        """The `n` gallery images best matching `query`: one text-tower forward plus the index
+        lookup, nothing else. The model is used as it is when in eval mode (as loaded): switching
+        every submodule to eval and back per query (`eval_mode`) cost more than the forward."""
+        model, index = self.gallery.model, self.gallery.images
+        if model.training:  # being trained meanwhile (a notebook): the careful path, modes restored
+            return self.gallery.find_matches(query, n)
+        with torch.no_grad():
+            text = model.encode_text([query]).float()  # (1, D)
+        return nearest_images(index, text, n)
 
     def on_image(self, image, labels: str = "", n: int = 5) -> tuple[list[list[str]], dict[str, float], str]:
         """An image (a path or PIL image) -> (caption rows [score, caption], {label: probability}, message)."""
@@ -116,7 +134,9 @@ class SearchPage:
         return rows, probs, "; ".join([f"image {width}x{height}"] + notes)
 
     def thumbnail(self, path) -> str:
-        """A small JPEG of gallery image `path` in this page's folder (made once), for the grid."""
+        """A small JPEG of gallery image `path` in this page's folder, for the grid. Made once:
+        later queries take it from memory (`on_query` reads no gallery file after the first
+        time an image is shown)."""
         stat = Path(path).stat()
         key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode("utf-8", "surrogateescape"))
         out = self.workdir / "thumbs" / f"{key.hexdigest()[:24]}.jpg"
@@ -126,7 +146,13 @@ class SearchPage:
                 picture.thumbnail((THUMB_SIDE, THUMB_SIDE))
                 out.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(out, lambda tmp: picture.save(tmp, "JPEG", quality=90))
+            self._thumbs[str(path)] = str(out)
         return str(out)
+
+    def use_query_threads(self) -> None:
+        """torch's thread count for serving queries (`threads`; None leaves it as it is)."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
 
     def summary(self) -> str:
         """What is loaded, as Markdown."""
@@ -142,7 +168,13 @@ class SearchPage:
                max_upload_mb: float = 10, **kwargs):
         """Start the page's server: blocking in a script, inline in Jupyter and Colab ->
         the launched `gradio.Blocks` (`.local_url`, `.close()`). `port` None: the first free
-        from 7860; uploads over `max_upload_mb` are refused; `kwargs` go to `Blocks.launch`."""
+        from 7860; uploads over `max_upload_mb` are refused; `kwargs` go to `Blocks.launch`.
+
+        Sets torch to `self.threads` threads (1 unless changed; process-wide, so a notebook that
+        trains afterwards may want `torch.set_num_threads` back): a query is one forward at
+        batch 1, too small to split, and on a busy machine every op of a multi-threaded forward
+        waits for its slowest thread (docs/search.md: 2 threads made it 70x slower under load)."""
+        self.use_query_threads()
         blocks = build_blocks(self)
         blocks.launch(server_name=host, server_port=port, share=share, allowed_paths=[], ssr_mode=False,
                       max_file_size=int(max_upload_mb * 1024 * 1024), css=CSS, **kwargs)

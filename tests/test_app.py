@@ -135,9 +135,23 @@ def test_defaults_are_safe():
 def test_latency_benchmark_smoke():
     from benchmarks import search_latency
     result = search_latency.main(["--app", "--rows=300,600", "--queries=6", "--dim=64"])
-    assert result["text_tower"] == "scratch" and result["text_forward"]["p50_ms"] > 0
+    tower = result["towers"]["scratch"]
+    assert result["threads"] == 1 and 0 < tower["text_forward"]["p50_ms"] <= tower["text_forward"]["p95_ms"]
+    assert {"tokenize", "forward_1_threads", "forward_2_threads"} <= set(tower)
     for rows in ("300", "600"):
-        assert result[rows]["index"] == "exact" and 0 < result[rows]["p50_ms"] <= result[rows]["p95_ms"]
+        row = result["galleries"][rows]
+        assert row["index"] == "exact" and 0 < row["scratch"]["handler"]["p50_ms"] <= row["scratch"]["handler"]["p95_ms"]
+        assert row["scratch"]["lookup"]["p50_ms"] > 0
+
+
+def test_a_query_is_one_forward_and_a_lookup(page, monkeypatch):
+    """Thumbnails come from memory after the first time, and no per-query mode switching."""
+    page.on_query("a red circle", 9)
+    monkeypatch.setattr("clip_foundation.webapp.open_rgb", lambda *a: pytest.fail("a thumbnail was remade"))
+    monkeypatch.setattr("clip_foundation.gallery.eval_mode", lambda *a: pytest.fail("eval_mode on the query path"))
+    grid, paths, _ = page.on_query("a red circle", 9)
+    assert [Path(p).name for p in paths] == [Path(p).name for p in page.on_query("a red circle", 9)[1]]
+    assert len(grid) == 9 and not page.gallery.model.training
 
 
 # ---------------------------------------------------------------- the running server

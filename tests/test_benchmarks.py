@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks import train_throughput
 
@@ -68,3 +69,21 @@ def test_data_path(result):
 def test_unknown_variant_is_rejected(tmp_path):
     with pytest.raises(SystemExit, match="unknown variants"):
         train_throughput.main(["--tiny", "--variants=nope", f"--out={tmp_path / 'x.json'}"])
+
+
+def test_search_latency_ann_smoke():
+    """benchmarks/search_latency.py --ann at a tiny size: recall per nprobe, a chosen nprobe."""
+    pytest.importorskip("faiss", reason="--ann needs faiss-cpu")
+    from benchmarks import search_latency
+    result = search_latency.main(["--ann", "--rows=4000", "--queries=10", "--dim=32", "--nprobe=1,22"])
+    assert result["factory"].startswith("IVF21,PQ8x4fs") and result["build_s"] >= 0
+    assert set(result["nprobe"]) == {"1", "22"}
+    assert result["nprobe"]["22"]["recall_at_10"] >= result["nprobe"]["1"]["recall_at_10"] - 0.05
+    assert all(0 < r["p50_ms"] <= r["p95_ms"] for r in result["nprobe"].values())
+
+
+def test_mixture_is_reproducible_and_normalised():
+    from benchmarks.search_latency import Mixture
+    mix = Mixture(16, topics=4, clusters=20, rank=3)
+    a, b = mix.sample(50, seed=7), mix.sample(50, seed=7)
+    assert torch.equal(a, b) and torch.allclose(a.norm(dim=1), torch.ones(50), atol=1e-5)
