@@ -103,6 +103,7 @@ class SearchPage:
         """The `n` gallery images best matching `query`: one text-tower forward plus the index
         lookup, nothing else. The model is used as it is when in eval mode (as loaded): switching
         every submodule to eval and back per query (`eval_mode`) cost more than the forward."""
+        self.use_query_threads()
         model, index = self.gallery.model, self.gallery.images
         if model.training:  # being trained meanwhile (a notebook): the careful path, modes restored
             return self.gallery.find_matches(query, n)
@@ -118,6 +119,7 @@ class SearchPage:
             picture = open_rgb(image) if isinstance(image, (str, Path)) else image
         except DataError as e:  # not an image, corrupt, truncated, or over the 64 MP limit
             raise PageError(f"That file cannot be used as an image: {str(e).split(': ', 1)[-1]}") from None
+        self.use_query_threads()
         rows, notes = [], []
         if self.captions is None:
             notes.append(f"no captions to rank ({self.info['captions']})")
@@ -150,8 +152,10 @@ class SearchPage:
         return str(out)
 
     def use_query_threads(self) -> None:
-        """torch's thread count for serving queries (`threads`; None leaves it as it is)."""
-        if self.threads:
+        """torch's thread count for serving queries (`threads`; None leaves it as it is), in the
+        calling thread: torch keeps a count per thread once a thread has run an op, so a server
+        thread that ran one before `launch` would otherwise keep the old count."""
+        if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
 
     def summary(self) -> str:

@@ -37,6 +37,15 @@ def gallery_names(page) -> list[str]:
     return [Path(r.image).name for r in page.gallery.records]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_threads():
+    """The page serves with 1 torch thread (process-wide for new threads): put it back after."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def page(tiny_run):
     data, run_dir, _ = tiny_run
@@ -142,6 +151,18 @@ def test_latency_benchmark_smoke():
         row = result["galleries"][rows]
         assert row["index"] == "exact" and 0 < row["scratch"]["handler"]["p50_ms"] <= row["scratch"]["handler"]["p95_ms"]
         assert row["scratch"]["lookup"]["p50_ms"] > 0
+
+
+def test_queries_run_on_the_pages_thread_count_in_any_thread(page):
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    def in_a_server_thread():
+        torch.set_num_threads(2)  # a thread that ran torch before the page's setting keeps its own count
+        page.on_query("a red circle", 3)
+        return torch.get_num_threads()
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(in_a_server_thread).result() == page.threads == 1
 
 
 def test_a_query_is_one_forward_and_a_lookup(page, monkeypatch):
