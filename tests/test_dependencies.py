@@ -28,6 +28,8 @@ IMPORTS = {
     "kaggle": "from kaggle.api.kaggle_api_extended import KaggleApi",  # what download.py imports
     "six": "import six",
     "webdataset": "import webdataset",
+    "gradio": "import gradio",
+    "playwright": "from playwright.sync_api import sync_playwright",
     "pytest": "import pytest",
     "datasets": "import datasets",
     "faiss-cpu": "import faiss",
