@@ -20,7 +20,7 @@ from clipModel import CLIPModel, to_model_input
 
 from .cache import cache_key
 from .files import atomic_write
-from .retrieval import eval_mode, image_layout, length_order
+from .retrieval import eval_mode, image_layout, in_length_order
 
 
 def _tower_id(config) -> str:
@@ -74,14 +74,9 @@ def text_tower_features(model: CLIPModel, captions: list[str], cache_dir: str | 
     path = Path(cache_dir) / "features" / f"text-{h.hexdigest()[:24]}.safetensors" if cache_dir else None
 
     def compute():
-        from tqdm.auto import tqdm
-        order = length_order(model, captions)  # similar lengths per batch: little padding
-        out = torch.empty(len(captions), model.text_encoder.out_dim)
+        def encode(batch):  # (b, d_text)
+            return model.text_encoder(**{k: v.to(model.device) for k, v in model.tokenize(batch).items()})
         with eval_mode(model.text_encoder):
-            for s in tqdm(range(0, len(captions), batch_size), disable=not progress, leave=False,
-                          desc=f"encoding {len(captions)} captions (frozen tower)"):
-                chunk = order[s:s + batch_size]
-                tokens = {k: v.to(model.device) for k, v in model.tokenize([captions[i] for i in chunk]).items()}
-                out[chunk] = model.text_encoder(**tokens).float().cpu()  # (b, d_text), back in caption order
-        return out
+            return in_length_order(model, captions, encode, model.text_encoder.out_dim, batch_size,
+                                   desc=f"encoding {len(captions)} captions (frozen tower)" if progress else None)
     return _cached(path, compute)

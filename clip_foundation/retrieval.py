@@ -103,15 +103,24 @@ def embed_images(model: CLIPModel, images: torch.Tensor, batch_size: int = 32) -
     return torch.cat(out)
 
 
+def in_length_order(model: CLIPModel, captions: list[str], encode, width: int, batch_size: int,
+                    desc: str | None = None) -> torch.Tensor:
+    """encode(list of captions) -> (b, width) run on batches of similar-length captions; the
+    rows (M, width) come back on the CPU in the captions' order. `desc`: a progress bar."""
+    from tqdm.auto import tqdm
+    order = length_order(model, captions)
+    out = torch.empty(len(captions), width)
+    for s in tqdm(range(0, len(captions), batch_size), desc=desc, disable=desc is None, leave=False):
+        chunk = order[s:s + batch_size]
+        out[chunk] = encode([captions[i] for i in chunk]).float().cpu()  # (b, width)
+    return out
+
+
 @torch.no_grad()
 def embed_texts(model: CLIPModel, captions: list[str], batch_size: int = 256) -> torch.Tensor:
     """Captions -> normalised features (M, D), in the captions' order."""
-    order = length_order(model, captions)
-    out = torch.empty(len(captions), model.config.projection_dim)
-    for s in range(0, len(captions), batch_size):
-        chunk = order[s:s + batch_size]
-        out[chunk] = model.encode_text([captions[i] for i in chunk]).float().cpu()  # (b, D)
-    return out.to(model.device)
+    return in_length_order(model, captions, model.encode_text, model.config.projection_dim,
+                           batch_size).to(model.device)
 
 
 def records_metrics(image_features: torch.Tensor, text_features: torch.Tensor, records) -> dict:
