@@ -8,6 +8,7 @@ image. `Gallery` bundles a model with its indexes for notebooks:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -210,7 +211,9 @@ def _load_or_build(stems, checkpoint, gallery: str, backend: str, queries, build
 # ---------------------------------------------------------------- searching
 
 def _encode(model: CLIPModel, encode) -> torch.Tensor:
-    with eval_mode(model), torch.no_grad():
+    # A model in eval mode (as loaded) is used as it is: switching every submodule to eval and
+    # back (`eval_mode`) costs more than a query's forward. One being trained gets the careful path.
+    with eval_mode(model) if model.training else contextlib.nullcontext(), torch.no_grad():
         return encode().float()  # (Q, D)
 
 

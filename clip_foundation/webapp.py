@@ -30,8 +30,7 @@ import torch
 from clipModel import CLIPModel
 
 from .files import atomic_write
-from .gallery import (Gallery, Match, find_captions, gallery_records, load_or_build_caption_index,
-                      nearest_images)
+from .gallery import Gallery, Match, find_captions, gallery_records, load_or_build_caption_index
 from .index import GalleryIndex
 from .records import DataError, Record, open_rgb
 from .zeroshot import TEMPLATES, classify
@@ -101,15 +100,9 @@ class SearchPage:
 
     def find(self, query: str, n: int) -> list[Match]:
         """The `n` gallery images best matching `query`: one text-tower forward plus the index
-        lookup, nothing else. The model is used as it is when in eval mode (as loaded): switching
-        every submodule to eval and back per query (`eval_mode`) cost more than the forward."""
+        lookup, nothing else (`find_matches` uses a model in eval mode as it is)."""
         self.use_query_threads()
-        model, index = self.gallery.model, self.gallery.images
-        if model.training:  # being trained meanwhile (a notebook): the careful path, modes restored
-            return self.gallery.find_matches(query, n)
-        with torch.no_grad():
-            text = model.encode_text([query]).float()  # (1, D)
-        return nearest_images(index, text, n)
+        return self.gallery.find_matches(query, n)
 
     def on_image(self, image, labels: str = "", n: int = 5) -> tuple[list[list[str]], dict[str, float], str]:
         """An image (a path or PIL image) -> (caption rows [score, caption], {label: probability}, message)."""
