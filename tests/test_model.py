@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ImageEncoderConfig, ProjectionHead, TextEncoderConfig,
-                       image_transform)
+from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ImageEncoder, ImageEncoderConfig, ProjectionHead,
+                       TextEncoderConfig, image_transform)
 from clip_foundation.data import decode_images
 from clipModel import to_model_input
 from clipModel import clip_loss
@@ -289,3 +289,28 @@ def test_siglip_model_has_a_bias_that_round_trips(tmp_path):
     assert loaded.config.loss == "siglip" and loaded.logit_bias.item() == -3.5
     with pytest.raises(ValueError, match="unknown loss"):
         CLIPModel(scratch_config(loss="hinge"), captions=CAPTIONS)
+
+
+@pytest.mark.parametrize("name, blocks", [("test_efficientnet", 2), ("resnet18", 1), ("resnet18", 2)])
+def test_pool_blocks_appends_the_last_blocks_pooled_outputs(name, blocks):
+    import timm
+    torch.manual_seed(0)
+    cfg = ImageEncoderConfig(kind="timm", name=name, pretrained=False, image_size=64, pool_blocks=blocks)
+    encoder = ImageEncoder(cfg).eval()
+    for bn in (m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        assert bn.running_var.eq(1).all()  # sizing the output ran in eval mode: no statistic moved
+    reference = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    reference.load_state_dict(encoder.model.state_dict())
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        taps = []  # the outputs of the last `blocks` blocks, by forward hooks on the reference
+        stages = reference.blocks if hasattr(reference, "blocks") else [reference.layer1, reference.layer2,
+                                                                        reference.layer3, reference.layer4]
+        hooks = [b.register_forward_hook(lambda _m, _i, out: taps.append(out.mean((2, 3))))
+                 for b in list(stages)[-blocks:]]
+        expected = torch.cat([reference(images), *taps], 1)
+        for h in hooks:
+            h.remove()
+        got = encoder(images)
+    assert encoder.out_dim == expected.shape[1] > reference.num_features
+    torch.testing.assert_close(got, expected)
