@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from clip_foundation import cli, distributed, shards, stream
+from clip_foundation import cli, distributed, querybank, shards, stream
 from clip_foundation.checkpoint import (STATE_FILE, check_run_name, find_resume, last_checkpoint, load_last,
                                         new_run_dir, save_last)
 from clip_foundation.data import (DataConfig, all_captions, batch_indices, check_captions, decode_images,
@@ -66,6 +66,7 @@ class TrainConfig:
     save_every: int = 0  # steps between last/ checkpoints; 0 = at each epoch end only
     resume: str = ""  # continue a run: its folder, its last/ folder, or "latest"
     tensorboard: bool = True  # also log to RUN/tensorboard when the tensorboard package is installed
+    querybank: int = 0  # keep N training captions' embeddings to lower "hub" images' scores at test time (querybank.py); 0 = off
     queries: tuple[str, ...] = ()  # text queries drawn in matches.png; empty = ones that suit the dataset
     progress: bool = True  # tqdm progress bars
 
@@ -321,7 +322,11 @@ def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, dev
     """Reload the best model, test it, draw retrieval grids, write metrics.json."""
     model = CLIPModel.from_pretrained(run_dir, device=device)
     split = "test" if splits["test"] else "val"
-    metrics = {"split": split, **inputs[split].evaluate(model)}
+    if cfg.train.querybank and isinstance(inputs["train"], Inputs):  # streamed captions are not kept
+        querybank.save_bank(run_dir, querybank.caption_bank(model, inputs["train"], cfg.train.querybank,
+                                                            cfg.train.seed), querybank.ALPHA, querybank.BETA)
+    bank = querybank.load_bank(run_dir)  # as saved (float16), so evaluate.py reproduces these figures
+    metrics = {"split": split, **inputs[split].evaluate(model, querybank=bank)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"{split} split:\n{format_metrics(metrics)}")
     from clip_foundation.gallery import find_matches, load_or_build_index

@@ -8,7 +8,8 @@ from clipModel import CLIPModel, to_model_input
 
 from .data import all_captions, prefetch, token_batch
 from .features import image_tower_features, text_tower_features
-from .retrieval import eval_mode, evaluate_records, records_metrics
+from .querybank import bank_metrics
+from .retrieval import embed_records, eval_mode, records_metrics
 
 
 def tower_trains(frozen: bool, trained_blocks: int) -> bool:
@@ -77,14 +78,19 @@ class Inputs:
         return image_f, text_f
 
     @torch.no_grad()
-    def evaluate(self, model: CLIPModel) -> dict:
-        """Recall metrics; cheap when both towers' features are cached."""
+    def evaluate(self, model: CLIPModel, querybank=None) -> dict:
+        """Recall metrics; cheap when both towers' features are cached. With `querybank`
+        ((bank, alpha, beta), see querybank.py) also those with querybank normalisation."""
         if self.image_features is None or self.text_features is None:
-            return evaluate_records(model, self.records, self.images)
-        with eval_mode(model):
-            image_f = model.project_image(self.image_features.to(model.device)).float()
-            text_f = model.project_text(self.text_features.to(model.device)).float()
-        return records_metrics(image_f, text_f, self.records)
+            image_f, text_f, _ = embed_records(model, self.records, self.images)
+        else:
+            with eval_mode(model):
+                image_f = model.project_image(self.image_features.to(model.device)).float()
+                text_f = model.project_text(self.text_features.to(model.device)).float()
+        metrics = records_metrics(image_f, text_f, self.records)
+        if querybank is not None:
+            metrics["querybank"] = bank_metrics(image_f, text_f, self.records, querybank)
+        return metrics
 
 
 class Embedder(torch.nn.Module):

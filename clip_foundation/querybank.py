@@ -19,7 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .data import all_captions
+from .retrieval import embed_texts, eval_mode, records_metrics
+
 FILE = "querybank.safetensors"
+ALPHA, BETA = 1.0, 10.0  # picked on 500 images carved from Flickr8k's train split (never on dev or test)
 
 
 def hub_bias(image_features: torch.Tensor, bank: torch.Tensor, alpha: float, beta: float,
@@ -41,6 +45,26 @@ def normalised_images(image_features: torch.Tensor, bias: torch.Tensor) -> torch
 def normalised_texts(text_features: torch.Tensor) -> torch.Tensor:
     """(M, D) -> (M, D + 1): the last coordinate is 1, so q . [e, -bias] = cos - bias."""
     return torch.cat([text_features, text_features.new_ones(len(text_features), 1)], dim=1)
+
+
+def bank_metrics(image_features: torch.Tensor, text_features: torch.Tensor, records, querybank) -> dict:
+    """`records_metrics` with each image's scores lowered by its hub bias; `querybank` is
+    (bank, alpha, beta) as `load_bank` returns it."""
+    bank, alpha, beta = querybank
+    bias = hub_bias(image_features, bank.to(image_features.device), alpha, beta)  # (N,)
+    return records_metrics(normalised_images(image_features, bias), normalised_texts(text_features), records)
+
+
+@torch.no_grad()
+def caption_bank(model, inputs, size: int, seed: int = 0) -> torch.Tensor:
+    """(K, D) embeddings of `size` training captions drawn at random (all when fewer) from a
+    split's `Inputs`: projected from cached tower features when the text tower is frozen."""
+    captions = all_captions(inputs.records)
+    pick = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed))[:size]
+    if inputs.text_features is not None:
+        with eval_mode(model):
+            return model.project_text(inputs.text_features[pick].to(model.device)).float().cpu()
+    return embed_texts(model, [captions[i] for i in pick.tolist()]).float().cpu()
 
 
 def save_bank(folder, bank: torch.Tensor, alpha: float, beta: float) -> Path:

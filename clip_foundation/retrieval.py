@@ -130,22 +130,30 @@ def records_metrics(image_features: torch.Tensor, text_features: torch.Tensor, r
     return {**metrics, "images": len(image_features), "captions": len(text_features)}
 
 
-def evaluate_records(model: CLIPModel, records, images: torch.Tensor | None = None,
-                     batch_size: int = 256, skip_bad: bool = False) -> dict:
-    """Recall metrics of `model` on `records` (decoded here unless `images` are given; with
-    `skip_bad` undecodable images are left out and reported instead of raising DataError)."""
+def embed_records(model: CLIPModel, records, images: torch.Tensor | None = None, batch_size: int = 256,
+                  skip_bad: bool = False) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """-> normalised (image embeddings (N, D), caption embeddings (M, D), the records kept) of
+    `records` (decoded here unless `images` are given; with `skip_bad` undecodable images are
+    left out instead of raising DataError)."""
     with eval_mode(model):
         if images is None:
             images, records = decode_images(records, model.config.image.image_size, skip_bad=skip_bad)
-        return records_metrics(embed_images(model, images, batch_size),
-                               embed_texts(model, all_captions(records)), records)
+        return embed_images(model, images, batch_size), embed_texts(model, all_captions(records)), records
+
+
+def evaluate_records(model: CLIPModel, records, images: torch.Tensor | None = None,
+                     batch_size: int = 256, skip_bad: bool = False) -> dict:
+    """Recall metrics of `model` on `records` (see `embed_records`)."""
+    return records_metrics(*embed_records(model, records, images, batch_size, skip_bad))
 
 
 def format_metrics(m: dict) -> str:
-    rows = [f"{'':15}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mean r':>8}{'med r':>7}"]
-    for d, label in (("text_to_image", "text -> image"), ("image_to_text", "image -> text")):
-        rows.append(f"{label:15}" + "".join(f"{m[f'{d}_R@{k}']:7.1f}" for k in (1, 5, 10))
-                    + f"{m[f'{d}_mean_rank']:8.1f}{m[f'{d}_median_rank']:7.0f}")
+    rows = [f"{'':17}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mean r':>8}{'med r':>7}"]
+    for d, label, source in (("text_to_image", "text -> image", m), ("text_to_image", " + querybank", m.get("querybank")),
+                             ("image_to_text", "image -> text", m)):
+        if source is not None:  # querybank normalisation changes text -> image only
+            rows.append(f"{label:17}" + "".join(f"{source[f'{d}_R@{k}']:7.1f}" for k in (1, 5, 10))
+                        + f"{source[f'{d}_mean_rank']:8.1f}{source[f'{d}_median_rank']:7.0f}")
     return "\n".join(rows) + f"\n({m['images']} images, {m['captions']} captions)"
 
 

@@ -25,7 +25,7 @@ def tiny_run(tmp_path_factory):
     data = generate(root / "synthetic", SyntheticConfig(n_train=400, n_val=40, n_test=60), progress=False)
     argv = [f"--data={data}", f"--out_dir={root / 'runs'}", "--run_name=tiny", "--epochs=12",
             "--batch_size=50", "--lr=2e-3", "--warmup_steps=10", "--progress=false",
-            f"--cache_dir={root / 'cache'}", *TINY_MODEL]
+            f"--cache_dir={root / 'cache'}", "--querybank=200", *TINY_MODEL]
     model, run_dir, metrics = train.main(argv)
     return data, run_dir, metrics
 

@@ -22,7 +22,7 @@ def test_training_learns_far_above_chance(tiny_run):
 def test_run_folder_has_everything(tiny_run):
     _, run_dir, metrics = tiny_run
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "log.jsonl",
-                 "curves.png", "matches.png", "split.json"):
+                 "curves.png", "matches.png", "split.json", "querybank.safetensors"):
         assert (run_dir / name).is_file(), name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["epochs"] == 12 and config["model"]["image"]["width"] == 64
@@ -38,9 +38,11 @@ def test_evaluate_cli_reproduces_training_metrics(tiny_run, tmp_path, capsys):
     out = tmp_path / "eval.json"
     result = evaluate.main(["--checkpoint", str(run_dir), "--data", str(data), "--split", "test",
                             "--out", str(out)])
-    assert "text -> image" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "text -> image" in out_text and "+ querybank" in out_text  # the run saved a querybank
     for key in ("text_to_image_R@1", "image_to_text_R@5", "text_to_image_median_rank"):
         assert result[key] == pytest.approx(metrics[key], abs=1e-4)
+        assert result["querybank"][key] == pytest.approx(metrics["querybank"][key], abs=1e-4)
     assert json.loads(out.read_text())["images"] == 60
 
 
@@ -134,13 +136,18 @@ def test_frozen_towers_train_only_the_heads_from_cached_features(tmp_path):
     features = sorted((tmp_path / "cache" / "features").glob("*.safetensors"))
     assert len(features) == 6  # image + text features of train, val and test
     stamps = [f.stat().st_mtime_ns for f in features]
-    _, run_b, metrics_b = train.main(argv + ["--run_name=b"])  # reuses the cached features
+    _, run_b, metrics_b = train.main(argv + ["--run_name=b", "--querybank=100"])  # reuses the cached features
     assert [f.stat().st_mtime_ns for f in features] == stamps
     assert metrics_b["text_to_image_R@1"] == pytest.approx(metrics["text_to_image_R@1"])
     # metrics from cached features equal a full evaluation of the saved model
     full = evaluate.main(["--checkpoint", str(run_dir), "--data", str(data), "--split", "test"])
     for key in ("text_to_image_R@1", "text_to_image_R@5", "image_to_text_R@1", "image_to_text_mean_rank"):
         assert full[key] == pytest.approx(metrics[key], abs=1e-4), key
+    # and with run b's querybank; this barely trained model's scores nearly tie and the bias moves them
+    # closer still, so the float noise between cached (batch 32) and fresh features flips a few ranks
+    full_b = evaluate.main(["--checkpoint", str(run_b), "--data", str(data), "--split", "test"])
+    for key in ("text_to_image_R@1", "text_to_image_R@5", "text_to_image_mean_rank"):
+        assert full_b["querybank"][key] == pytest.approx(metrics_b["querybank"][key], abs=100 * 3 / 150), key
 
 
 def test_tensorboard_gets_the_logged_scalars(tiny_run):
