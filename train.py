@@ -322,7 +322,10 @@ def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, dev
     """Reload the best model, test it, draw retrieval grids, write metrics.json."""
     model = CLIPModel.from_pretrained(run_dir, device=device)
     split = "test" if splits["test"] else "val"
-    if cfg.train.querybank and isinstance(inputs["train"], Inputs):  # streamed captions are not kept
+    if cfg.train.querybank and not isinstance(inputs["train"], Inputs):
+        warnings.warn("--querybank needs the training captions at hand; a streamed run keeps none, "
+                      "so no querybank was saved")
+    elif cfg.train.querybank:
         querybank.save_bank(run_dir, querybank.caption_bank(model, inputs["train"], cfg.train.querybank,
                                                             cfg.train.seed), querybank.ALPHA, querybank.BETA)
     bank = querybank.load_bank(run_dir)  # as saved (float16), so evaluate.py reproduces these figures

@@ -190,10 +190,12 @@ def test_streamed_training_reaches_the_folder_recall(tiny_run, tmp_path):
     import train
     data, _, folder_metrics = tiny_run
     shards.main([str(data), str(tmp_path / "shards"), "--shard_size=50", "--progress=false"])
-    _, _, metrics = train.main(run_args(
-        tmp_path / "shards/train", tmp_path / "runs", "streamed", f"--val_data={tmp_path / 'shards/val'}",
-        f"--test_data={tmp_path / 'shards/test'}", f"--cache_dir={tmp_path / 'cache'}", "--epochs=12",
-        "--batch_size=50", "--lr=2e-3", "--warmup_steps=10", "--workers=2"))
+    with pytest.warns(UserWarning, match="a streamed run keeps none, so no querybank was saved"):
+        _, run_dir, metrics = train.main(run_args(
+            tmp_path / "shards/train", tmp_path / "runs", "streamed", f"--val_data={tmp_path / 'shards/val'}",
+            f"--test_data={tmp_path / 'shards/test'}", f"--cache_dir={tmp_path / 'cache'}", "--epochs=12",
+            "--batch_size=50", "--lr=2e-3", "--warmup_steps=10", "--workers=2", "--querybank=100"))
+    assert not (run_dir / "querybank.safetensors").exists() and "querybank" not in metrics
     chance = 100 * 3 * (1 + 5 + 10) / 60 / 6  # mean of R@1/5/10 over 60 test images, both directions
     assert metrics["mean_recall"] > 2 * chance
     assert metrics["mean_recall"] > folder_metrics["mean_recall"] - 12, (metrics, folder_metrics)
