@@ -20,9 +20,10 @@ import torch
 
 from clipModel import CLIPModel
 
+from . import querybank
 from .data import decode_images, load_split, run_data_config
 from .index import (INDEX_VERSION, RECALL_QUERIES, GalleryIndex, ensure_faiss, gallery_digest, load_index,
-                    model_digest, save_index)
+                    file_digest, model_digest, save_index)
 from .records import IMAGE_SUFFIXES, DataError, Record, image_files, open_rgb
 from .readers import detect_layout
 from .retrieval import embed_images, embed_texts, eval_mode
@@ -147,8 +148,13 @@ def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int =
     """The image index of `records`, cached in CHECKPOINT/index/ (or saved at `stem`), rebuilt
     when the model or a gallery file changed. `tower_features`: a frozen image tower's outputs
     for `records`, when at hand (then only the projection head runs). `backend` "auto" adds a
-    FAISS index to large galleries when faiss is installed, "faiss" always, "exact" never."""
+    FAISS index to large galleries when faiss is installed, "faiss" always, "exact" never.
+    When the checkpoint has a querybank (train.py --querybank=N) each row carries its image's
+    hub bias as one more coordinate, so text queries rank by the corrected score."""
     gallery = gallery_digest([str(r.image) for r in records])
+    bank = querybank.load_bank(checkpoint)
+    if bank is not None:  # a new or changed querybank makes a new index
+        gallery += ":querybank:" + file_digest(Path(checkpoint) / querybank.FILE)
     name = f"images-{_paths_key(records)}"
     stems = [stem] if stem else [Path(checkpoint) / "index" / name, user_index_dir(checkpoint) / name]
     captions = [c for r in records for c in r.captions]
@@ -157,12 +163,19 @@ def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int =
         if not captions:
             return None
         sample = random.Random(0).sample(captions, min(RECALL_QUERIES, len(captions)))
-        return _encode(model, lambda: embed_texts(model, sample))
+        queries = _encode(model, lambda: embed_texts(model, sample))
+        return queries if bank is None else querybank.normalised_texts(queries)
 
-    if tower_features is not None:
-        build = lambda: index_from_tower_features(model, records, tower_features)  # noqa: E731
-    else:
-        build = lambda: build_index(model, records, batch_size, images, skip_bad=skip_bad)  # noqa: E731
+    def build():
+        if tower_features is not None:
+            index = index_from_tower_features(model, records, tower_features)
+        else:
+            index = build_index(model, records, batch_size, images, skip_bad=skip_bad)
+        if bank is not None:  # (N, D) -> (N, D + 1): the last coordinate is -bias
+            rows = index.embeddings.float()
+            index.embeddings = querybank.normalised_images(rows, querybank.hub_bias(rows, *bank)).half()
+            index.meta["querybank"] = True
+        return index
     return _load_or_build(stems, checkpoint, gallery, backend, recall_queries, build)
 
 
@@ -243,11 +256,17 @@ def find_matches(model: CLIPModel, index: GalleryIndex, query: str, n: int = 9,
     if n < 1:
         raise ValueError("n must be at least 1")
     text = _encode(model, lambda: model.encode_text([query]))  # (1, D)
+    if index.meta.get("querybank"):
+        text = querybank.normalised_texts(text)  # (1, D + 1): ranks by cosine - the image's hub bias
     return nearest_images(index, text, n, backend)
 
 
 def nearest_images(index: GalleryIndex, embedding: torch.Tensor, n: int, backend: str = "auto") -> list[Match]:
-    """The `n` gallery images nearest the normalised (1, D) `embedding`, best first."""
+    """The `n` gallery images nearest the normalised (1, D) `embedding`, best first, with their
+    cosines. On an index with a querybank, a (1, D + 1) text embedding from
+    `querybank.normalised_texts` ranks and scores by cosine minus each image's hub bias."""
+    if index.meta.get("querybank") and embedding.shape[1] == index.embeddings.shape[1] - 1:
+        embedding = torch.cat([embedding, embedding.new_zeros(len(embedding), 1)], dim=1)  # plain cosine
     scores, rows = index.search(embedding, n, backend)
     return [Match(index.paths[i], s) for s, i in zip(scores[0].tolist(), rows[0].tolist()) if i >= 0]
 

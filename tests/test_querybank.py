@@ -40,3 +40,33 @@ def test_bank_round_trips_through_the_run_folder(tmp_path):
     loaded, alpha, beta = load_bank(tmp_path)
     torch.testing.assert_close(loaded, bank, atol=1e-3, rtol=1e-3)  # stored in float16
     assert (alpha, beta) == (0.75, 20.0)
+
+
+def test_search_ranks_by_the_corrected_score_and_a_plain_run_keeps_cosines(tiny_run, tmp_path):
+    import shutil
+
+    from clip_foundation import gallery
+    from clip_foundation.data import decode_images
+    from clip_foundation.retrieval import embed_images
+    from clipModel import CLIPModel
+    data, run_dir, _ = tiny_run  # trained with --querybank=200
+    model = CLIPModel.from_pretrained(run_dir).eval()
+    records = gallery.gallery_records(run_dir, str(data), "test")
+    images, records = decode_images(records, model.config.image.image_size, progress=False)
+    with torch.no_grad():
+        image_f, query = embed_images(model, images), model.encode_text(["a red circle"])
+    cosine = (query @ image_f.T)[0]  # (N,)
+    corrected = cosine - hub_bias(image_f, *load_bank(run_dir))
+    paths = [str(r.image) for r in records]
+    for folder, expected in ((run_dir, corrected), (tmp_path / "plain", cosine)):
+        if folder != run_dir:  # the same model without its querybank
+            shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("index", "last", "querybank.*"))
+        index = gallery.load_or_build_index(model, folder, records, stem=tmp_path / folder.name / "images")
+        assert index.embeddings.shape[1] == model.config.projection_dim + (folder == run_dir)
+        matches = gallery.find_matches(model, index, "a red circle", n=5)
+        got = torch.tensor([m.score for m in matches])
+        want = expected[[paths.index(m.path) for m in matches]]
+        torch.testing.assert_close(got, want, atol=5e-3, rtol=0)  # float16 rows
+        assert got.min() >= expected.topk(5).values[-1] - 5e-3  # the best five, up to float16 ties
+    bias = cosine - corrected
+    assert bias.max() - bias.min() > 0.01  # the bias differs between images: it can change the order
