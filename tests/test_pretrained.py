@@ -13,12 +13,12 @@ def user_cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "clip-foundation" / "pretrained"
 
 
-def lite0_classifier():
-    """timm's tf_efficientnet_lite0 with the converted weights and its ImageNet classifier."""
+def classifier_of(name="tf_efficientnet_lite0"):
+    """timm's model `name` with the converted weights and its ImageNet classifier."""
     import timm
     from safetensors.torch import load_file
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(load_file(pretrained.offline_weights("tf_efficientnet_lite0", progress=False)))
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(load_file(pretrained.offline_weights(name, progress=False)))
     return model.eval()
 
 
@@ -32,16 +32,17 @@ def test_conversion_is_cached_and_reused(name, user_cache, capsys):
     assert capsys.readouterr().out == ""  # converted once
 
 
-def test_converted_lite0_sees_the_cat(user_cache):
-    """scikit-image's chelsea photo is ImageNet class 285 (Egyptian cat) for Lite0, read the way
-    the image tower reads photos (resize + center crop, the model's own normalisation)."""
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
+def test_converted_weights_see_the_cat(name, user_cache):
+    """scikit-image's chelsea photo is ImageNet class 285 (Egyptian cat) for Lite0 and Lite2, read
+    the way the image tower reads photos (resize + center crop, the model's own normalisation)."""
     from PIL import Image
     from skimage import data
-    config = CLIPConfig(image=ImageEncoderConfig(kind="timm", name="tf_efficientnet_lite0"),
+    config = CLIPConfig(image=ImageEncoderConfig(kind="timm", name=name),
                         text=TextEncoderConfig(kind="scratch", width=32, depth=1, heads=2, vocab_size=50))
     tower = CLIPModel(config, captions=["a cat"]).eval()  # BatchNorm with its running statistics
-    x = tower.image_transform()(Image.fromarray(data.chelsea()))[None]  # (1, 3, 224, 224)
-    classifier = lite0_classifier()
+    x = tower.image_transform()(Image.fromarray(data.chelsea()))[None]  # (1, 3, S, S): 224 / 260 px
+    classifier = classifier_of(name)
     with torch.no_grad():
         features = tower.image_encoder(x)  # the pooled features the CLIP tower sees
         logits = classifier.get_classifier()(features)
@@ -56,7 +57,7 @@ def test_a_timm_tower_uses_the_package_weights_offline(user_cache, monkeypatch):
     tower = CLIPModel(CLIPConfig(image=config, text=TextEncoderConfig(kind="scratch", width=32, depth=1,
                                                                       heads=2, vocab_size=50)), captions=["a"])
     random = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-    converted = lite0_classifier()
+    converted = classifier_of()
     weight = tower.image_encoder.model.conv_stem.weight
     assert torch.equal(weight, converted.conv_stem.weight) and not torch.equal(weight, random.conv_stem.weight)
 
@@ -79,8 +80,8 @@ def test_pretrained_preset_reads_nothing_outside_the_environment():
     import train
     from clip_foundation.presets import expand_preset
     options = expand_preset(["--preset=flickr8k-pretrained"])
-    assert "--image.name=tf_efficientnet_lite0" in options and not any("weights_file" in o for o in options)
+    assert "--image.name=tf_efficientnet_lite2" in options and not any("weights_file" in o for o in options)
     text = next(o.split("=", 1)[1] for o in options if o.startswith("--text.name="))
     assert "site-packages" in text or "dist-packages" in text  # the installed package's folder
     cfg = train.resolve_config(["--preset=flickr8k-pretrained", "--data=somewhere"])
-    assert cfg.model.image.name == "tf_efficientnet_lite0" and cfg.train.freeze_image
+    assert cfg.model.image.name == "tf_efficientnet_lite2" and cfg.train.freeze_image
