@@ -11,7 +11,8 @@ The correction is one number per image, so it travels as one extra coordinate: i
 [e, -bias], queries [q, 1], and every inner-product search (exact, faiss) ranks by the corrected
 score unchanged. Image -> text rankings do not change (the bias is constant per image query).
 train.py saves the bank (the projected embeddings of training captions) as querybank.safetensors
-in the run folder when `--querybank=N`; evaluate.py reports recall with and without it.
+in the run folder when `--querybank=N`; evaluate.py reports recall with and without it, and the
+run's image indexes (gallery.load_or_build_index) rank text queries by the corrected score.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def hub_bias(image_features: torch.Tensor, bank: torch.Tensor, alpha: float, bet
              chunk: int = 1024) -> torch.Tensor:
     """(N, D) normalised image embeddings, (K, D) bank of caption embeddings -> (N,) the amount
     to subtract from each image's scores."""
-    out = []
+    out = [torch.zeros(0, device=image_features.device)]  # an empty gallery has no bias
     for s in range(0, len(image_features), chunk):
         sims = image_features[s:s + chunk].float() @ bank.float().T  # (n, K)
         out.append(alpha / beta * torch.logsumexp(beta * sims, dim=1))  # (n,)

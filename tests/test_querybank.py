@@ -17,6 +17,10 @@ def test_extra_coordinate_gives_the_inverted_softmax_score(alpha, beta):
     torch.testing.assert_close(got, expected)
 
 
+def test_an_empty_gallery_has_no_bias():
+    assert hub_bias(torch.empty(0, 4), F.normalize(torch.randn(3, 4), dim=-1), 1.0, 10.0).shape == (0,)
+
+
 def test_a_hub_image_loses_the_queries_it_does_not_match():
     # image 0 is a hub: close to every caption of the bank and, a little less, to query 1,
     # whose own image 1 sits slightly further away: plain cosine ranks the hub first.
