@@ -19,7 +19,7 @@ from clip_foundation import cli, querybank, zeroshot
 from clip_foundation.data import SPLITS, load_split, run_data_config
 from clip_foundation.files import atomic_write
 from clip_foundation.records import DataError, DataWarning
-from clip_foundation.retrieval import NonFiniteFeatures, embed_records, format_metrics, records_metrics
+from clip_foundation.retrieval import NonFiniteFeatures, embed_records, format_metrics
 from clipModel import CLIPModel, default_device
 
 
@@ -54,11 +54,8 @@ def main(argv=None) -> dict:
         records = load_split(run_data_config(args.checkpoint, args.data, args.layout), args.split)
         if not records:
             raise DataError(f"the {args.split} split of {args.data} is empty")
-        image_f, text_f, records = embed_records(model, records, batch_size=args.batch_size, skip_bad=args.skip_bad)
-        metrics = records_metrics(image_f, text_f, records)
-        bank = querybank.load_bank(args.checkpoint)  # saved by train.py --querybank=N
-        if bank is not None:
-            metrics["querybank"] = querybank.bank_metrics(image_f, text_f, records, bank)
+        embedded = embed_records(model, records, batch_size=args.batch_size, skip_bad=args.skip_bad)
+        metrics = querybank.recall_with_bank(*embedded, querybank.load_bank(args.checkpoint))  # train.py --querybank=N
     except NonFiniteFeatures as e:
         sys.exit(f"error: {args.checkpoint}: {e}")
     except DataError as e:

@@ -322,6 +322,7 @@ def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, dev
     """Reload the best model, test it, draw retrieval grids, write metrics.json."""
     model = CLIPModel.from_pretrained(run_dir, device=device)
     split = "test" if splits["test"] else "val"
+    (run_dir / querybank.FILE).unlink(missing_ok=True)  # a resumed run's bank described its earlier model
     if cfg.train.querybank and not isinstance(inputs["train"], Inputs):
         warnings.warn("--querybank needs the training captions at hand; a streamed run keeps none, "
                       "so no querybank was saved")

@@ -8,8 +8,8 @@ from clipModel import CLIPModel, to_model_input
 
 from .data import all_captions, prefetch, token_batch
 from .features import image_tower_features, text_tower_features
-from .querybank import bank_metrics
-from .retrieval import embed_records, eval_mode, records_metrics
+from .querybank import recall_with_bank
+from .retrieval import embed_records, eval_mode
 
 
 def tower_trains(frozen: bool, trained_blocks: int) -> bool:
@@ -87,10 +87,7 @@ class Inputs:
             with eval_mode(model):
                 image_f = model.project_image(self.image_features.to(model.device)).float()
                 text_f = model.project_text(self.text_features.to(model.device)).float()
-        metrics = records_metrics(image_f, text_f, self.records)
-        if querybank is not None:
-            metrics["querybank"] = bank_metrics(image_f, text_f, self.records, querybank)
-        return metrics
+        return recall_with_bank(image_f, text_f, self.records, querybank)
 
 
 class Embedder(torch.nn.Module):

@@ -56,6 +56,15 @@ def bank_metrics(image_features: torch.Tensor, text_features: torch.Tensor, reco
     return records_metrics(normalised_images(image_features, bias), normalised_texts(text_features), records)
 
 
+def recall_with_bank(image_features: torch.Tensor, text_features: torch.Tensor, records, querybank=None) -> dict:
+    """`records_metrics`, and the same with querybank normalisation under "querybank" when a
+    bank ((bank, alpha, beta)) is given."""
+    metrics = records_metrics(image_features, text_features, records)
+    if querybank is not None:
+        metrics["querybank"] = bank_metrics(image_features, text_features, records, querybank)
+    return metrics
+
+
 @torch.no_grad()
 def caption_bank(model, inputs, size: int, seed: int = 0) -> torch.Tensor:
     """(K, D) embeddings of `size` training captions drawn at random (all when fewer) from a

@@ -148,6 +148,9 @@ def test_frozen_towers_train_only_the_heads_from_cached_features(tmp_path):
     full_b = evaluate.main(["--checkpoint", str(run_b), "--data", str(data), "--split", "test"])
     for key in ("text_to_image_R@1", "text_to_image_R@5", "text_to_image_mean_rank"):
         assert full_b["querybank"][key] == pytest.approx(metrics_b["querybank"][key], abs=100 * 3 / 150), key
+    # resumed for one more epoch without a querybank: the earlier model's bank goes, not reused
+    _, run_b, resumed = train.main([f"--resume={run_b}", "--epochs=4", "--querybank=0", "--progress=false"])
+    assert "querybank" not in resumed and not (run_b / "querybank.safetensors").exists()
 
 
 def test_tensorboard_gets_the_logged_scalars(tiny_run):
