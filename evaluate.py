@@ -31,7 +31,7 @@ class EvalConfig:
     layout: str = "auto"  # dataset layout; auto = detect
     zeroshot: str = ""  # instead of recall: zero-shot accuracy on class folders DIR/<class>/*.jpg or cifar10:ROOT
     templates: str = ""  # zero-shot prompt templates file, one per line with {} for the class; empty = built-in
-    batch_size: int = 256  # images embedded at once
+    batch_size: int = 256  # images embedded at once (at most 32 on a CPU, where larger batches are slower)
     skip_bad: bool = False  # leave out images that cannot be decoded (reported) instead of stopping
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
     out: str = ""  # JSON path; empty = CHECKPOINT/eval_SPLIT.json (or zeroshot_NAME.json + a confusion PNG)

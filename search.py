@@ -45,7 +45,7 @@ class SearchConfig:
     backend: str = "auto"  # auto (FAISS for large galleries when installed) | exact | faiss
     json: bool = False  # print JSON instead of lines
     out: str = ""  # figure path (default CHECKPOINT/search_QUERY.png); with --build_index the index folder
-    batch_size: int = 256  # images embedded at once
+    batch_size: int = 256  # images embedded at once (at most 32 on a CPU, where larger batches are slower)
     skip_bad: bool = False  # leave out images that cannot be decoded (reported) instead of stopping
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
 

@@ -88,8 +88,7 @@ class SearchPage:
         grid, paths, unreadable = [], [], []
         for m in self.find(query, n):
             try:
-                thumb = self._thumbs.get(m.path) or self.thumbnail(m.path)
-                grid.append((thumb, f"{m.score:.3f}  {Path(m.path).name}"))
+                grid.append((self.thumbnail(m.path), f"{m.score:.3f}  {Path(m.path).name}"))
                 paths.append(m.path)
             except (OSError, DataError):  # moved, deleted or damaged since the index was built
                 unreadable.append(Path(m.path).name)
@@ -132,6 +131,8 @@ class SearchPage:
         """A small JPEG of gallery image `path` in this page's folder, for the grid. Made once:
         later queries take it from memory (`on_query` reads no gallery file after the first
         time an image is shown)."""
+        if known := self._thumbs.get(str(path)):
+            return known
         stat = Path(path).stat()
         key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode("utf-8", "surrogateescape"))
         out = self.workdir / "thumbs" / f"{key.hexdigest()[:24]}.jpg"
