@@ -22,12 +22,23 @@ from clip_foundation.files import atomic_write
 
 __all__ = ["CLIPModel", "CLIPConfig", "ImageEncoderConfig", "TextEncoderConfig", "ProjectionHead",
            "CheckpointError", "clip_loss", "gathered_clip_loss", "siglip_loss", "image_transform", "resize_crop",
-           "to_model_input", "default_device"]
+           "to_model_input", "default_device", "ConfigError"]
 
 OFFLINE_HINT = ("Offline options: a local folder saved with save_pretrained (--{tower}.name=PATH), "
                 "--{tower}.pretrained=false to build from a local config with random weights, "
                 "or the from-scratch encoder (--{tower}.kind=scratch).")
 SCRATCH_IMAGE_SIZE = 64  # the scratch ViT's input side when image_size is left at 0
+
+
+class ConfigError(ValueError):
+    """A config value out of its allowed range: one line naming the key, the value and the range."""
+
+
+def check(ok: bool, key: str, value, allowed: str) -> None:
+    """Raise `ConfigError("--key=value: must be allowed")` unless `ok`: every config's
+    `validate()` states its ranges with this, so every message has the same shape."""
+    if not ok:
+        raise ConfigError(f"--{key}={value!r}: must be {allowed}")
 
 
 @dataclass

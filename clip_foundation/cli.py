@@ -13,9 +13,7 @@ import re
 import sys
 import warnings
 
-
-class ConfigError(ValueError):
-    pass
+from clipModel import ConfigError  # one error type for bad values, from the model floor up
 
 
 def leaves(cfg, prefix: str = "") -> dict[str, tuple[object, dataclasses.Field]]:
