@@ -12,17 +12,13 @@ import csv
 import io
 import os
 import re
-import unicodedata
 import warnings
 from collections import Counter
 from pathlib import Path
 
-from .records import SPLIT_ALIASES, DataError, DataWarning, LoadReport, Record, image_files
+from .records import (MAX_CAPTION_CHARS, SPLIT_ALIASES, DataError, DataWarning, LoadReport, Record,  # noqa: F401
+                      caption_fault, image_files)
 
-
-# Flickr8k's longest caption is 199 characters and the text model reads 64 tokens: a caption
-# ten times that long is rows run together (a stray quote), not a description.
-MAX_CAPTION_CHARS = 1000
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
                      "a photo of the small {}.", "a photo of the large {}.")
 LAYOUTS = {
@@ -46,11 +42,6 @@ def _read_text(path: Path) -> tuple[str, bool]:
         return data.decode("utf-8-sig"), False
     except UnicodeDecodeError:
         return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff"), True
-
-
-def _has_visible(text: str) -> bool:
-    # zero-width spaces, joiners and BOMs (format characters, category Cf) show nothing
-    return any(not c.isspace() and unicodedata.category(c) != "Cf" for c in text)
 
 
 def _not_utf8(fields: list[str]) -> bytes:
@@ -107,14 +98,11 @@ class _Grouper:
         path, caption = self.paths[name], caption.strip()
         if path is None:
             return  # the missing image was reported on its first row
-        if not _has_visible(caption):
-            return self.report.bad("empty caption", where, f"empty caption for {name!r}")
-        if spans := _spans_lines(line, caption):
+        if spans := _spans_lines(line, caption):  # says which lines, so before the shared rule
             return self.report.bad("multi-line caption", where, f"caption {spans}")
-        if len(caption) > MAX_CAPTION_CHARS:
-            return self.report.bad("caption too long", where, f"caption is {len(caption)} "
-                                   f"characters, more than the {MAX_CAPTION_CHARS} a caption "
-                                   "may have (readers.MAX_CAPTION_CHARS)")
+        if fault := caption_fault(caption):
+            kind, message = fault
+            return self.report.bad(kind, where, f"{message} for {name!r}" if kind == "empty caption" else message)
         if number is not None:
             if (path, number) in self.numbers:
                 return self.report.bad("duplicate row", where,

@@ -6,6 +6,8 @@ image decode (EXIF rotation, alpha, 16-bit and float grey, size cap).
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,31 @@ class DataError(ValueError):
 
 class DataWarning(UserWarning):
     """Data problems that were skipped (skip_bad=True) or repaired while loading."""
+
+
+# Flickr8k's longest caption is 199 characters and the text model reads 64 tokens: a caption
+# ten times that long is rows run together (a stray quote) or a pasted document, not a description.
+MAX_CAPTION_CHARS = 1000
+
+
+def has_visible(text: str) -> bool:
+    """Whether `text` shows anything: zero-width spaces, joiners and BOMs (format characters,
+    category Cf) and white space do not."""
+    return any(not c.isspace() and unicodedata.category(c) != "Cf" for c in text)
+
+
+def caption_fault(caption: str) -> tuple[str, str] | None:
+    """The one rule every caption and text query follows, wherever it comes from (a reader's
+    file, a shard, a search box): None when `caption` (already stripped) is fine, else
+    (kind, message) for `LoadReport.bad` or an error line."""
+    if not has_visible(caption):
+        return "empty caption", "empty caption"
+    if re.search(r"[\r\n]", caption):
+        return "multi-line caption", "caption has a line break"
+    if len(caption) > MAX_CAPTION_CHARS:
+        return "caption too long", (f"caption is {len(caption)} characters, more than the "
+                                    f"{MAX_CAPTION_CHARS} a caption may have (records.MAX_CAPTION_CHARS)")
+    return None
 
 
 @dataclass
