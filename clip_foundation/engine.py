@@ -19,36 +19,7 @@ class NonFiniteLoss(FloatingPointError):
 
 def set_grad_checkpointing(encoder: torch.nn.Module, enable: bool = True):
     """Recompute each block's activations during backward: less memory, ~30% more compute."""
-    model = encoder.model
-    if encoder.kind == "hf":
-        new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.2x renamed it
-        if not enable:
-            (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
-        elif new_api:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif encoder.kind == "timm":
-        model.set_grad_checkpointing(enable)
-    else:
-        model.checkpointing = enable
-
-
-def encoder_blocks(encoder: torch.nn.Module) -> tuple[list[list[torch.nn.Parameter]], list[torch.nn.Parameter]]:
-    """-> (the tower's blocks in order, each a list of its parameters; the parameters after the
-    last block, such as a final norm). Used to train only a tower's last N blocks."""
-    model = encoder.model
-    if encoder.kind == "timm":  # timm knows its own stages/blocks
-        from timm.models import group_parameters
-        groups = group_parameters(model, model.group_matcher(coarse=True))  # 0: stem; final norm joins the last
-        named = dict(model.named_parameters())
-        return [[named[n] for n in groups[k]] for k in sorted(groups) if k > 0], []
-    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]  # HF and scratch: the layer list
-    stack = max(stacks, key=len)
-    names = [n for n, _ in model.named_parameters()]
-    prefix = next(n for n, m in model.named_modules() if m is stack)
-    last = max(i for i, n in enumerate(names) if n.startswith(prefix + "."))
-    return [list(block.parameters()) for block in stack], [p for _, p in list(model.named_parameters())[last + 1:]]
+    encoder.set_grad_checkpointing(enable)  # each tower adapter knows its own API
 
 
 def freeze_towers(model: CLIPModel, freeze_image: bool, freeze_text: bool,
@@ -58,7 +29,7 @@ def freeze_towers(model: CLIPModel, freeze_image: bool, freeze_text: bool,
                                   (model.text_encoder, freeze_text, text_blocks)):
         encoder.requires_grad_(not frozen)
         if frozen and keep > 0:
-            blocks, tail = encoder_blocks(encoder)
+            blocks, tail = encoder.blocks()
             if keep > len(blocks):
                 raise ValueError(f"the {encoder.kind} tower has {len(blocks)} blocks; cannot train the last {keep}")
             for p in [p for block in blocks[-keep:] for p in block] + tail:

@@ -2,12 +2,16 @@
 import io
 import json
 import math
+import re
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ImageEncoder, ImageEncoderConfig, ProjectionHead,
+import clipModel
+from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ConfigError, ImageEncoder, ImageEncoderConfig, ProjectionHead,
                        TextEncoderConfig, image_transform)
 from clip_foundation.data import decode_images
 from clipModel import to_model_input
@@ -287,7 +291,7 @@ def test_siglip_model_has_a_bias_that_round_trips(tmp_path):
         model.logit_bias.fill_(-3.5)
     loaded = CLIPModel.from_pretrained(model.save_pretrained(tmp_path / "s"))
     assert loaded.config.loss == "siglip" and loaded.logit_bias.item() == -3.5
-    with pytest.raises(ValueError, match="unknown loss"):
+    with pytest.raises(ValueError, match="--loss=.hinge.: must be clip or siglip"):
         CLIPModel(scratch_config(loss="hinge"), captions=CAPTIONS)
 
 
@@ -296,7 +300,7 @@ def test_pool_blocks_appends_the_last_blocks_pooled_outputs(name, blocks):
     import timm
     torch.manual_seed(0)
     cfg = ImageEncoderConfig(kind="timm", name=name, pretrained=False, image_size=64, pool_blocks=blocks)
-    encoder = ImageEncoder(cfg).eval()
+    encoder = ImageEncoder.build(cfg).eval()
     for bn in (m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)):
         assert bn.running_var.eq(1).all()  # sizing the output ran in eval mode: no statistic moved
     reference = timm.create_model(name, pretrained=False, num_classes=0).eval()
@@ -314,3 +318,43 @@ def test_pool_blocks_appends_the_last_blocks_pooled_outputs(name, blocks):
         got = encoder(images)
     assert encoder.out_dim == expected.shape[1] > reference.num_features
     torch.testing.assert_close(got, expected)
+
+
+SCRATCH = dict(image=ImageEncoderConfig(kind="scratch", width=32, depth=1, heads=2),
+               text=TextEncoderConfig(kind="scratch", width=32, depth=1, heads=2, vocab_size=64))
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"projection_dim": 0}, "projection_dim"),  # 0-d embeddings trained to recall 0
+    ({"init_temperature": 0.0}, "init_temperature"),  # ZeroDivisionError
+    ({"dropout": 1.0}, "dropout"),
+    ({"loss": "hinge"}, "loss"),
+    ({"text": {"vocab_size": 0}}, "text.vocab_size"),
+    ({"text": {"max_length": 0}}, "text.max_length"),  # RuntimeError in the position embedding
+    ({"text": {"pooling": "max"}}, "text.pooling"),
+    ({"text": {"kind": "rnn"}}, "text.kind"),
+    ({"image": {"patch_size": 0}}, "image.patch_size"),  # ZeroDivisionError
+    ({"image": {"patch_size": 6}}, "image.patch_size"),  # the conv stem halves the side
+    ({"image": {"heads": 3}}, "image.heads"),  # 32 channels do not split into 3 heads
+    ({"image": {"pool_blocks": 99}}, "image.pool_blocks"),  # silently ignored by the scratch ViT
+    ({"image": {"std": (0.5, 0.0, 0.5)}}, "image.std"),
+    ({"image": {"kind": "timm", "name": "resnet18", "pretrained": False, "pool_blocks": 99}},
+     "image.pool_blocks"),  # AssertionError inside timm
+])
+def test_a_model_value_out_of_range_is_one_line_naming_the_key(change, key):
+    parts = {tower: replace(SCRATCH[tower], **change.pop(tower, {})) for tower in ("image", "text")}
+    config = CLIPConfig(**parts, **{"projection_dim": 16, **change})
+    with pytest.raises(ConfigError, match=rf"^--{re.escape(key)}=.*: must be ") as raised:
+        CLIPModel(config, captions=["a red circle", "a blue square"] * 4)
+    assert "\n" not in str(raised.value)
+
+
+def test_every_tower_kind_is_one_adapter_with_the_same_interface():
+    # a new kind is one class in these tables: nothing else switches on `kind`
+    from clipModel import IMAGE_ENCODERS, TEXT_ENCODERS, ImageEncoder, TextEncoder
+    assert set(IMAGE_ENCODERS) == {"hf", "timm", "scratch"} and set(TEXT_ENCODERS) == {"hf", "scratch"}
+    for kinds, base in ((IMAGE_ENCODERS, ImageEncoder), (TEXT_ENCODERS, TextEncoder)):
+        for kind, adapter in kinds.items():
+            assert issubclass(adapter, base) and adapter.kind == kind
+    source = Path(clipModel.__file__).read_text()
+    assert not re.search(r"\bkind\s*(==|!=)", source)
