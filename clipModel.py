@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -17,8 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from clip_foundation.files import atomic_write
 
 __all__ = ["CLIPModel", "CLIPConfig", "ImageEncoderConfig", "TextEncoderConfig", "ProjectionHead",
            "CheckpointError", "clip_loss", "gathered_clip_loss", "siglip_loss", "image_transform", "resize_crop",
@@ -28,6 +27,29 @@ OFFLINE_HINT = ("Offline options: a local folder saved with save_pretrained (--{
                 "--{tower}.pretrained=false to build from a local config with random weights, "
                 "or the from-scratch encoder (--{tower}.kind=scratch).")
 SCRATCH_IMAGE_SIZE = 64  # the scratch ViT's input side when image_size is left at 0
+# timm model name -> a function giving a local weights file for it (or None): pretrained timm
+# towers load from it instead of the hub. clip_foundation.pretrained registers the ImageNet
+# weights shipped in pip packages; `register_offline_weights` adds others.
+OFFLINE_WEIGHTS: dict = {}
+
+
+def register_offline_weights(name: str, weights_file) -> None:
+    """Make pretrained timm model `name` load from `weights_file()` (a path, or None to download)."""
+    OFFLINE_WEIGHTS[name] = weights_file
+
+
+def atomic_write(path, write) -> Path:
+    """Call `write(tmp)` on a temporary name beside `path`, then rename it into place, so a
+    kill or a full disk mid-write leaves the previous file whole (or none), never half a file.
+    The temporary file is removed when `write` fails."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 class ConfigError(ValueError):
@@ -533,11 +555,10 @@ def _load_hf(name: str, pretrained: bool, tower: str):
 
 def _load_timm(cfg: ImageEncoderConfig):
     import timm
-    from clip_foundation.pretrained import has_package, offline_weights
     kwargs = {"num_classes": 0}  # drop the classifier: pooled features out
     weights_file = cfg.weights_file
-    if cfg.pretrained and not weights_file and has_package(cfg.name):  # ImageNet weights from a pip package
-        weights_file = str(offline_weights(cfg.name))
+    if cfg.pretrained and not weights_file and cfg.name in OFFLINE_WEIGHTS:  # e.g. from a pip package
+        weights_file = str(OFFLINE_WEIGHTS[cfg.name]() or "")
     if weights_file:
         if not Path(weights_file).is_file():
             raise FileNotFoundError(f"timm weights file not found: {weights_file}")

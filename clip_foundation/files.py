@@ -1,19 +1,5 @@
-"""Files written whole or not at all: the one atomic-write helper every module uses."""
-from __future__ import annotations
+"""Files written whole or not at all: the one atomic-write helper every module uses (defined
+with the model, which saves checkpoints with it, and shared from here by the library)."""
+from clipModel import atomic_write
 
-import os
-from pathlib import Path
-
-
-def atomic_write(path, write) -> Path:
-    """Call `write(tmp)` on a temporary name beside `path`, then rename it into place, so a
-    kill or a full disk mid-write leaves the previous file whole (or none), never half a file.
-    The temporary file is removed when `write` fails."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+__all__ = ["atomic_write"]

