@@ -51,11 +51,12 @@ def main(argv=None) -> dict:
         model = CLIPModel.from_pretrained(args.checkpoint, device=device)
         if args.zeroshot:
             return _zeroshot_main(model, args)
+        bank = querybank.load_bank(args.checkpoint, model.config.projection_dim)  # train.py --querybank=N
         records = load_split(run_data_config(args.checkpoint, args.data, args.layout), args.split)
         if not records:
             raise DataError(f"the {args.split} split of {args.data} is empty")
         embedded = embed_records(model, records, batch_size=args.batch_size, skip_bad=args.skip_bad)
-        metrics = querybank.recall_with_bank(*embedded, querybank.load_bank(args.checkpoint))  # train.py --querybank=N
+        metrics = querybank.recall_with_bank(*embedded, bank)
     except NonFiniteFeatures as e:
         sys.exit(f"error: {args.checkpoint}: {e}")
     except DataError as e:

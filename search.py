@@ -26,7 +26,7 @@ from clip_foundation import cli
 from clip_foundation.gallery import (find_captions, find_matches, gallery_records, load_or_build_caption_index,
                                      load_or_build_index)
 from clip_foundation.data import SPLITS
-from clip_foundation.index import ensure_faiss, mark_missing, open_prebuilt
+from clip_foundation.index import NON_FINITE_SCORES, ensure_faiss, mark_missing, open_prebuilt
 from clip_foundation.records import DataError, DataWarning
 from clipModel import CLIPModel, default_device
 
@@ -137,8 +137,12 @@ def _report(args, results):
         missing = [m.path for m in results if not Path(m.path).is_file()]
     figure = "figure" if args.image else "grid"
     if args.json:
-        print(json.dumps({**what, figure: str(out), "matches": [asdict(m) for m in results],
-                          "missing": missing}, indent=2))
+        try:  # the last guard: NaN or Infinity is not JSON, and a reader of --json would choke on it
+            text = json.dumps({**what, figure: str(out), "matches": [asdict(m) for m in results],
+                               "missing": missing}, indent=2, allow_nan=False)
+        except ValueError:
+            sys.exit(f"error: {NON_FINITE_SCORES}")
+        print(text)
     else:
         print("\n".join(lines))
     if missing:

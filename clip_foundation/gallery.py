@@ -152,7 +152,7 @@ def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int =
     When the checkpoint has a querybank (train.py --querybank=N) each row carries its image's
     hub bias as one more coordinate, so text queries rank by the corrected score."""
     gallery = gallery_digest([str(r.image) for r in records])
-    bank = querybank.load_bank(checkpoint)
+    bank = querybank.load_bank(checkpoint, model.config.projection_dim)
     if bank is not None:  # a new or changed querybank makes a new index
         gallery += ":querybank:" + file_digest(Path(checkpoint) / querybank.FILE)
     name = f"images-{_paths_key(records)}"

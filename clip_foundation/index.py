@@ -39,6 +39,8 @@ TARGET_RECALL = 0.95  # IVF nprobe is doubled until recall@k vs exact reaches th
 RECALL_QUERIES, RECALL_K = 200, 10  # sample used to measure IVF recall at build time
 MIN_POINTS_PER_CELL = 39  # FAISS's own minimum of training points per IVF centroid
 TRAIN_PER_CELL = 64  # k-means training sample per centroid (FAISS advises 30 to 256)
+NON_FINITE_SCORES = ("non-finite scores (NaN or inf): the index or the model is damaged; "
+                     "rebuild the index (search.py --build-index)")
 
 
 class BadIndexError(ValueError):
@@ -67,7 +69,7 @@ class GalleryIndex:
         if backend == "faiss" and self.faiss_index is None:
             raise BadIndexError("this index has no FAISS index: build it with --backend faiss")
         if backend != "exact" and self.faiss_index is not None:
-            return faiss_search(self.faiss_index, queries, k)
+            return _finite(*faiss_search(self.faiss_index, queries, k))
         if len(queries) <= HALF_MAX_QUERIES:  # a page's or a command's query: the float16 rows as they are
             gallery = self.embeddings
         else:
@@ -76,7 +78,15 @@ class GalleryIndex:
                 self._scoring = self.embeddings.float().contiguous()
             gallery = self._scoring
         scores, indices = exact_topk(queries.to(gallery.device), gallery, k, chunk)
-        return scores.cpu(), indices.cpu()
+        return _finite(scores.cpu(), indices.cpu())
+
+
+def _finite(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # NaN sorts anywhere: a ranking with it is arbitrary, and "NaN" is not JSON. (FAISS pads
+    # missing rows, index -1, with -inf or -FLT_MAX: those are left for the caller to drop.)
+    if not torch.isfinite(scores[indices >= 0]).all():
+        raise BadIndexError(NON_FINITE_SCORES)
+    return scores, indices
 
 
 def exact_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int,

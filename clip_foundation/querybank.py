@@ -16,14 +16,18 @@ run's image indexes (gallery.load_or_build_index) rank text queries by the corre
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+
+from clipModel import CheckpointError
 
 from .data import all_captions
 from .retrieval import embed_texts, eval_mode, records_metrics
 
 FILE = "querybank.safetensors"
+NORM_TOLERANCE = 0.01  # rows are stored in float16 (~1e-3 off unit length)
 ALPHA, BETA = 1.0, 10.0  # picked on 500 images carved from Flickr8k's train split (never on dev or test)
 
 
@@ -87,12 +91,43 @@ def save_bank(folder, bank: torch.Tensor, alpha: float, beta: float) -> Path:
     return path
 
 
-def load_bank(folder) -> tuple[torch.Tensor, float, float] | None:
-    """-> (bank (K, D) float32, alpha, beta) saved in a run folder, or None when it has none."""
-    from safetensors import safe_open
+def load_bank(folder, dim: int | None = None) -> tuple[torch.Tensor, float, float] | None:
+    """-> (bank (K, D) float32, alpha, beta) saved in a run folder, or None when it has none.
+
+    The file is checked here, once for every caller (train, evaluate, search, the page): a bank
+    that would turn scores into NaN, inf or nonsense (unreadable, no "bank" tensor, not (K, `dim`)
+    unit-length rows, alpha not finite, beta not above 0) is a CheckpointError naming the file."""
+    from safetensors import SafetensorError, safe_open
     path = Path(folder) / FILE
     if not path.is_file():
         return None
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        return f.get_tensor("bank").float(), float(meta["alpha"]), float(meta["beta"])
+
+    def fault(message: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {message}; delete it to go without querybank normalisation")
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if "bank" not in f.keys():
+                raise fault(f'no "bank" tensor (it holds {sorted(f.keys())})')
+            bank = f.get_tensor("bank").float()
+    except SafetensorError as e:  # 0-byte, truncated, not a safetensors file
+        raise fault(f"not a readable safetensors file ({e})") from None
+    try:
+        alpha, beta = float(meta["alpha"]), float(meta["beta"])
+    except (KeyError, ValueError):
+        raise fault(f"its metadata must give alpha and beta as numbers, not {meta}") from None
+    if bank.dim() != 2 or len(bank) == 0 or bank.shape[1] != (dim or bank.shape[1]):
+        raise fault(f"the bank is {tuple(bank.shape)}, not (K, {dim or 'D'}) caption embeddings with K >= 1")
+    if not torch.isfinite(bank).all():
+        raise fault("non-finite values (NaN or inf) in the bank")
+    norms = bank.norm(dim=1)
+    worst = int((norms - 1).abs().argmax())
+    if abs(float(norms[worst]) - 1) > NORM_TOLERANCE:
+        raise fault(f"row {worst} has norm {float(norms[worst]):.3g}: bank rows must be unit-length "
+                    "caption embeddings")
+    if not math.isfinite(alpha):
+        raise fault(f"alpha={alpha}: must be finite")
+    if not (math.isfinite(beta) and beta > 0):
+        raise fault(f"beta={beta}: must be finite and above 0")
+    return bank, alpha, beta

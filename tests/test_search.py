@@ -363,3 +363,69 @@ def test_gallery_object_matches_the_functions(tiny_run, checkpoint, tmp_path):
     assert len(shown) == 4 and (tmp_path / "grid.png").stat().st_size > 1000
     captions = g.find_captions(records[0].image, n=3)
     assert len(captions) == 3 and all(c.caption for c in captions)
+
+
+# ---------------------------------------------------------------- a damaged querybank
+
+def _bank_file(path, dim, bank=None, meta=None, key="bank"):
+    from safetensors.torch import save_file
+    bank = unit(6, dim) if bank is None else bank
+    save_file({key: bank.half().contiguous()}, str(path), metadata=meta if meta is not None else
+              {"alpha": "1.0", "beta": "10.0"})
+
+
+def _truncated(path, dim):
+    _bank_file(path, dim)
+    path.write_bytes(path.read_bytes()[:100])
+
+
+BAD_BANKS = {  # case -> (write it at path for a model of `dim`, a word the error line must hold)
+    "NaN row": (lambda p, d: _bank_file(p, d, torch.cat([unit(3, d), torch.full((1, d), float("nan"))])),
+                "non-finite"),
+    "inf": (lambda p, d: _bank_file(p, d, unit(4, d) * float("inf")), "non-finite"),
+    "zero rows": (lambda p, d: _bank_file(p, d, torch.cat([unit(3, d), torch.zeros(2, d)])), "unit-length"),
+    "alpha=nan": (lambda p, d: _bank_file(p, d, meta={"alpha": "nan", "beta": "10"}), "alpha=nan"),
+    "beta=0": (lambda p, d: _bank_file(p, d, meta={"alpha": "1", "beta": "0"}), "beta=0.0"),
+    "no metadata": (lambda p, d: _bank_file(p, d, meta={}), "alpha"),
+    "no bank key": (lambda p, d: _bank_file(p, d, key="embeddings"), '"bank"'),
+    "wrong dimension": (lambda p, d: _bank_file(p, d, unit(6, d + 3)), "(6, "),
+    "3-D": (lambda p, d: _bank_file(p, d, unit(6, d).reshape(2, 3, d)), "(2, 3, "),
+    "empty bank": (lambda p, d: _bank_file(p, d, torch.zeros(0, d)), "(0, "),
+    "truncated": (_truncated, "not a readable"),
+    "0-byte": (lambda p, d: p.write_bytes(b""), "not a readable"),
+    "garbage": (lambda p, d: p.write_bytes(b"GIF89a not a tensor file" * 20), "not a readable"),
+}
+
+
+@pytest.mark.parametrize("tool", ["evaluate", "search"])
+@pytest.mark.parametrize("case", list(BAD_BANKS))
+def test_a_bad_querybank_is_one_line_naming_the_file(tiny_run, checkpoint, tool, case):
+    import evaluate
+    from clipModel import read_model_config
+    data, _, _ = tiny_run
+    write, fault = BAD_BANKS[case]
+    bank = checkpoint / "querybank.safetensors"
+    write(bank, read_model_config(checkpoint).projection_dim)
+    args = ["--checkpoint", str(checkpoint), "--data", str(data)]
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(args) if tool == "evaluate" else search.main(["a red circle", *args])
+    message = str(exc.value)
+    assert message.startswith(f"error: {bank}: ") and fault in message and "\n" not in message
+    assert "weights are corrupt" not in message  # the bank is at fault, not the model
+
+
+def test_non_finite_scores_are_an_error_not_a_ranking():
+    emb = unit(4, 8)
+    emb[2] = float("nan")  # a damaged row would score NaN and sort anywhere
+    with pytest.raises(ValueError, match="non-finite scores"):
+        gallery.nearest_images(GalleryIndex(emb.half(), list("abcd"), "id"), unit(1, 8, seed=1), 3)
+
+
+def test_json_output_is_valid_json_or_one_error_line(tmp_path, capsys):
+    from types import SimpleNamespace
+    args = SimpleNamespace(image="", query="a dog", out=str(tmp_path / "g.png"), checkpoint=str(tmp_path),
+                           json=True, index="")
+    with pytest.raises(SystemExit) as exc:
+        search._report(args, [gallery.Match(str(tmp_path / "a.png"), float("nan"))])
+    assert "non-finite" in str(exc.value) and "\n" not in str(exc.value)
+    assert "NaN" not in capsys.readouterr().out  # nothing half-printed that a JSON reader would choke on
