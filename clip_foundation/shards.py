@@ -6,10 +6,14 @@ Each sample is `KEY.<ext>` (the image file's own bytes, never re-encoded), `KEY.
 first caption, as img2dataset writes) and `KEY.json` ({"captions": [every caption], "source":
 the image path}). A dataset that ships a split gets one shard set per split (OUT/train,
 OUT/val, OUT/test); otherwise OUT holds one set. Records are shuffled (seeded) before they are
-cut into shards, so a class-folder dataset does not give one class per shard. Each shard is
-written to `NAME.tar.tmp` and renamed when complete: a killed conversion never leaves a
-truncated shard under a real name. `shards.json` in each set counts its samples, which
-streaming training reads as the epoch size when --train_samples is not given.
+cut into shards, so a class-folder dataset does not give one class per shard.
+
+`shards.json` in each set lists its shards (samples and bytes) and counts its samples, which
+streaming training reads as the epoch size when --train_samples is not given. It is written
+first marked incomplete, before any shard is replaced, and marked complete last; each shard is
+written under a temporary name and renamed when whole. So a killed or failed conversion leaves a
+set that streaming refuses (naming the fix: convert again), never one it half-trusts. OUT must
+be new, empty or one of the converter's own sets: it never deletes a file it did not write.
 """
 from __future__ import annotations
 
@@ -18,16 +22,16 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from .data import SPLITS, DataConfig, load_all
+from .files import atomic_write
 from .records import DataError, DataWarning, Record
-from .stream import IMAGE_EXTS, SampleCounter, decode_captions, is_shards, shard_urls
-
-INDEX_FILE = "shards.json"  # per shard set: {"shards": [{"name", "samples"}], "samples": total}
+from .stream import INDEX_FILE, SampleCounter, check_sample, decode_captions, is_shards, read_json, shard_urls
 
 
 @dataclass
@@ -54,40 +58,86 @@ def sample_key(index: int) -> str:
     return f"{index:09d}"
 
 
+def owned_files(out: Path) -> list[Path]:
+    """The files in `out` an earlier conversion wrote (its shards.json, the shards it lists and
+    their temporary files); DataError when `out` holds anything else, so nothing of the
+    user's is deleted or mixed into the set."""
+    if not out.is_dir():
+        return []
+    listed = {INDEX_FILE}
+    if (out / INDEX_FILE).is_file():
+        with contextlib.suppress(DataError, KeyError, TypeError):  # unreadable: it owns nothing then
+            listed |= {s["name"] for s in read_json(out / INDEX_FILE, "")["shards"]}
+    entries = sorted(out.iterdir())
+    # atomic_write's temporary names (".NAME.tmpPID"), and the "NAME.tmp" of older versions
+    foreign = [e for e in entries if re.sub(r"^\.|\.tmp\d*$", "", e.name) not in listed or not e.is_file()]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise DataError(f"{out}: holds {foreign[0].name}{more}, which the converter did not write: "
+                        "give a new or empty folder as OUT")
+    return entries
+
+
+def _write_index(out: Path, shards: list[dict], complete: bool) -> dict:
+    index = {"complete": complete, "shards": shards, "samples": sum(s["samples"] for s in shards)}
+    with _naming(out / INDEX_FILE, "the shard index"):
+        atomic_write(out / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=1)))
+    return index
+
+
+@contextlib.contextmanager
+def _naming(path: Path, what: str):
+    # a full disk or a read-only folder: one line naming the file (OSError's own names none)
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"{path}: cannot write {what} ({e.strerror or e})") from None
+
+
 def write_shards(records: list[Record], out: str | Path, shard_size: int = 1000,
                  progress: bool = True, desc: str = "") -> dict:
     """Write `records` as shards of `shard_size` samples to folder `out` -> its shards.json index.
 
-    A record whose image file cannot be read (missing, unreadable) is an error naming it."""
+    `out` must be new, empty or an earlier conversion's set (replaced; see `owned_files`). A
+    record whose image file cannot be read, or a shard that cannot be written, is an error
+    naming it; the set is then left marked incomplete."""
     import webdataset as wds
     from tqdm.auto import tqdm
     if shard_size < 1:
         raise ValueError(f"--shard_size must be at least 1, not {shard_size}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("*.tar")) + list(out.glob("*.tar.tmp")):  # left by an earlier conversion
-        stale.unlink()
-    index = {"shards": [], "samples": 0}
+    old = owned_files(out)
+    with _naming(out, "the shard set"):
+        out.mkdir(parents=True, exist_ok=True)
+    # Until the new index is written, the old one still lists the shards deleted here: streaming
+    # refuses the set as missing shards, and a new conversion still owns them.
+    for path in old:
+        if path.name != INDEX_FILE:
+            path.unlink(missing_ok=True)
+    starts = range(0, len(records), shard_size)
+    planned = [{"name": shard_name(i), "samples": len(records[start:start + shard_size])}
+               for i, start in enumerate(starts)]
+    _write_index(out, planned, complete=False)
+
+    def write(tmp: Path, start: int):
+        with open(tmp, "wb") as f, wds.TarWriter(f) as sink:
+            for i, rec in enumerate(records[start:start + shard_size], start=start):
+                try:
+                    data = Path(rec.image).read_bytes()
+                except OSError as e:
+                    raise DataError(f"{rec.image}: cannot read image ({e.strerror or e})") from None
+                ext = Path(rec.image).suffix.lower().lstrip(".") or "jpg"
+                sink.write({"__key__": sample_key(i), ext: data, "txt": rec.captions[0],
+                            "json": {"captions": list(rec.captions), "source": str(rec.image)}})
+                bar.update()
+
     with tqdm(total=len(records), desc=desc or f"writing {out}", disable=not progress, unit="img") as bar:
-        for start in range(0, len(records), shard_size):
-            name = shard_name(start // shard_size)
-            chunk = records[start:start + shard_size]
-            tmp = out / (name + ".tmp")
-            with open(tmp, "wb") as f, wds.TarWriter(f) as sink:
-                for i, rec in enumerate(chunk, start=start):
-                    try:
-                        data = Path(rec.image).read_bytes()
-                    except OSError as e:
-                        raise DataError(f"{rec.image}: cannot read image ({e.strerror or e})") from None
-                    ext = Path(rec.image).suffix.lower().lstrip(".") or "jpg"
-                    sink.write({"__key__": sample_key(i), ext: data, "txt": rec.captions[0],
-                                "json": {"captions": list(rec.captions), "source": str(rec.image)}})
-                    bar.update()
-            tmp.rename(out / name)
-            index["shards"].append({"name": name, "samples": len(chunk)})
-            index["samples"] += len(chunk)
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=1))
-    return index
+        for shard, start in zip(planned, starts):
+            path = out / shard["name"]
+            with _naming(path, "the shard"):
+                atomic_write(path, lambda tmp: write(tmp, start))  # a temporary name until whole
+            shard["bytes"] = path.stat().st_size  # streaming checks it: a shard replaced later is refused
+    return _write_index(out, planned, complete=True)
 
 
 def convert(cfg: ShardsConfig) -> dict[str, dict]:
@@ -103,6 +153,8 @@ def convert(cfg: ShardsConfig) -> dict[str, dict]:
     sets = {"": records}
     if cfg.split and any(r.split in SPLITS for r in records):
         sets = {s: [r for r in records if r.split == s] for s in SPLITS}
+    for name in sets:  # every set's OUT before writing any, so a refusal leaves nothing half done
+        owned_files(Path(cfg.out) / name)
     written = {}
     for name, recs in sets.items():
         if recs:
@@ -137,7 +189,8 @@ if __name__ == "__main__":
 def extract(urls: list[str], cache_root: str | Path) -> list[Record]:
     """An evaluation shard set -> records of image files, extracted once into
     CACHE_ROOT/<hash of the shard names, sizes and mtimes>/ (evaluation and the run's
-    matches.png read image files). Samples without an image or caption are skipped, counted."""
+    matches.png read image files). Bad samples (as in training: stream.check_sample) are
+    skipped and counted in one warning."""
     import webdataset as wds
     h = hashlib.sha256()
     for u in urls:
@@ -150,21 +203,17 @@ def extract(urls: list[str], cache_root: str | Path) -> list[Record]:
         rows, counter = [], SampleCounter()
         for url in urls:
             for sample in wds.tarfile_samples([{"url": url}], handler=counter.handler()):
-                ext = next((e for e in IMAGE_EXTS if e in sample), None)
-                try:
-                    captions = decode_captions(sample)
+                try:  # decoded here, so a bad image is named by shard and key, not by its cache file
+                    ext, captions, _ = check_sample(sample)
                 except ValueError as e:
                     counter.skip(*e.args)
-                    continue
-                if ext is None:
-                    counter.skip("no image", f"{url}:{sample['__key__']}: no image member")
                     continue
                 name = f"{len(rows):09d}.{ext}"
                 (folder / name).write_bytes(sample[ext])
                 rows.append({"image": name, "captions": captions})
         if counter.counts:
             warnings.warn(f"extracting {len(urls)} evaluation shards skipped " + ", ".join(
-                f"{n} {k}" for k, n in counter.counts.items()) + f" (first: {next(iter(counter.first.values()))})",
+                f"{n} {k}" for k, n in counter.counts.items()) + f" (first: {'; '.join(counter.first.values())})",
                 DataWarning)
         tmp = listing.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(rows))

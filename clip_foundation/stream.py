@@ -16,7 +16,8 @@ last consumed piece, and a resumed stream restarts at that shard with a fresh bu
 sample of the pass is skipped, and the only repeats are samples of that shard and the ones
 after it that were trained on before the checkpoint (at most about shuffle_buffer + one
 shard's worth per stream). Bad samples (undecodable image, no image, no caption, a truncated
-shard) are skipped and counted, never fatal.
+shard, a caption that breaks the readers' rule) are skipped and counted, never fatal. A shard set
+whose shards.json marks it unfinished, or disagrees with the .tar files beside it, is refused.
 """
 from __future__ import annotations
 
@@ -31,12 +32,14 @@ import torch.distributed as dist
 from clipModel import resize_crop, to_model_input
 
 from .data import token_batch
-from .records import DataError, Record, open_rgb
+from .records import DataError, Record, caption_fault, has_visible, open_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://")
-SKIP_KINDS = ("undecodable image", "no image", "no caption", "unreadable shard")
+SKIP_KINDS = ("undecodable image", "no image", "no caption", "not utf-8", "multi-line caption", "caption too long",
+              "unreadable shard")
+INDEX_FILE = "shards.json"  # the converter's, per shard set: {"complete", "shards": [{"name", "samples", "bytes"}], "samples"}
 
 
 def is_shards(path: str) -> bool:
@@ -76,21 +79,77 @@ def shard_urls(source: str) -> list[str]:
     if missing:
         more = f" (and {len(missing) - 1} more of the {len(urls)} shards)" if len(missing) > 1 else ""
         raise DataError(f"{missing[0]}: shard not found{more}, listed by --data={source}")
+    for folder in _folders(urls):
+        check_set(folder, [Path(u).name for u in urls if Path(u).parent == folder])
     return urls
+
+
+def _folders(urls: list[str]) -> list[Path]:
+    return sorted({Path(u).parent for u in urls if not u.startswith(REMOTE)})
+
+
+def redo(folder: Path) -> str:
+    """The fix for a broken converted set, as the end of an error line."""
+    return f"convert it again (python -m clip_foundation.shards SRC {folder})"
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON object file beside the shards; unreadable or invalid is one DataError naming it and `fix`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}): {fix}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise DataError(f"{path}: not valid JSON ({e}): {fix}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not a JSON object: {fix}")
+    return data
+
+
+def read_index(folder: Path) -> dict[str, dict] | None:
+    """The converter's shards.json in `folder` -> {shard name: {"samples", "bytes"}}; None
+    when there is none. Unreadable, malformed or marked unfinished is a DataError naming it."""
+    path = folder / INDEX_FILE
+    if not path.is_file():
+        return None
+    index = read_json(path, redo(folder))
+    if index.get("complete") is False:  # written first, before any shard is replaced
+        raise DataError(f"{folder}: its conversion did not finish ({INDEX_FILE} marks the set incomplete): "
+                        + redo(folder))
+    try:
+        return {s["name"]: {"samples": int(s["samples"]), "bytes": s.get("bytes")} for s in index["shards"]}
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{path}: not a shard index (a list of shards with names and sample counts): "
+                        + redo(folder)) from None
+
+
+def check_set(folder: Path, names: list[str]):
+    """A converted set must be whole: its shards.json lists each shard read from `folder`
+    (`names`), and every shard it lists is there with the size it was written with."""
+    listed = read_index(folder)
+    if listed is None:
+        return  # not the converter's (img2dataset, hand-made): nothing to check against
+    path = folder / INDEX_FILE
+    for name in names:
+        if name not in listed:
+            raise DataError(f"{path}: does not list {name}, which is beside it: " + redo(folder))
+    for name, entry in listed.items():
+        if not (folder / name).is_file():
+            raise DataError(f"{path}: lists {name}, which is missing: " + redo(folder))
+        if entry["bytes"] is not None and entry["bytes"] != (size := (folder / name).stat().st_size):
+            raise DataError(f"{path}: lists {name} with {entry['bytes']} bytes, but it has {size}: " + redo(folder))
 
 
 def count_samples(urls: list[str]) -> int | None:
     """Samples in the shard set from the converter's shards.json or img2dataset's *_stats.json
     beside local shards; None when unknown (then --train_samples must say)."""
     total = 0
-    for folder in sorted({Path(u).parent for u in urls if not u.startswith(REMOTE)}):
-        index = folder / "shards.json"
-        if index.is_file():
-            sizes = {s["name"]: s["samples"] for s in json.loads(index.read_text())["shards"]}
-        else:
-            sizes = {}
+    for folder in _folders(urls):
+        sizes = {name: entry["samples"] for name, entry in (read_index(folder) or {}).items()}
+        if not sizes:
             for stats in folder.glob("*_stats.json"):
-                sizes[stats.name.replace("_stats.json", ".tar")] = json.loads(stats.read_text()).get("successes", 0)
+                successes = read_json(stats, "remove it, or pass --train_samples=N").get("successes", 0)
+                sizes[stats.name.replace("_stats.json", ".tar")] = successes
         for u in urls:
             if Path(u).parent == folder:
                 if Path(u).name not in sizes:
@@ -128,9 +187,14 @@ class SampleCounter:
         return handle
 
 
+def _where(sample: dict) -> str:
+    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+
 def decode_captions(sample: dict) -> list[str]:
     """A raw sample's captions: the converter's json "captions", an img2dataset json
-    "caption", else its .txt; ValueError("no caption", message) when there are none."""
+    "caption", else its .txt. ValueError(kind, message) when there are none, the .txt is not
+    UTF-8, or one breaks the readers' caption rule (records.caption_fault)."""
     captions = []
     if "json" in sample:
         try:
@@ -139,26 +203,38 @@ def decode_captions(sample: dict) -> list[str]:
         except (ValueError, AttributeError):
             pass
     if not captions and "txt" in sample:
-        captions = [sample["txt"].decode("utf-8", "replace")]
-    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+        try:
+            captions = [sample["txt"].decode("utf-8")]
+        except UnicodeDecodeError as e:
+            raise ValueError("not utf-8", f"{_where(sample)}.txt: bytes that are not UTF-8: "
+                                          f"{e.object[e.start:e.end]!r}") from None
+    captions = [c.strip() for c in captions if isinstance(c, str) and has_visible(c)]
     if not captions:
-        raise ValueError("no caption", f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}: "
-                                       "no caption (.txt or .json)")
+        raise ValueError("no caption", f"{_where(sample)}: no caption (.txt or .json)")
+    for caption in captions:
+        if fault := caption_fault(caption):
+            raise ValueError(fault[0], f"{_where(sample)}: {fault[1]}")
     return captions
+
+
+def check_sample(sample: dict):
+    """A raw sample -> (its image member's extension, its captions, its image decoded as RGB);
+    ValueError(kind, message naming shard:key) for a sample to skip."""
+    captions = decode_captions(sample)
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise ValueError("no image", f"{_where(sample)}: no image member ({', '.join(IMAGE_EXTS)})")
+    try:
+        image = open_rgb(io.BytesIO(sample[ext]))
+    except DataError as e:
+        raise ValueError("undecodable image", f"{_where(sample)}.{ext}: {str(e).split(': ', 1)[-1]}") from None
+    return ext, captions, image
 
 
 def decode_sample(sample: dict, image_size: int | object, rng: random.Random) -> tuple[torch.Tensor, str]:
     """A raw webdataset sample -> (image (3, S, S) uint8, one of its captions); ValueError(kind,
     message) for a sample to skip. The decode and resize are the cached path's (open_rgb, resize_crop)."""
-    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-    captions = decode_captions(sample)
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        raise ValueError("no image", f"{where}: no image member ({', '.join(IMAGE_EXTS)})")
-    try:
-        image = open_rgb(io.BytesIO(sample[ext]))
-    except DataError as e:
-        raise ValueError("undecodable image", f"{where}.{ext}: {str(e).split(': ', 1)[-1]}") from None
+    _, captions, image = check_sample(sample)
     resize = resize_crop(image_size) if isinstance(image_size, int) else image_size  # or a built resize_crop
     return resize(image), rng.choice(captions)
 

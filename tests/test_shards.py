@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -199,3 +200,145 @@ def test_streamed_training_reaches_the_folder_recall(tiny_run, tmp_path):
     chance = 100 * 3 * (1 + 5 + 10) / 60 / 6  # mean of R@1/5/10 over 60 test images, both directions
     assert metrics["mean_recall"] > 2 * chance
     assert metrics["mean_recall"] > folder_metrics["mean_recall"] - 12, (metrics, folder_metrics)
+
+
+class Killed(BaseException):
+    """A kill -9 stand-in: nothing in the converter catches it, so what it leaves is a kill's."""
+
+
+def kill_after(monkeypatch, reads: int):
+    """Make the converter's image reads die after `reads` images (the converter reads each image once)."""
+    real, done = Path.read_bytes, []
+
+    def read_bytes(self):
+        if self.suffix == ".png":  # the synthetic set's images; its captions.csv is read too
+            if len(done) == reads:
+                raise Killed
+            done.append(self)
+        return real(self)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+
+@pytest.mark.parametrize("where,args", [(".", ["--split=false"]), ("train", [])])
+def test_the_converter_refuses_an_out_folder_holding_files_it_did_not_write(shard_set, tmp_path, where, args,
+                                                                            capsys):
+    foreign = tmp_path / where / "family_photos_2019.tar"
+    foreign.parent.mkdir(exist_ok=True)
+    foreign.write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        shards.main([str(shard_set[0]), str(tmp_path), "--shard_size=5", "--progress=false", *args])
+    message = str(exit_.value.code)
+    assert "family_photos_2019.tar" in message and "empty" in message and "\n" not in message
+    assert foreign.read_text() == "x" and not list(tmp_path.rglob("0000*"))  # nothing deleted, nothing written
+
+
+@pytest.mark.parametrize("earlier", [None, 20])
+def test_an_interrupted_conversion_is_refused_until_converted_again(shard_set, tmp_path, monkeypatch, earlier,
+                                                                    capsys):
+    import train
+    src, convert = shard_set[0], [str(shard_set[0]), str(tmp_path), "--shard_size=5", "--progress=false"]
+    if earlier:  # a whole earlier conversion into the same OUT, with other shard sizes
+        shards.main([str(src), str(tmp_path), f"--shard_size={earlier}", "--progress=false"])
+    with monkeypatch.context() as m:
+        kill_after(m, 6 * 5)  # dies while writing the 7th shard of train
+        with pytest.raises(Killed):
+            shards.main(convert)
+    folder = tmp_path / "train"
+    assert len(list(folder.glob("*.tar"))) == 6
+    with pytest.raises(DataError, match=rf"^{re.escape(str(folder))}: its conversion did not finish .*convert it again"):
+        stream.shard_urls(str(folder))
+    with pytest.raises(SystemExit, match="did not finish"):  # --train_samples does not make it usable
+        train.main([f"--data={folder}", f"--val_data={src}", "--train_samples=200", f"--out_dir={tmp_path}"])
+    shards.main(convert)  # converting again finishes the set
+    urls = stream.shard_urls(str(folder))
+    assert len(urls) == 10 and stream.count_samples(urls) == 48
+
+
+def spoil_truncate(folder):
+    index = folder / "shards.json"
+    index.write_text(index.read_text()[:30])
+
+
+def spoil_extra_shard(folder):
+    (folder / "00099.tar").write_bytes((folder / "00000.tar").read_bytes())
+
+
+def spoil_missing_shard(folder):
+    (folder / "00001.tar").unlink()
+
+
+def spoil_replaced_shard(folder):
+    (folder / "00001.tar").write_bytes(b"x" * 100)
+
+
+@pytest.mark.parametrize("spoil,fault", [
+    (spoil_truncate, r"not valid JSON \(Expecting .* line \d+ column \d+"),
+    (spoil_extra_shard, r"does not list 00099\.tar"),
+    (spoil_missing_shard, r"lists 00001\.tar, which is missing"),
+    (spoil_replaced_shard, r"lists 00001\.tar with \d+ bytes, but it has 100"),
+])
+def test_a_shard_set_that_disagrees_with_its_shards_json_is_one_error_naming_it(shard_set, tmp_path, spoil, fault):
+    shards.main([str(shard_set[0]), str(tmp_path), "--shard_size=20", "--progress=false"])
+    folder = tmp_path / "train"
+    spoil(folder)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(folder / 'shards.json'))}: {fault}.*convert .* again") as error:
+        stream.count_samples(stream.shard_urls(str(folder)))
+    assert "\n" not in str(error.value)
+
+
+def test_a_full_disk_while_converting_names_the_shard_and_leaves_no_temp_file(shard_set, tmp_path, monkeypatch):
+    import errno
+    real, calls = wds.TarWriter.write, []
+
+    def write(self, obj):
+        calls.append(obj)
+        if len(calls) == 8:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, obj)
+    monkeypatch.setattr(wds.TarWriter, "write", write)
+    with pytest.raises(SystemExit) as exit_:
+        shards.main([str(shard_set[0]), str(tmp_path), "--shard_size=5", "--progress=false"])
+    assert str(exit_.value.code) == (f"error: {tmp_path / 'train' / '00001.tar'}: cannot write the shard "
+                                     "(No space left on device)")
+    assert not list(tmp_path.rglob("*.tmp*"))
+    with pytest.raises(DataError, match="did not finish"):
+        stream.shard_urls(str(tmp_path / "train"))
+
+
+def bomb_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(out, "PNG")  # a few KB declaring 81 MP
+    return out.getvalue()
+
+
+BAD_CAPTIONS = [  # (.txt bytes, the skip's kind, its message)
+    (b"caf\xe9 au lait", "not utf-8", "bytes that are not UTF-8: b'\\xe9'"),
+    (b"x" * 1_000_001, "caption too long", "caption is 1000001 characters"),
+    (b"two\nlines", "multi-line caption", "caption has a line break"),
+    ("\u200b\u200b".encode(), "no caption", "no caption"),
+]
+
+
+@pytest.mark.parametrize("txt,kind,message", BAD_CAPTIONS)
+def test_shard_captions_follow_the_readers_rule(tmp_path, txt, kind, message):
+    write_shard(tmp_path / "00000.tar", [{"__key__": "a", "jpg": jpeg(), "txt": txt}])
+    sample = next(iter(wds.tarfile_samples([{"url": str(tmp_path / "00000.tar")}])))
+    with pytest.raises(ValueError) as error:
+        stream.decode_sample(sample, 32, random.Random(0))
+    assert error.value.args[0] == kind
+    assert "00000.tar:a" in error.value.args[1] and message in error.value.args[1]
+
+
+def test_bad_evaluation_samples_are_skipped_and_counted_by_shard_and_key(tmp_path):
+    from clip_foundation.records import DataWarning
+    (tmp_path / "s").mkdir()
+    write_shard(tmp_path / "s/00000.tar", [
+        {"__key__": "a", "jpg": jpeg(), "txt": "a red box"},
+        {"__key__": "b", "png": bomb_png(), "txt": "a bomb"},
+        {"__key__": "c", "jpg": jpeg(), "txt": BAD_CAPTIONS[1][0]},
+        {"__key__": "d", "jpg": jpeg((0, 0, 250)), "txt": "a blue box"}])
+    with pytest.warns(DataWarning, match=r"skipped 1 undecodable image, 1 caption too long .*"
+                                         r"00000\.tar:b\.png: image is 9000x9000"):
+        records = shards.extract(stream.shard_urls(str(tmp_path / "s")), tmp_path / "cache")
+    assert [r.captions for r in records] == [["a red box"], ["a blue box"]]
+    assert len(list((tmp_path / "cache").rglob("*.*g"))) == 2  # only the good images extracted
