@@ -6,7 +6,8 @@ or a folder written by `python search.py --build-index` (stems `images` and `cap
     <stem>.safetensors  {"embeddings": (N, D) float16, L2-normalised}
     <stem>.json         version, kind ("images" | "captions"), identity, checkpoint, model
                         (sha256 of its model.safetensors), paths (the image of each row),
-                        captions (caption indexes only), faiss (type, nlist, nprobe, recall)
+                        captions (caption indexes only), faiss (type, nlist, nprobe, recall),
+                        sha256 (of the .safetensors and .faiss files, checked on every load)
     <stem>.faiss        optional: a FAISS inner-product index over the same rows
 
 Each file is written to a temporary name and renamed, the JSON last, so a killed build is never
@@ -27,7 +28,7 @@ import torch
 
 from .files import atomic_write
 
-INDEX_VERSION = 2  # bump when the index format changes, so old caches are rebuilt
+INDEX_VERSION = 3  # bump when the index format changes, so old caches are rebuilt
 EXACT_CHUNK = 65_536  # gallery rows scored at once for a batch of 64 queries (16 MB of float32 scores)
 SCORE_BUDGET = 64 * EXACT_CHUNK  # scores held at once: fewer queries scan more rows per pass (1 query: 4M)
 HALF_MAX_QUERIES = 4  # up to this many queries score a float16 gallery in float16 (memory-bound: ~1.7x
@@ -267,8 +268,11 @@ def gallery_digest(paths: list[str]) -> str:
 
 
 def _write_meta(index: GalleryIndex, stem: Path) -> None:
+    # last, once the other files are in place: their digests are checked on every load
+    files = [stem.with_suffix(".safetensors")] + [stem.with_suffix(".faiss")] * (index.faiss_index is not None)
     meta = {"version": INDEX_VERSION, **index.meta, "identity": index.identity,
-            "rows": len(index), "dim": index.embeddings.shape[1], "paths": index.paths}
+            "rows": len(index), "dim": index.embeddings.shape[1], "paths": index.paths,
+            "sha256": {f.suffix[1:]: file_digest(f) for f in files}}
     if index.captions is not None:
         meta["captions"] = index.captions
     atomic_write(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta)))
@@ -293,38 +297,86 @@ def save_index(index: GalleryIndex, stem) -> Path:
     return stem
 
 
-def load_index(stem, identity: str | None = None) -> GalleryIndex | None:
-    """The index saved at `stem`; None when incomplete, unreadable or (given `identity`) stale.
-    Its FAISS index is loaded too when it was saved and faiss is installed."""
+def load_index(stem, identity: str | None = None, strict: bool = False) -> GalleryIndex | None:
+    """The index saved at `stem`; None when incomplete, unreadable, damaged or (given `identity`)
+    stale, so that a cache is rebuilt. Its FAISS index is loaded too when it was saved and faiss
+    is installed; a damaged .faiss alone is dropped (exact search still works, `ensure_faiss`
+    rebuilds it). With `strict` (a prebuilt index, whose images may not be at hand to embed
+    again) each of these is a BadIndexError naming the file and the fault instead.
+
+    A file whose sha256 differs from the one <stem>.json recorded when it was written (truncated,
+    overwritten, edited: a file that still parses can hold other vectors) counts as damaged."""
+    try:
+        index = _read_rows(Path(stem), identity)
+    except BadIndexError:
+        if strict:
+            raise
+        return None
+    try:
+        index.faiss_index = _read_faiss(Path(stem), index)
+    except BadIndexError:
+        if strict:
+            raise
+        index.faiss_index = None
+    if index.faiss_index is None:
+        index.meta.pop("faiss", None)  # describes no index at hand
+    index.meta.pop("sha256", None)
+    return index
+
+
+def _read_rows(stem: Path, identity: str | None) -> GalleryIndex:
+    # <stem>.json and <stem>.safetensors -> the index (no FAISS), or BadIndexError naming the fault
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    stem = Path(stem)
+    meta_file, rows_file = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
     try:
-        meta = json.loads(stem.with_suffix(".json").read_text())
-        if meta.get("version") != INDEX_VERSION or (identity and meta.get("identity") != identity):
-            return None
-        embeddings = load_file(stem.with_suffix(".safetensors"))["embeddings"]
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # truncated, corrupt: rebuild
-        return None
-    if len(embeddings) != len(meta["paths"]):
-        return None
-    index = GalleryIndex(embeddings, meta.pop("paths"), meta.pop("identity"), meta.pop("captions", None))
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise BadIndexError(f"{meta_file}: missing or unreadable ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(meta, dict) or meta.get("version") != INDEX_VERSION:
+        raise BadIndexError(f"{meta_file}: not an index of format v{INDEX_VERSION}")
+    if identity and meta.get("identity") != identity:
+        raise BadIndexError(f"{meta_file}: stale (built for another model or gallery)")
+    _check_digest(rows_file, meta, meta_file)
+    try:
+        embeddings = load_file(rows_file)["embeddings"]
+        index = GalleryIndex(embeddings, meta.pop("paths"), meta.pop("identity"), meta.pop("captions", None))
+    except (KeyError, TypeError, SafetensorError) as e:
+        raise BadIndexError(f"{rows_file}: incomplete index ({e})") from None
+    if len(embeddings) != len(index.paths):
+        raise BadIndexError(f"{rows_file}: {len(embeddings)} rows for the {len(index.paths)} paths in {meta_file}")
     for key in ("version", "rows", "dim"):
         meta.pop(key, None)
     index.meta = meta
-    faiss_file, faiss = stem.with_suffix(".faiss"), faiss_module()
-    if faiss is not None and "faiss" in meta and faiss_file.is_file():
-        try:
-            index.faiss_index = faiss.read_index(str(faiss_file))
-        except RuntimeError:  # a truncated .faiss: exact search still works, FAISS is rebuilt
-            index.faiss_index = None
-        if index.faiss_index is not None and "nprobe" in meta["faiss"]:
-            index.faiss_index.nprobe = meta["faiss"]["nprobe"]
-        if index.faiss_index is not None and index.faiss_index.ntotal != len(index):
-            index.faiss_index = None
-    if index.faiss_index is None:
-        meta.pop("faiss", None)  # describes no index at hand
     return index
+
+
+def _read_faiss(stem: Path, index: GalleryIndex):
+    # <stem>.faiss -> its FAISS index (None when none was saved or faiss is not installed)
+    faiss_file, faiss = stem.with_suffix(".faiss"), faiss_module()
+    if faiss is None or "faiss" not in index.meta:
+        return None
+    _check_digest(faiss_file, index.meta, stem.with_suffix(".json"))
+    try:
+        faiss_index = faiss.read_index(str(faiss_file))
+    except RuntimeError as e:
+        raise BadIndexError(f"{faiss_file}: unreadable ({e})") from None
+    if faiss_index.ntotal != len(index):
+        raise BadIndexError(f"{faiss_file}: {faiss_index.ntotal} rows, not the index's {len(index)}")
+    if "nprobe" in index.meta["faiss"]:
+        faiss_index.nprobe = index.meta["faiss"]["nprobe"]
+    return faiss_index
+
+
+def _check_digest(path: Path, meta: dict, meta_file: Path) -> None:
+    # the file's bytes as they were written: a file that still parses may hold other vectors
+    try:
+        current = file_digest(path)
+    except OSError as e:
+        raise BadIndexError(f"{path}: missing or unreadable ({e.strerror or e})") from None
+    if current != (meta.get("sha256") or {}).get(path.suffix[1:]):
+        raise BadIndexError(f"{path}: its contents differ from the sha256 recorded in {meta_file.name} "
+                            "when it was built (truncated, damaged or changed since)")
 
 
 def mark_missing(stem, missing: list[str]) -> None:
@@ -345,14 +397,17 @@ def open_prebuilt(folder, kind: str = "images", checkpoint=None) -> GalleryIndex
     folder = Path(folder)
     if not folder.is_dir():
         raise BadIndexError(f"{folder}: index folder not found (build one with --build-index)")
-    index = load_index(folder / kind)
-    if index is None and kind == "captions" and (folder / "images.json").is_file():
+    if kind == "captions" and not (folder / "captions.json").is_file() and (folder / "images.json").is_file():
         raise BadIndexError(f"{folder} has no caption index: its gallery had no captions "
                             "(image -> text search needs a captioned dataset)")
-    if index is None:
+    if not (folder / f"{kind}.json").is_file():
         what = "image" if kind == "images" else "caption"
         raise BadIndexError(f"{folder}: no complete {what} index ({kind}.json + {kind}.safetensors, "
                             f"format v{INDEX_VERSION}); build one with --build-index")
+    try:
+        index = load_index(folder / kind, strict=True)
+    except BadIndexError as e:  # its images may be gone: only a new build can mend it
+        raise BadIndexError(f"{e}; rebuild it with --build-index") from None
     if index.meta.get("missing"):
         print(f"warning: {folder} is stale: {len(index.meta['missing'])} of its images were missing when "
               f"it was last searched (first: {index.meta['missing'][0]}); rebuild it with --build-index",

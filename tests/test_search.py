@@ -429,3 +429,36 @@ def test_json_output_is_valid_json_or_one_error_line(tmp_path, capsys):
         search._report(args, [gallery.Match(str(tmp_path / "a.png"), float("nan"))])
     assert "non-finite" in str(exc.value) and "\n" not in str(exc.value)
     assert "NaN" not in capsys.readouterr().out  # nothing half-printed that a JSON reader would choke on
+
+
+# ---------------------------------------------------------------- a damaged index file
+
+def _zero_vectors(path):
+    """Overwrite the second half of an index file, all vectors, with zeros: the file still parses."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))
+
+
+@needs_faiss
+@pytest.mark.parametrize("suffix", ["safetensors", "faiss"])
+def test_an_index_file_changed_since_it_was_built_is_never_searched(checkpoint, photo_folder, tmp_path,
+                                                                    suffix):
+    from clipModel import CLIPModel
+    out = tmp_path / "photo_index"
+    search.main(["--build-index", "--checkpoint", str(checkpoint), "--data", str(photo_folder),
+                 "--out", str(out), "--backend", "faiss"])
+    _zero_vectors(out / f"images.{suffix}")
+    with pytest.raises(SystemExit) as exc:  # a prebuilt index: its images are not re-embedded here
+        search.main(["a red circle", "--index", str(out)])
+    message = str(exc.value)
+    assert message.startswith(f"error: {out / f'images.{suffix}'}: ") and "--build-index" in message
+    assert "\n" not in message
+    model = CLIPModel.from_pretrained(checkpoint)  # a cache: rebuilt, the same results as before
+    records = gallery.gallery_records(checkpoint, str(photo_folder), "test")
+    first = gallery.load_or_build_index(model, checkpoint, records, backend="faiss")
+    stem = next((checkpoint / "index").glob("images-*.json")).with_suffix("")
+    _zero_vectors(stem.with_suffix(f".{suffix}"))
+    again = gallery.load_or_build_index(model, checkpoint, records, backend="faiss")
+    q = unit(2, first.embeddings.shape[1])
+    assert torch.equal(again.embeddings, first.embeddings)
+    assert torch.equal(again.search(q, 3, "faiss")[1], first.search(q, 3, "faiss")[1])
