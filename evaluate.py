@@ -20,7 +20,7 @@ from clip_foundation.data import SPLITS, load_split, run_data_config
 from clip_foundation.files import atomic_write
 from clip_foundation.records import DataError, DataWarning
 from clip_foundation.retrieval import NonFiniteFeatures, embed_records, format_metrics
-from clipModel import CLIPModel, default_device
+from clipModel import CLIPModel, ConfigError, check, default_device
 
 
 @dataclass
@@ -36,6 +36,11 @@ class EvalConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
     out: str = ""  # JSON path; empty = CHECKPOINT/eval_SPLIT.json (or zeroshot_NAME.json + a confusion PNG)
 
+    def validate(self) -> None:
+        """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range."""
+        check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check(self.split in (*SPLITS, "all"), "split", self.split, "train | val | test | all")
+
 
 USAGE = "usage: python evaluate.py --checkpoint=RUN [--data=DIR] [--split=test|val|train|all] [--zeroshot=DIR]"
 
@@ -44,8 +49,10 @@ def main(argv=None) -> dict:
     args = cli.parse(EvalConfig(), argv, USAGE)
     if not args.checkpoint:
         cli.usage_error("--checkpoint is required", USAGE)
-    if args.split not in (*SPLITS, "all"):
-        cli.usage_error(f"--split must be train, val, test or all, not {args.split!r}", USAGE)
+    try:
+        args.validate()
+    except ConfigError as e:
+        cli.usage_error(str(e), USAGE)
     try:
         device = default_device() if args.device == "auto" else torch.device(args.device)
         model = CLIPModel.from_pretrained(args.checkpoint, device=device)

@@ -28,7 +28,7 @@ from clip_foundation.gallery import (find_captions, find_matches, gallery_record
 from clip_foundation.data import SPLITS
 from clip_foundation.index import NON_FINITE_SCORES, ensure_faiss, mark_missing, open_prebuilt
 from clip_foundation.records import DataError, DataWarning
-from clipModel import CLIPModel, default_device
+from clipModel import CLIPModel, ConfigError, check, default_device
 
 
 @dataclass
@@ -48,6 +48,13 @@ class SearchConfig:
     batch_size: int = 256  # images embedded at once (at most 32 on a CPU, where larger batches are slower)
     skip_bad: bool = False  # leave out images that cannot be decoded (reported) instead of stopping
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range."""
+        check(self.n >= 0, "n", self.n, ">= 1, or 0 for the default (9 images or 5 captions)")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check(self.split in (*SPLITS, "all"), "split", self.split, "train | val | test | all")
+        check(self.backend in ("auto", "exact", "faiss"), "backend", self.backend, "auto | exact | faiss")
 
 
 USAGE = ('usage: python search.py "QUERY" --checkpoint=RUN [-n 9]  |  --image=FILE --checkpoint=RUN  |  '
@@ -80,10 +87,10 @@ def main(argv=None):
     args = cli.parse(SearchConfig(), argv, USAGE, positional=("query",))
     if (args.query is not None) + bool(args.image) + args.build_index != 1:
         cli.usage_error("give exactly one of: a text query, --image=PATH, --build_index", USAGE)
-    if args.n < 0:
-        cli.usage_error("-n must be at least 1 (0 = the default: 9 images or 5 captions)", USAGE)
-    if args.split not in (*SPLITS, "all") or args.backend not in ("auto", "exact", "faiss"):
-        cli.usage_error("--split is train, val, test or all; --backend is auto, exact or faiss", USAGE)
+    try:
+        args.validate()
+    except ConfigError as e:
+        cli.usage_error(str(e), USAGE)
     if not (args.checkpoint or args.index):
         cli.usage_error("--checkpoint=DIR is required (searching a prebuilt --index=DIR may omit it)", USAGE)
     if args.build_index and args.index:

@@ -214,6 +214,20 @@ def test_bad_overrides_are_rejected_clearly(argv, message):
         cli.apply_overrides(Outer(), argv)
 
 
+@pytest.mark.parametrize("tool,option,value", [
+    ("evaluate", "batch_size", "0"), ("evaluate", "batch_size", "-3"),
+    ("search", "batch_size", "0"), ("search", "batch_size", "-3"), ("search", "n", "-1"),
+])
+def test_script_options_out_of_range_are_usage_errors_stating_the_range(tool, option, value, capsys):
+    import evaluate
+    import search
+    argv = ["--checkpoint=/no/such/run", f"--{option}={value}"]  # refused before anything is loaded
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(argv) if tool == "evaluate" else search.main(["a dog", *argv])
+    first_line = capsys.readouterr().err.splitlines()[0]
+    assert exc.value.code == 2 and first_line.startswith(f"error: --{option}={value}: must be >= ")
+
+
 def test_help_lists_every_key_with_its_reason():
     text = cli.help_text(Outer(), "usage")
     for key, why in [("--image.width=8", "width of a thing"), ("--epochs=3", "passes over the data")]:

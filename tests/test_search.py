@@ -327,7 +327,8 @@ def test_bad_input_exits_with_a_clear_message(argv, message):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["a dog", "--checkpoint", "x", "-n", "-1"], "-n must be at least 1"),
+    (["a dog", "--checkpoint", "x", "--split", "dev"], "--split='dev': must be"),
+    (["a dog", "--checkpoint", "x", "--backend", "annoy"], "--backend='annoy': must be"),
     (["--checkpoint", "x"], "exactly one of"),
     (["a dog", "--image", "x.png", "--checkpoint", "x"], "exactly one of"),
     (["a dog"], "--checkpoint=DIR is required"),
