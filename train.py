@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import sys
 import time
@@ -22,15 +23,15 @@ from clip_foundation.checkpoint import (STATE_FILE, check_run_name, find_resume,
                                         new_run_dir, save_last)
 from clip_foundation.data import (DataConfig, all_captions, batch_indices, check_captions, decode_images,
                                   load_splits, split_manifest, train_sampler)
-from clip_foundation.engine import (NonFiniteLoss, build_optimizer, build_scheduler, contrastive_backward,
-                                    freeze_towers, grad_scaler, optimizer_step, resolve_precision, rng_state,
-                                    set_grad_checkpointing, set_rng_state)
+from clip_foundation.engine import (PRECISIONS, SCHEDULES, NonFiniteLoss, build_optimizer, build_scheduler,
+                                    contrastive_backward, freeze_towers, grad_scaler, optimizer_step, resolve_device,
+                                    resolve_precision, rng_state, set_grad_checkpointing, set_rng_state)
 from clip_foundation.inputs import Embedder, Inputs, set_train_mode, tower_trains
 from clip_foundation.presets import PRESETS, expand_preset
-from clip_foundation.records import DataError, DataWarning
+from clip_foundation.records import DataError, DataWarning, caption_fault
 from clip_foundation.retrieval import format_metrics
-from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, clip_loss,
-                       default_device, gathered_clip_loss, read_saved_config, siglip_loss)
+from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, check,
+                       clip_loss, gathered_clip_loss, read_saved_config, siglip_loss)
 
 
 @dataclass
@@ -70,6 +71,35 @@ class TrainConfig:
     queries: tuple[str, ...] = ()  # text queries drawn in matches.png; empty = ones that suit the dataset
     progress: bool = True  # tqdm progress bars
 
+    def validate(self) -> None:
+        """Raise ConfigError (one line: the key, the value, the allowed range) for a value out of
+        range, so a nonsense value (--lr=-1: gradient ascent) stops the run before any work."""
+        # a folder name, not a path: --run_name=.. --overwrite would delete the folder above out_dir
+        check(self.run_name not in (".", "..") and not {"/", "\\"} & set(self.run_name), "run_name",
+              self.run_name, "a folder name (no / or \\, not . or ..)")
+        check(bool(self.out_dir), "out_dir", self.out_dir, "a folder path")
+        for key in ("epochs", "captions_per_epoch", "accum_steps", "log_every"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
+        check(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2 (each pair needs others as negatives)")
+        check(self.batch_size % self.accum_steps == 0, "accum_steps", self.accum_steps,
+              f"a divisor of --batch_size={self.batch_size} (equal micro-batches)")
+        for key in ("warmup_steps", "plateau_patience", "train_image_blocks", "train_text_blocks", "save_every",
+                    "querybank"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
+        check(0 < self.lr < math.inf, "lr", self.lr, "a finite number > 0")
+        for key in ("image_lr", "text_lr", "weight_decay", "grad_clip"):
+            check(0 <= getattr(self, key) < math.inf, key, getattr(self, key), "a finite number >= 0")
+        check(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "between 0 and 1 (exclusive)")
+        check(self.schedule in SCHEDULES, "schedule", self.schedule, " | ".join(SCHEDULES))
+        check(self.precision in PRECISIONS, "precision", self.precision, " | ".join(PRECISIONS))
+        check(self.images_on_device in ("auto", "on", "off"), "images_on_device", self.images_on_device,
+              "auto | on | off")
+        check(0 <= self.seed < 2**32, "seed", self.seed, "in [0, 2**32)")
+        resolve_device(self.device)
+        for query in self.queries:
+            fault = caption_fault(query.strip())
+            check(fault is None, "queries", query, f"captions ({fault and fault[1]})")
+
 
 SYNTHETIC_QUERIES = ("a red circle", "a blue square", "a green triangle", "a small yellow star",
                      "a red circle above a blue square")
@@ -82,6 +112,12 @@ class RunConfig:
         image=ImageEncoderConfig(kind="scratch"), text=TextEncoderConfig(kind="scratch", pooling="mean")))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Check every model, data and training value (ConfigError names the first one out of range)."""
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -128,10 +164,11 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
     history is the list of log entries so far (the lines of log.jsonl). Under torchrun each
     process trains its share of every batch; only rank 0 logs, evaluates and saves.
     """
+    cfg.validate()  # resolve_config did for the command line; Python callers get the same one-line errors
     tc = cfg.train
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
-    rank, world, device = distributed.setup(default_device() if tc.device == "auto" else torch.device(tc.device))
+    rank, world, device = distributed.setup(resolve_device(tc.device))
     main_rank = distributed.is_main()
     image_trains = tower_trains(tc.freeze_image, tc.train_image_blocks)
     text_trains = tower_trains(tc.freeze_text, tc.train_text_blocks)
@@ -367,6 +404,7 @@ def resolve_config(argv: list[str]) -> RunConfig:
     argv = expand_preset(argv)
     cfg = cli.apply_overrides(RunConfig(), argv, aliases=ALIASES)
     if not cfg.train.resume:
+        cfg.validate()
         return cfg
     folder = find_resume(cfg.train.resume, cfg.train.out_dir, cfg.train.run_name)
     saved = read_run_config(folder)
@@ -378,6 +416,7 @@ def resolve_config(argv: list[str]) -> RunConfig:
         raise cli.ConfigError("--resume cannot change the model (" + "; ".join(changed) + "); training "
                               "and data options may change. Start a new run for another model.")
     saved.train.resume = str(folder)
+    saved.validate()
     return saved
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 
+from clipModel import check
+
 from .cache import load_images
 from .records import DataError, DataWarning, Record
-from .readers import detect_layout, load_records
+from .readers import LAYOUTS, detect_layout, load_records
 
 SPLITS = ("train", "val", "test")
 
@@ -36,6 +38,15 @@ class DataConfig:
     workers: int = 2  # streaming: DataLoader processes per GPU decoding shards; 0 = in the training process
     streams: int = 0  # streaming: shard streams each global batch draws from; 0 = processes x workers (keep it to resume on other hardware)
     shuffle_buffer: int = 1000  # streaming: samples each stream shuffles among (more mixes better, costs memory)
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line: the key, the value, the allowed range) for a value out of range."""
+        check(self.layout in ("auto", *LAYOUTS), "layout", self.layout, "auto | " + " | ".join(LAYOUTS))
+        check(bool(self.synthetic_dir), "synthetic_dir", self.synthetic_dir, "a folder path")
+        # negative sizes would slice the shuffled order from its end: splits that overlap
+        for key in ("val_images", "test_images", "val_from_train", "train_samples", "workers", "streams",
+                    "shuffle_buffer"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
 
 
 def split_by_image(records: list[Record], val_images: int, test_images: int,

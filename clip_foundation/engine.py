@@ -8,7 +8,10 @@ import random
 
 import torch
 
-from clipModel import CLIPModel
+from clipModel import CLIPModel, check, default_device
+
+SCHEDULES = ("cosine", "plateau", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -83,10 +86,9 @@ def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_steps: in
         return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
     if schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
-    if schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=plateau_factor,
-                                                          patience=plateau_patience)
-    raise ValueError(f"unknown schedule {schedule!r}; use cosine, plateau or constant")
+    check(schedule == "plateau", "schedule", schedule, " | ".join(SCHEDULES))
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=plateau_factor,
+                                                      patience=plateau_patience)
 
 
 # ---------------------------------------------------------------- precision
@@ -97,9 +99,26 @@ def resolve_precision(name: str, device: torch.device) -> str:
         if device.type != "cuda":
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if name not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"unknown precision {name!r}; use auto, fp32, bf16 or fp16")
+    check(name in PRECISIONS, "precision", name, " | ".join(PRECISIONS))
     return name
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device=NAME -> the device: "auto" picks one (clipModel.default_device); any other name
+    must exist on this machine (cuda:7 with one GPU is a ConfigError, not a crash mid-run)."""
+    if name == "auto":
+        return default_device()
+    gpus = torch.cuda.device_count()
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):  # not a device name at all
+        device = torch.device("meta")
+    exists = (device.type == "cpu" or (device.type == "cuda" and (device.index or 0) < gpus)
+              or (device.type == "mps" and mps))
+    check(exists, "device", name, "auto, cpu" + (f", cuda:0 to cuda:{gpus - 1}" if gpus else "")
+          + (", mps" if mps else "") + " (the devices this machine has)")
+    return device
 
 
 def autocast(precision: str, device: torch.device):
