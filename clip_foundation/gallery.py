@@ -175,6 +175,7 @@ def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int =
             rows = index.embeddings.float()
             index.embeddings = querybank.normalised_images(rows, querybank.hub_bias(rows, *bank)).half()
             index.meta["querybank"] = True
+        index.meta["captioned"] = bool(captions)  # a caption index belongs beside it (a half-built folder lacks it)
         return index
     return _load_or_build(stems, checkpoint, gallery, backend, recall_queries, build)
 

@@ -379,6 +379,15 @@ def _check_digest(path: Path, meta: dict, meta_file: Path) -> None:
                             "when it was built (truncated, damaged or changed since)")
 
 
+def _read_json(path) -> dict:
+    """An index's JSON as a dict; {} when it cannot be read (the caller decides what that means)."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def mark_missing(stem, missing: list[str]) -> None:
     """Record in <stem>.json that these gallery images no longer exist (best effort), so later
     searches warn that the index is stale."""
@@ -398,8 +407,14 @@ def open_prebuilt(folder, kind: str = "images", checkpoint=None) -> GalleryIndex
     if not folder.is_dir():
         raise BadIndexError(f"{folder}: index folder not found (build one with --build-index)")
     if kind == "captions" and not (folder / "captions.json").is_file() and (folder / "images.json").is_file():
-        raise BadIndexError(f"{folder} has no caption index: its gallery had no captions "
-                            "(image -> text search needs a captioned dataset)")
+        images = _read_json(folder / "images.json")
+        if images.get("captioned") is False:
+            raise BadIndexError(f"{folder} has no caption index: its gallery had no captions "
+                                "(image -> text search needs a captioned dataset)")
+        # the build writes the image index first: one killed in between leaves only that
+        raise BadIndexError(f"{folder} is incomplete: its caption index (captions.json) is missing, so its "
+                            "build was interrupted; rebuild it with python search.py --build-index "
+                            f"--checkpoint {images.get('checkpoint', 'RUN')} --data DIR --out {folder}")
     if not (folder / f"{kind}.json").is_file():
         what = "image" if kind == "images" else "caption"
         raise BadIndexError(f"{folder}: no complete {what} index ({kind}.json + {kind}.safetensors, "

@@ -463,3 +463,18 @@ def test_an_index_file_changed_since_it_was_built_is_never_searched(checkpoint, 
     q = unit(2, first.embeddings.shape[1])
     assert torch.equal(again.embeddings, first.embeddings)
     assert torch.equal(again.search(q, 3, "faiss")[1], first.search(q, 3, "faiss")[1])
+
+
+@pytest.mark.parametrize("left", [[], ["captions.safetensors"]])
+def test_an_index_build_killed_after_its_image_index_says_it_is_incomplete(tiny_run, checkpoint, tmp_path, left):
+    data, _, _ = tiny_run
+    out = tmp_path / "index"
+    search.main(["--build-index", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)])
+    for f in out.glob("captions.*"):  # killed before the caption index was complete
+        if f.name not in left:
+            f.unlink()
+    image = json.loads((out / "images.json").read_text())["paths"][0]
+    with pytest.raises(SystemExit) as exc:
+        search.main(["--image", image, "--index", str(out)])
+    message = str(exc.value)
+    assert "incomplete" in message and "--build-index" in message and "no captions" not in message
