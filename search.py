@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from clip_foundation import cli
-from clip_foundation.gallery import (find_captions, find_matches, gallery_records, load_or_build_caption_index,
-                                     load_or_build_index)
+from clip_foundation.gallery import (clean_query, find_captions, find_matches, gallery_records,
+                                     load_or_build_caption_index, load_or_build_index)
 from clip_foundation.data import SPLITS
 from clip_foundation.index import NON_FINITE_SCORES, ensure_faiss, mark_missing, open_prebuilt
 from clip_foundation.records import DataError, DataWarning
@@ -98,8 +98,8 @@ def main(argv=None):
                         "(not --index)", USAGE)
     kind = "captions" if args.image else "images"
     try:
-        if args.query is not None and not args.query.strip():
-            raise ValueError("empty query")
+        if args.query is not None:
+            args.query = clean_query(args.query)  # before the model loads: the readers' caption rule
         device = default_device() if args.device == "auto" else torch.device(args.device)
         if args.index:
             index = open_prebuilt(args.index, kind, args.checkpoint)

@@ -24,7 +24,7 @@ from . import querybank
 from .data import decode_images, load_split, run_data_config
 from .index import (INDEX_VERSION, RECALL_QUERIES, GalleryIndex, ensure_faiss, gallery_digest, load_index,
                     file_digest, model_digest, save_index)
-from .records import IMAGE_SUFFIXES, DataError, Record, image_files, open_rgb
+from .records import IMAGE_SUFFIXES, DataError, Record, caption_fault, image_files, open_rgb
 from .readers import detect_layout
 from .retrieval import embed_images, embed_texts, eval_mode
 
@@ -249,11 +249,24 @@ def embed_image(model: CLIPModel, image) -> torch.Tensor:
     return _encode(model, lambda: model.encode_image(x.to(model.device)))
 
 
+def clean_query(query: str) -> str:
+    """A text query cleaned as the readers clean a caption (stripped) and held to their one rule
+    (`records.caption_fault`), so that what cannot be a caption is not searched for either:
+    ValueError, one line, for a query with no visible text (spaces, zero-width characters),
+    a line break, or more characters than a caption may have."""
+    query = query.strip()
+    if fault := caption_fault(query):
+        kind, message = fault
+        raise ValueError("empty query: type some words to search for" if kind == "empty caption"
+                         else message.replace("caption", "query", 1))  # "query has a line break"
+    return query
+
+
 def find_matches(model: CLIPModel, index: GalleryIndex, query: str, n: int = 9,
                  backend: str = "auto") -> list[Match]:
-    """The `n` gallery images most similar to the text `query`, best first."""
-    if not query.strip():
-        raise ValueError("empty query")
+    """The `n` gallery images most similar to the text `query`, best first (ValueError for a
+    query `clean_query` refuses)."""
+    query = clean_query(query)
     if n < 1:
         raise ValueError("n must be at least 1")
     text = _encode(model, lambda: model.encode_text([query]))  # (1, D)

@@ -318,6 +318,10 @@ def test_faiss_backend_cli_agrees_with_exact(tiny_run, checkpoint, tmp_path, cap
 
 @pytest.mark.parametrize("argv,message", [
     (["   ", "--checkpoint", "x"], "empty query"),
+    (["\u200b\u200b", "--checkpoint", "x"], "empty query"),  # zero-width spaces: nothing visible
+    (["\t\n \u00a0", "--checkpoint", "x"], "empty query"),
+    (["a dog\non a beach", "--checkpoint", "x"], "line break"),
+    (["x" * 1200, "--checkpoint", "x"], "1200 characters"),
     (["a dog", "--index", "/no/such/index"], "index folder not found"),
 ])
 def test_bad_input_exits_with_a_clear_message(argv, message):
@@ -343,8 +347,9 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys):
 
 def test_find_functions_reject_bad_arguments():
     index = GalleryIndex(unit(3, 8).half(), ["a", "b", "c"], "id")
-    with pytest.raises(ValueError, match="empty query"):
-        gallery.find_matches(None, index, "  ")
+    for query in ("  ", "\u200b", "\u200b \u200c"):  # the readers' rule: no visible text is no caption
+        with pytest.raises(ValueError, match="empty query"):
+            gallery.find_matches(None, index, query)
     with pytest.raises(ValueError, match="at least 1"):
         gallery.find_matches(None, index, "a dog", n=0)
     with pytest.raises(ValueError, match="not a caption index"):
