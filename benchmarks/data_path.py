@@ -1,6 +1,6 @@
 """Benchmark the image data path: direct JPEG decoding each epoch vs the decoded-image cache.
 
-    python benchmarks/data_path.py --data ../shared/data/flickr8k --images 2000 --size 224
+    python benchmarks/data_path.py --data data/flickr8k --images 2000 --size 224
 
 Measures, in images/s: (a) direct loading, open_rgb + resize/crop per image through a
 DataLoader, as every epoch costs without a cache (0 workers and os.cpu_count() workers);
