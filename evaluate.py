@@ -13,14 +13,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from clip_foundation import cli, querybank, zeroshot
 from clip_foundation.data import SPLITS, load_split, run_data_config
+from clip_foundation.engine import resolve_device
 from clip_foundation.files import atomic_write
 from clip_foundation.records import DataError, DataWarning
 from clip_foundation.retrieval import NonFiniteFeatures, embed_records, format_metrics
-from clipModel import CLIPModel, ConfigError, check, default_device
+from clipModel import CLIPModel, ConfigError, check
 
 
 @dataclass
@@ -51,10 +50,10 @@ def main(argv=None) -> dict:
         cli.usage_error("--checkpoint is required", USAGE)
     try:
         args.validate()
+        device = resolve_device(args.device)  # one this machine has (cuda:7 on one GPU is refused here)
     except ConfigError as e:
         cli.usage_error(str(e), USAGE)
     try:
-        device = default_device() if args.device == "auto" else torch.device(args.device)
         model = CLIPModel.from_pretrained(args.checkpoint, device=device)
         if args.zeroshot:
             return _zeroshot_main(model, args)

@@ -20,15 +20,14 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from clip_foundation import cli
 from clip_foundation.gallery import (clean_query, find_captions, find_matches, gallery_records,
                                      load_or_build_caption_index, load_or_build_index)
 from clip_foundation.data import SPLITS
+from clip_foundation.engine import resolve_device
 from clip_foundation.index import NON_FINITE_SCORES, ensure_faiss, mark_missing, open_prebuilt
 from clip_foundation.records import DataError, DataWarning
-from clipModel import CLIPModel, ConfigError, check, default_device
+from clipModel import CLIPModel, ConfigError, check
 
 
 @dataclass
@@ -89,6 +88,7 @@ def main(argv=None):
         cli.usage_error("give exactly one of: a text query, --image=PATH, --build_index", USAGE)
     try:
         args.validate()
+        device = resolve_device(args.device)  # one this machine has (cuda:7 on one GPU is refused here)
     except ConfigError as e:
         cli.usage_error(str(e), USAGE)
     if not (args.checkpoint or args.index):
@@ -100,7 +100,6 @@ def main(argv=None):
     try:
         if args.query is not None:
             args.query = clean_query(args.query)  # before the model loads: the readers' caption rule
-        device = default_device() if args.device == "auto" else torch.device(args.device)
         if args.index:
             index = open_prebuilt(args.index, kind, args.checkpoint)
             args.checkpoint = args.checkpoint or index.meta["checkpoint"]

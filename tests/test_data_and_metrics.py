@@ -214,18 +214,20 @@ def test_bad_overrides_are_rejected_clearly(argv, message):
         cli.apply_overrides(Outer(), argv)
 
 
-@pytest.mark.parametrize("tool,option,value", [
-    ("evaluate", "batch_size", "0"), ("evaluate", "batch_size", "-3"),
-    ("search", "batch_size", "0"), ("search", "batch_size", "-3"), ("search", "n", "-1"),
+@pytest.mark.parametrize("tool,option,said", [
+    *((tool, option, said) for tool in ("evaluate", "search") for option, said in (
+        ("--batch_size=0", "--batch_size=0: must be >= 1"), ("--batch_size=-3", "--batch_size=-3: must be >= 1"),
+        ("--device=tpu", "--device='tpu': must be auto, cpu"), ("--device=cuda:99", "--device='cuda:99': must be"))),
+    ("search", "-n=-1", "--n=-1: must be >= 1, or 0"),
 ])
-def test_script_options_out_of_range_are_usage_errors_stating_the_range(tool, option, value, capsys):
+def test_script_options_out_of_range_are_usage_errors_stating_the_range(tool, option, said, capsys):
     import evaluate
     import search
-    argv = ["--checkpoint=/no/such/run", f"--{option}={value}"]  # refused before anything is loaded
+    argv = ["--checkpoint=/no/such/run", option]  # refused before anything is loaded
     with pytest.raises(SystemExit) as exc:
         evaluate.main(argv) if tool == "evaluate" else search.main(["a dog", *argv])
     first_line = capsys.readouterr().err.splitlines()[0]
-    assert exc.value.code == 2 and first_line.startswith(f"error: --{option}={value}: must be >= ")
+    assert exc.value.code == 2 and first_line.startswith(f"error: {said}")
 
 
 def test_help_lists_every_key_with_its_reason():
