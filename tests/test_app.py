@@ -5,7 +5,9 @@ server through its HTTP API (`gradio_client`) and its file route, and a real hea
 that types a query, checks the grid, uploads an image and saves a screenshot. The browser test
 skips, saying why, where Playwright or Debian's chromium is missing or cannot start.
 """
+import base64
 import csv
+import io
 import os
 import shutil
 from pathlib import Path
@@ -107,8 +109,20 @@ def test_what_is_loaded(page):
 def test_bad_uploads_say_what_is_wrong(page, tmp_path, content, message):
     path = tmp_path / "upload.png"
     path.write_bytes(content)
-    with pytest.raises(PageError, match=message):
+    with pytest.raises(PageError, match=message) as error:
         page.on_image(str(path), "a, b")
+    assert str(tmp_path) not in str(error.value) and "upload.png" in str(error.value)  # the file's own name only
+
+
+@pytest.mark.parametrize("call", [
+    lambda page, text: page.on_query(text, 9),
+    lambda page, text: page.on_image(None, text),  # zero-shot labels: the same limit, checked before the image
+], ids=["query", "labels"])
+def test_over_long_text_is_refused_before_tokenizing(page, monkeypatch, call):
+    monkeypatch.setattr(page.gallery.model, "encode_text", lambda *a, **k: pytest.fail("a long text was encoded"))
+    with pytest.raises(PageError, match=r"^The text is 1,000,001 characters; at most 1,000 are read") as error:
+        call(page, "x" * 1_000_001)
+    assert "xxxx" not in str(error.value)  # not echoed back
 
 
 def test_empty_query_and_missing_image_are_messages(page):
@@ -129,6 +143,51 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             app.main(argv)
         assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, said", [
+    ("--max_upload_mb=nan", "--max_upload_mb must be a positive number of MB (got nan)"),
+    ("--max_upload_mb=inf", "--max_upload_mb must be a positive number of MB (got inf)"),
+    ("--max_upload_mb=-1", "--max_upload_mb must be a positive number of MB (got -1.0)"),
+    ("--host=999.1.1.1", "--host=999.1.1.1 cannot be listened on"),
+    ("--host=192.0.2.1", "--host=192.0.2.1 cannot be listened on"),  # an address of another machine
+    ("--port=PORT", "port PORT is in use on 127.0.0.1"),
+])
+def test_bad_values_and_addresses_are_one_line_before_loading(tmp_path, capsys, option, said):
+    import socket
+    with socket.socket() as taken:  # a port some other server holds
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        with pytest.raises(SystemExit) as stop:  # the missing checkpoint shows the check came first
+            app.main([f"--checkpoint={tmp_path / 'missing'}", option.replace("PORT", port)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and said.replace("PORT", port) in err and len(err.splitlines()) == 2, err
+
+
+@pytest.mark.parametrize("text, said", [
+    (None, "cannot read it"),
+    ("", "no user:password line"),
+    ("# logins\nann:secret\nbob\n", "auth.txt:3: expected user:password"),
+    ("ann:\n", "auth.txt:1: expected user:password"),
+])
+def test_bad_auth_files_are_one_line(tmp_path, text, said):
+    path = tmp_path / "auth.txt"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit, match=f"^error: .*{said}") as stop:
+        app.main([f"--checkpoint={tmp_path / 'missing'}", f"--auth={path}"])
+    assert "secret" not in str(stop.value.code)
+
+
+def test_logins_come_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "auth.txt"
+    path.write_text("# who may search\nann:pass:word\n\nbob:x\n")
+    assert app.read_auth(str(path)) == [("ann", "pass:word"), ("bob", "x")]
+    monkeypatch.setenv(app.AUTH_ENV, "cat:meow")
+    assert app.read_auth("") == [("cat", "meow")] and app.read_auth(str(path))[0][0] == "ann"
+    monkeypatch.delenv(app.AUTH_ENV)
+    assert app.read_auth("") is None
 
 
 def test_missing_gallery_is_one_line(tiny_run, tmp_path):
@@ -196,6 +255,108 @@ def test_api_search_and_describe(served, tiny_run):
     for upload, said in ((text, "cannot identify image file"), (bomb, "decompression bomb")):
         _, _, message = client.predict(handle_file(str(upload)), "a, b", 3, api_name="/describe")
         assert "cannot be used as an image" in message and said in message
+
+
+def api_call(url: str, name: str, *data) -> tuple[str, str]:
+    """One call of the page's HTTP API as any client makes it (no gradio_client) -> (event, its data)."""
+    import httpx
+    response = httpx.post(f"{url}gradio_api/call/{name}", json={"data": list(data)}, timeout=60)
+    if response.status_code != 200:
+        return "refused", f"{response.status_code} {response.text}"
+    events = httpx.get(f"{url}gradio_api/call/{name}/{response.json()['event_id']}", timeout=60).text
+    event, payload = events.strip().splitlines()[-2:]  # the last event: "event: NAME", "data: JSON"
+    return event.partition(": ")[2], payload.partition(": ")[2]
+
+
+def data_url(content: bytes) -> dict:
+    return {"url": "data:image/png;base64," + base64.b64encode(content).decode()}
+
+
+def png(width: int, height: int) -> bytes:
+    from PIL import Image
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), "red").save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("payload, said", [
+    (data_url(png(40, 30)), "image 40x30"),  # a pasted image still works
+    (data_url(png(40, 30) + b"\0" * 1_060_000), "at most 1 MB"),  # the module's server takes 1 MB
+    (data_url(_png_header(12000, 12000)), "more than the 64 MP"),  # refused from its header, not decoded
+    ({"path": "https://huggingface.co/big.png", "meta": {"_type": "gradio.FileData"}}, "not a link"),
+])
+def test_every_way_in_keeps_the_upload_limits(served, payload, said):
+    event, message = api_call(served, "describe", payload, "a, b", 3)
+    assert said in message, (event, message[:300])
+
+
+def test_an_upload_request_is_bounded_in_total(served, tmp_path):
+    import httpx
+    files = [("files", (f"part{i}.png", b"\0" * 600_000)) for i in range(3)]  # each under 1 MB, 1.8 MB in all
+    response = httpx.post(f"{served}gradio_api/upload", files=files)
+    assert response.status_code == 413 and "at most 1 MB" in response.text, (response.status_code, response.text)
+
+
+def test_a_huge_query_is_refused_at_once(served):
+    event, message = api_call(served, "search", "x" * 100_000, 4)
+    assert "at most 1,000 are read" in message and "xxxx" not in message, (event, message[:300])
+
+
+def test_monitoring_is_private(served):
+    import httpx
+    assert httpx.get(f"{served}monitoring/summary").status_code != 200
+
+
+@pytest.mark.parametrize("host, share, auth, warned", [
+    ("0.0.0.0", False, None, "0.0.0.0, open to the network, with no login"),
+    ("127.0.0.1", True, None, "a public gradio.live link with no login"),
+    ("0.0.0.0", False, [("ann", "pw")], None),
+    ("127.0.0.1", False, None, None),
+    ("localhost", False, None, None),
+])
+def test_an_open_page_without_login_warns(page, monkeypatch, host, share, auth, warned):
+    import warnings
+    from clip_foundation.webapp import PageWarning
+    started = {}
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: started.update(kwargs))  # no server here
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        page.launch(host, share=share, auth=auth)
+    said = [str(w.message) for w in caught if issubclass(w.category, PageWarning)]
+    assert (said[0].startswith(f"the page is served on {warned}") and "--auth=FILE" in said[0]) if warned else not said
+    assert started["auth"] == auth and started["server_name"] == host and started["enable_monitoring"] is False
+
+
+def test_a_login_is_asked_for(page):
+    import httpx
+    guarded = SearchPage(page.gallery, page.captions, page.info)
+    url = guarded.launch(prevent_thread_lock=True, quiet=True, auth=[("ann", "pw")]).local_url
+    try:
+        assert api_call(url, "search", "a red circle", 3)[0] == "refused"
+        with httpx.Client() as browser:
+            assert browser.post(f"{url}login", data={"username": "ann", "password": "pw"}).status_code == 200
+            response = browser.post(f"{url}gradio_api/call/search", json={"data": ["a red circle", 3]})
+            assert response.status_code == 200
+    finally:
+        guarded.close()
+
+
+def test_close_and_exit_remove_the_pages_folder(page, tmp_path):
+    import subprocess
+    import sys
+    closed = SearchPage(page.gallery, page.captions, page.info)
+    closed.thumbnail(page.gallery.records[0].image)
+    assert any(closed.workdir.rglob("*.jpg"))
+    closed.close()
+    assert not closed.workdir.exists()
+    mine = tmp_path / "mine"  # a folder the caller gave is the caller's: left alone
+    mine.mkdir()
+    SearchPage(page.gallery, page.captions, page.info, workdir=mine).close()
+    assert mine.is_dir()
+    made = subprocess.run([sys.executable, "-c", "from clip_foundation.webapp import SearchPage; "
+                           "print(SearchPage(None, None, {}).workdir)"], capture_output=True, text=True,
+                          cwd=Path(app.__file__).parent, check=True).stdout.strip()
+    assert made and not Path(made).exists()  # a script that ends (or is stopped with Ctrl-C) leaves nothing
 
 
 def test_file_route_serves_nothing_outside_the_page(served, tiny_run):
