@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from clip_foundation import cli, distributed, querybank, shards, stream
-from clip_foundation.checkpoint import (STATE_FILE, check_run_name, find_resume, last_checkpoint, load_last,
-                                        new_run_dir, save_last)
+from clip_foundation.checkpoint import (STATE_FILE, check_run_name, find_resume, hold_run, last_checkpoint,
+                                        load_last, new_run_dir, save_last)
 from clip_foundation.data import (DataConfig, all_captions, batch_indices, check_captions, decode_images,
                                   load_splits, split_manifest, train_sampler)
 from clip_foundation.engine import (PRECISIONS, SCHEDULES, NonFiniteLoss, build_optimizer, build_scheduler,
@@ -164,6 +164,11 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
     history is the list of log entries so far (the lines of log.jsonl). Under torchrun each
     process trains its share of every batch; only rank 0 logs, evaluates and saves.
     """
+    with contextlib.ExitStack() as held:  # the run folder's lock (checkpoint.hold_run), released however it ends
+        return _train(cfg, on_epoch, held)
+
+
+def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPModel, Path, dict]:
     cfg.validate()  # resolve_config did for the command line; Python callers get the same one-line errors
     tc = cfg.train
     random.seed(tc.seed)
@@ -175,6 +180,8 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
     resume_from = find_resume(tc.resume, tc.out_dir, tc.run_name) if tc.resume else None
     if resume_from is None:
         check_run_name(tc.out_dir, tc.run_name, tc.overwrite)
+    elif main_rank:  # before any work: no other run may write in the folder from here on
+        held.enter_context(hold_run(resume_from.parent))
     with distributed.main_first():  # rank 0 generates data and fills the caches; the others read them
         splits = prepare_data(cfg)
         model, state = build_model(cfg, splits, device, resume_from)
@@ -198,7 +205,10 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
     if resume_from is not None:
         run_dir = resume_from.parent
     else:  # claimed only now, so a run that fails while preparing its data leaves no folder
-        run_dir = distributed.broadcast_object(new_run_dir(tc.out_dir, tc.run_name, tc.overwrite) if main_rank else None)
+        run_dir, lock = new_run_dir(tc.out_dir, tc.run_name, tc.overwrite) if main_rank else (None, None)
+        if lock is not None:
+            held.enter_context(lock)
+        run_dir = distributed.broadcast_object(run_dir)
     if main_rank:
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         (run_dir / "split.json").write_text(json.dumps(

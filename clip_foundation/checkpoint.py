@@ -5,7 +5,8 @@
 
 `last/` is written whole into `last.tmp/` and then swapped in by renames, so at every instant
 either the previous or the new checkpoint is complete on disk (`last.old/` covers the moment
-between the two renames).
+between the two renames). The run training in a folder holds an OS lock on its `.lock` file, so
+no other run overwrites or resumes it meanwhile (`hold_run`).
 """
 from __future__ import annotations
 
@@ -15,12 +16,60 @@ import pickle
 import shutil
 import time
 from pathlib import Path
+from typing import IO
 
 import torch
 
 from clipModel import CheckpointError, CLIPModel
 
 STATE_FILE = "trainer_state.pt"
+LOCK_FILE = ".lock"  # locked by the run training in the folder; it holds that run's process id
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
+
+class RunInUse(OSError):
+    """Another run is training in this run folder."""
+
+
+def _try_lock(f: IO) -> None:
+    # OSError when another process holds it. The OS drops the lock with its holder's process, even on
+    # kill -9, so a crashed run never leaves a stale one (a lock file's mere existence would).
+    if fcntl is not None:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:
+        f.seek(0)
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+
+
+def hold_run(run_dir: str | Path) -> IO:
+    """Lock the run folder `run_dir` for this process -> the open lock file: closing it releases
+    the lock, and so does the process ending in any way. A folder another run holds raises
+    RunInUse naming it (flock locks open files, so a second hold in one process is refused too)."""
+    path = Path(run_dir) / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        _try_lock(f)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() if fcntl is not None else ""  # Windows: the locked byte is unreadable
+        f.close()
+        raise RunInUse(f"{run_dir} is in use: another run{f' (process {holder})' if holder else ''} is training "
+                       "in it; wait for it to finish, or pick another --run_name") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def check_not_in_use(run_dir: str | Path) -> None:
+    """RunInUse if another run holds `run_dir` (an existing folder); holds nothing itself."""
+    hold_run(run_dir).close()
 
 
 def save_last(run_dir: Path, model: CLIPModel, state: dict, extra_config: dict) -> Path:
@@ -48,31 +97,37 @@ def save_last(run_dir: Path, model: CLIPModel, state: dict, extra_config: dict) 
 
 
 def check_run_name(out_dir: str, run_name: str, overwrite: bool) -> None:
-    """Fail fast, before any data is prepared, when --run_name names an existing run."""
+    """Fail fast, before any data is prepared, when --run_name names a run another run is
+    training in, or (without `overwrite`) any existing run."""
     path = Path(out_dir) / run_name
-    if run_name and path.exists() and not overwrite:
+    if not run_name or not path.is_dir():
+        return
+    check_not_in_use(path)
+    if not overwrite:
         raise FileExistsError(f"{path} already exists: continue it with --resume={path}, replace it "
                               "with --overwrite (its files are deleted), or pick another --run_name")
 
 
-def new_run_dir(out_dir: str, run_name: str = "", overwrite: bool = False) -> Path:
-    """Create a fresh run folder and return it. mkdir is atomic, so two runs started together
-    never share a folder: a timestamp name that is taken gets -2, -3, ...; a taken --run_name
-    is an error unless `overwrite` (then the old run is deleted first)."""
+def new_run_dir(out_dir: str, run_name: str = "", overwrite: bool = False) -> tuple[Path, IO]:
+    """Create a fresh run folder and lock it -> (the folder, its held lock: see hold_run).
+    mkdir is atomic, so two runs started together never share a folder: a timestamp name that
+    is taken gets -2, -3, ...; a taken --run_name is an error unless `overwrite` (then the old
+    run is deleted first, unless another run is training in it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if run_name:
-        if overwrite:
-            shutil.rmtree(out / run_name, ignore_errors=True)
+        if overwrite and (out / run_name).is_dir():
+            with hold_run(out / run_name):  # RunInUse while its run is alive
+                shutil.rmtree(out / run_name, ignore_errors=True)
         check_run_name(out_dir, run_name, overwrite=False)
         (out / run_name).mkdir()
-        return out / run_name
+        return out / run_name, hold_run(out / run_name)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in itertools.count(1):
         path = out / (stamp if n == 1 else f"{stamp}-{n}")
         try:
             path.mkdir()
-            return path
+            return path, hold_run(path)
         except FileExistsError:
             continue
 

@@ -112,6 +112,44 @@ def test_an_existing_run_is_never_replaced_without_a_flag(small_data):
     assert again == first and (first / "model.safetensors").stat().st_mtime_ns != stamp
 
 
+def test_a_run_folder_in_use_is_never_taken_over(small_data):
+    # the probe: a second run with the same --run_name --overwrite deleted the first's folder mid-run
+    refused = []
+
+    def second_run(history, run_dir):
+        if refused:
+            return
+        for extra in (["--run_name=busy", "--overwrite"], ["--run_name=busy"], [f"--resume={run_dir}"]):
+            with pytest.raises(SystemExit) as exc:
+                train.main(run_args(small_data, *extra))
+            refused.append(str(exc.value))
+
+    args = run_args(small_data, "--run_name=busy", "--epochs=2")
+    _, run_dir, metrics = train.train(train.resolve_config(args), on_epoch=second_run)
+    assert len(refused) == 3 and metrics["text_to_image_R@1"] >= 0  # the first run finished whole
+    for message in refused:
+        assert message.count("\n") == 0 and str(run_dir) in message and "another run" in message, message
+    assert (run_dir / "model.safetensors").is_file() and (run_dir / "matches.png").is_file()
+
+
+def test_a_killed_run_leaves_no_stale_lock(small_data):
+    import signal
+    import subprocess
+    import sys
+    folder = small_data[1] / "runs" / "killed"
+    folder.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from clip_foundation.checkpoint import "
+                               f"hold_run; lock = hold_run({str(folder)!r}); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(SystemExit, match="another run"):
+        train.main(run_args(small_data, "--run_name=killed", "--overwrite"))
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert train.main(run_args(small_data, "--run_name=killed", "--overwrite"))[1] == folder
+
+
 @pytest.fixture(scope="module")
 def shape_run(small_data):
     return train.main(run_args(small_data, "--run_name=shape"))[1]
