@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from .records import (MAX_CAPTION_CHARS, SPLIT_ALIASES, DataError, DataWarning, LoadReport, Record,  # noqa: F401
@@ -48,13 +49,21 @@ def _not_utf8(fields: list[str]) -> bytes:
     return bytes(ord(c) - 0xDC00 for f in fields for c in f if 0xDC80 <= ord(c) <= 0xDCFF)
 
 
-def _csv_rows(text: str):
-    # (first line, fields) per non-blank row: a quoted caption may span several lines
-    rows, end = csv.reader(io.StringIO(text, newline="")), 0
-    for row in rows:
-        line, end = end + 1, rows.line_num
-        if row and "".join(row).strip():
-            yield line, row
+def _csv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
+    # (first line, fields) per non-blank row: a quoted caption may span several lines. A stray
+    # quote can swallow the rest of a large file into one field, past csv's field size limit
+    # (128 KB): the limit is lifted to the text's size (it is in memory already) while parsing,
+    # so the caption rules, not a _csv.Error, name the lines that field spans.
+    limit = csv.field_size_limit(max(len(text), csv.field_size_limit()))
+    try:
+        rows, end, found = csv.reader(io.StringIO(text, newline="")), 0, []
+        for row in rows:
+            line, end = end + 1, rows.line_num
+            if row and "".join(row).strip():
+                found.append((line, row))
+        return iter(found)
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _spans_lines(line: int, text: str) -> str:

@@ -361,15 +361,17 @@ def test_hf_bad_rows(tmp_path):
     assert again.skipped == report.skipped  # replayed from the manifest, still reported
 
 
+@pytest.mark.parametrize("rows", [300, 14_000])  # 14,000: the swallowed field passes csv's 128 KB field limit
 @pytest.mark.parametrize("split, kind, error", [
-    ("", "multi-line caption", "caption spans lines 12-301"),  # caption last: it eats the rest
-    (",split", "wrong field count", "expected 3 fields .*, got 2; the row spans lines 12-301")])
-def test_stray_quote_is_named_not_swallowed(tmp_path, split, kind, error):
-    # 300 rows, row 11 opens a quote it never closes: csv reads the rest of the file into it
+    ("", "multi-line caption", "caption spans lines 12-{last}"),  # caption last: it eats the rest
+    (",split", "wrong field count", "expected 3 fields .*, got 2; the row spans lines 12-{last}")])
+def test_stray_quote_is_named_not_swallowed(tmp_path, split, kind, error, rows):
+    # row 11 opens a quote it never closes: csv reads the rest of the file into it
     images(tmp_path / "images", *[f"{i:05d}.png" for i in range(11)])
     write(tmp_path / "captions.csv", lines(f"image,caption{split}", *[
         f'images/{i:05d}.png,"quote never closed' if i == 10 else f"images/{i:05d}.png,photo {i}"
-        + (",train" if split else "") for i in range(300)]))
+        + (",train" if split else "") for i in range(rows)]))
+    error = error.format(last=rows + 1)
     with pytest.raises(DataError, match=rf"captions\.csv:12: {error}: an unclosed quote\?$"):
         load_records(tmp_path)
     recs, report = load_records_with_report(tmp_path, skip_bad=True)
