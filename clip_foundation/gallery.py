@@ -34,6 +34,20 @@ class Match:
     score: float  # cosine similarity between the query and the image
 
 
+class Matches(list):
+    """Search results: a list of `Match(path, score)`, best first, that draws itself as a grid of
+    its images with their scores in Jupyter, so `gallery.find_matches("dog")` at the end of a cell
+    shows the pictures, as CLIP tutorials draw them, and stays a plain list in code."""
+
+    def __init__(self, matches=(), query: str = ""):
+        super().__init__(matches)
+        self.query = query  # the grid's title
+
+    def _repr_png_(self) -> bytes | None:
+        from .plots import image_grid_png
+        return image_grid_png(self, title=self.query) if self else None
+
+
 @dataclass
 class CaptionMatch:
     caption: str
@@ -263,16 +277,17 @@ def clean_query(query: str) -> str:
 
 
 def find_matches(model: CLIPModel, index: GalleryIndex, query: str, n: int = 9,
-                 backend: str = "auto") -> list[Match]:
-    """The `n` gallery images most similar to the text `query`, best first (ValueError for a
-    query `clean_query` refuses)."""
+                 backend: str = "auto") -> Matches:
+    """The `n` gallery images most similar to the text `query`, best first, as `Matches` (a list
+    of `Match(path, score)` that Jupyter draws as a grid); ValueError for a query `clean_query`
+    refuses."""
     query = clean_query(query)
     if n < 1:
         raise ValueError("n must be at least 1")
     text = _encode(model, lambda: model.encode_text([query]))  # (1, D)
     if index.meta.get("querybank"):
         text = querybank.normalised_texts(text)  # (1, D + 1): ranks by cosine - the image's hub bias
-    return nearest_images(index, text, n, backend)
+    return Matches(nearest_images(index, text, n, backend), query)
 
 
 def nearest_images(index: GalleryIndex, embedding: torch.Tensor, n: int, backend: str = "auto") -> list[Match]:
@@ -341,8 +356,9 @@ class Gallery:
     def __len__(self) -> int:
         return len(self.images)
 
-    def find_matches(self, query: str, n: int = 9) -> list[Match]:
-        """The `n` gallery images most similar to the text `query`, best first."""
+    def find_matches(self, query: str, n: int = 9) -> Matches:
+        """The `n` gallery images most similar to the text `query`, best first: a list of
+        `Match(path, score)` that a notebook cell shows as a 3x3 grid of the images."""
         return find_matches(self.model, self.images, query, n)
 
     def find_captions(self, image, n: int = 5) -> list[CaptionMatch]:

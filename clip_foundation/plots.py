@@ -41,6 +41,17 @@ def image_grid(matches, title: str = "", columns: int = 3, path=None, ax_size: f
     return _finish(fig, path)
 
 
+def image_grid_png(matches, title: str = "", columns: int = 3, dpi: int = 80) -> bytes:
+    """`image_grid` as PNG bytes (for a result list's `_repr_png_` in Jupyter); the figure is closed,
+    so an inline backend does not draw it a second time."""
+    import io
+    fig = image_grid(matches, title=title, columns=columns)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    _plt().close(fig)
+    return buffer.getvalue()
+
+
 def query_grids(results: dict, path=None, ax_size: float = 1.6):
     """One row per query: {query: [matches]} -> a single figure."""
     plt = _plt()

@@ -483,3 +483,17 @@ def test_an_index_build_killed_after_its_image_index_says_it_is_incomplete(tiny_
         search.main(["--image", image, "--index", str(out)])
     message = str(exc.value)
     assert "incomplete" in message and "--build-index" in message and "no captions" not in message
+
+
+def test_find_matches_is_a_list_that_a_notebook_draws_as_a_grid(tiny_run):
+    from PIL import Image
+    from clipModel import CLIPModel
+    data, run_dir, _ = tiny_run
+    found = gallery.Gallery.from_run(run_dir, model=CLIPModel.from_pretrained(run_dir)).find_matches("a red circle", n=9)
+    assert isinstance(found, list) and len(found) == 9  # still the list of Match(path, score) code reads
+    assert all(isinstance(m, gallery.Match) for m in found) and found[0].score >= found[-1].score
+    png = found._repr_png_()  # what Jupyter shows for the cell's value
+    import io
+    grid = Image.open(io.BytesIO(png))
+    assert grid.format == "PNG" and grid.width > 3 * 100 and grid.height > 3 * 100  # three rows of three
+    assert gallery.Matches([], "nothing")._repr_png_() is None  # an empty result draws nothing
