@@ -221,8 +221,8 @@ def test_bad_overrides_are_rejected_clearly(argv, message):
     ("search", "-n=-1", "--n=-1: must be >= 1, or 0"),
 ])
 def test_script_options_out_of_range_are_usage_errors_stating_the_range(tool, option, said, capsys):
-    import evaluate
-    import search
+    from clip_foundation import evaluate
+    from clip_foundation import search
     argv = ["--checkpoint=/no/such/run", option]  # refused before anything is loaded
     with pytest.raises(SystemExit) as exc:
         evaluate.main(argv) if tool == "evaluate" else search.main(["a dog", *argv])

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-import evaluate
-import search
+from clip_foundation import evaluate
+from clip_foundation import search
 from clip_foundation import gallery
 import train
 from conftest import TINY_MODEL

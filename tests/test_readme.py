@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import app
-import download
-import evaluate
-import search
+from clip_foundation import download
+from clip_foundation import evaluate
+from clip_foundation import search
 import train
 from clip_foundation import cli
 from clip_foundation.presets import PRESETS

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import search
+from clip_foundation import search
 from clip_foundation import gallery
 from clip_foundation.records import DataError
 from clip_foundation.index import GalleryIndex, build_faiss, exact_topk, faiss_module, load_index, recall_at_k, save_index
@@ -406,7 +406,7 @@ BAD_BANKS = {  # case -> (write it at path for a model of `dim`, a word the erro
 @pytest.mark.parametrize("tool", ["evaluate", "search"])
 @pytest.mark.parametrize("case", list(BAD_BANKS))
 def test_a_bad_querybank_is_one_line_naming_the_file(tiny_run, checkpoint, tool, case):
-    import evaluate
+    from clip_foundation import evaluate
     from clipModel import read_model_config
     data, _, _ = tiny_run
     write, fault = BAD_BANKS[case]

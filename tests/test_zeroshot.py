@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import evaluate
+from clip_foundation import evaluate
 from clip_foundation import retrieval, zeroshot
 from clipModel import CLIPModel, resize_crop
 from clip_foundation.readers import read_caption_csv

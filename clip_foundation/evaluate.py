@@ -1,0 +1,108 @@
+"""Evaluate a saved CLIP: recall@K both ways on a dataset split (every image counted once with
+all its captions), or zero-shot classification accuracy on labelled images.
+
+    python evaluate.py --checkpoint=runs/NAME                         # the run's test split
+    python evaluate.py --checkpoint=runs/NAME --data=DIR --split=all  # every image of any folder
+    python evaluate.py --checkpoint=runs/NAME --zeroshot=DIR|cifar10:ROOT
+    python evaluate.py --help                                         # every option
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cli, querybank, zeroshot
+from .data import SPLITS, load_split, run_data_config
+from .engine import resolve_device
+from .files import atomic_write
+from .records import DataError, DataWarning
+from .retrieval import NonFiniteFeatures, embed_records, format_metrics
+from clipModel import CLIPModel, ConfigError, check
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""  # the run folder written by train.py (any save_pretrained folder)
+    data: str = ""  # dataset folder to score; empty = the one the run trained on
+    split: str = "test"  # train | val | test as the run split the data, or all (every record, any folder)
+    layout: str = "auto"  # dataset layout; auto = detect
+    zeroshot: str = ""  # instead of recall: zero-shot accuracy on class folders DIR/<class>/*.jpg or cifar10:ROOT
+    templates: str = ""  # zero-shot prompt templates file, one per line with {} for the class; empty = built-in
+    batch_size: int = 256  # images embedded at once (at most 32 on a CPU, where larger batches are slower)
+    skip_bad: bool = False  # leave out images that cannot be decoded (reported) instead of stopping
+    device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
+    out: str = ""  # JSON path; empty = CHECKPOINT/eval_SPLIT.json (or zeroshot_NAME.json + a confusion PNG)
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range."""
+        check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check(self.split in (*SPLITS, "all"), "split", self.split, "train | val | test | all")
+
+
+USAGE = "usage: python evaluate.py --checkpoint=RUN [--data=DIR] [--split=test|val|train|all] [--zeroshot=DIR]"
+
+
+def main(argv=None) -> dict:
+    args = cli.parse(EvalConfig(), argv, USAGE)
+    if not args.checkpoint:
+        cli.usage_error("--checkpoint is required", USAGE)
+    try:
+        args.validate()
+        device = resolve_device(args.device)  # one this machine has (cuda:7 on one GPU is refused here)
+    except ConfigError as e:
+        cli.usage_error(str(e), USAGE)
+    try:
+        model = CLIPModel.from_pretrained(args.checkpoint, device=device)
+        if args.zeroshot:
+            return _zeroshot_main(model, args)
+        bank = querybank.load_bank(args.checkpoint, model.config.projection_dim)  # train.py --querybank=N
+        records = load_split(run_data_config(args.checkpoint, args.data, args.layout), args.split)
+        if not records:
+            raise DataError(f"the {args.split} split of {args.data} is empty")
+        embedded = embed_records(model, records, batch_size=args.batch_size, skip_bad=args.skip_bad)
+        metrics = querybank.recall_with_bank(*embedded, bank)
+    except NonFiniteFeatures as e:
+        sys.exit(f"error: {args.checkpoint}: {e}")
+    except DataError as e:
+        hint = " (--skip_bad leaves such images out)" if "image" in str(e) and not args.skip_bad else ""
+        sys.exit(f"error: {e}{hint}")
+    except (FileNotFoundError, OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    metrics.update(checkpoint=str(args.checkpoint), data=str(args.data), split=args.split)
+    print(format_metrics(metrics))  # first: a folder we cannot write to must not cost the result
+    save_json(metrics, Path(args.out or Path(args.checkpoint) / f"eval_{args.split}.json"))
+    return metrics
+
+
+def save_json(obj: dict, out: Path, also: str = "") -> bool:
+    """Write `obj` to `out` and say so; on failure (read-only folder, disk full) say why and go on."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+    except OSError as e:
+        print(f"warning: could not write {out} ({e.strerror or e}); pass --out PATH to save it elsewhere",
+              file=sys.stderr)
+        return False
+    print(f"wrote {out}{also}")
+    return True
+
+
+def _zeroshot_main(model: CLIPModel, args) -> dict:
+    from . import plots
+    templates = zeroshot.read_templates(args.templates) if args.templates else zeroshot.TEMPLATES
+    data = zeroshot.load_labelled(args.zeroshot, model.config.image.image_size)
+    metrics = zeroshot.zeroshot_evaluate(model, data, templates, args.batch_size)
+    metrics.update(checkpoint=str(args.checkpoint), data=str(args.zeroshot))
+    print(zeroshot.format_zeroshot(metrics))
+    out = Path(args.out or Path(args.checkpoint) / f"zeroshot_{data.name}.json")
+    if save_json(metrics, out, also=f" and {out.with_suffix('.png')}"):
+        plots.confusion_matrix(metrics["confusion"], data.class_names, path=out.with_suffix(".png"),
+                               title=f"zero-shot {data.name}: top-1 {metrics['top1']:.1f}%")
+    return metrics
+
+
+if __name__ == "__main__":
+    with cli.reported_warnings(DataWarning):  # one plain line per data issue
+        main()
