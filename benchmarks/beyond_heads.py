@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from clip_foundation.data import all_captions, decode_images  # noqa: E402
 from clip_foundation.features import text_tower_features  # noqa: E402

@@ -6,7 +6,7 @@ Measures, in images/s: (a) direct loading, open_rgb + resize/crop per image thro
 DataLoader, as every epoch costs without a cache (0 workers and os.cpu_count() workers);
 (b) an epoch read from the cache (shuffled batches of a memory-mapped uint8 tensor), after
 (c) the one-off cache build (thread pool decode + write). Prints a table, writes JSON.
-Without --data it uses ../shared/data/flickr8k when present, else generates 500×375 JPEGs.
+Without --data it uses data/flickr8k when present, else generates 500×375 JPEGs.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -27,7 +26,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from clip_foundation.cache import load_images
 from clipModel import resize_crop as prepare_transform  # noqa: E402
 from clip_foundation.readers import load_records
@@ -91,7 +89,7 @@ def epoch(dataset, batch_size: int, workers: int) -> float:
 
 
 def main(argv=None):
-    default_data = ROOT.parent / "shared" / "data" / "flickr8k"
+    default_data = ROOT / "data" / "flickr8k"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(default_data) if default_data.is_dir() else "",
                    help="dataset folder (any readers layout); empty: generate 500x375 JPEGs")

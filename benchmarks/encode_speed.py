@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 import random
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, to_model_input  # noqa: E402
 from clip_foundation.pretrained import text_model_folder  # noqa: E402
 from clip_foundation.retrieval import length_order  # noqa: E402

@@ -26,14 +26,12 @@ exact search on `--queries` fresh queries.
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clip_foundation.index import (GalleryIndex, build_faiss, ensure_faiss, exact_topk,  # noqa: E402
                                    faiss_module, recall_at_k)

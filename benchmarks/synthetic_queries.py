@@ -8,10 +8,8 @@ how many queries reach 7 of 9, and writes JSON beside the checkpoint.
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipModel import CLIPModel  # noqa: E402
 from clip_foundation.gallery import find_matches, gallery_records, load_or_build_index  # noqa: E402

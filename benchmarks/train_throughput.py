@@ -1,10 +1,10 @@
 """Training throughput of the seed CLIP (HF ViT-B/16 + DistilBERT, 224 px, 64 tokens, projection
 256) vs open_clip ViT-B-16, and of the data path feeding it: pairs/s, FLOPs, MFU, peak memory.
 
-    python benchmarks/train_throughput.py                        # every variant, one GPU
-    python benchmarks/train_throughput.py --variants seed_bf16_sdpa,open_clip_bf16 --steps 20
-    python benchmarks/train_throughput.py --device cpu --batch_sizes 8 --steps 3 --warmup 1 --images 32
-    python benchmarks/train_throughput.py --tiny                 # tiny towers: a CPU smoke run
+    python -m benchmarks.train_throughput                        # every variant, one GPU
+    python -m benchmarks.train_throughput --variants seed_bf16_sdpa,open_clip_bf16 --steps 20
+    python -m benchmarks.train_throughput --device cpu --batch_sizes 8 --steps 3 --warmup 1 --images 32
+    python -m benchmarks.train_throughput --tiny                 # tiny towers: a CPU smoke run
 
 Models are built from configs with random weights; nothing is downloaded. A step is forward
 both towers under autocast, loss.clip_loss, backward, grad-norm clip at 1, AdamW, zero_grad,
@@ -27,7 +27,6 @@ import os
 import platform
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +36,6 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from benchmarks.data_path import DirectImages, make_jpegs  # noqa: E402
 from clip_foundation.cache import load_images  # noqa: E402
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, train_tokenizer  # noqa: E402
