@@ -6,8 +6,14 @@ Converts the first --images records to shards of --shard_size (clip_foundation.s
 measures: (a) streaming: decode + resize in N DataLoader workers (clip_foundation.stream, as
 train.py reads shards); (b) the JPEG-folder path: the one-off decode of the folder into the
 uint8 cache (thread pool, clip_foundation.cache); (c) the cached path: shuffled batches of the
-memory-mapped cache. On a CUDA device it also times the training step of --model_step (pairs/s)
-to say whether streaming keeps it fed. Prints a table and writes JSON (--out).
+memory-mapped cache. Prints a table and writes JSON (--out).
+
+With --train_images N it also trains train.py's default model for one epoch on a synthetic set
+of N training images, from the decoded cache and streamed from its shards (--workers' last
+value), alternating --rounds times so both see the same machine load, and reports each path's
+median logged pairs/s and the load average:
+
+    python benchmarks/stream_speed.py --data=SYNTHETIC_DIR --images 1000 --size 64 --train_images 1280 --rounds 2
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -51,6 +58,29 @@ def cached_rate(images: torch.Tensor, batch: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def training_rates(tmp: Path, train_images: int, workers: int, rounds: int) -> dict[str, list[float]]:
+    """Median pairs/s of train.py's logged steps (the first, which holds start-up, left out)
+    training one epoch from the decoded cache and streamed from shards, per round."""
+    import train
+    from clip_foundation.shards import ShardsConfig, convert
+    from clip_foundation.synthetic import SyntheticConfig, generate
+    data = generate(tmp / "synthetic", SyntheticConfig(n_train=train_images, n_val=64, n_test=0), progress=False)
+    convert(ShardsConfig(src=str(data), out=str(tmp / "train_shards"), shard_size=100, progress=False))
+    common = [f"--out_dir={tmp / 'runs'}", "--epochs=1", "--log_every=5", "--progress=false", "--tensorboard=false",
+              "--device=cpu", f"--cache_dir={tmp / 'cache'}", "--overwrite"]
+    paths = {"cached": [f"--data={data}"],
+             "streamed": [f"--data={tmp / 'train_shards/train'}", f"--val_data={tmp / 'train_shards/val'}",
+                          f"--workers={workers}"]}
+    rates = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, args in paths.items():
+            _, run_dir, _ = train.main(common + args + [f"--run_name={name}"])
+            logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+            steps = [e["pairs_per_s"] for e in logged if "pairs_per_s" in e][1:]
+            rates[name].append(statistics.median(steps))
+    return rates
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared/data/flickr8k"))
@@ -59,6 +89,8 @@ def main(argv=None):
     p.add_argument("--shard_size", type=int, default=100)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", default="0,1,2")
+    p.add_argument("--train_images", type=int, default=0, help="also time training both ways (0 = no)")
+    p.add_argument("--rounds", type=int, default=2, help="cached/streamed training runs alternated this often")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     records = load_records(args.data)[:args.images]
@@ -76,10 +108,19 @@ def main(argv=None):
         images, _ = load_images(records, args.size, Path(tmp) / "cache", progress=False)  # memory-mapped
         rows.append({"path": "cached path (memory-mapped uint8 batches)", "images_per_s": cached_rate(images, args.batch)})
         del images
+        load = os.getloadavg()[0]
+        training = training_rates(Path(tmp), args.train_images, w, args.rounds) if args.train_images else {}
     result = {"images": len(records), "size": args.size, "cpus": os.cpu_count(), "cpu": platform.processor(),
-              "torch": torch.__version__, "rows": rows}
+              "torch": torch.__version__, "rows": rows, "training_pairs_per_s": training,
+              "load_average": [load, os.getloadavg()[0]]}
     for r in rows:
         print(f"{r['path']:<55} {r['images_per_s']:>10.0f} images/s")
+    for name, rates in training.items():
+        print(f"training one epoch, {name:<38} {' '.join(f'{r:>6.0f}' for r in rates)} pairs/s (per round)")
+    if training:
+        ratios = [c / s for c, s in zip(training["cached"], training["streamed"])]
+        print(f"cached / streamed: {' '.join(f'{r:.2f}' for r in ratios)}; load average {load:.1f} -> "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
     return result
