@@ -92,6 +92,7 @@ class SearchPage:
     threads: int | None = 1  # torch threads while serving (see `launch`); None: torch's own setting
     concurrency: int = 1  # queries run at once (one model, one torch thread each); more wait in the queue
     queue_size: int = 64  # queries that may wait; past that a client is told the queue is full
+    sessions: int = 1000  # sessions whose state Gradio keeps (about 0.1 MB each; every API call is one), oldest dropped
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _thumbs: dict = field(default_factory=dict, repr=False)  # gallery path -> its thumbnail, made once
     _own_workdir: bool = field(default=False, repr=False)  # made here, so close() and exit remove it
@@ -225,13 +226,14 @@ class SearchPage:
                                       "CLIP_APP_AUTH=user:password"), stacklevel=2)
         self.use_query_threads()
         limit = int(max_upload_mb * 2**20)
-        blocks = build_blocks(self, limit).queue(default_concurrency_limit=self.concurrency, max_size=self.queue_size)
+        blocks = build_blocks(self, limit).queue(max_size=self.queue_size)
         app_kwargs = kwargs.pop("app_kwargs", None) or {}
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), body_limit(limit)]
         kwargs.setdefault("enable_monitoring", False)  # Gradio's traffic summary, open to anyone otherwise
         self._blocks = blocks
         blocks.launch(server_name=host, server_port=port, share=share, auth=auth, allowed_paths=[], ssr_mode=False,
-                      max_file_size=limit, css=CSS, app_kwargs=app_kwargs, **kwargs)
+                      max_file_size=limit, state_session_capacity=self.sessions, css=CSS, app_kwargs=app_kwargs,
+                      **kwargs)
         return blocks
 
     def close(self) -> None:
@@ -456,10 +458,15 @@ def build_blocks(page: SearchPage, max_upload_bytes: int | None = None):
                                         interactive=False, wrap=True, elem_id="captions")
                 probs = gr.Label(label="zero-shot probabilities", elem_id="probs")
 
-        query.submit(search, [query, n], [grid, paths, message], api_name="search")
-        n.release(search, [query, n], [grid, paths, message], api_visibility="private")
-        examples.load_input_event.then(search, [query, n], [grid, paths, message], api_visibility="private")
-        image.upload(describe, [image, labels, n_captions], [captions, probs, image_message], api_name="describe")
-        labels.submit(describe, [image, labels, n_captions], [captions, probs, image_message], api_visibility="private")
-        grid.select(pick, [paths, labels, n_captions], [image, captions, probs, image_message], api_visibility="private")
+        # every event uses the one model: they share one limit of `concurrency` runs at once
+        model = dict(concurrency_id="model", concurrency_limit=page.concurrency)
+        query.submit(search, [query, n], [grid, paths, message], api_name="search", **model)
+        n.release(search, [query, n], [grid, paths, message], api_visibility="private", **model)
+        examples.load_input_event.then(search, [query, n], [grid, paths, message], api_visibility="private", **model)
+        image.upload(describe, [image, labels, n_captions], [captions, probs, image_message], api_name="describe",
+                     **model)
+        labels.submit(describe, [image, labels, n_captions], [captions, probs, image_message],
+                      api_visibility="private", **model)
+        grid.select(pick, [paths, labels, n_captions], [image, captions, probs, image_message],
+                    api_visibility="private", **model)
     return blocks

@@ -341,6 +341,30 @@ def test_a_login_is_asked_for(page):
         guarded.close()
 
 
+def test_a_burst_past_the_queue_is_told_it_is_full(page):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    busy = SearchPage(page.gallery, page.captions, page.info, queue_size=2)
+    busy.find = lambda query, n: time.sleep(1) or page.find(query, n)  # a slow query: the burst piles up
+    url = busy.launch(prevent_thread_lock=True, quiet=True).local_url
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: api_call(url, "search", "a red circle", 3), range(8)))
+    finally:
+        busy.close()
+    refused = [message for event, message in answers if event == "refused"]
+    assert refused and all(message.startswith("503") and "Queue is full" in message for message in refused), answers
+    assert sum(event == "complete" for event, _ in answers) == len(answers) - len(refused) >= 2
+
+
+def test_load_benchmark_smoke(tiny_run):
+    from benchmarks import app_load
+    data, run_dir, _ = tiny_run
+    result = app_load.main([f"--checkpoint={run_dir}", f"--data={data}", "--queries=12", "--warmup=4", "--clients=3"])
+    assert result["ok"] == 12 and result["errors"] == result["busy"] == 0 and result["queries_per_s"] > 0
+    assert len(result["rss_mb_per_chunk"]) == 2 and result["rss_before_mb"] > 0
+
+
 def test_close_and_exit_remove_the_pages_folder(page, tmp_path):
     import subprocess
     import sys
