@@ -17,7 +17,6 @@ import argparse
 import gc
 import itertools
 import json
-import sys
 import threading
 import time
 import warnings
@@ -25,10 +24,8 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clip_foundation.synthetic import COLORS, SHAPES  # noqa: E402
-from clip_foundation.webapp import SearchPage  # noqa: E402
+from clip_foundation.synthetic import COLORS, SHAPES
+from clip_foundation.webapp import SearchPage
 
 
 def rss_mb() -> float:
