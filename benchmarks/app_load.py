@@ -1,7 +1,7 @@
 """The search page under load: many clients querying its HTTP API at once, and whether the
 server's memory stays flat (the page's question, not a speed record).
 
-    python benchmarks/app_load.py --checkpoint=runs/NAME [--data=DIR] [--queries=5000] [--clients=16]
+    python -m benchmarks.app_load --checkpoint=runs/NAME [--data=DIR] [--queries=5000] [--clients=16]
 
 Starts the page (`SearchPage.launch`, as app.py does) in this process and runs `--clients` threads,
 each calling `/gradio_api/call/search` as any HTTP client does (no gradio_client), with queries
