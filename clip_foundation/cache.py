@@ -37,7 +37,7 @@ import torch
 
 from clipModel import resize_crop
 
-from .records import DataError, DataWarning, Record, open_rgb
+from .records import DataError, DataWarning, Record, SkippableError, open_rgb
 
 CACHE_VERSION = 1  # bump when the decode/resize method changes: old caches then go unused
 SPACE_MARGIN = 100 * 2**20  # bytes left free beyond the cache, for the logs and checkpoints of the run
@@ -92,7 +92,7 @@ def load_images(records: list[Record], image_size: int, cache_dir: str | Path | 
                 raise RuntimeError(f"{index_file}: image cache unreadable right after building it")
         images, kept, bad = opened
         if bad and not skip_bad:  # built earlier with skip_bad: this call wants every image
-            raise DataError(next(iter(bad.values())))
+            raise SkippableError(next(iter(bad.values())))
     if bad:
         warnings.warn(f"skipped {len(bad)} images that could not be decoded "
                       f"(first: {next(iter(bad.values()))})", DataWarning, stacklevel=2)
@@ -124,7 +124,7 @@ def _decode_all(paths: list[str], store, image_size: int, skip_bad: bool,
                 bar.update()
                 if (error := future.result()) is not None:
                     if not skip_bad:
-                        raise DataError(error)
+                        raise SkippableError(error)
                     bad[futures[future]] = error
     finally:
         # Drop queued work and wait for running workers before the caller closes what they store to.

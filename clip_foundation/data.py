@@ -13,7 +13,7 @@ from torch.utils.data import Sampler
 from clipModel import check
 
 from .cache import load_images
-from .records import DataError, DataWarning, Record
+from .records import DataError, DataWarning, Record, SkippableError
 from .readers import LAYOUTS, detect_layout, load_records
 
 SPLITS = ("train", "val", "test")
@@ -123,7 +123,7 @@ def check_captions(records: list[Record], tokenizer, skip_bad: bool = False) -> 
                 where = f"{rec.image} (source line {rec.line})" if rec.line else str(rec.image)
                 message = f"{where}: caption {caption!r} has only unknown tokens for this tokenizer"
                 if not skip_bad:
-                    raise DataError(message + "; fix it or pass --skip_bad")
+                    raise SkippableError(message + "; fix it or pass --skip_bad")
                 bad, first = bad + 1, first or message
             k += 1
         if good:

@@ -17,7 +17,7 @@ from . import cli, querybank, zeroshot
 from .data import SPLITS, load_split, run_data_config
 from .engine import resolve_device
 from .files import atomic_write
-from .records import DataError, DataWarning
+from .records import DataError, DataWarning, SkippableError
 from .retrieval import NonFiniteFeatures, embed_records, format_metrics
 from clipModel import CLIPModel, ConfigError, check
 
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     except NonFiniteFeatures as e:
         sys.exit(f"error: {args.checkpoint}: {e}")
     except DataError as e:
-        hint = " (--skip_bad leaves such images out)" if "image" in str(e) and not args.skip_bad else ""
+        hint = " (--skip_bad leaves such images out)" if isinstance(e, SkippableError) and not args.skip_bad else ""
         sys.exit(f"error: {e}{hint}")
     except (FileNotFoundError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")

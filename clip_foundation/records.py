@@ -19,6 +19,11 @@ class DataError(ValueError):
     """Bad input data: the message names the file (and line) at fault."""
 
 
+class SkippableError(DataError):
+    """Bad input that `skip_bad` skips instead (a row, a caption, an image file): the only kind
+    of DataError for which an error message may suggest --skip_bad."""
+
+
 class DataWarning(UserWarning):
     """Data problems that were skipped (skip_bad=True) or repaired while loading."""
 
@@ -70,7 +75,7 @@ class LoadReport:
     def bad(self, kind: str, where: str, msg: str) -> None:
         """Bad input: raise DataError, or (skip_bad) count it so the caller skips it."""
         if not self.skip_bad:
-            raise DataError(f"{where}: {msg}")
+            raise SkippableError(f"{where}: {msg}")
         self.skipped[kind] += 1
         self.first.setdefault(kind, f"{where}: {msg}")
 
@@ -122,7 +127,7 @@ def open_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as im:  # reads the header only
             if (pixels := im.width * im.height) > MAX_IMAGE_PIXELS:
-                raise DataError(f"{path}: image is {im.width}x{im.height} "
+                raise SkippableError(f"{path}: image is {im.width}x{im.height} "
                                 f"({math.ceil(pixels / 1e6)} MP), more than the "
                                 f"{MAX_IMAGE_PIXELS // 10**6} MP this loader decodes")
             im.load()
@@ -140,4 +145,4 @@ def open_rgb(path: str | Path) -> Image.Image:
     except DataError:
         raise  # already says what is wrong (a ValueError, which the next line would wrap)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot decode image ({e})") from None
+        raise SkippableError(f"{path}: cannot decode image ({e})") from None

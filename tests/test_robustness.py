@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import evaluate
-import search
+from clip_foundation import evaluate
+from clip_foundation import search
 from clip_foundation import gallery
 import train
 from conftest import TINY_MODEL
@@ -62,6 +62,22 @@ def test_evaluate_names_a_corrupt_image_in_the_split_and_can_skip_it(run_copy, t
     assert Path(victim).name in str(exc.value) and "--skip_bad" in str(exc.value)
     metrics = evaluate.main(args + ["--skip-bad"])
     assert metrics["images"] == len({r.split(",")[0] for r in rows[1:] if ",test" in r}) - 1
+
+
+@pytest.mark.parametrize("files, hint", [
+    ({"notes.txt": "no dataset here"}, False),  # no known layout
+    ({"captions.csv": "image,caption,caption\nimages/a.png,a,b\n"}, False),  # a repeated column
+    ({"captions.csv": "image,caption\nimages/gone.png,a red circle\n"}, True)],  # a missing image
+    ids=["layout", "header", "missing-image"])
+def test_evaluate_offers_skip_bad_only_for_what_it_skips(run_copy, tmp_path, files, hint):
+    _, run = run_copy
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, text in files.items():
+        (data / name).write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--checkpoint", str(run), "--data", str(data), "--split", "all"])
+    assert ("--skip_bad" in str(exc.value)) == hint, str(exc.value)
 
 
 def test_evaluate_prints_the_metrics_even_when_it_cannot_write_them(run_copy, monkeypatch, capsys):
