@@ -1,5 +1,5 @@
-"""Evaluate a saved CLIP: recall@K both ways on a dataset split (every image counted once with
-The command line of `clip_foundation.evaluate` (installed as `clip-evaluate` too): `python evaluate.py --help`."""
+"""Evaluate a saved CLIP: recall@K both ways on a dataset split, or zero-shot accuracy.
+The command line of `clip_foundation.evaluate`, installed as `clip-evaluate` too: `python evaluate.py --help`."""
 from clip_foundation.evaluate import main
 
 if __name__ == "__main__":

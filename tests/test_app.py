@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import app
+from clip_foundation import app
 from clip_foundation import cli
 from clip_foundation.webapp import PageError, SearchPage
 from test_readers import _png_header

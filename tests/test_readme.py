@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import app
+from clip_foundation import app
 from clip_foundation import download
 from clip_foundation import evaluate
 from clip_foundation import search
