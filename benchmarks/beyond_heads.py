@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-import train  # noqa: E402
+from clip_foundation import train  # noqa: E402
 from clip_foundation.data import all_captions, decode_images  # noqa: E402
 from clip_foundation.features import text_tower_features  # noqa: E402
 from clip_foundation.retrieval import records_metrics  # noqa: E402

@@ -1,6 +1,6 @@
 """Benchmark streaming from local shards beside the cached and JPEG-folder paths, in images/s.
 
-    python benchmarks/stream_speed.py --data ../shared/data/flickr8k --images 1000 --size 224
+    python benchmarks/stream_speed.py --data=data/flickr8k --images 1000 --size 224
 
 Converts the first --images records to shards of --shard_size (clip_foundation.shards), then
 measures: (a) streaming: decode + resize in N DataLoader workers (clip_foundation.stream, as
@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from clip_foundation import stream  # noqa: E402
 from clip_foundation.cache import load_images  # noqa: E402
 from clip_foundation.readers import load_records  # noqa: E402
@@ -61,7 +59,7 @@ def cached_rate(images: torch.Tensor, batch: int) -> float:
 def training_rates(tmp: Path, train_images: int, workers: int, rounds: int) -> dict[str, list[float]]:
     """Median pairs/s of train.py's logged steps (the first, which holds start-up, left out)
     training one epoch from the decoded cache and streamed from shards, per round."""
-    import train
+    from clip_foundation import train
     from clip_foundation.shards import ShardsConfig, convert
     from clip_foundation.synthetic import SyntheticConfig, generate
     data = generate(tmp / "synthetic", SyntheticConfig(n_train=train_images, n_val=64, n_test=0), progress=False)
@@ -83,7 +81,7 @@ def training_rates(tmp: Path, train_images: int, workers: int, rounds: int) -> d
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=str(ROOT.parent / "shared/data/flickr8k"))
+    p.add_argument("--data", default=str(ROOT / "data" / "flickr8k"))
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--shard_size", type=int, default=100)

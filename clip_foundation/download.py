@@ -174,7 +174,7 @@ def _import_hint(e: ImportError) -> str:
     # declare (kaggle 2.2 and `six`): name that module, not kaggle.
     missing = e.name or ""
     if not missing or missing == "kaggle" or missing.startswith("kaggle."):
-        return f"The kaggle package is not installed ({e}): pip install kaggle"
+        return f'The kaggle package is not installed ({e}): pip install "clip-foundation[kaggle]"'
     return (f"The kaggle package is installed but cannot be imported: it needs the module "
             f"{missing!r}, which is missing ({e}): pip install {missing.split('.')[0]}")
 

@@ -136,7 +136,7 @@ def faiss_module(required: bool = False):
         import faiss
     except ImportError:
         if required:
-            raise BadIndexError("--backend faiss needs FAISS: pip install faiss-cpu") from None
+            raise BadIndexError('--backend faiss needs FAISS: pip install "clip-foundation[faiss]"') from None
         return None
     return faiss
 

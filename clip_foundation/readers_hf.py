@@ -24,7 +24,7 @@ def _datasets():
         import datasets
     except ImportError:
         raise DataError("reading Hugging Face datasets needs the optional `datasets` "
-                        "package: pip install datasets") from None
+                        'package: pip install "clip-foundation[hf]"') from None
     return datasets
 
 

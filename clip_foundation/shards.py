@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import SPLITS, DataConfig, load_all
+from .extras import optional
 from .files import atomic_write
 from .records import DataError, DataWarning, Record
 from .stream import INDEX_FILE, SampleCounter, check_sample, decode_captions, is_shards, read_json, shard_urls
@@ -101,7 +102,7 @@ def write_shards(records: list[Record], out: str | Path, shard_size: int = 1000,
     `out` must be new, empty or an earlier conversion's set (replaced; see `owned_files`). A
     record whose image file cannot be read, or a shard that cannot be written, is an error
     naming it; the set is then left marked incomplete."""
-    import webdataset as wds
+    wds = optional("webdataset", "shards", "WebDataset shards")
     from tqdm.auto import tqdm
     if shard_size < 1:
         raise ValueError(f"--shard_size must be at least 1, not {shard_size}")
@@ -191,7 +192,7 @@ def extract(urls: list[str], cache_root: str | Path) -> list[Record]:
     CACHE_ROOT/<hash of the shard names, sizes and mtimes>/ (evaluation and the run's
     matches.png read image files). Bad samples (as in training: stream.check_sample) are
     skipped and counted in one warning."""
-    import webdataset as wds
+    wds = optional("webdataset", "shards", "WebDataset shards")
     h = hashlib.sha256()
     for u in urls:
         stamp = os.stat(u) if Path(u).is_file() else None
@@ -225,7 +226,7 @@ def streamed_splits(cfg) -> dict[str, list[Record]]:
     """A streamed run's splits: "train" holds a caption sample (the first shards' captions, up
     to 10,000 samples, for a scratch tokenizer); val/test are `cfg.val_data`/`cfg.test_data`,
     dataset folders or shard sets (extracted once into files under `cfg.cache_dir`)."""
-    import webdataset as wds
+    wds = optional("webdataset", "shards", "WebDataset shards")
     if not (cfg.val_data or cfg.test_data):
         raise DataError("streaming from shards needs --val_data or --test_data (a dataset folder or shard set) "
                         "to pick and score the model")

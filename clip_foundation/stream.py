@@ -32,7 +32,8 @@ import torch.distributed as dist
 from clipModel import resize_crop, to_model_input
 
 from .data import token_batch
-from .records import DataError, Record, caption_fault, has_visible, open_rgb
+from .extras import optional
+from .records import DataError, caption_fault, has_visible, open_rgb
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -65,7 +66,7 @@ def _list_file(path: Path) -> list[str]:
 def shard_urls(source: str) -> list[str]:
     """The shards `source` names (pattern, folder, list file or URL); a local shard that does
     not exist is one DataError naming it, before any training starts."""
-    from webdataset.shardlists import expand_urls
+    expand_urls = optional("webdataset.shardlists", "shards", "streaming from shards").expand_urls
     path = Path(source)
     if path.is_dir():
         urls = sorted(str(f) for f in path.iterdir() if f.name.endswith(TAR_SUFFIXES))
@@ -243,7 +244,7 @@ def read_stream(urls, streams: int, stream: int, seed: int, image_size: int, buf
                 start: tuple[int, int], counter: SampleCounter):
     """Stream `stream`'s samples forever from position `start` = (pass, shard) ->
     (image, caption, (pass, shard url), position (pass, shard) of the oldest shard still needed)."""
-    import webdataset as wds
+    wds = optional("webdataset", "shards", "streaming from shards")
     rng = random.Random(f"buffer/{seed}/{stream}/{start[0]}/{start[1]}")
     held = []  # the shuffle buffer: (pass, shard index, raw sample)
     in_buffer = {}  # (pass, shard index) -> its samples in the buffer

@@ -39,6 +39,7 @@ import torch
 
 from clipModel import CLIPModel
 
+from .extras import optional
 from .files import atomic_write
 from .gallery import Gallery, Match, find_captions, gallery_records, load_or_build_caption_index
 from .index import GalleryIndex
@@ -372,7 +373,7 @@ def _checked_image_input(image, max_upload_bytes: int | None):
     - a link (Gradio would download it, at any size) is refused: uploads come as files;
     - otherwise the upload step never fails: a file that is no image, or too large for PIL to
       open, reaches the handler as its path, and `open_rgb` there says what is wrong."""
-    import gradio as gr
+    gr = optional("gradio", "app", "the search page")
     from gradio.processing_utils import save_base64_to_cache
     preprocess, move = image.preprocess, image.async_move_resource_to_block_cache
 
@@ -405,7 +406,7 @@ def build_blocks(page: SearchPage, max_upload_bytes: int | None = None):
     """The page as a `gradio.Blocks`, not started; pasted images over `max_upload_bytes` are refused
     (uploaded files: `max_file_size` of `Blocks.launch`)."""
     _private_files(page)
-    import gradio as gr
+    gr = optional("gradio", "app", "the search page")
 
     def search(query, n):
         try:

@@ -4,7 +4,7 @@
 """
 import pytest
 
-import train
+from clip_foundation import train
 from benchmarks.synthetic_queries import main as query_benchmark
 
 

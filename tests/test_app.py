@@ -19,7 +19,7 @@ from clip_foundation import cli
 from clip_foundation.webapp import PageError, SearchPage
 from test_readers import _png_header
 
-gradio = pytest.importorskip("gradio", reason="the page needs gradio: pip install -r requirements.txt")
+gradio = pytest.importorskip("gradio", reason="the page needs gradio: pip install -e \".[app]\"")
 
 CHROMIUM = os.environ.get("CLIP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 

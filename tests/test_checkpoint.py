@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
+from clip_foundation import train
 from clip_foundation.checkpoint import find_resume, last_checkpoint, load_last, save_last
 from clipModel import CLIPModel
 from conftest import TINY_MODEL

@@ -2,7 +2,7 @@
 naming the key, the value and what it may be (issue #24: nonsense values used to train with exit 0)."""
 import pytest
 
-import train
+from clip_foundation import train
 from clip_foundation.data import DataConfig, split_by_image
 from clip_foundation.records import Record
 from clipModel import ConfigError

@@ -1,4 +1,4 @@
-"""Every package the requirements files name imports for real on this install.
+"""Every package pyproject.toml names (core and extras) imports for real on this install.
 
 Each import runs in a fresh interpreter, so no test's stand-in (a fake kaggle client, a
 monkeypatched module) can hide a package that is installed but broken, as kaggle 2.2 was when
@@ -46,16 +46,17 @@ IMPORTS = {
 }
 
 
+def requirements() -> list[str]:
+    """Every requirement pyproject.toml names: the core and each extra (not the extras that only
+    name other extras of this project)."""
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = [r for group in project["optional-dependencies"].values() for r in group]
+    return [r for r in project["dependencies"] + extras if not r.startswith("clip-foundation")]
+
+
 def requirement_names() -> list[str]:
-    names = []
-    for path in sorted(ROOT.glob("requirements*.txt")):
-        if path.name == "requirements-lock.txt":
-            continue  # the lock pins these same packages and everything they pull in
-        for line in path.read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line and not line.startswith("-"):
-                names.append(re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0])
-    return names
+    return [re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in requirements()]
 
 
 def test_every_requirement_has_an_import_check():
@@ -78,16 +79,11 @@ def test_lock_pins_a_version_each_requirement_accepts():
         if "==" in line and not line.lstrip().startswith("#"):
             name, version = line.split(";")[0].strip().split("==")
             lock[Requirement(name).name.lower().replace("_", "-")] = version
-    for path in sorted(ROOT.glob("requirements*.txt")):
-        if path.name == "requirements-lock.txt":
-            continue
-        for line in path.read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line and not line.startswith("-"):  # "-r other.txt" is read as its own file
-                req = Requirement(line)
-                name = req.name.lower().replace("_", "-")
-                assert name in lock, f"{path.name}: {req.name} is not in requirements-lock.txt"
-                assert req.specifier.contains(lock[name]), f"lock pins {name}=={lock[name]}, outside {req}"
+    for line in requirements():
+        req = Requirement(line)
+        name = req.name.lower().replace("_", "-")
+        assert name in lock, f"pyproject.toml: {req.name} is not in requirements-lock.txt"
+        assert req.specifier.contains(lock[name]), f"lock pins {name}=={lock[name]}, outside {req}"
 
 
 def test_ci_runs_the_readme_test_command():

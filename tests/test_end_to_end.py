@@ -7,7 +7,7 @@ import torch
 from clip_foundation import evaluate
 from clip_foundation import search
 from clip_foundation import gallery
-import train
+from clip_foundation import train
 from conftest import TINY_MODEL
 from clip_foundation.synthetic import SyntheticConfig, generate
 

@@ -11,7 +11,7 @@ from clip_foundation import app
 from clip_foundation import download
 from clip_foundation import evaluate
 from clip_foundation import search
-import train
+from clip_foundation import train
 from clip_foundation import cli
 from clip_foundation.presets import PRESETS
 from clip_foundation.synthetic import SyntheticCommand

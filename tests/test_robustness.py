@@ -10,7 +10,7 @@ import pytest
 from clip_foundation import evaluate
 from clip_foundation import search
 from clip_foundation import gallery
-import train
+from clip_foundation import train
 from conftest import TINY_MODEL
 
 
@@ -99,7 +99,7 @@ def test_evaluate_prints_the_metrics_even_when_it_cannot_write_them(run_copy, mo
 # ---------------------------------------------------------------- train.py: run folders
 
 def _train_in_process(argv):
-    import train as entry
+    from clip_foundation import train as entry
     _, run_dir, _ = entry.main(argv)
     return str(run_dir)
 
