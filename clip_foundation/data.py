@@ -1,8 +1,9 @@
 """Records -> splits by image -> decoded uint8 images (once) -> batches for training/eval."""
 from __future__ import annotations
 
-import json
+import os
 import random
+import re
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 
-from clipModel import check
+from clipModel import check, read_saved_config
 
 from .cache import load_images
 from .records import DataError, DataWarning, Record, SkippableError
@@ -47,6 +48,19 @@ class DataConfig:
         for key in ("val_images", "test_images", "val_from_train", "train_samples", "workers", "streams",
                     "shuffle_buffer"):
             check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
+
+    def absolute(self) -> "DataConfig":
+        """This config with its local paths made absolute, as a run saves it: the run folder then
+        evaluates and searches from any directory and after a `mv` (URLs and `hf:` names stay)."""
+        paths = {k: _absolute(getattr(self, k)) for k in ("path", "synthetic_dir", "cache_dir", "val_data", "test_data")}
+        return replace(self, **paths)
+
+
+def _absolute(path: str) -> str:
+    # "hf:NAME", "pipe:cmd", "https://..." name no local file; "C:\\..." (one letter) does
+    if not path or re.match(r"^[A-Za-z][\w+.-]+:", path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))  # not resolve(): keeps {000..009} and symlinks as typed
 
 
 def split_by_image(records: list[Record], val_images: int, test_images: int,
@@ -136,15 +150,21 @@ def check_captions(records: list[Record], tokenizer, skip_bad: bool = False) -> 
 
 def run_data_config(run_dir, path: str | None = None, layout: str = "auto") -> DataConfig:
     """The DataConfig a run was trained with, so its "test" split names the same images;
-    `path` points it at another copy of the data (its split settings are kept)."""
-    saved_file = Path(run_dir) / "config.json"
-    saved = json.loads(saved_file.read_text()).get("data", {}) if saved_file.is_file() else {}
+    `path` points it at another copy of the data (its split settings are kept). A saved dataset
+    folder that is no longer there is a DataError naming it and the `--data=` way out."""
+    saved = read_saved_config(run_dir).get("data", {}) if (Path(run_dir) / "config.json").is_file() else {}
     cfg = DataConfig(**{k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__})
     if path:
-        cfg.path, cfg.layout = str(path), layout
-    elif not cfg.path:
-        cfg.path = cfg.synthetic_dir
+        return replace(cfg, path=str(path), layout=layout)
+    cfg.path = cfg.path or cfg.synthetic_dir
+    if _absolute(cfg.path) == cfg.path and not Path(cfg.path).exists() and not _is_pattern(cfg.path):
+        raise DataError(f"{cfg.path}: the dataset {Path(run_dir).name} was trained on is not there (moved "
+                        "or deleted?): point at a copy with --data=DIR")
     return cfg
+
+
+def _is_pattern(path: str) -> bool:
+    return "{" in path or "*" in path  # a shard pattern, expanded by the stream
 
 
 def split_manifest(splits: dict[str, list[Record]]) -> dict[str, list[str]]:

@@ -170,6 +170,7 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
 
 def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPModel, Path, dict]:
     cfg.validate()  # resolve_config did for the command line; Python callers get the same one-line errors
+    cfg.data = cfg.data.absolute()  # saved so: the run folder works from any directory and after a mv
     tc = cfg.train
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)

@@ -1,5 +1,8 @@
 """The real entry points (train.main, evaluate.main, search.main) on a tiny synthetic set."""
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,3 +177,38 @@ def test_siglip_loss_trains_far_above_chance(tmp_path):
     assert model.config.loss == "siglip" and model.logit_bias.item() != -10.0  # the bias trained
     chance_r5 = 100 * 5 / metrics["images"]
     assert metrics["text_to_image_R@5"] > 3 * chance_r5 and metrics["image_to_text_R@5"] > 3 * chance_r5
+
+
+def test_a_moved_run_folder_evaluates_from_another_directory(tiny_run, tmp_path, monkeypatch, capsys):
+    data, run_dir, _ = tiny_run
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run_dir, moved)  # a copy: tiny_run is shared by other tests
+    saved = json.loads((moved / "config.json").read_text())["data"]
+    assert Path(saved["path"]).is_absolute() and Path(saved["cache_dir"]).is_absolute()
+    monkeypatch.chdir(tmp_path)  # neither the project nor the run's parent
+    metrics = evaluate.main([f"--checkpoint={moved}", "--split=test"])
+    assert metrics["text_to_image_R@1"] >= 0 and "R@1" in capsys.readouterr().out
+
+
+def test_a_run_whose_dataset_is_gone_names_it_and_the_data_option(tiny_run, tmp_path):
+    _, run_dir, _ = tiny_run
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["path"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([f"--checkpoint={moved}"])
+    message = str(stop.value.code)
+    assert str(tmp_path / "gone") in message and "--data=" in message and "\n" not in message.strip()
+
+
+def test_a_run_saves_its_local_data_paths_absolute(tmp_path, monkeypatch):
+    from clip_foundation.data import DataConfig
+    monkeypatch.chdir(tmp_path)
+    typed = DataConfig(path="data/photos", cache_dir="~/cache", val_data="shards/{000..009}.tar",
+                       test_data="hf:user/set")
+    saved = typed.absolute()
+    assert saved.path == str(tmp_path / "data" / "photos") and saved.synthetic_dir == str(tmp_path / "data" / "synthetic")
+    assert saved.cache_dir == os.path.expanduser("~/cache") and saved.val_data == str(tmp_path / "shards/{000..009}.tar")
+    assert saved.test_data == "hf:user/set"  # not a local path: kept as typed
