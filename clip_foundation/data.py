@@ -33,30 +33,23 @@ class DataConfig:
     cache_dir: str = "data/cache"  # decoded images kept here across runs; empty = in memory only
     skip_bad: bool = False  # skip (count and report) bad rows and undecodable images instead of failing
     val_from_train: int = 0  # carve this many training images as val (picks the epoch); the dataset's val then scores as test if it has none
-    val_data: str = ""  # with --data naming shards (streaming): the val set, a dataset folder or shard set
-    test_data: str = ""  # streaming: the test set, a dataset folder or shard set
-    train_samples: int = 0  # streaming: samples per epoch; 0 = the count in the shards' shards.json / img2dataset stats
-    workers: int = 2  # streaming: DataLoader processes per GPU decoding shards; 0 = in the training process
-    streams: int = 0  # streaming: shard streams each global batch draws from; 0 = processes x workers (keep it to resume on other hardware)
-    shuffle_buffer: int = 1000  # streaming: samples each stream shuffles among (more mixes better, costs memory)
 
     def validate(self) -> None:
         """Raise ConfigError (one line: the key, the value, the allowed range) for a value out of range."""
         check(self.layout in ("auto", *LAYOUTS), "layout", self.layout, "auto | " + " | ".join(LAYOUTS))
         check(bool(self.synthetic_dir), "synthetic_dir", self.synthetic_dir, "a folder path")
         # negative sizes would slice the shuffled order from its end: splits that overlap
-        for key in ("val_images", "test_images", "val_from_train", "train_samples", "workers", "streams",
-                    "shuffle_buffer"):
+        for key in ("val_images", "test_images", "val_from_train"):
             check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
 
     def absolute(self) -> "DataConfig":
         """This config with its local paths made absolute, as a run saves it: the run folder then
         evaluates and searches from any directory and after a `mv` (URLs and `hf:` names stay)."""
-        paths = {k: _absolute(getattr(self, k)) for k in ("path", "synthetic_dir", "cache_dir", "val_data", "test_data")}
-        return replace(self, **paths)
+        return replace(self, **{k: absolute_path(getattr(self, k)) for k in ("path", "synthetic_dir", "cache_dir")})
 
 
-def _absolute(path: str) -> str:
+def absolute_path(path: str) -> str:
+    """A local path made absolute; URLs, `hf:` names and empty paths as they are."""
     # "hf:NAME", "pipe:cmd", "https://..." name no local file; "C:\\..." (one letter) does
     if not path or re.match(r"^[A-Za-z][\w+.-]+:", path):
         return path
@@ -157,7 +150,7 @@ def run_data_config(run_dir, path: str | None = None, layout: str = "auto") -> D
     if path:
         return replace(cfg, path=str(path), layout=layout)
     cfg.path = cfg.path or cfg.synthetic_dir
-    if _absolute(cfg.path) == cfg.path and not Path(cfg.path).exists() and not _is_pattern(cfg.path):
+    if absolute_path(cfg.path) == cfg.path and not Path(cfg.path).exists() and not _is_pattern(cfg.path):
         raise DataError(f"{cfg.path}: the dataset {Path(run_dir).name} was trained on is not there (moved "
                         "or deleted?): point at a copy with --data=DIR")
     return cfg

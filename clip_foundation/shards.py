@@ -222,12 +222,12 @@ def extract(urls: list[str], cache_root: str | Path) -> list[Record]:
     return [Record(image=folder / row["image"], captions=row["captions"]) for row in json.loads(listing.read_text())]
 
 
-def streamed_splits(cfg) -> dict[str, list[Record]]:
+def streamed_splits(cfg: DataConfig, streaming) -> dict[str, list[Record]]:
     """A streamed run's splits: "train" holds a caption sample (the first shards' captions, up
-    to 10,000 samples, for a scratch tokenizer); val/test are `cfg.val_data`/`cfg.test_data`,
-    dataset folders or shard sets (extracted once into files under `cfg.cache_dir`)."""
+    to 10,000 samples, for a scratch tokenizer); val/test are `streaming.val_data` / `.test_data`
+    (a stream.StreamConfig), dataset folders or shard sets (extracted once under `cfg.cache_dir`)."""
     wds = optional("webdataset", "shards", "WebDataset shards")
-    if not (cfg.val_data or cfg.test_data):
+    if not (streaming.val_data or streaming.test_data):
         raise DataError("streaming from shards needs --val_data or --test_data (a dataset folder or shard set) "
                         "to pick and score the model")
     train, counter = [], SampleCounter()
@@ -238,7 +238,7 @@ def streamed_splits(cfg) -> dict[str, list[Record]]:
         if len(train) >= 10_000:
             break
     splits = {"train": train}
-    for split, source in (("val", cfg.val_data), ("test", cfg.test_data)):
+    for split, source in (("val", streaming.val_data), ("test", streaming.test_data)):
         if not source:
             splits[split] = []
         elif is_shards(source):

@@ -24,14 +24,15 @@ from __future__ import annotations
 import io
 import json
 import random
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from clipModel import resize_crop, to_model_input
+from clipModel import check, resize_crop, to_model_input
 
-from .data import token_batch
+from .data import absolute_path, token_batch
 from .extras import optional
 from .records import DataError, caption_fault, has_visible, open_rgb
 
@@ -316,14 +317,35 @@ def _position(piece) -> tuple[int, int]:
     return tuple(piece["position"])
 
 
+@dataclass
+class StreamConfig:
+    """Streaming options: used when --data names shards (see the module docstring)."""
+    val_data: str = ""  # the val set when --data names shards: a dataset folder or shard set
+    test_data: str = ""  # the test set when --data names shards: a dataset folder or shard set
+    train_samples: int = 0  # samples per epoch; 0 = the count in the shards' shards.json / img2dataset stats
+    workers: int = 2  # DataLoader processes per GPU decoding shards; 0 = in the training process
+    streams: int = 0  # shard streams each global batch draws from; 0 = processes x workers (keep it to resume on other hardware)
+    shuffle_buffer: int = 1000  # samples each stream shuffles among (more mixes better, costs memory)
+
+    def validate(self) -> None:
+        """ConfigError (one line: the key, the value, the allowed range) for a value out of range."""
+        for key in ("train_samples", "workers", "streams", "shuffle_buffer"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
+
+    def absolute(self) -> "StreamConfig":
+        """Local val/test paths made absolute, as a run saves them (see DataConfig.absolute)."""
+        return replace(self, val_data=absolute_path(self.val_data), test_data=absolute_path(self.test_data))
+
+
 class StreamInputs:
     """The training loop's inputs when --data names shards (in place of inputs.Inputs):
     `len()` steps per epoch, `batches()` -> (images (b, 3, S, S) uint8, tokens (b, 2, T)),
     `embed()` for the model step, and `state()`/`restore()` for checkpoints."""
 
-    def __init__(self, model, cfg, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, model, path: str, cfg: StreamConfig, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1):
         self.model, self.cfg, self.seed, self.rank, self.world = model, cfg, seed, rank, world
-        self.urls = shard_urls(cfg.path)
+        self.urls = shard_urls(path)
         workers = max(cfg.workers, 1)
         self.streams = cfg.streams or world * workers
         if self.streams % world or (self.streams // world) % workers:
@@ -331,11 +353,11 @@ class StreamInputs:
         if batch_size % self.streams:
             raise ValueError(f"batch_size {batch_size} does not split into {self.streams} equal stream pieces")
         if len(self.urls) < self.streams:
-            raise DataError(f"{cfg.path}: {len(self.urls)} shards for {self.streams} streams (processes x workers): "
+            raise DataError(f"{path}: {len(self.urls)} shards for {self.streams} streams (processes x workers): "
                             "every stream needs a shard; write smaller shards or pass fewer --workers")
         samples = cfg.train_samples or count_samples(self.urls)
         if not samples:
-            raise DataError(f"{cfg.path}: the number of samples is unknown (no shards.json or *_stats.json "
+            raise DataError(f"{path}: the number of samples is unknown (no shards.json or *_stats.json "
                             "beside the shards): pass --train_samples=N")
         self.batch_size, self.steps = batch_size, samples // batch_size
         if not self.steps:

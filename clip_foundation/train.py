@@ -111,12 +111,14 @@ class RunConfig:
     model: CLIPConfig = field(default_factory=lambda: CLIPConfig(
         image=ImageEncoderConfig(kind="scratch"), text=TextEncoderConfig(kind="scratch", pooling="mean")))
     data: DataConfig = field(default_factory=DataConfig)
+    stream: stream.StreamConfig = field(default_factory=stream.StreamConfig)  # used when --data names shards
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
-        """Check every model, data and training value (ConfigError names the first one out of range)."""
+        """Check every model, data, streaming and training value (ConfigError names the first one out of range)."""
         self.model.validate()
         self.data.validate()
+        self.stream.validate()
         self.train.validate()
 
     @classmethod
@@ -126,13 +128,13 @@ class RunConfig:
             known = {f.name: f for f in fields(kind)}
             return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
         return cls(CLIPConfig.from_dict(d["model"]), build(DataConfig, d.get("data", {})),
-                   build(TrainConfig, d.get("train", {})))
+                   build(stream.StreamConfig, d.get("stream", {})), build(TrainConfig, d.get("train", {})))
 
 
 def prepare_data(cfg: RunConfig):
     """Resolve the dataset folder (generating the synthetic set if needed) and split it."""
     if stream.is_shards(cfg.data.path):  # streamed train set; val/test from their own folders
-        return shards.streamed_splits(cfg.data)
+        return shards.streamed_splits(cfg.data, cfg.stream)
     if not cfg.data.path:
         from .synthetic import SyntheticConfig, ensure_synthetic
         ensure_synthetic(cfg.data.synthetic_dir, SyntheticConfig(), progress=cfg.train.progress)
@@ -170,7 +172,7 @@ def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
 
 def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPModel, Path, dict]:
     cfg.validate()  # resolve_config did for the command line; Python callers get the same one-line errors
-    cfg.data = cfg.data.absolute()  # saved so: the run folder works from any directory and after a mv
+    cfg.data, cfg.stream = cfg.data.absolute(), cfg.stream.absolute()  # saved so: the run folder works anywhere
     tc = cfg.train
     random.seed(tc.seed)
     torch.manual_seed(tc.seed)
@@ -191,7 +193,7 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
         inputs = {}
         streaming = stream.is_shards(cfg.data.path)
         if streaming:  # no decoded cache of the train set: batches stream from its shards
-            inputs["train"] = stream.StreamInputs(model, cfg.data, tc.batch_size, tc.seed, rank, world)
+            inputs["train"] = stream.StreamInputs(model, cfg.data.path, cfg.stream, tc.batch_size, tc.seed, rank, world)
         for s in [s for s in splits if splits[s] and (s == "train" or main_rank) and s not in inputs]:
             images, splits[s] = decode_images(splits[s], model.config.image.image_size, cfg.data.cache_dir,
                                               cfg.data.skip_bad, tc.progress and main_rank)
@@ -249,7 +251,7 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
     else:
         loss_fn = gathered_clip_loss if world > 1 else clip_loss
     no_sync = getattr(step_module, "no_sync", contextlib.nullcontext)
-    extra = {"data": asdict(cfg.data), "train": asdict(tc)}
+    extra = {"data": asdict(cfg.data), "stream": asdict(cfg.stream), "train": asdict(tc)}
     logger = RunLogger(run_dir, position["history"], tc.tensorboard) if main_rank else None
     if main_rank:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -205,10 +205,11 @@ def test_a_run_whose_dataset_is_gone_names_it_and_the_data_option(tiny_run, tmp_
 
 def test_a_run_saves_its_local_data_paths_absolute(tmp_path, monkeypatch):
     from clip_foundation.data import DataConfig
+    from clip_foundation.stream import StreamConfig
     monkeypatch.chdir(tmp_path)
-    typed = DataConfig(path="data/photos", cache_dir="~/cache", val_data="shards/{000..009}.tar",
-                       test_data="hf:user/set")
-    saved = typed.absolute()
+    saved = DataConfig(path="data/photos", cache_dir="~/cache").absolute()
     assert saved.path == str(tmp_path / "data" / "photos") and saved.synthetic_dir == str(tmp_path / "data" / "synthetic")
-    assert saved.cache_dir == os.path.expanduser("~/cache") and saved.val_data == str(tmp_path / "shards/{000..009}.tar")
-    assert saved.test_data == "hf:user/set"  # not a local path: kept as typed
+    assert saved.cache_dir == os.path.expanduser("~/cache")
+    streamed = StreamConfig(val_data="shards/{000..009}.tar", test_data="hf:user/set").absolute()
+    assert streamed.val_data == str(tmp_path / "shards/{000..009}.tar")
+    assert streamed.test_data == "hf:user/set"  # not a local path: kept as typed
