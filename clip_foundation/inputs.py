@@ -1,15 +1,55 @@
 """What the model consumes: a split's decoded images or a frozen image tower's cached
-features, and its pre-tokenized captions or a frozen text tower's cached features."""
+features, and its pre-tokenized captions or a frozen text tower's cached features.
+
+The training loop reads its training inputs only through `TrainingInputs`, which the cached
+path (`TrainInputs` here) and the streamed path (`stream.StreamInputs`) both implement."""
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
 from clipModel import CLIPModel, to_model_input
 
-from .data import all_captions, prefetch, token_batch
+from .data import UniqueImageBatchSampler, all_captions, batch_indices, prefetch, token_batch
 from .features import image_tower_features, text_tower_features
 from .querybank import recall_with_bank
 from .retrieval import embed_records, eval_mode
+
+
+class TrainingInputs(Protocol):
+    """What the training loop asks of its training inputs, cached or streamed."""
+
+    def __len__(self) -> int:
+        """Optimizer steps per epoch."""
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Begin `epoch`, skipping its first `start` batches (a resumed run did them)."""
+
+    def batches(self, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's remaining batches: (image rows, captions), as `embed` takes them."""
+
+    def embed(self, model: CLIPModel, image_rows, captions, augment: bool = False):
+        """-> normalised (image embeddings, text embeddings) of a batch, on the model's device."""
+
+    def move_rows(self, device: torch.device, mode: str) -> None:
+        """Keep the image rows on the device when asked (`mode`: auto | on | off) and they fit."""
+
+    def refresh_tokens(self, model: CLIPModel) -> None:
+        """Tokenize the captions again: the tokenizer was replaced (rank 0's, under torchrun)."""
+
+    def manifest(self) -> list[str]:
+        """What the training split is, for the run's split.json (image paths or shard URLs)."""
+
+    def state(self) -> dict | None:
+        """What a checkpoint must keep to resume mid-data (a collective under torchrun)."""
+
+    def restore(self, state: dict | None) -> None:
+        """Continue from a checkpoint's `state()`."""
+
+    def report(self) -> str:
+        """One line on the samples skipped while training, or "" (a collective under torchrun)."""
 
 
 def tower_trains(frozen: bool, trained_blocks: int) -> bool:
@@ -57,11 +97,15 @@ class Inputs:
             rows = rows.pin_memory()
         return rows
 
-    def batches(self, indices, device: torch.device):
+    def gather(self, indices, device: torch.device):
         """(image index, caption index) batches -> (image rows, caption index); host gathers run
         one batch ahead in a thread, device-resident rows are gathered on the device."""
         gathered = ((self.batch_rows(i, device), c) for i, c in indices)
         return gathered if self.image_rows().device == device else prefetch(gathered)
+
+    def refresh_tokens(self, model: CLIPModel) -> None:
+        if self.tokens is not None:  # frozen text features do not depend on token numbering
+            self.tokens = model.tokenize(all_captions(self.records))
 
     def embed(self, model: CLIPModel, image_rows, caption_index, augment: bool = False):
         """-> normalised (image embeddings, text embeddings) of a batch, on the model's device."""
@@ -77,23 +121,55 @@ class Inputs:
             text_f = model.encode_text(ids.to(device), mask.to(device))
         return image_f, text_f
 
-    @torch.no_grad()
-    def evaluate(self, model: CLIPModel, querybank=None) -> dict:
-        """Recall metrics; cheap when both towers' features are cached. With `querybank`
-        ((bank, alpha, beta), see querybank.py) also those with querybank normalisation."""
-        if self.image_features is None or self.text_features is None:
-            image_f, text_f, _ = embed_records(model, self.records, self.images)
-        else:
-            with eval_mode(model):
-                image_f = model.project_image(self.image_features.to(model.device)).float()
-                text_f = model.project_text(self.text_features.to(model.device)).float()
-        return recall_with_bank(image_f, text_f, self.records, querybank)
+
+
+class TrainInputs(Inputs):
+    """The cached training split, drawn by the unique-image sampler: the `TrainingInputs` of
+    decoded images and cached features."""
+
+    def __init__(self, model: CLIPModel, records, images, sampler: UniqueImageBatchSampler, **kwargs):
+        super().__init__(model, records, images, **kwargs)
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start)
+
+    def batches(self, device: torch.device):
+        return self.gather(batch_indices(self.sampler, self.records), device)
+
+    def manifest(self) -> list[str]:
+        return [str(r.image) for r in self.records]
+
+    def state(self) -> None:
+        return None  # the sampler's order follows from the seed and the epoch
+
+    def restore(self, state) -> None:
+        pass
+
+    def report(self) -> str:
+        return ""  # bad images were dropped (and reported) when the split was decoded
+
+
+@torch.no_grad()
+def split_recall(model: CLIPModel, inputs: Inputs, querybank=None) -> dict:
+    """Recall metrics of a split; cheap when both towers' features are cached. With `querybank`
+    ((bank, alpha, beta), see querybank.py) also those with querybank normalisation."""
+    if inputs.image_features is None or inputs.text_features is None:
+        image_f, text_f, _ = embed_records(model, inputs.records, inputs.images)
+    else:
+        with eval_mode(model):
+            image_f = model.project_image(inputs.image_features.to(model.device)).float()
+            text_f = model.project_text(inputs.text_features.to(model.device)).float()
+    return recall_with_bank(image_f, text_f, inputs.records, querybank)
 
 
 class Embedder(torch.nn.Module):
     """The model step as one module, so DDP (which hooks a module's forward) can wrap it."""
 
-    def __init__(self, model: CLIPModel, inputs: Inputs, augment: bool):
+    def __init__(self, model: CLIPModel, inputs: TrainingInputs, augment: bool):
         super().__init__()
         self.model, self.inputs, self.augment = model, inputs, augment
 

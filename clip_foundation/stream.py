@@ -338,9 +338,9 @@ class StreamConfig:
 
 
 class StreamInputs:
-    """The training loop's inputs when --data names shards (in place of inputs.Inputs):
-    `len()` steps per epoch, `batches()` -> (images (b, 3, S, S) uint8, tokens (b, 2, T)),
-    `embed()` for the model step, and `state()`/`restore()` for checkpoints."""
+    """The training loop's inputs when --data names shards (inputs.TrainingInputs, as the cached
+    path's inputs.TrainInputs): `len()` steps per epoch, `batches()` -> (images (b, 3, S, S) uint8,
+    tokens (b, 2, T)), `embed()` for the model step, and `state()`/`restore()` for checkpoints."""
 
     def __init__(self, model, path: str, cfg: StreamConfig, batch_size: int, seed: int, rank: int = 0,
                  world: int = 1):
@@ -379,6 +379,12 @@ class StreamInputs:
     def move_rows(self, device, mode):  # streamed rows are never resident
         pass
 
+    def refresh_tokens(self, model):  # captions are tokenized per batch, with the model's tokenizer
+        pass
+
+    def manifest(self) -> list[str]:
+        return list(self.urls)
+
     def restore(self, state: dict | None):
         """Continue from a checkpoint's `state()`; a stream count that changed is an error."""
         if not state:
@@ -399,7 +405,7 @@ class StreamInputs:
                                                 prefetch_factor=2 if workers else None,
                                                 persistent_workers=workers > 0))
 
-    def batches(self, sampler, device: torch.device):
+    def batches(self, device: torch.device):
         """This epoch's remaining steps -> (images (b, 3, S, S) uint8, tokens (b, 2, T): ids, mask)."""
         if self.iterator is None:
             self.iterator = self._loader()

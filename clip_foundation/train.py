@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 
 from . import cli, distributed, querybank, shards, stream
-from .checkpoint import (STATE_FILE, check_run_name, find_resume, hold_run, last_checkpoint,
-                                        load_last, new_run_dir, save_last)
-from .data import (DataConfig, all_captions, batch_indices, check_captions, decode_images,
-                                  load_splits, split_manifest, train_sampler)
+from .checkpoint import (STATE_FILE, check_run_name, find_resume, hold_run, last_checkpoint, load_last,
+                         new_run_dir, save_last)
+from .data import DataConfig, all_captions, check_captions, decode_images, load_splits, split_manifest, train_sampler
 from .engine import (PRECISIONS, SCHEDULES, NonFiniteLoss, build_optimizer, build_scheduler,
-                                    contrastive_backward, freeze_towers, grad_scaler, optimizer_step, resolve_device,
-                                    resolve_precision, rng_state, set_grad_checkpointing, set_rng_state)
-from .inputs import Embedder, Inputs, set_train_mode, tower_trains
+                     contrastive_backward, freeze_towers, grad_scaler, optimizer_step, resolve_device,
+                     resolve_precision, rng_state, set_grad_checkpointing, set_rng_state)
+from .inputs import Embedder, Inputs, TrainingInputs, TrainInputs, set_train_mode, split_recall, tower_trains
 from .presets import PRESETS, expand_preset
 from .records import DataError, DataWarning, caption_fault
 from .retrieval import format_metrics
@@ -180,31 +179,26 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
     main_rank = distributed.is_main()
     image_trains = tower_trains(tc.freeze_image, tc.train_image_blocks)
     text_trains = tower_trains(tc.freeze_text, tc.train_text_blocks)
+    # 1. the run to continue, if any, held before any work
     resume_from = find_resume(tc.resume, tc.out_dir, tc.run_name) if tc.resume else None
     if resume_from is None:
         check_run_name(tc.out_dir, tc.run_name, tc.overwrite)
     elif main_rank:  # before any work: no other run may write in the folder from here on
         held.enter_context(hold_run(resume_from.parent))
+    # 2. data, model and inputs
     with distributed.main_first():  # rank 0 generates data and fills the caches; the others read them
         splits = prepare_data(cfg)
         model, state = build_model(cfg, splits, device, resume_from)
         splits = {s: check_captions(recs, model.tokenizer, cfg.data.skip_bad) for s, recs in splits.items()}
         cfg.model = model.config  # resolved: image size and normalisation filled in
-        inputs = {}
-        streaming = stream.is_shards(cfg.data.path)
-        if streaming:  # no decoded cache of the train set: batches stream from its shards
-            inputs["train"] = stream.StreamInputs(model, cfg.data.path, cfg.stream, tc.batch_size, tc.seed, rank, world)
-        for s in [s for s in splits if splits[s] and (s == "train" or main_rank) and s not in inputs]:
-            images, splits[s] = decode_images(splits[s], model.config.image.image_size, cfg.data.cache_dir,
-                                              cfg.data.skip_bad, tc.progress and main_rank)
-            inputs[s] = Inputs(model, splits[s], images, image_trains=image_trains, text_trains=text_trains,
-                               augment=tc.augment, cache_dir=cfg.data.cache_dir, progress=tc.progress)
+        inputs = build_inputs(cfg, model, splits, rank, world)
+    train_inputs: TrainingInputs = inputs["train"]
     if world > 1 and resume_from is None:  # a scratch tokenizer trained in each process numbers tokens its own way
         model.tokenizer = distributed.broadcast_object(model.tokenizer)
-        if not streaming and inputs["train"].tokens is not None:  # streamed captions are tokenized per batch
-            inputs["train"].tokens = model.tokenize(all_captions(splits["train"]))
+        train_inputs.refresh_tokens(model)
     if world > 1:
         torch.manual_seed(tc.seed + rank)  # different augmentation and dropout on each rank
+    # 3. the run folder
     if resume_from is not None:
         run_dir = resume_from.parent
     else:  # claimed only now, so a run that fails while preparing its data leaves no folder
@@ -214,15 +208,12 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
         run_dir = distributed.broadcast_object(run_dir)
     if main_rank:
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        (run_dir / "split.json").write_text(json.dumps(
-            {**split_manifest(splits), **({"train": inputs["train"].urls} if streaming else {})}))
-    train_inputs = inputs["train"]
+        (run_dir / "split.json").write_text(json.dumps({**split_manifest(splits), "train": train_inputs.manifest()}))
+    # 4. optimization: optimizer, schedule, precision, and where a resumed run left them
     train_inputs.move_rows(device, tc.images_on_device)
-    sampler = train_inputs if streaming else train_sampler(splits["train"], tc.batch_size, tc.captions_per_epoch,
-                                                           tc.seed, rank, world)
     if (tc.batch_size // world) % tc.accum_steps:
         raise ValueError(f"batch_size {tc.batch_size} does not split into {world} x {tc.accum_steps} equal micro-batches")
-    total_steps = tc.epochs * len(sampler)
+    total_steps = tc.epochs * len(train_inputs)
     precision = resolve_precision(tc.precision, device)
     optimizer = build_optimizer(model, device, tc.lr, tc.weight_decay, tc.image_lr, tc.text_lr)
     scheduler = build_scheduler(optimizer, tc.schedule, total_steps, tc.warmup_steps, tc.plateau_factor,
@@ -235,8 +226,7 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"], device)
         position = {k: state[k] for k in position}
-        if streaming:
-            train_inputs.restore(state.get("stream"))
+        train_inputs.restore(state.get("stream"))
     if tc.compile:
         model.image_encoder.compile()
         model.text_encoder.compile()
@@ -266,14 +256,14 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
                  "step": step, "best": best, "history": history}
         save_last(run_dir, model, state, extra)
 
+    # 5. the epochs: steps, logs, checkpoints, validation, the best model kept
     history, step, best = position["history"], position["step"], position["best"]
     for epoch in range(position["epoch"], tc.epochs):
         set_train_mode(model, image_trains, text_trains)
         start = position["batch"] if epoch == position["epoch"] else 0
-        sampler.set_epoch(epoch, start)
-        source = sampler if streaming else batch_indices(sampler, splits["train"])
-        bar = _progress(train_inputs.batches(source, device),
-                        tc.progress and main_rank, f"epoch {epoch + 1}/{tc.epochs}", len(sampler), start)
+        train_inputs.set_epoch(epoch, start)
+        bar = _progress(train_inputs.batches(device),
+                        tc.progress and main_rank, f"epoch {epoch + 1}/{tc.epochs}", len(train_inputs), start)
         tick, pairs = time.perf_counter(), 0
         for batch, (rows, caption_index) in enumerate(bar, start=start + 1):
             rows = rows.to(device, non_blocking=True)
@@ -291,7 +281,7 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
             if tc.schedule != "plateau":
                 scheduler.step()
             step, pairs = step + 1, pairs + len(rows) * world
-            if step % tc.log_every == 0 or batch == len(sampler):
+            if step % tc.log_every == 0 or batch == len(train_inputs):
                 loss_value = distributed.mean(loss).item()  # a collective: every rank joins
                 if main_rank:
                     rate = pairs / (time.perf_counter() - tick)
@@ -302,21 +292,21 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
                     if hasattr(bar, "set_postfix"):
                         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{entry['lr']:.1e}", pairs_s=f"{rate:.0f}")
                     tick, pairs = time.perf_counter(), 0
-            if tc.save_every and step % tc.save_every == 0 and batch < len(sampler):
-                stream_state = train_inputs.state() if streaming else None  # a collective: every rank joins
+            if tc.save_every and step % tc.save_every == 0 and batch < len(train_inputs):
+                stream_state = train_inputs.state()  # a collective: every rank joins
                 if main_rank:
                     checkpoint(epoch, batch, stream_state)
                 distributed.barrier()
         entry = {"epoch": epoch + 1, "step": step, "epoch_end": True}
         if main_rank and "val" in inputs:
-            val = inputs["val"].evaluate(model)
+            val = split_recall(model, inputs["val"])
             entry.update({f"val_{k}": v for k, v in val.items()})
             print(f"epoch {epoch + 1}: val text->image R@1 {val['text_to_image_R@1']:.1f} "
                   f"R@5 {val['text_to_image_R@5']:.1f}, mean recall {val['mean_recall']:.1f}")
         score = distributed.broadcast_float(entry.get("val_mean_recall", float(epoch)))  # no val split: keep the latest
         if tc.schedule == "plateau":
             scheduler.step(score)
-        stream_state = train_inputs.state() if streaming else None  # a collective: every rank joins
+        stream_state = train_inputs.state()  # a collective: every rank joins
         if main_rank:
             history.append(entry)
             logger.log(entry)
@@ -328,12 +318,35 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
             if on_epoch is not None:
                 on_epoch(history, run_dir)
         distributed.barrier()
-    if streaming and (skips := train_inputs.report()) and main_rank:  # a collective: every rank joins
+    if (skips := train_inputs.report()) and main_rank:  # a collective: every rank joins
         warnings.warn(skips, DataWarning)
     if not main_rank:
         return model, run_dir, {}
     logger.close()
+    # 6. the best model, tested
     return _finish(cfg, model, run_dir, splits, inputs, device)
+
+
+def build_inputs(cfg: RunConfig, model: CLIPModel, splits, rank: int = 0, world: int = 1) -> dict:
+    """Each split ready for the model: "train" as `TrainingInputs` (streamed from shards, or decoded
+    images / cached tower features drawn by the unique-image sampler), val and test (rank 0 only)
+    decoded once, with frozen towers' features computed once."""
+    tc, main_rank = cfg.train, distributed.is_main()
+    kinds = dict(image_trains=tower_trains(tc.freeze_image, tc.train_image_blocks),
+                 text_trains=tower_trains(tc.freeze_text, tc.train_text_blocks),
+                 augment=tc.augment, cache_dir=cfg.data.cache_dir, progress=tc.progress)
+    inputs = {}
+    if stream.is_shards(cfg.data.path):  # no decoded cache of the train set: batches stream from its shards
+        inputs["train"] = stream.StreamInputs(model, cfg.data.path, cfg.stream, tc.batch_size, tc.seed, rank, world)
+    for s in [s for s in splits if splits[s] and (s == "train" or main_rank) and s not in inputs]:
+        images, splits[s] = decode_images(splits[s], model.config.image.image_size, cfg.data.cache_dir,
+                                          cfg.data.skip_bad, tc.progress and main_rank)
+        if s == "train":
+            sampler = train_sampler(splits[s], tc.batch_size, tc.captions_per_epoch, tc.seed, rank, world)
+            inputs[s] = TrainInputs(model, splits[s], images, sampler, **kinds)
+        else:
+            inputs[s] = Inputs(model, splits[s], images, **kinds)
+    return inputs
 
 
 class RunLogger:
@@ -380,7 +393,7 @@ def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, dev
         querybank.save_bank(run_dir, querybank.caption_bank(model, inputs["train"], cfg.train.querybank,
                                                             cfg.train.seed), querybank.ALPHA, querybank.BETA)
     bank = querybank.load_bank(run_dir)  # as saved (float16), so evaluate.py reproduces these figures
-    metrics = {"split": split, **inputs[split].evaluate(model, querybank=bank)}
+    metrics = {"split": split, **split_recall(model, inputs[split], querybank=bank)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"{split} split:\n{format_metrics(metrics)}")
     from .gallery import find_matches, load_or_build_index
