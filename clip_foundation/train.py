@@ -29,6 +29,7 @@ from .inputs import Embedder, Inputs, TrainingInputs, TrainInputs, set_train_mod
 from .presets import PRESETS, expand_preset
 from .records import DataError, DataWarning, caption_fault
 from .retrieval import format_metrics
+from .runlog import RunLogger, draw_curves, progress_bar
 from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, check,
                        clip_loss, gathered_clip_loss, read_saved_config, siglip_loss)
 
@@ -262,7 +263,7 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
         set_train_mode(model, image_trains, text_trains)
         start = position["batch"] if epoch == position["epoch"] else 0
         train_inputs.set_epoch(epoch, start)
-        bar = _progress(train_inputs.batches(device),
+        bar = progress_bar(train_inputs.batches(device),
                         tc.progress and main_rank, f"epoch {epoch + 1}/{tc.epochs}", len(train_inputs), start)
         tick, pairs = time.perf_counter(), 0
         for batch, (rows, caption_index) in enumerate(bar, start=start + 1):
@@ -314,7 +315,7 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
                 model.save_pretrained(run_dir, extra_config=extra)
             best = max(best, score)
             checkpoint(epoch + 1, 0, stream_state)
-            _draw_curves(history, run_dir / "curves.png")
+            draw_curves(history, run_dir / "curves.png")
             if on_epoch is not None:
                 on_epoch(history, run_dir)
         distributed.barrier()
@@ -349,38 +350,6 @@ def build_inputs(cfg: RunConfig, model: CLIPModel, splits, rank: int = 0, world:
     return inputs
 
 
-class RunLogger:
-    """One JSON line per entry in log.jsonl, and TensorBoard scalars when it is installed.
-
-    A resumed run starts from the checkpoint's history: lines logged after that checkpoint
-    are dropped from both, since those steps are about to be run again."""
-
-    def __init__(self, run_dir: Path, history: list[dict], tensorboard: bool):
-        self.file = open(run_dir / "log.jsonl", "w")
-        self.file.writelines(json.dumps(entry) + "\n" for entry in history)
-        self.board = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                step = max((e["step"] for e in history), default=0)
-                self.board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if history else None)
-            except ImportError:  # tensorboard is optional
-                pass
-
-    def log(self, entry: dict):
-        self.file.write(json.dumps(entry) + "\n")
-        self.file.flush()
-        if self.board is not None:
-            for key, value in entry.items():
-                if key not in ("step", "epoch", "epoch_end") and isinstance(value, (int, float)):
-                    self.board.add_scalar(key.replace("val_", "val/"), value, entry["step"])
-
-    def close(self):
-        self.file.close()
-        if self.board is not None:
-            self.board.close()
-
-
 def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, device):
     """Reload the best model, test it, draw retrieval grids, write metrics.json."""
     model = CLIPModel.from_pretrained(run_dir, device=device)
@@ -406,18 +375,6 @@ def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, dev
     query_grids(results, path=run_dir / "matches.png")
     print(f"saved model, config, metrics.json, log.jsonl, curves.png and matches.png in {run_dir}")
     return model, run_dir, metrics
-
-
-def _progress(iterable, enabled: bool, desc: str, total: int, initial: int = 0):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, leave=False, total=total, initial=initial)
-
-
-def _draw_curves(history, path):
-    from .plots import training_curves
-    training_curves(history, path)
 
 
 USAGE = ("usage: python train.py [--preset=NAME] [--key=value ...]   (e.g. --epochs=5 --data=DIR --image.kind=timm)\n"
