@@ -259,6 +259,10 @@ class Tower(nn.Module):
     def save_config(self, folder: Path) -> None:
         """Write what `offline_config` needs beside the weights (nothing for most kinds)."""
 
+    def describe(self, cfg) -> str:
+        """What this tower is, in a few words for people (the search page shows it)."""
+        return f"{self.kind} {cfg.name}"
+
     def blocks(self) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
         """-> (the tower's blocks in order, each a list of its parameters; the parameters after
         the last block, such as a final norm): lets training unfreeze only the last N blocks."""
@@ -342,6 +346,9 @@ def _adapter(kinds: dict, cfg, tower: str):
 class _ScratchTower:
     """Shared by both scratch adapters: the width/depth/heads a transformer can be built with."""
     kind = "scratch"
+
+    def describe(self, cfg) -> str:
+        return "scratch (trained from nothing)"
 
     @classmethod
     def check_config(cls, cfg) -> None:

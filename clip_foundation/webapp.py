@@ -288,8 +288,8 @@ def _synthetic_labels() -> str:
 def describe_run(gallery: Gallery, captions: GalleryIndex | None, caption_note: str, data, split) -> dict:
     """What the page shows as loaded: model, towers, gallery, index kind, the run's test recall."""
     cfg, folder = gallery.model.config, Path(gallery.checkpoint)
-    towers = [f"{t.kind} {t.name}" if t.kind != "scratch" else "scratch (trained from nothing)"
-              for t in (cfg.image, cfg.text)]
+    model = gallery.model
+    towers = [model.image_encoder.describe(cfg.image), model.text_encoder.describe(cfg.text)]
     faiss = gallery.images.meta.get("faiss")
     index = "exact (matrix product + top-k)" if not faiss else faiss["type"] + "".join(
         f", {k} {v}" for k, v in faiss.items() if k in ("nlist", "nprobe") or k.startswith("recall@"))

@@ -1,6 +1,7 @@
 """The project's shape: scripts at the root over one library package, imports pointing one way,
 no cycles, a small public API, and `eval_mode` restoring every module's own mode."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,56 @@ def test_eval_mode_restores_every_module_even_after_an_exception(start_training)
             assert not any(m.training for m in model.modules())
             raise KeyboardInterrupt  # a notebook user interrupting an embedding cell
     assert [m.training for m in model.modules()] == before
+
+
+def test_the_model_floor_imports_nothing_of_the_library():
+    assert not {t for t in graph()["clipModel"] if t.startswith(PACKAGE)}, "clipModel.py must stand alone"
+
+
+def test_root_scripts_are_command_lines_over_their_library_module():
+    for script in SCRIPTS:
+        imports = imports_of(script, ROOT / f"{script}.py", set(modules()))
+        assert imports == {f"{PACKAGE}.{script}"}, f"{script}.py imports {imports}"
+
+
+def _imported_modules(source: str) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            found.add((node.module or "").split(".")[0])
+    return found
+
+
+def test_readme_and_notebook_import_no_script():
+    import json
+    import re
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    cells = ["".join(c["source"]) for c in json.loads((ROOT / "build_model.ipynb").read_text())["cells"]
+             if c["cell_type"] == "code"]
+    for code in blocks + cells:
+        # IPython's %magic and !shell lines are not Python: a `pass` keeps their blocks valid
+        code = "\n".join(line[:len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!"))
+                         else line for line in code.splitlines())
+        tree_imports = _imported_modules(code)
+        assert not tree_imports & SCRIPTS, f"imports a script: {tree_imports & SCRIPTS}\n{code[:200]}"
+
+
+def test_no_sys_path_edits_outside_tests():
+    offenders = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
+                 if "tests" not in p.relative_to(ROOT).parts and not p.relative_to(ROOT).parts[0].startswith((".", "build"))
+                 and "sys.path" in p.read_text()]
+    notebook = (ROOT / "build_model.ipynb").read_text()
+    assert not offenders and "sys.path" not in notebook, offenders
+
+
+def test_tower_kinds_are_told_apart_only_by_their_adapters():
+    # a new tower kind is one adapter class in clipModel.py: nobody switches on `kind`; the model
+    # looks an adapter up by it in one place (clipModel._adapter)
+    for name, path in modules().items():
+        source = path.read_text()
+        switches = re.findall(r"^.*\.kind\s*(?:==|!=|in\b).*$", source, flags=re.M)
+        allowed = ['    check(cfg.kind in kinds, f"{tower}.kind", cfg.kind, "one of " + ", ".join(kinds))']
+        assert [s for s in switches if s not in allowed] == [], f"{name} switches on a tower's kind"
