@@ -237,7 +237,7 @@ def test_hf_parquet_file_and_column_options(tmp_path):
 
 def test_hf_without_datasets_installed(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(DataError, match="pip install datasets"):
+    with pytest.raises(DataError, match=r'pip install "clip-foundation\[hf\]"'):
         load_records("hf:someone/some-dataset", cache_dir=tmp_path)
 
 
