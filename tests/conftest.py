@@ -67,3 +67,13 @@ def tiny_hf(tmp_path_factory):
     DistilBertModel(DistilBertConfig(vocab_size=5 + len(words), dim=32, n_layers=2, n_heads=2,
                                      hidden_dim=64, max_position_embeddings=64)).save_pretrained(root / "bert")
     return root
+
+
+TIERS = ("long", "slow", "browser", "distributed", "notebook")
+
+
+def pytest_collection_modifyitems(items):
+    # the everyday tier is what no other tier claims: `python -m pytest -m fast`
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(pytest.mark.fast)

@@ -8,7 +8,7 @@ from clip_foundation import train
 from benchmarks.synthetic_queries import main as query_benchmark
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_default_training_run_meets_the_acceptance_bar(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a fresh machine: the synthetic set is generated here
     model, run_dir, metrics = train.main(["--run_name=acceptance", "--progress=false"])

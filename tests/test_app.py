@@ -341,6 +341,7 @@ def test_a_login_is_asked_for(page):
         guarded.close()
 
 
+@pytest.mark.slow
 def test_a_burst_past_the_queue_is_told_it_is_full(page):
     import time
     from concurrent.futures import ThreadPoolExecutor
@@ -357,6 +358,7 @@ def test_a_burst_past_the_queue_is_told_it_is_full(page):
     assert sum(event == "complete" for event, _ in answers) == len(answers) - len(refused) >= 2
 
 
+@pytest.mark.slow
 def test_load_benchmark_smoke(tiny_run):
     from benchmarks import app_load
     data, run_dir, _ = tiny_run
@@ -365,6 +367,7 @@ def test_load_benchmark_smoke(tiny_run):
     assert len(result["rss_mb_per_chunk"]) == 2 and result["rss_before_mb"] > 0
 
 
+@pytest.mark.slow
 def test_close_and_exit_remove_the_pages_folder(page, tmp_path):
     import subprocess
     import sys
@@ -402,6 +405,7 @@ def test_uploads_are_capped(served, tmp_path):
 # ---------------------------------------------------------------- a real browser
 
 
+@pytest.mark.browser
 def test_in_a_real_browser(served, tiny_run, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python client is not installed")
     if not Path(CHROMIUM).is_file():

@@ -8,6 +8,8 @@ import torch
 
 from benchmarks import train_throughput
 
+pytestmark = pytest.mark.slow  # each benchmark's smoke run: seconds to a minute
+
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
 
 

@@ -77,6 +77,7 @@ def model_state(folder):
     return model.state_dict(), state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_step", [5, 9])  # 6 steps per epoch: mid epoch 1, mid epoch 2
 def test_resume_continues_to_the_uninterrupted_result(tiny_data, whole_run, monkeypatch, kill_step):
     with monkeypatch.context() as m:
@@ -103,6 +104,7 @@ def test_resume_continues_to_the_uninterrupted_result(tiny_data, whole_run, monk
     assert [loss for _, loss in resumed_log] == pytest.approx([loss for _, loss in whole_log], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_latest_and_extending_epochs(tiny_data, whole_run):
     shutil.copytree(whole_run, whole_run.parent / "extend")
     model, run_dir, _ = train.main(["--resume=latest", f"--out_dir={tiny_data[1] / 'runs'}", "--run_name=extend",
@@ -120,6 +122,7 @@ def test_resume_errors_are_clear(tmp_path):
         train.main([f"--resume={tmp_path}"])
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, monkeypatch):
     real, calls = train.clip_loss, []
 
@@ -194,6 +197,7 @@ for step in range(10**6):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.1, 0.5])
 def test_sigkill_during_saves_never_leaves_a_torn_checkpoint(tmp_path, delay):
     code = SAVER.format(root=str(ROOT), tests=str(ROOT / "tests"), run=str(tmp_path))

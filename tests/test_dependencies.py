@@ -63,6 +63,7 @@ def test_every_requirement_has_an_import_check():
     assert set(requirement_names()) == set(IMPORTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(IMPORTS))
 def test_requirement_imports_in_a_fresh_interpreter(name):
     # kaggle authenticates when imported: dummy credentials keep it quiet and offline

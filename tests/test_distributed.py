@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 from conftest import TINY_CAPTIONS, TINY_MODEL, wordpiece_tokenizer
 from clip_foundation.data import UniqueImageBatchSampler
 
+pytestmark = pytest.mark.distributed  # gloo process groups and torchrun
+
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, BATCH = 2, 8
 

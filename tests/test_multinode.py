@@ -11,6 +11,8 @@ import torch
 from conftest import TINY_MODEL, wordpiece_tokenizer
 from test_distributed import free_port
 
+pytestmark = pytest.mark.distributed  # two torchrun launchers
+
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("webdataset", reason="webdataset is not installed (requirements.txt)")
 

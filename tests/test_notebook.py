@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.notebook  # executes build_model.ipynb headless: about a minute
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "build_model.ipynb"
 TOOL = ROOT / "tools" / "strip_notebook.py"

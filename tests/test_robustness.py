@@ -104,6 +104,7 @@ def _train_in_process(argv):
     return str(run_dir)
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_get_their_own_folders(small_data):
     argv = run_args(small_data, "--epochs=1")
     ctx = multiprocessing.get_context("spawn")
@@ -116,6 +117,7 @@ def test_two_runs_started_together_get_their_own_folders(small_data):
             json.loads(line)  # one record a line, never two fused
 
 
+@pytest.mark.slow
 def test_an_existing_run_is_never_replaced_without_a_flag(small_data):
     first = train.main(run_args(small_data, "--run_name=keep"))[1]
     stamp = (first / "model.safetensors").stat().st_mtime_ns
@@ -128,6 +130,7 @@ def test_an_existing_run_is_never_replaced_without_a_flag(small_data):
     assert again == first and (first / "model.safetensors").stat().st_mtime_ns != stamp
 
 
+@pytest.mark.slow
 def test_a_run_folder_in_use_is_never_taken_over(small_data):
     # the probe: a second run with the same --run_name --overwrite deleted the first's folder mid-run
     refused = []
@@ -148,6 +151,7 @@ def test_a_run_folder_in_use_is_never_taken_over(small_data):
     assert (run_dir / "model.safetensors").is_file() and (run_dir / "matches.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_no_stale_lock(small_data):
     import signal
     import subprocess
@@ -173,6 +177,7 @@ def shape_run(small_data):
 
 @pytest.mark.parametrize("change", ["--image.width=32", "--projection_dim=32", "--text.kind=hf",
                                     "--image.image_size=48"])
+@pytest.mark.slow
 def test_resume_refuses_a_changed_model_shape(shape_run, change):
     run = shape_run
     with pytest.raises(SystemExit) as exc:
@@ -181,6 +186,7 @@ def test_resume_refuses_a_changed_model_shape(shape_run, change):
     assert "cannot change the model" in str(exc.value) and key in str(exc.value)
 
 
+@pytest.mark.slow
 def test_resume_accepts_training_options(small_data):
     run = small_data[1] / "runs" / "options"
     train.main(run_args(small_data, "--run_name=options"))
@@ -264,6 +270,7 @@ def test_disk_full_while_saving_last_is_one_clear_error(small_data, monkeypatch)
     assert not (small_data[1] / "runs" / "full" / "last.tmp").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_trainer_state_names_the_file(small_data, damage):
     run = small_data[1] / "runs" / f"state-{damage}"
@@ -275,6 +282,7 @@ def test_damaged_trainer_state_names_the_file(small_data, damage):
     assert "trainer_state.pt" in str(exc.value) and "corrupt" in str(exc.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text,problem", [("{\n", "not valid JSON"), ('{"train": {}}', 'no "model"')])
 def test_broken_run_config_names_the_file_on_resume(small_data, text, problem):
     run = small_data[1] / "runs" / "badconfig"

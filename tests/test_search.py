@@ -304,6 +304,7 @@ def test_prebuilt_index_cli(checkpoint, photo_folder, tmp_path, capsys):
     assert "no caption index" in str(exc.value)
 
 
+@pytest.mark.slow
 @needs_faiss
 def test_faiss_backend_cli_agrees_with_exact(tiny_run, checkpoint, tmp_path, capsys):
     data, _, _ = tiny_run

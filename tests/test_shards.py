@@ -169,6 +169,7 @@ def run_args(data, out, name, *extra):
             "--tensorboard=false", *TINY_MODEL, *extra]
 
 
+@pytest.mark.slow
 def test_streamed_run_reports_skips_and_resumes_from_its_positions(tmp_path, shard_set, capsys):
     from clip_foundation import train
     urls = bad_shards(tmp_path / "bad") + stream.shard_urls(str(shard_set[1] / "train"))[:2]
@@ -186,6 +187,7 @@ def test_streamed_run_reports_skips_and_resumes_from_its_positions(tmp_path, sha
     assert tuple(resumed["stream"]["positions"]["0"]) > tuple(state["positions"]["0"])
 
 
+@pytest.mark.slow
 def test_streamed_training_reaches_the_folder_recall(tiny_run, tmp_path):
     """The tiny_run fixture's data and recipe, streamed from shards instead of the decoded cache."""
     from clip_foundation import train
