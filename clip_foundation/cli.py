@@ -132,6 +132,17 @@ def usage_error(message: str, usage: str):
     raise SystemExit(2)
 
 
+def checked_device(args, usage: str):
+    """`args.validate()` (every option in its range), then the torch device `args.device` names,
+    one this machine has; a usage error (exit 2) naming the option otherwise."""
+    from .engine import resolve_device
+    try:
+        args.validate()
+        return resolve_device(args.device)  # cuda:7 on a one-GPU machine is refused here
+    except ConfigError as e:
+        usage_error(str(e), usage)
+
+
 def field_comments(cls) -> dict[str, str]:
     """The trailing `# comment` of each field line in a dataclass's source."""
     try:

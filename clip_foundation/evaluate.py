@@ -15,11 +15,10 @@ from pathlib import Path
 
 from . import cli, querybank, zeroshot
 from .data import SPLITS, load_split, run_data_config
-from .engine import resolve_device
 from .files import atomic_write
 from .records import DataError, DataWarning, SkippableError
 from .retrieval import NonFiniteFeatures, embed_records, format_metrics
-from clipModel import CLIPModel, ConfigError, check
+from clipModel import CLIPModel, check
 
 
 @dataclass
@@ -48,11 +47,7 @@ def main(argv=None) -> dict:
     args = cli.parse(EvalConfig(), argv, USAGE)
     if not args.checkpoint:
         cli.usage_error("--checkpoint is required", USAGE)
-    try:
-        args.validate()
-        device = resolve_device(args.device)  # one this machine has (cuda:7 on one GPU is refused here)
-    except ConfigError as e:
-        cli.usage_error(str(e), USAGE)
+    device = cli.checked_device(args, USAGE)
     try:
         model = CLIPModel.from_pretrained(args.checkpoint, device=device)
         if args.zeroshot:

@@ -24,10 +24,9 @@ from . import cli
 from .gallery import (clean_query, find_captions, find_matches, gallery_records,
                                      load_or_build_caption_index, load_or_build_index)
 from .data import SPLITS
-from .engine import resolve_device
 from .index import NON_FINITE_SCORES, ensure_faiss, mark_missing, open_prebuilt
 from .records import DataError, DataWarning
-from clipModel import CLIPModel, ConfigError, check
+from clipModel import CLIPModel, check
 
 
 @dataclass
@@ -86,11 +85,7 @@ def main(argv=None):
     args = cli.parse(SearchConfig(), argv, USAGE, positional=("query",))
     if (args.query is not None) + bool(args.image) + args.build_index != 1:
         cli.usage_error("give exactly one of: a text query, --image=PATH, --build_index", USAGE)
-    try:
-        args.validate()
-        device = resolve_device(args.device)  # one this machine has (cuda:7 on one GPU is refused here)
-    except ConfigError as e:
-        cli.usage_error(str(e), USAGE)
+    device = cli.checked_device(args, USAGE)
     if not (args.checkpoint or args.index):
         cli.usage_error("--checkpoint=DIR is required (searching a prebuilt --index=DIR may omit it)", USAGE)
     if args.build_index and args.index:
