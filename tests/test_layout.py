@@ -144,3 +144,12 @@ def test_tower_kinds_are_told_apart_only_by_their_adapters():
         switches = re.findall(r"^.*\.kind\s*(?:==|!=|in\b).*$", source, flags=re.M)
         allowed = ['    check(cfg.kind in kinds, f"{tower}.kind", cfg.kind, "one of " + ", ".join(kinds))']
         assert [s for s in switches if s not in allowed] == [], f"{name} switches on a tower's kind"
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "search", "app", "download"])
+def test_an_installed_command_exits_0_when_its_main_returns_results(command, monkeypatch):
+    # a console script passes its function's return value to sys.exit: a metrics dict would exit 1
+    import importlib
+    from clip_foundation import commands
+    monkeypatch.setattr(importlib.import_module(f"clip_foundation.{command}"), "main", lambda: {"R@1": 50.0})
+    assert getattr(commands, command)() == 0
