@@ -318,11 +318,19 @@ def _is_folder(gallery: Gallery) -> bool:  # a plain folder of photos: no captio
 CSS = "#message p, #image_message p {margin: 0}"
 
 
+_GRADIO_DIR: list[Path] = []  # this process's private Gradio folder, made by the first page
+
+
 def _private_files(page: SearchPage) -> None:
-    """Gradio's upload folder and example cache inside the page's folder (read by Gradio when
-    components and the server are created): nothing another app wrote is served."""
-    os.environ["GRADIO_TEMP_DIR"] = str(page.workdir / "gradio")
-    os.environ["GRADIO_EXAMPLES_CACHE"] = str(page.workdir / "examples")
+    """Gradio's upload folder and example cache in a private folder of this process, so nothing
+    another app wrote is served. One folder for every page of the process: Gradio reads
+    GRADIO_TEMP_DIR again whenever it checks an upload, so a second page (another run in the same
+    notebook) must not move it from under the first one's server. Removed when the process ends."""
+    if not _GRADIO_DIR:
+        _GRADIO_DIR.append(Path(tempfile.mkdtemp(prefix="clip-app-gradio-")))
+        atexit.register(shutil.rmtree, _GRADIO_DIR[0], ignore_errors=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(_GRADIO_DIR[0] / "uploads")
+    os.environ["GRADIO_EXAMPLES_CACHE"] = str(_GRADIO_DIR[0] / "examples")
 
 
 def is_loopback(host: str) -> bool:

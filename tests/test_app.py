@@ -386,6 +386,20 @@ def test_close_and_exit_remove_the_pages_folder(page, tmp_path):
     assert made and not Path(made).exists()  # a script that ends (or is stopped with Ctrl-C) leaves nothing
 
 
+def test_a_second_page_in_the_process_leaves_the_first_ones_uploads_working(page, served, tiny_run):
+    # Gradio reads its upload folder from the environment whenever it checks an upload: a second page
+    # (another run in the same notebook) must not move it from under the first one's server
+    from gradio_client import Client, handle_file
+    other = SearchPage(page.gallery, page.captions, page.info)
+    other.build()
+    try:
+        rows, probs, message = Client(served, verbose=False).predict(
+            handle_file(str(red_circle_image(tiny_run))), "a red shape, a blue shape", 3, api_name="/describe")
+        assert probs["label"] == "a red shape", message
+    finally:
+        other.close()
+
+
 def test_file_route_serves_nothing_outside_the_page(served, tiny_run):
     import httpx
     data, run_dir, _ = tiny_run
