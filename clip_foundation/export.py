@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from . import cli
 from .extras import optional
 from .index import model_digest
+from .modes import eval_mode  # dropout off while tracing; each module's own mode after
 from clipModel import CLIPModel, ConfigError, check
 
 OPSET = 17
@@ -51,7 +52,7 @@ def graph(model: CLIPModel, tower: str, part: str = "embed") -> tuple[nn.Module,
     "text"), with its projection head (`part="embed"`) or alone (`part="features"`)."""
     encoder = getattr(model, f"{tower}_encoder")
     head = getattr(model, f"{tower}_projection") if part == "embed" else None
-    return _Graph(encoder, head).eval(), encoder.example_inputs(getattr(model.config, tower)), encoder.export_axes
+    return _Graph(encoder, head), encoder.example_inputs(getattr(model.config, tower)), encoder.export_axes
 
 
 def graph_name(tower: str, part: str, format: str = "onnx") -> str:
@@ -79,7 +80,7 @@ def export_onnx(model: CLIPModel, tower: str, part: str, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), eval_mode(module):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
             torch.onnx.export(module, inputs, str(tmp), input_names=list(axes), output_names=["features"],
                               dynamic_axes={**axes, "features": {0: "batch"}}, opset_version=OPSET, dynamo=False)
