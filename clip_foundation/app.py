@@ -45,7 +45,7 @@ class AppConfig:
     max_upload_mb: float = 10.0  # larger uploads are refused
     auth: str = ""  # a file of user:password lines (chmod 600) the page asks to log in with; or set CLIP_APP_AUTH
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
-    engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime | onnxruntime-int8 (int8 text tower)
+    engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
 
 
 USAGE = ("usage: python app.py --checkpoint=RUN [--gallery=DIR | --data=DIR --split=test] "

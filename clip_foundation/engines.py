@@ -12,7 +12,6 @@ Training steps always run in torch: only inference on fixed weights uses another
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import tempfile
@@ -27,10 +26,9 @@ from .export import cached_graph, graph, weights_digest
 from .extras import optional
 from .modes import eval_mode, image_layout
 
-ENGINES = ("auto", "torch", "openvino", "onnxruntime", "onnxruntime-int8")
+ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 FASTEST_FIRST = ("openvino", "onnxruntime")  # Lite2 on 2 cores: 24.1, 16.9 and torch 5.6 images/s
 TOLERANCE = 1e-4  # an engine's outputs on the example inputs must match torch's within this
-INT8_MIN_COSINE = 0.99  # an int8 graph's embeddings must point where torch's do, each to this cosine
 CPU_IMAGE_BATCH = 32  # Lite0 on 2 cores: 8,841 minor page faults per image at 32, 12,278 at 128 (channels-last)
 
 
@@ -88,7 +86,6 @@ class _GraphEncoder(Encoder):
     """An exported graph per tower, loaded (exported first if need be) on first use and checked
     against torch; a tower whose export, load or check fails is encoded by torch, with a warning."""
     format = "onnx"
-    int8_towers: tuple[str, ...] = ()  # towers whose normalised embeddings come from an int8 graph
 
     def __init__(self, model: CLIPModel, part: str = "embed", folder=None):
         super().__init__(model, part)
@@ -96,6 +93,7 @@ class _GraphEncoder(Encoder):
         self.graphs: dict[str, object] = {}  # tower -> a loaded graph, or None: torch for that tower
 
     def _image_context(self):
+        import contextlib
         return contextlib.nullcontext(torch.contiguous_format)
 
     def _run(self, tower: str, inputs: tuple) -> torch.Tensor:
@@ -109,17 +107,12 @@ class _GraphEncoder(Encoder):
 
     def _checked(self, tower: str):
         try:
-            int8 = tower in self.int8_towers and self.part == "embed"  # features (cached) stay fp32
-            loaded = self.load(cached_graph(self.model, tower, self.part, self.folder, "int8" if int8 else self.format))
+            loaded = self.load(cached_graph(self.model, tower, self.part, self.folder, self.format))
             module, example, _ = graph(self.model, tower, self.part)
             with eval_mode(module), torch.no_grad():
                 expected = module(*(x.to(self.model.device) for x in example)).float().cpu()
             got = torch.from_numpy(self.infer(loaded, [x.numpy() for x in example]))
-            if got.shape != expected.shape:
-                raise ValueError(f"outputs of shape {tuple(got.shape)}, torch's {tuple(expected.shape)}")
-            if int8 and (cosine := (got * expected).sum(-1).min().item()) < INT8_MIN_COSINE:
-                raise ValueError(f"int8 embeddings at cosine {cosine:.3f} from torch's (< {INT8_MIN_COSINE})")
-            if not int8 and not torch.allclose(got, expected, atol=TOLERANCE, rtol=TOLERANCE):
+            if got.shape != expected.shape or not torch.allclose(got, expected, atol=TOLERANCE, rtol=TOLERANCE):
                 raise ValueError(f"outputs differ from torch's by up to {(got - expected).abs().max().item():.2g}")
             return loaded
         except Exception as e:  # noqa: BLE001 - any failure of a foreign toolchain: torch still works
@@ -152,12 +145,6 @@ class OnnxRuntimeEncoder(_GraphEncoder):
         return loaded.run(None, dict(zip(names, arrays)))[0]
 
 
-class OnnxRuntimeInt8Encoder(OnnxRuntimeEncoder):
-    """ONNX Runtime with the text tower's embeddings from a dynamically quantized int8 graph (the
-    image tower, convolutional, stays fp32; frozen-tower features stay fp32 too)."""
-    name, int8_towers = "onnxruntime-int8", ("text",)
-
-
 class OpenVINOEncoder(_GraphEncoder):
     """OpenVINO IR compiled for the CPU in fp32 (OpenVINO would pick bf16 on CPUs that have it,
     which moves embeddings by ~3e-3), with torch's thread count."""
@@ -172,9 +159,7 @@ class OpenVINOEncoder(_GraphEncoder):
         return loaded(arrays)[0]
 
 
-ENCODERS = {"torch": Encoder, "onnxruntime": OnnxRuntimeEncoder, "openvino": OpenVINOEncoder,
-            "onnxruntime-int8": OnnxRuntimeInt8Encoder}
-PACKAGE = {"onnxruntime-int8": "onnxruntime"}  # the engine -> the package it needs, where the names differ
+ENCODERS = {"torch": Encoder, "onnxruntime": OnnxRuntimeEncoder, "openvino": OpenVINOEncoder}
 
 
 def make_encoder(model: CLIPModel, engine: str = "auto", folder=None, part: str = "embed") -> Encoder:
@@ -183,9 +168,8 @@ def make_encoder(model: CLIPModel, engine: str = "auto", folder=None, part: str 
     name = resolve(engine, model.device)
     if name not in ENCODERS:
         raise ValueError(f"--engine={engine!r}: must be {' | '.join(ENGINES)}")
-    package = PACKAGE.get(name, name)
-    if name != "torch" and importlib.util.find_spec(package) is None:
-        warnings.warn(f"the {name} engine needs the optional package {package}: "
+    if name != "torch" and importlib.util.find_spec(name) is None:
+        warnings.warn(f"the {name} engine needs the optional package {name}: "
                       f'pip install "clip-foundation[engines]"; encoding with torch', stacklevel=2)
         name = "torch"
     return Encoder(model, part) if name == "torch" else ENCODERS[name](model, part, folder)

@@ -101,32 +101,13 @@ def to_openvino(onnx_path, xml_path) -> Path:
     return xml_path
 
 
-def quantize_int8(onnx_path, out_path) -> Path:
-    """ONNX Runtime's dynamic int8 quantization of `onnx_path` (weights int8, activations quantized
-    per batch): for transformer towers, whose time is in matrix products."""
-    optional("onnxruntime", "engines", "int8 graphs")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    try:
-        quantize_dynamic(str(onnx_path), str(tmp), weight_type=QuantType.QInt8)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
-
-
 def cached_graph(model: CLIPModel, tower: str, part: str, folder, format: str = "onnx") -> Path:
     """The graph file of `tower`/`part` in `folder` (named by the weights' digest by the caller),
-    exported (and converted) only when it is not there yet. `format`: onnx, openvino or int8 (ONNX,
-    dynamically quantized)."""
+    exported (and converted) only when it is not there yet."""
     folder = Path(folder)
     onnx_path = folder / graph_name(tower, part)
     if not onnx_path.is_file():
         export_onnx(model, tower, part, onnx_path)
-    if format == "int8":
-        int8_path = onnx_path.with_suffix(".int8.onnx")
-        return int8_path if int8_path.is_file() else quantize_int8(onnx_path, int8_path)
     if format == "onnx":
         return onnx_path
     xml_path = folder / graph_name(tower, part, "openvino")

@@ -64,7 +64,7 @@ class TrainConfig:
     images_on_device: str = "auto"  # keep decoded training images on the GPU: auto (if they fit in half its free memory) | on | off
     seed: int = 0  # seeds model init, sampling and augmentation
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
-    engine: str = "auto"  # encodes frozen towers' features: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime (onnxruntime-int8: fp32 here)
+    engine: str = "auto"  # encodes frozen towers' features: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
     log_every: int = 10  # steps between log lines in log.jsonl
     save_every: int = 0  # steps between last/ checkpoints; 0 = at each epoch end only
     resume: str = ""  # continue a run: its folder, its last/ folder, or "latest"

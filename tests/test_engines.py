@@ -93,15 +93,3 @@ def test_command_lines_refuse_an_unknown_engine(module, capsys):
     with pytest.raises(SystemExit):
         main(["a dog" if module == "search" else "--split=test", "--checkpoint=runs/x", "--engine=tensorrt"])
     assert "--engine='tensorrt': must be auto | torch | openvino | onnxruntime" in capsys.readouterr().err
-
-
-def test_the_int8_engine_quantizes_only_the_text_towers_embeddings(tmp_path):
-    model = tiny_model("timm")
-    with torch.no_grad():
-        texts, tower = embed_texts(model, CAPTIONS), model.text_encoder(**model.tokenize(CAPTIONS))
-    encoder = engines.make_encoder(model, "onnxruntime-int8", tmp_path)
-    got = encoder.encode_texts(**model.tokenize(CAPTIONS))
-    assert (got * texts).sum(-1).min() > engines.INT8_MIN_COSINE and not torch.allclose(got, texts, atol=1e-4)
-    assert (tmp_path / "text.int8.onnx").is_file() and not (tmp_path / "image.int8.onnx").exists()
-    features = engines.make_encoder(model, "onnxruntime-int8", tmp_path / "f", part="features")
-    torch.testing.assert_close(features.encode_texts(**model.tokenize(CAPTIONS)), tower, atol=1e-4, rtol=1e-4)
