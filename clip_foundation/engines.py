@@ -12,6 +12,7 @@ Training steps always run in torch: only inference on fixed weights uses another
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import tempfile
@@ -93,7 +94,6 @@ class _GraphEncoder(Encoder):
         self.graphs: dict[str, object] = {}  # tower -> a loaded graph, or None: torch for that tower
 
     def _image_context(self):
-        import contextlib
         return contextlib.nullcontext(torch.contiguous_format)
 
     def _run(self, tower: str, inputs: tuple) -> torch.Tensor:
