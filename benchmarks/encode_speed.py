@@ -129,15 +129,15 @@ def engine_rows(args, model):
     batches = [model.tokenize(ordered[s:s + B]) for s in range(0, len(ordered), B)]
     print(f"{'engine':14s}{'images/s':>10s}{'faults/image':>14s}{'captions/s':>12s}  "
           f"(images: batch {n}; captions: sorted by length, batch {B})")
-    folder = tempfile.mkdtemp(prefix="encode-speed-")
-    for name in args.engines.split(","):
-        if name != "torch" and importlib.util.find_spec(name) is None:
-            print(f"{name:14s}  not installed")
-            continue
-        encoder = make_encoder(model, name, folder)
-        image_speed, faults = rate(lambda: encoder.encode_images(uint8, n), n, args.batches)
-        text_speed = rate(lambda: [encoder.encode_texts(**b) for b in batches], len(captions), args.batches)[0]
-        print(f"{encoder.name:14s}{image_speed:10.1f}{faults:14.0f}{text_speed:12.1f}")
+    with tempfile.TemporaryDirectory(prefix="encode-speed-") as folder:
+        for name in args.engines.split(","):
+            if name != "torch" and importlib.util.find_spec(name) is None:
+                print(f"{name:14s}  not installed")
+                continue
+            encoder = make_encoder(model, name, folder)
+            image_speed, faults = rate(lambda: encoder.encode_images(uint8, n), n, args.batches)
+            text_speed = rate(lambda: [encoder.encode_texts(**b) for b in batches], len(captions), args.batches)[0]
+            print(f"{encoder.name:14s}{image_speed:10.1f}{faults:14.0f}{text_speed:12.1f}")
 
 
 if __name__ == "__main__":

