@@ -50,11 +50,8 @@ def torch_threads():
 
 @pytest.fixture(scope="module")
 def page(tiny_run):
-    from clip_foundation.gallery import Gallery
     data, run_dir, _ = tiny_run
-    # the page on torch: these tests are about the page; test_engines checks every engine's embeddings
-    return SearchPage.from_run(run_dir, str(data), "test",
-                               gallery=Gallery.from_run(run_dir, str(data), "test", engine="torch"))
+    return SearchPage.from_run(run_dir, str(data), "test")
 
 
 @pytest.fixture(scope="module")
