@@ -11,9 +11,10 @@ reused by every query: a text query costs one text-tower forward (one torch thre
 benchmark call them directly); `build` lays them out with Gradio, imported only there.
 
 Safe by default: the server binds 127.0.0.1 (and warns when it listens wider with no login);
-Gradio keeps its files (uploads, copies of what it shows) in this page's own temporary folder,
-removed by `close` and at exit, and no other folder is allowed, so the page's file routes reach
-uploads and thumbnails of gallery images only. Every way an image comes in (an upload, a pasted
+the page's thumbnails live in its own temporary folder (removed by `close` and at exit) and
+Gradio's files (uploads, copies of what it shows) in one private folder of the process (removed
+at exit); no other folder is allowed, so the page's file routes reach uploads and thumbnails of
+gallery images only. Every way an image comes in (an upload, a pasted
 `data:` URL) is capped in bytes before it is decoded, and decoded by `open_rgb` (64 MP limit read
 from the header, decompression bombs and non-images refused with a message); the server fetches
 no links. A request body is capped too (many files in one upload, a huge query), texts are
@@ -89,7 +90,7 @@ class SearchPage:
     examples: tuple[str, ...] = PHOTO_QUERIES
     labels: str = PHOTO_LABELS  # default zero-shot labels, comma-separated
     templates: tuple[str, ...] | None = TEMPLATES  # prompts for bare labels; None: labels as written
-    workdir: Path | None = None  # the page's files (thumbnails, uploads); None: a new temp folder, removed by close()
+    workdir: Path | None = None  # the page's thumbnails; None: a new temp folder, removed by close()
     threads: int | None = 1  # torch threads while serving (see `launch`); None: torch's own setting
     concurrency: int = 1  # queries run at once (one model, one torch thread each); more wait in the queue
     queue_size: int = 64  # queries that may wait; past that a client is told the queue is full
@@ -238,7 +239,8 @@ class SearchPage:
         return blocks
 
     def close(self) -> None:
-        """Stop the launched server and delete the page's temporary folder (uploads, thumbnails)."""
+        """Stop the launched server and delete the page's temporary folder (its thumbnails; uploads
+        are deleted by age and at exit, with the process's Gradio folder)."""
         if self._blocks is not None:
             self._blocks.close()
             self._blocks = None
