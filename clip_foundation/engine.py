@@ -20,11 +20,6 @@ class NonFiniteLoss(FloatingPointError):
 
 # ---------------------------------------------------------------- what trains
 
-def set_grad_checkpointing(encoder: torch.nn.Module, enable: bool = True):
-    """Recompute each block's activations during backward: less memory, ~30% more compute."""
-    encoder.set_grad_checkpointing(enable)  # each tower adapter knows its own API
-
-
 def freeze_towers(model: CLIPModel, freeze_image: bool, freeze_text: bool,
                   image_blocks: int = 0, text_blocks: int = 0):
     """Freeze whole towers, or all of a frozen tower but its last N blocks (and what follows them)."""

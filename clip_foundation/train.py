@@ -24,7 +24,7 @@ from .checkpoint import (STATE_FILE, check_run_name, find_resume, hold_run, last
 from .data import DataConfig, all_captions, check_captions, decode_images, load_splits, split_manifest, train_sampler
 from .engine import (PRECISIONS, SCHEDULES, NonFiniteLoss, build_optimizer, build_scheduler,
                      contrastive_backward, freeze_towers, grad_scaler, optimizer_step, resolve_device,
-                     resolve_precision, rng_state, set_grad_checkpointing, set_rng_state)
+                     resolve_precision, rng_state, set_rng_state)
 from .inputs import Embedder, Inputs, TrainingInputs, TrainInputs, set_train_mode, split_recall, tower_trains
 from .presets import PRESETS, expand_preset
 from .records import DataError, DataWarning, caption_fault
@@ -155,7 +155,7 @@ def build_model(cfg: RunConfig, splits, device, resume_from: Path | None):
     freeze_towers(model, tc.freeze_image, tc.freeze_text, tc.train_image_blocks, tc.train_text_blocks)
     if tc.grad_checkpointing:
         for encoder in (model.image_encoder, model.text_encoder):
-            set_grad_checkpointing(encoder, True)
+            encoder.set_grad_checkpointing(True)  # each tower adapter knows its own API
     return model, state
 
 

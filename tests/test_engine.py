@@ -7,7 +7,7 @@ import torch
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
 from conftest import TINY_CAPTIONS
 from clip_foundation.engine import (NonFiniteLoss, build_scheduler, contrastive_backward, freeze_towers, grad_scaler,
-                                    optimizer_step, param_groups, resolve_precision, set_grad_checkpointing)
+                                    optimizer_step, param_groups, resolve_precision)
 from clipModel import clip_loss
 
 
@@ -129,7 +129,7 @@ def test_grad_checkpointing_gives_the_same_gradients(kind, tiny_hf):
             model = tiny_model()
         model.train()
         for encoder in (model.image_encoder, model.text_encoder):
-            set_grad_checkpointing(encoder, checkpointing)
+            encoder.set_grad_checkpointing(checkpointing)
         contrastive_backward(embed_fn(model), [(images, ids, mask)], model.scale, clip_loss, "fp32", torch.device("cpu"))
         results.append(grads(model))
     for name in results[0]:
