@@ -210,7 +210,7 @@ class ScratchViT(nn.Module):
 
     def forward(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # shape[0]: traceable
         x = run_blocks(self.blocks, x, self.checkpointing and self.training)
         return self.ln(x[:, 0])
 
@@ -295,6 +295,12 @@ class ImageEncoder(Tower):
     def offline_config(cls, cfg, folder: Path):
         return replace(super().offline_config(cfg, folder), weights_file="")
 
+    export_axes = {"images": {0: "batch"}}  # the forward's inputs and their dynamic axes, for an exported graph
+
+    def example_inputs(self, cfg: ImageEncoderConfig, batch: int = 2) -> tuple[torch.Tensor]:
+        """Normalised-looking images (batch, 3, S, S) to trace or check an exported graph with."""
+        return (torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0)),)
+
     def preprocessing(self, cfg: ImageEncoderConfig) -> tuple[int, tuple, tuple]:
         """-> (input side, mean, std) this tower expects when the config leaves them empty."""
         return SCRATCH_IMAGE_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -329,6 +335,17 @@ class TextEncoder(Tower):
     def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         """-> (B, T, C) per-token outputs."""
         raise NotImplementedError
+
+    export_axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}}
+
+    def example_inputs(self, cfg: TextEncoderConfig, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids, attention mask) (batch, T) with padding in the later rows, to trace or check
+        an exported graph with."""
+        vocab = next(m for m in self.modules() if isinstance(m, nn.Embedding)).num_embeddings
+        T = min(7, cfg.max_length)
+        ids = torch.randint(0, vocab, (batch, T), generator=torch.Generator().manual_seed(0))
+        mask = (torch.arange(T) < torch.linspace(T, 2, batch).round()[:, None]).long()
+        return ids * mask, mask
 
     def forward(self, input_ids, attention_mask):
         hidden = self.hidden_states(input_ids, attention_mask)  # (B, T, C)

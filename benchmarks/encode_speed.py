@@ -2,6 +2,13 @@
 
     python benchmarks/encode_speed.py                       # Lite0 + MiniLM, CPU
     python benchmarks/encode_speed.py --image=tf_efficientnet_lite2 --batches=5
+    python benchmarks/encode_speed.py --image=tf_efficientnet_lite2 --pool_blocks=2 --only_engines  # the preset's towers, per engine
+
+Engines (`clip_foundation.engines`: torch, ONNX Runtime, OpenVINO, each installed one): images/s of
+decoded uint8 batches of `--small_batch` to normalised embeddings, with the minor page faults per
+image, and captions/s of pre-tokenized length-sorted batches of `--engine_caption_batch`, each
+through the Encoder every embedding path uses (graphs exported once into a temporary folder, and
+checked against torch, before timing).
 
 Image paths: eager fp32 (contiguous), fp32 channels-last at two batch sizes (with the minor page
 faults per image: large batches allocate activations that glibc maps fresh from the kernel on
@@ -52,13 +59,16 @@ def main(argv=None):
     p.add_argument("--captions", type=int, default=1024, help="captions per timed pass")
     p.add_argument("--caption_batch", type=int, default=256, help="captions per batch")
     p.add_argument("--batches", type=int, default=2, help="timed batches (image rows) or passes (caption rows)")
+    p.add_argument("--pool_blocks", type=int, default=0, help="the image tower's multi-scale blocks (the preset: 2)")
+    p.add_argument("--engines", default="torch,onnxruntime,openvino", help="engines to time (those installed)")
+    p.add_argument("--engine_caption_batch", type=int, default=64, help="captions per batch of the engine rows")
+    p.add_argument("--only_engines", action="store_true", help="only the engine rows")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    config = CLIPConfig(image=ImageEncoderConfig(kind="timm", name=args.image),
+    config = CLIPConfig(image=ImageEncoderConfig(kind="timm", name=args.image, pool_blocks=args.pool_blocks),
                         text=TextEncoderConfig(kind="hf", name=text_model_folder(), pooling="mean"))
     model = CLIPModel(config).eval()
     S, cfg = model.config.image.image_size, model.config.image
-    tower, text = model.image_encoder, model.text_encoder
     print(f"{torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
           f"{args.image} at {S} px")
 
@@ -68,6 +78,14 @@ def main(argv=None):
     def row(label, result):
         print(f"{label:40s}{result[0]:8.1f}/s {result[1]:8.0f} page faults per item")
 
+    if not args.only_engines:
+        torch_paths(args, model, images, row)
+    engine_rows(args, model)
+
+
+def torch_paths(args, model, images, row):
+    """The torch execution paths: memory layouts, batch sizes, bf16, caption batching."""
+    tower, text = model.image_encoder, model.text_encoder
     with torch.inference_mode():
         x = images(args.batch)
         fp32 = rate(lambda: tower(x), args.batch, args.batches)
@@ -97,6 +115,29 @@ def main(argv=None):
         for label, ordered in (("mixed lengths", captions), ("length-sorted", sorted_captions)):
             speed = rate(lambda: encode(ordered), len(captions), args.batches)[0]
             print(f"{f'captions fp32, {label}, batch {B}':40s}{speed:8.1f}/s {padded(ordered):8.1f} tokens per caption")
+
+
+def engine_rows(args, model):
+    """images/s (with page faults per image) and captions/s per installed engine, same inputs."""
+    import importlib.util
+    import tempfile
+    from clip_foundation.engines import make_encoder
+    S, n, B = model.config.image.image_size, args.small_batch, args.engine_caption_batch
+    uint8 = torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8)
+    captions = mixed_captions(args.captions)
+    ordered = [captions[i] for i in length_order(model, captions)]
+    batches = [model.tokenize(ordered[s:s + B]) for s in range(0, len(ordered), B)]
+    print(f"{'engine':14s}{'images/s':>10s}{'faults/image':>14s}{'captions/s':>12s}  "
+          f"(images: batch {n}; captions: sorted by length, batch {B})")
+    with tempfile.TemporaryDirectory(prefix="encode-speed-") as folder:
+        for name in args.engines.split(","):
+            if name != "torch" and importlib.util.find_spec(name) is None:
+                print(f"{name:14s}  not installed")
+                continue
+            encoder = make_encoder(model, name, folder)
+            image_speed, faults = rate(lambda: encoder.encode_images(uint8, n), n, args.batches)
+            text_speed = rate(lambda: [encoder.encode_texts(**b) for b in batches], len(captions), args.batches)[0]
+            print(f"{encoder.name:14s}{image_speed:10.1f}{faults:14.0f}{text_speed:12.1f}")
 
 
 if __name__ == "__main__":

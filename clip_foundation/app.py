@@ -26,6 +26,7 @@ import torch
 
 from . import cli
 from .data import SPLITS
+from .engines import ENGINES, use_engine
 from .records import DataError, DataWarning
 from clipModel import CLIPModel, default_device
 
@@ -44,6 +45,7 @@ class AppConfig:
     max_upload_mb: float = 10.0  # larger uploads are refused
     auth: str = ""  # a file of user:password lines (chmod 600) the page asks to log in with; or set CLIP_APP_AUTH
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
+    engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
 
 
 USAGE = ("usage: python app.py --checkpoint=RUN [--gallery=DIR | --data=DIR --split=test] "
@@ -105,6 +107,8 @@ def main(argv=None):
     if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0) or not 0 <= args.port < 65536:
         cli.usage_error(f"--max_upload_mb must be a positive number of MB (got {args.max_upload_mb}) "
                         f"and --port 0-65535 (got {args.port})", USAGE)
+    if args.engine not in ENGINES:
+        cli.usage_error(f"--engine={args.engine!r}: must be {' | '.join(ENGINES)}", USAGE)
     check_address(args.host, args.port)
     try:
         auth = read_auth(args.auth)
@@ -114,6 +118,7 @@ def main(argv=None):
     try:
         device = default_device() if args.device == "auto" else torch.device(args.device)
         model = CLIPModel.from_pretrained(args.checkpoint, device=device)
+        use_engine(model, args.engine, args.checkpoint)
         gallery = None
         if args.gallery:
             from .gallery import Gallery, image_folder_records

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import cli, querybank, zeroshot
 from .data import SPLITS, load_split, run_data_config
+from .engines import ENGINES, use_engine
 from .files import atomic_write
 from .records import DataError, DataWarning, SkippableError
 from .retrieval import NonFiniteFeatures, embed_records, format_metrics
@@ -32,12 +33,14 @@ class EvalConfig:
     batch_size: int = 256  # images embedded at once (at most 32 on a CPU, where larger batches are slower)
     skip_bad: bool = False  # leave out images that cannot be decoded (reported) instead of stopping
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
+    engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
     out: str = ""  # JSON path; empty = CHECKPOINT/eval_SPLIT.json (or zeroshot_NAME.json + a confusion PNG)
 
     def validate(self) -> None:
         """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range."""
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check(self.split in (*SPLITS, "all"), "split", self.split, "train | val | test | all")
+        check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
 
 
 USAGE = "usage: python evaluate.py --checkpoint=RUN [--data=DIR] [--split=test|val|train|all] [--zeroshot=DIR]"
@@ -50,6 +53,7 @@ def main(argv=None) -> dict:
     device = cli.checked_device(args, USAGE)
     try:
         model = CLIPModel.from_pretrained(args.checkpoint, device=device)
+        use_engine(model, args.engine, args.checkpoint)
         if args.zeroshot:
             return _zeroshot_main(model, args)
         bank = querybank.load_bank(args.checkpoint, model.config.projection_dim)  # train.py --querybank=N

@@ -4,7 +4,9 @@ When a tower is frozen its outputs never change, so training only the projection
 the other tower) needs each image and caption encoded once, not once per epoch. The cache
 key covers the tower's config (its name, weights file, pooling, input size) and the exact
 inputs (image files with sizes and mtimes, or caption texts), so a change to either
-computes fresh features.
+computes fresh features. The engine that encodes (`--engine`, see engines.py) is not part of the
+key: an ONNX Runtime or OpenVINO graph is used only once its outputs match torch's within 1e-4
+(engines.TOLERANCE), so every engine's features are torch's within that.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from clipModel import CLIPModel, to_model_input
+from clipModel import CLIPModel
 
 from .cache import cache_key
+from .engines import tower_encoder
 from .files import atomic_write
-from .retrieval import eval_mode, image_layout, in_length_order
+from .retrieval import eval_mode, in_length_order
 
 
 def _tower_id(config) -> str:
@@ -46,37 +49,36 @@ def _cached(path: Path | None, compute) -> torch.Tensor:
 
 @torch.no_grad()
 def image_tower_features(model: CLIPModel, records, images: torch.Tensor, cache_dir: str | None,
-                         batch_size: int = 32, progress: bool = True) -> torch.Tensor:
-    """Image-encoder outputs (N, d_image) of the decoded uint8 `images` of `records`."""
+                         batch_size: int = 32, progress: bool = True, engine: str = "torch") -> torch.Tensor:
+    """Image-encoder outputs (N, d_image) of the decoded uint8 `images` of `records`, encoded by
+    `engine` (see `engines`; its graph of the tower is cached under CACHE_DIR/engines)."""
     cfg = model.config.image
     key = hashlib.sha256((_tower_id(cfg) + cache_key(records, cfg.image_size)).encode()).hexdigest()[:24]
     path = Path(cache_dir) / "features" / f"image-{key}.safetensors" if cache_dir else None
 
     def compute():
         from tqdm.auto import tqdm
-        out = []
-        with eval_mode(model.image_encoder), image_layout(model) as layout:
-            for s in tqdm(range(0, len(images), batch_size), disable=not progress,
-                          desc=f"encoding {len(images)} images (frozen tower)", leave=False):
-                x = to_model_input(images[s:s + batch_size].to(model.device), cfg.mean, cfg.std)
-                out.append(model.image_encoder(x.contiguous(memory_format=layout)).float().cpu())  # (b, d_image)
-        return torch.cat(out)
+        with eval_mode(model.image_encoder):
+            encoder = tower_encoder(model, engine, cache_dir, "image")
+            return torch.cat([encoder.encode_images(images[s:s + batch_size], batch_size).cpu()  # (b, d_image)
+                              for s in tqdm(range(0, len(images), batch_size), disable=not progress,
+                                            desc=f"encoding {len(images)} images (frozen tower)", leave=False)])
     return _cached(path, compute)
 
 
 @torch.no_grad()
 def text_tower_features(model: CLIPModel, captions: list[str], cache_dir: str | None,
-                        batch_size: int = 256, progress: bool = True) -> torch.Tensor:
-    """Text-encoder outputs (M, d_text) of `captions`."""
+                        batch_size: int = 256, progress: bool = True, engine: str = "torch") -> torch.Tensor:
+    """Text-encoder outputs (M, d_text) of `captions`, encoded by `engine`."""
     h = hashlib.sha256(_tower_id(model.config.text).encode())
     for caption in captions:
         h.update(caption.encode() + b"\0")
     path = Path(cache_dir) / "features" / f"text-{h.hexdigest()[:24]}.safetensors" if cache_dir else None
 
     def compute():
-        def encode(batch):  # (b, d_text)
-            return model.text_encoder(**{k: v.to(model.device) for k, v in model.tokenize(batch).items()})
         with eval_mode(model.text_encoder):
-            return in_length_order(model, captions, encode, model.text_encoder.out_dim, batch_size,
+            encoder = tower_encoder(model, engine, cache_dir, "text")
+            return in_length_order(model, captions, lambda batch: encoder.encode_texts(**model.tokenize(batch)),
+                                   model.text_encoder.out_dim, batch_size,
                                    desc=f"encoding {len(captions)} captions (frozen tower)" if progress else None)
     return _cached(path, compute)

@@ -26,6 +26,7 @@ from .index import (INDEX_VERSION, RECALL_QUERIES, GalleryIndex, ensure_faiss, g
                     file_digest, model_digest, save_index)
 from .records import IMAGE_SUFFIXES, DataError, Record, caption_fault, image_files, open_rgb
 from .readers import detect_layout
+from .engines import encoder_of, use_engine
 from .retrieval import embed_images, embed_texts, eval_mode
 
 @dataclass
@@ -260,7 +261,7 @@ def embed_image(model: CLIPModel, image) -> torch.Tensor:
         if isinstance(image, torch.Tensor) and image.dim() == 4:
             image = image[0]
         x = model.image_transform()(image)[None]  # (1, 3, S, S)
-    return _encode(model, lambda: model.encode_image(x.to(model.device)))
+    return _encode(model, lambda: encoder_of(model).encode_images(x))
 
 
 def clean_query(query: str) -> str:
@@ -284,7 +285,7 @@ def find_matches(model: CLIPModel, index: GalleryIndex, query: str, n: int = 9,
     query = clean_query(query)
     if n < 1:
         raise ValueError("n must be at least 1")
-    text = _encode(model, lambda: model.encode_text([query]))  # (1, D)
+    text = _encode(model, lambda: embed_texts(model, [query]))  # (1, D), by the model's engine
     if index.meta.get("querybank"):
         text = querybank.normalised_texts(text)  # (1, D + 1): ranks by cosine - the image's hub bias
     return Matches(nearest_images(index, text, n, backend), query)
@@ -342,11 +343,14 @@ class Gallery:
     @classmethod
     def from_run(cls, checkpoint, data: str | None = None, split: str = "test", *, model: CLIPModel | None = None,
                  records: list[Record] | None = None, images: torch.Tensor | None = None,
-                 backend: str = "auto", device=None) -> "Gallery":
+                 backend: str = "auto", device=None, engine: str = "auto") -> "Gallery":
         """The gallery of `records`, or of the run's `split` ("all": every split) of `data` (default:
         the data it trained on; a plain folder of images works too). `model` (default: loaded
-        from `checkpoint`) and `images` (decoded, if already at hand) save work when given."""
-        model = model if model is not None else CLIPModel.from_pretrained(checkpoint, device=device)
+        from `checkpoint`) and `images` (decoded, if already at hand) save work when given. A model
+        loaded here encodes with `engine` (see `engines`; a given `model` keeps its own)."""
+        if model is None:
+            model = CLIPModel.from_pretrained(checkpoint, device=device)
+            use_engine(model, engine, checkpoint)
         records = records if records is not None else gallery_records(checkpoint, data, split)
         if not records:
             raise DataError(f"the {split} split is empty: nothing to search")

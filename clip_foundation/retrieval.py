@@ -2,27 +2,13 @@
 counted once with all its captions (CLIP_benchmark's protocol)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from clipModel import CLIPModel, to_model_input
+from clipModel import CLIPModel
 
 from .data import all_captions, decode_images
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Run a block with `model` and all its submodules in eval mode, then restore each one's
-    own mode, even when the block raises (an interrupted notebook cell must not leave dropout
-    off for the next training run; frozen towers kept in eval mode stay so)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
+from .engines import encoder_of
+from .modes import eval_mode, image_layout  # noqa: F401 - their home before modes.py; callers import them from here
 
 
 class NonFiniteFeatures(ValueError):
@@ -69,22 +55,6 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     return metrics
 
 
-@contextlib.contextmanager
-def image_layout(model: CLIPModel):
-    """-> the memory format to feed the image tower in this block: its adapter's own (channels-last
-    for timm convolutional towers, ~1.5x faster on a CPU, measured), whose weights are switched for
-    the block and restored after."""
-    tower = model.image_encoder
-    if tower.memory_format == torch.contiguous_format:
-        yield torch.contiguous_format
-        return
-    tower.to(memory_format=tower.memory_format)
-    try:
-        yield tower.memory_format
-    finally:
-        tower.to(memory_format=torch.contiguous_format)
-
-
 def length_order(model: CLIPModel, captions: list[str]) -> list[int]:
     """Caption indices sorted by token count: batches of similar lengths pad little (Flickr
     captions run from 8 to 40 tokens; a random batch pads all of them to the longest)."""
@@ -92,21 +62,12 @@ def length_order(model: CLIPModel, captions: list[str]) -> list[int]:
     return sorted(range(len(captions)), key=lambda i: len(ids[i]))
 
 
-CPU_IMAGE_BATCH = 32  # Lite0 on 2 cores: 8,841 minor page faults per image at 32, 12,278 at 128 (channels-last)
-
-
 @torch.no_grad()
 def embed_images(model: CLIPModel, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """Decoded uint8 images (N, 3, S, S) -> normalised features (N, D). On a CPU at most 32 are
-    encoded at once: larger batches spend their time in page faults (benchmarks/encode_speed.py)."""
-    cfg, out = model.config.image, []
-    if model.device.type == "cpu":
-        batch_size = min(batch_size, CPU_IMAGE_BATCH)
-    with image_layout(model) as layout:
-        for s in range(0, len(images), batch_size):
-            batch = to_model_input(images[s:s + batch_size].to(model.device), cfg.mean, cfg.std)
-            out.append(model.encode_image(batch.contiguous(memory_format=layout)).float())
-    return torch.cat(out)
+    """Decoded uint8 images (N, 3, S, S) -> normalised features (N, D), by the model's engine
+    (`engines.use_engine`; torch by default). On a CPU at most 32 are encoded at once: larger
+    batches spend their time in page faults (benchmarks/encode_speed.py)."""
+    return encoder_of(model).encode_images(images, batch_size)
 
 
 def in_length_order(model: CLIPModel, captions: list[str], encode, width: int, batch_size: int,
@@ -124,9 +85,10 @@ def in_length_order(model: CLIPModel, captions: list[str], encode, width: int, b
 
 @torch.no_grad()
 def embed_texts(model: CLIPModel, captions: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Captions -> normalised features (M, D), in the captions' order."""
-    return in_length_order(model, captions, model.encode_text, model.config.projection_dim,
-                           batch_size).to(model.device)
+    """Captions -> normalised features (M, D), in the captions' order, by the model's engine."""
+    encoder = encoder_of(model)
+    return in_length_order(model, captions, lambda batch: encoder.encode_texts(**model.tokenize(batch)),
+                           model.config.projection_dim, batch_size).to(model.device)
 
 
 def records_metrics(image_features: torch.Tensor, text_features: torch.Tensor, records) -> dict:

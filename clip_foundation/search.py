@@ -24,6 +24,7 @@ from . import cli
 from .gallery import (clean_query, find_captions, find_matches, gallery_records,
                                      load_or_build_caption_index, load_or_build_index)
 from .data import SPLITS
+from .engines import ENGINES, use_engine
 from .index import NON_FINITE_SCORES, ensure_faiss, mark_missing, open_prebuilt
 from .records import DataError, DataWarning
 from clipModel import CLIPModel, check
@@ -46,6 +47,7 @@ class SearchConfig:
     batch_size: int = 256  # images embedded at once (at most 32 on a CPU, where larger batches are slower)
     skip_bad: bool = False  # leave out images that cannot be decoded (reported) instead of stopping
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
+    engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
 
     def validate(self) -> None:
         """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range."""
@@ -53,6 +55,7 @@ class SearchConfig:
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check(self.split in (*SPLITS, "all"), "split", self.split, "train | val | test | all")
         check(self.backend in ("auto", "exact", "faiss"), "backend", self.backend, "auto | exact | faiss")
+        check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
 
 
 USAGE = ('usage: python search.py "QUERY" --checkpoint=RUN [-n 9]  |  --image=FILE --checkpoint=RUN  |  '
@@ -100,6 +103,7 @@ def main(argv=None):
             args.checkpoint = args.checkpoint or index.meta["checkpoint"]
             ensure_faiss(index, args.backend, Path(args.index) / kind)
         model = CLIPModel.from_pretrained(args.checkpoint, device=device)
+        use_engine(model, args.engine, args.checkpoint)
         if not args.index:
             records = gallery_records(args.checkpoint, args.data, args.split, args.layout)
             if not records:

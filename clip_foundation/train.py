@@ -25,6 +25,7 @@ from .data import DataConfig, all_captions, check_captions, decode_images, load_
 from .engine import (PRECISIONS, SCHEDULES, NonFiniteLoss, build_optimizer, build_scheduler,
                      contrastive_backward, freeze_towers, grad_scaler, optimizer_step, resolve_device,
                      resolve_precision, rng_state, set_rng_state)
+from .engines import ENGINES
 from .inputs import Embedder, Inputs, TrainingInputs, TrainInputs, set_train_mode, split_recall, tower_trains
 from .presets import PRESETS, expand_preset
 from .records import DataError, DataWarning, caption_fault
@@ -63,6 +64,7 @@ class TrainConfig:
     images_on_device: str = "auto"  # keep decoded training images on the GPU: auto (if they fit in half its free memory) | on | off
     seed: int = 0  # seeds model init, sampling and augmentation
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
+    engine: str = "auto"  # encodes frozen towers' features: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
     log_every: int = 10  # steps between log lines in log.jsonl
     save_every: int = 0  # steps between last/ checkpoints; 0 = at each epoch end only
     resume: str = ""  # continue a run: its folder, its last/ folder, or "latest"
@@ -95,6 +97,7 @@ class TrainConfig:
         check(self.images_on_device in ("auto", "on", "off"), "images_on_device", self.images_on_device,
               "auto | on | off")
         check(0 <= self.seed < 2**32, "seed", self.seed, "in [0, 2**32)")
+        check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
         resolve_device(self.device)
         for query in self.queries:
             fault = caption_fault(query.strip())
@@ -335,7 +338,7 @@ def build_inputs(cfg: RunConfig, model: CLIPModel, splits, rank: int = 0, world:
     tc, main_rank = cfg.train, distributed.is_main()
     kinds = dict(image_trains=tower_trains(tc.freeze_image, tc.train_image_blocks),
                  text_trains=tower_trains(tc.freeze_text, tc.train_text_blocks),
-                 augment=tc.augment, cache_dir=cfg.data.cache_dir, progress=tc.progress)
+                 augment=tc.augment, cache_dir=cfg.data.cache_dir, progress=tc.progress, engine=tc.engine)
     inputs = {}
     if stream.is_shards(cfg.data.path):  # no decoded cache of the train set: batches stream from its shards
         inputs["train"] = stream.StreamInputs(model, cfg.data.path, cfg.stream, tc.batch_size, tc.seed, rank, world)

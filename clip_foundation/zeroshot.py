@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from clipModel import resize_crop
 from .data import decode_images
+from .engines import encoder_of
 from .retrieval import embed_images, embed_texts, eval_mode
 from .records import DataError, open_rgb
 from .readers import read_class_folders
@@ -110,7 +111,7 @@ def classify(model, image, labels, templates=None) -> list[tuple[str, float]]:
     with eval_mode(model), torch.no_grad():
         text = (zeroshot_classifier(model, labels, templates) if templates
                 else embed_texts(model, list(labels)))  # (C, D)
-        features = model.encode_image(x[None].to(model.device)).float()  # (1, D)
+        features = encoder_of(model).encode_images(x[None])  # (1, D), by the model's engine
         probs = (model.scale() * features @ text.T).softmax(-1)[0].cpu()  # (C,)
     order = probs.argsort(descending=True).tolist()
     return [(labels[i], probs[i].item()) for i in order]

@@ -59,9 +59,12 @@ def test_encode_speed_benchmark_prints_every_path(capsys):
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import encode_speed
-    encode_speed.main(["--batch=2", "--small_batch=1", "--captions=12", "--caption_batch=3", "--batches=1"])
+    encode_speed.main(["--batch=2", "--small_batch=1", "--captions=12", "--caption_batch=3", "--batches=1",
+                       "--engine_caption_batch=3"])
     out = capsys.readouterr().out
     assert "channels-last, batch 1" in out and "bf16" in out
+    engine_rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-3:]}
+    assert "torch" in engine_rows and all(len(v) == 3 or v == ["not", "installed"] for v in engine_rows.values())
     tokens = {label: float(line.split()[-4]) for line in out.splitlines()
               for label in ("mixed lengths", "length-sorted") if label in line}
     assert tokens["length-sorted"] < tokens["mixed lengths"]  # sorting cuts the padding

