@@ -50,8 +50,11 @@ def torch_threads():
 
 @pytest.fixture(scope="module")
 def page(tiny_run):
+    from clip_foundation.gallery import Gallery
     data, run_dir, _ = tiny_run
-    return SearchPage.from_run(run_dir, str(data), "test")
+    # the page on torch: these tests are about the page; test_engines checks every engine's embeddings
+    return SearchPage.from_run(run_dir, str(data), "test",
+                               gallery=Gallery.from_run(run_dir, str(data), "test", engine="torch"))
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ def test_run_folder_has_everything(tiny_run):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_evaluate_cli_reproduces_training_metrics(tiny_run, tmp_path, capsys):
     data, run_dir, metrics = tiny_run
     out = tmp_path / "eval.json"

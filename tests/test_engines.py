@@ -13,6 +13,9 @@ from clip_foundation.retrieval import embed_images, embed_texts
 from conftest import SHARED, TINY_CAPTIONS
 from test_export import tiny_model
 
+pytestmark = [pytest.mark.slow,  # exports and compiles ONNX / OpenVINO graphs: seconds each
+              pytest.mark.usefixtures("real_engines")]
+
 pytest.importorskip("onnxruntime", reason="needs the engines extra")
 GRAPH_ENGINES = ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
 CAPTIONS = TINY_CAPTIONS + ["a star", "a big red circle on the left of a small green square"]
@@ -28,6 +31,7 @@ def timm_run(tmp_path_factory):
     return run, images, expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", GRAPH_ENGINES)
 def test_every_engine_embeds_as_torch_does(engine, timm_run):
     from clipModel import CLIPModel

@@ -6,6 +6,9 @@ import torch
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
 from conftest import TINY_CAPTIONS
 
+pytestmark = [pytest.mark.slow,  # exports and compiles ONNX / OpenVINO graphs: seconds each
+              pytest.mark.usefixtures("real_engines")]
+
 ort = pytest.importorskip("onnxruntime", reason="needs the engines extra")
 SCRATCH_TEXT = TextEncoderConfig(kind="scratch", pooling="mean", width=32, depth=1, heads=2, vocab_size=64)
 
@@ -50,6 +53,7 @@ def test_exported_graphs_give_torchs_outputs(kind, tiny_hf, tmp_path):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_openvino_ir_gives_torchs_outputs(tmp_path):
     ov = pytest.importorskip("openvino", reason="needs the engines extra")
     from clip_foundation.export import export_onnx, to_openvino

@@ -258,6 +258,7 @@ def test_find_captions_names_the_colour_of_single_shape_images(tiny_run):
 
 # ---------------------------------------------------------------- the command line
 
+@pytest.mark.slow
 def test_image_to_text_cli(tiny_run, checkpoint, tmp_path, capsys):
     data, _, _ = tiny_run
     image = next(iter(sorted((data / "images").glob("*.png"))))
@@ -273,6 +274,7 @@ def test_image_to_text_cli(tiny_run, checkpoint, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["matches"][0]["caption"] == matches[0].caption
 
 
+@pytest.mark.slow
 def test_prebuilt_index_cli(checkpoint, photo_folder, tmp_path, capsys):
     out = tmp_path / "photo_index"
     search.main(["--build-index", "--checkpoint", str(checkpoint), "--data", str(photo_folder),
@@ -357,6 +359,7 @@ def test_find_functions_reject_bad_arguments():
         gallery.find_captions(None, index, "x.png")
 
 
+@pytest.mark.slow
 def test_gallery_object_matches_the_functions(tiny_run, checkpoint, tmp_path):
     from clipModel import CLIPModel
     data, _, _ = tiny_run
@@ -448,6 +451,7 @@ def _zero_vectors(path):
     path.write_bytes(data[:len(data) // 2] + bytes(len(data) - len(data) // 2))
 
 
+@pytest.mark.slow
 @needs_faiss
 @pytest.mark.parametrize("suffix", ["safetensors", "faiss"])
 def test_an_index_file_changed_since_it_was_built_is_never_searched(checkpoint, photo_folder, tmp_path,
@@ -473,6 +477,7 @@ def test_an_index_file_changed_since_it_was_built_is_never_searched(checkpoint, 
     assert torch.equal(again.search(q, 3, "faiss")[1], first.search(q, 3, "faiss")[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("left", [[], ["captions.safetensors"]])
 def test_an_index_build_killed_after_its_image_index_says_it_is_incomplete(tiny_run, checkpoint, tmp_path, left):
     data, _, _ = tiny_run
