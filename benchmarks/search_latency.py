@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 
 
+from clip_foundation.engines import resolve  # noqa: E402
 from clip_foundation.index import (GalleryIndex, build_faiss, ensure_faiss, exact_topk,  # noqa: E402
                                    faiss_module, recall_at_k)
+from clip_foundation.retrieval import embed_texts  # noqa: E402
 
 
 def clustered(n: int, dim: int, clusters: int, spread: float, seed: int) -> torch.Tensor:
@@ -70,19 +72,24 @@ def timed(fn, items, warmup: int = 5) -> dict:
     return percentiles(times)
 
 
-def text_model(text: str, dim: int, words: list[str]):
+def text_model(text: str, dim: int, words: list[str], engine: str = "torch"):
+    """The page's model with a `text` tower (random heads), its queries encoded by `engine` as
+    `app.py --engine=ENGINE` sets it up."""
+    from clip_foundation.engines import use_engine
     from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
     if text == "minilm":
         from clip_foundation.pretrained import text_model_folder
         tower = TextEncoderConfig(kind="hf", name=text_model_folder(), pooling="mean")
     else:
         tower = TextEncoderConfig(kind="scratch", pooling="mean")
-    return CLIPModel(CLIPConfig(image=ImageEncoderConfig(kind="scratch"), text=tower, projection_dim=dim),
-                     captions=words).eval()
+    model = CLIPModel(CLIPConfig(image=ImageEncoderConfig(kind="scratch"), text=tower, projection_dim=dim),
+                      captions=words).eval()
+    use_engine(model, engine)  # graphs (if any) in a temporary folder, exported on the first query
+    return model
 
 
 def app_latency(rows_list: list[int], dim: int, texts: list[str], n_queries: int, clusters: int,
-                spread: float, threads: int = 1) -> dict:
+                spread: float, threads: int = 1, engine: str = "torch") -> dict:
     """p50/p95 of the page's query handler at each gallery size and text tower, beside its parts."""
     import tempfile
 
@@ -100,9 +107,9 @@ def app_latency(rows_list: list[int], dim: int, texts: list[str], n_queries: int
     for i, colour in enumerate(COLORS.values()):  # a few real images for the thumbnails
         files.append(folder / f"{i}.png")
         Image.new("RGB", (64, 64), tuple(colour)).save(files[-1])
-    models = {text: text_model(text, dim, words) for text in texts}
-    result = {"threads": threads, "towers": {}, "galleries": {}}
-    for text, model in models.items():  # the forward alone, at 1 and 2 threads: why the page uses 1
+    models = {text: text_model(text, dim, words, engine) for text in texts}
+    result = {"threads": threads, "engine": engine, "towers": {}, "galleries": {}}
+    for text, model in models.items():  # torch's forward alone, at 1 and 2 threads: why the page uses 1
         with torch.no_grad():
             tokens = [model.tokenize([q]) for q in queries]
             part = {"tokenize": timed(model.tokenize, queries)}
@@ -111,10 +118,10 @@ def app_latency(rows_list: list[int], dim: int, texts: list[str], n_queries: int
                 part[f"forward_{n}_threads"] = timed(lambda t: model.encode_text(t["input_ids"], t["attention_mask"]),
                                                      tokens)
             torch.set_num_threads(threads)
-            part["text_forward"] = timed(lambda q: model.encode_text([q]), queries)  # tokenizer + forward
+            part["text_forward"] = timed(lambda q: embed_texts(model, [q]), queries)  # tokenizer + engine forward
         result["towers"][text] = part
-        print(f"text tower {text}: tokenizer + forward p50 {part['text_forward']['p50_ms']:.2f} ms, "
-              f"p95 {part['text_forward']['p95_ms']:.2f} ms at {threads} thread(s); forward alone at 1 / 2 "
+        print(f"text tower {text} ({engine}): tokenizer + forward p50 {part['text_forward']['p50_ms']:.2f} ms, "
+              f"p95 {part['text_forward']['p95_ms']:.2f} ms at {threads} thread(s); torch's forward alone at 1 / 2 "
               f"threads p50 {part['forward_1_threads']['p50_ms']:.2f} / {part['forward_2_threads']['p50_ms']:.2f} ms, "
               f"p95 {part['forward_1_threads']['p95_ms']:.2f} / {part['forward_2_threads']['p95_ms']:.2f} ms; "
               f"tokenizer alone p50 {part['tokenize']['p50_ms']:.2f} ms")
@@ -245,6 +252,7 @@ def main(argv=None) -> dict:
     p.add_argument("--app", action="store_true", help="time the search page's query handler instead")
     p.add_argument("--ann", action="store_true", help="a compressed FAISS index over a large gallery")
     p.add_argument("--text", default="scratch", help="--app: text towers, comma-separated: scratch, minilm")
+    p.add_argument("--engine", default="auto", help="--app: encodes the queries: auto | torch | openvino | onnxruntime")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default; --app: 1)")
     p.add_argument("--rows", default="100000", help="gallery size (--app: comma-separated sizes)")
     p.add_argument("--dim", type=int, default=256)
@@ -267,7 +275,7 @@ def main(argv=None) -> dict:
             if not set(texts) <= {"scratch", "minilm"}:
                 p.error("--text: scratch and/or minilm")
             result = app_latency(sizes, args.dim, texts, args.queries, args.clusters, args.spread,
-                                 torch.get_num_threads())
+                                 torch.get_num_threads(), resolve(args.engine, "cpu"))
         else:
             factory = args.factory or f"IVF{max(1, round(sizes[0] ** 0.5 / 3))},PQ{args.dim // 4}x4fs,Refine(SQfp16)"
             result = ann_large(sizes[0], args.dim, args.queries, factory, [int(n) for n in args.nprobe.split(",")],
