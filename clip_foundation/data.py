@@ -32,6 +32,7 @@ class DataConfig:
     split_seed: int = 0  # seed of that split, so every run of a dataset sees the same split
     cache_dir: str = "data/cache"  # decoded images kept here across runs; empty = in memory only
     skip_bad: bool = False  # skip (count and report) bad rows and undecodable images instead of failing
+    restval: bool = True  # Karpathy split files: train on their restval images too (COCO's 30,504, as papers do); false leaves them out
     val_from_train: int = 0  # carve this many training images as val (picks the epoch); the dataset's val then scores as test if it has none
 
     def validate(self) -> None:
@@ -60,7 +61,7 @@ def split_by_image(records: list[Record], val_images: int, test_images: int,
                    seed: int = 0) -> dict[str, list[Record]]:
     """Use the dataset's own split when it ships one; else a seeded split by image."""
     if any(r.split in SPLITS for r in records):
-        unlisted = sum(r.split not in SPLITS for r in records)
+        unlisted = sum(r.split not in (*SPLITS, "restval") for r in records)  # restval: left out as asked
         if unlisted:
             warnings.warn(f"{unlisted} images are in none of the dataset's split lists; left out",
                           DataWarning, stacklevel=2)
@@ -82,7 +83,8 @@ def load_all(cfg: DataConfig) -> list[Record]:
     layout = detect_layout(cfg.path) if cfg.layout == "auto" else cfg.layout
     if columns and layout not in ("csv", "hf"):
         raise DataError(f"--image_column/--caption_column apply to csv and hf datasets, not {layout}")
-    return load_records(cfg.path, layout, skip_bad=cfg.skip_bad, **columns)
+    options = {"restval": cfg.restval} if layout == "karpathy" else {}
+    return load_records(cfg.path, layout, skip_bad=cfg.skip_bad, **columns, **options)
 
 
 def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:

@@ -1,11 +1,15 @@
-"""Download Flickr8k / Flickr30k from Kaggle into the layout the loaders read.
+"""Download Flickr8k / Flickr30k from Kaggle, and Karpathy's split files and MS-COCO from their
+own sites, into the layouts the loaders read.
 
     python download.py flickr8k  [--dest=data] [--kaggle_json=PATH] [--force]
     python download.py flickr30k [--dest=data] [--kaggle_json=PATH] [--force]
+    python download.py karpathy  [--dest=data]   # dataset_{flickr8k,flickr30k,coco}.json
+    python download.py coco      [--dest=data]   # 2017 captions + images (19 GB)
 
-Uses the `kaggle` package's Python API, unpacks the zip safely (no member may land outside
-the destination, nor unpack to more than the free space or MAX_RATIO times its packed size),
-checks the image and caption counts, and only then moves the folder into place. A dataset
+Kaggle datasets use the `kaggle` package's Python API; the others are plain HTTP downloads
+(resumed after an interruption). Each zip is unpacked safely (no member may land outside the
+destination, nor unpack to more than the free space or MAX_RATIO times its packed size), the
+image and caption counts are checked, and only then is the folder moved into place. A dataset
 folder that already has the expected counts is not downloaded again, nor is a zip that an
 earlier run downloaded but could not unpack (no space, Ctrl-C).
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import cli
+from .webfetch import explain, url_fetch
 
 
 class DownloadError(RuntimeError):
@@ -38,12 +43,15 @@ class BadArchive(DownloadError):
 
 @dataclass(frozen=True)
 class Spec:
-    slug: str        # Kaggle dataset id, owner/name
-    images: str      # image folder, relative to the dataset folder
-    captions: str    # caption file, relative to the dataset folder
+    slug: str        # Kaggle dataset id, owner/name; empty for a dataset fetched from `urls`
+    images: str      # image folder, relative to the dataset folder; empty = none to count
+    captions: str    # caption file, relative to the dataset folder; empty = none to count
     n_images: int    # at least this many *.jpg in `images`
     n_captions: int  # at least this many non-blank lines after the header in `captions`
     skip: tuple[str, ...] = ()  # archive members (prefixes) not worth extracting
+    urls: tuple[str, ...] = ()  # zips fetched over HTTP instead of from Kaggle, all unpacked into one folder
+    files: tuple[str, ...] = ()  # files and folders that must be there once unpacked
+    then: str = ""   # the next step, printed once the folder is complete ({target}: the folder, {dest}: DEST)
 
 
 # What the Kaggle uploads contain. Flickr30k's results.csv has 158,915 caption rows, but one
@@ -55,6 +63,20 @@ DATASETS = {
                       "flickr30k_images/results.csv", 31_783, 158_914,
                       skip=("flickr30k_images/flickr30k_images/flickr30k_images/",
                             "flickr30k_images/flickr30k_images/results.csv")),
+    # Karpathy & Fei-Fei's standard splits (CVPR 2015) of all three, as the retrieval papers use them
+    "karpathy": Spec("", "", "", 0, 0,
+                     urls=("https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip",),
+                     files=("dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json"),
+                     then="copy a split file into its dataset's folder (e.g. cp {target}/dataset_flickr8k.json "
+                          "{dest}/flickr8k/): that folder then reads with the standard split"),
+    # MS-COCO 2017 from cocodataset.org: the caption annotations (other annotations skipped) and the
+    # 123,287 images; dataset_coco.json finds its 2014 file names among them by COCO id
+    "coco": Spec("", "train2017", "", 118_287, 0, skip=("annotations/instances_", "annotations/person_keypoints_"),
+                 urls=tuple(f"http://images.cocodataset.org/{p}.zip" for p in
+                            ("annotations/annotations_trainval2017", "zips/val2017", "zips/train2017")),
+                 files=("annotations/captions_train2017.json", "annotations/captions_val2017.json", "val2017"),
+                 then="the standard test is Karpathy's 5,000 images: put dataset_coco.json (download.py "
+                      "karpathy) in {target}"),
 }
 
 # Zip bomb limits, checked against the archive's listing before anything is written.
@@ -287,13 +309,21 @@ def verify(name: str, root: str | Path, where: str | None = None) -> tuple[int, 
         with open(captions, "rb") as f:
             n_cap = max(sum(1 for line in f if line.strip()) - 1, 0)  # minus the header
     problems = []
-    if n_img < spec.n_images:
+    if spec.images and n_img < spec.n_images:
         problems.append(f"expected at least {spec.n_images:,} images in {spec.images}/, found {n_img:,}")
-    if n_cap < spec.n_captions:
+    if spec.captions and n_cap < spec.n_captions:
         problems.append(f"expected at least {spec.n_captions:,} captions in {spec.captions}, found {n_cap:,}")
+    if missing := [f for f in spec.files if not (root / f).exists()]:
+        problems.append(f"{', '.join(missing)} missing")
     if problems:
         raise DownloadError(f"{where or root} is incomplete: " + "; ".join(problems))
     return n_img, n_cap
+
+
+def _found(spec: Spec, counts: tuple[int, int]) -> str:  # "8,091 images, 40,455 captions"
+    parts = [f"{n:,} {what}" for n, what, counted in zip(counts, ("images", "captions"), (spec.images, spec.captions))
+             if counted] or list(spec.files)
+    return ", ".join(parts)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -306,13 +336,56 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _kaggle_archives(spec: Spec, work: Path, target: Path, kaggle_json, fetch) -> list[Path]:
+    zips = sorted(work.glob("*.zip"))
+    # A zip kept by a run that failed to extract it is complete (a partial one lacks the
+    # central directory, which comes last): unpack it again rather than download it again.
+    if len(zips) == 1 and zipfile.is_zipfile(zips[0]):
+        print(f"Reusing {zips[0]}, downloaded by an earlier run")
+        return zips
+    creds = find_credentials(kaggle_json)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"Downloading {spec.slug} from Kaggle (credentials from {creds.source})")
+    try:
+        (fetch or kaggle_fetch)(spec.slug, work, creds)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - any kaggle failure becomes one sentence
+        if not any(work.iterdir()):
+            work.rmdir()  # keep only a partial zip, which kaggle resumes next time
+        msg = str(e) if isinstance(e, DownloadError) else _explain(e, spec, target, creds)
+        raise DownloadError(_scrub(msg, creds)) from None
+    zips = sorted(work.glob("*.zip"))
+    if len(zips) != 1:
+        shutil.rmtree(work, ignore_errors=True)
+        raise DownloadError(f"expected one .zip from Kaggle in {work}, found {len(zips)}")
+    return zips
+
+
+def _web_archives(spec: Spec, work: Path, target: Path, fetch) -> list[Path]:
+    work.mkdir(parents=True, exist_ok=True)
+    archives = [work / url.rsplit("/", 1)[1] for url in spec.urls]
+    for url, archive in zip(spec.urls, archives):
+        if zipfile.is_zipfile(archive):  # complete: kept by a run that could not unpack it
+            print(f"Reusing {archive}, downloaded by an earlier run")
+            continue
+        print(f"Downloading {url}")
+        try:
+            (fetch or url_fetch)(url, work, None)
+        except Exception as e:  # noqa: BLE001 - any network failure becomes one sentence
+            if not any(work.iterdir()):
+                work.rmdir()  # keep only finished zips and partial ones, which the next run resumes
+            by_hand = f"download {url} on a machine with internet and unzip it into {target}"
+            raise DownloadError(str(e) if isinstance(e, DownloadError) else explain(e, url, by_hand)) from None
+    return archives
+
+
 def download(name: str, dest: str | Path = "data", kaggle_json: str | Path | None = None,
-             force: bool = False, fetch: Callable[[str, Path, Credentials], None] | None = None) -> Path:
-    """Download dataset `name` ("flickr8k" or "flickr30k") to `dest/name`; return that folder.
+             force: bool = False, fetch: Callable[[str, Path, Credentials | None], None] | None = None) -> Path:
+    """Download dataset `name` (see DATASETS) to `dest/name`; return that folder.
 
     A folder that already has the expected counts is returned untouched unless `force`.
     `fetch(slug, out_dir, credentials)` must leave the dataset's zip in `out_dir`; it
-    defaults to the kaggle API (`kaggle_fetch`). Raises DownloadError with what to do.
+    defaults to the kaggle API (`kaggle_fetch`), or for a dataset with `urls` to
+    `url_fetch(url, out_dir, None)`, once per URL. Raises DownloadError with what to do.
     A zip that failed to unpack through no fault of its own stays in `dest/.NAME-download`
     and the next call unpacks it without downloading; a corrupt or refused one is deleted.
     """
@@ -320,42 +393,24 @@ def download(name: str, dest: str | Path = "data", kaggle_json: str | Path | Non
         raise DownloadError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
     spec, dest = DATASETS[name], Path(dest).expanduser()
     target = dest / name
+    then = f"next: {spec.then.format(target=target, dest=dest)}" if spec.then else ""
     if target.exists() and not force:
         try:
-            n_img, n_cap = verify(name, target)
-            print(f"{target}: already complete ({n_img:,} images, {n_cap:,} captions)")
+            print(f"{target}: already complete ({_found(spec, verify(name, target))})" + (f"; {then}" if then else ""))
             return target
         except DownloadError as e:
             print(f"{e}; downloading it again")
-    work = dest / f".{name}-download"  # a fixed name, so kaggle can resume a partial zip here
+    work = dest / f".{name}-download"  # a fixed name, so a partial download resumes here
     if force:
         shutil.rmtree(work, ignore_errors=True)
-    zips = sorted(work.glob("*.zip"))
-    # A zip kept by a run that failed to extract it is complete (a partial one lacks the
-    # central directory, which comes last): unpack it again rather than download it again.
-    if len(zips) == 1 and zipfile.is_zipfile(zips[0]):
-        print(f"Reusing {zips[0]}, downloaded by an earlier run")
-    else:
-        creds = find_credentials(kaggle_json)
-        work.mkdir(parents=True, exist_ok=True)
-        print(f"Downloading {spec.slug} from Kaggle (credentials from {creds.source})")
-        try:
-            (fetch or kaggle_fetch)(spec.slug, work, creds)
-        except (Exception, SystemExit) as e:  # noqa: BLE001 - any kaggle failure becomes one sentence
-            if not any(work.iterdir()):
-                work.rmdir()  # keep only a partial zip, which kaggle resumes next time
-            msg = str(e) if isinstance(e, DownloadError) else _explain(e, spec, target, creds)
-            raise DownloadError(_scrub(msg, creds)) from None
-        zips = sorted(work.glob("*.zip"))
-    if len(zips) != 1:
-        shutil.rmtree(work, ignore_errors=True)
-        raise DownloadError(f"expected one .zip from Kaggle in {work}, found {len(zips)}")
-    archive = zips[0]
+    archives = (_web_archives(spec, work, target, fetch) if spec.urls
+                else _kaggle_archives(spec, work, target, kaggle_json, fetch))
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-extract-", dir=dest))  # same filesystem
     try:
-        extract(archive, tmp, spec.skip)
+        for archive in archives:
+            extract(archive, tmp, spec.skip)
         try:
-            n_img, n_cap = verify(name, tmp, where=f"the archive of {spec.slug}")
+            counts = verify(name, tmp, where=f"the archive of {spec.slug or name}")
         except DownloadError as e:  # intact but not the expected content: reusing it cannot help
             raise BadArchive(str(e)) from None
         _replace_dir(tmp, target)
@@ -364,18 +419,21 @@ def download(name: str, dest: str | Path = "data", kaggle_json: str | Path | Non
         raise
     except (DownloadError, OSError) as e:  # the destination failed (no space, permissions), not the zip
         reason = e if isinstance(e, DownloadError) else f"could not extract {archive.name} into {dest} ({e})"
-        raise DownloadError(f"{reason}; kept the downloaded archive at {archive}, so running this "
+        kept = f"archive at {archive}" if len(archives) == 1 else f"archives in {work}"
+        raise DownloadError(f"{reason}; kept the downloaded {kept}, so running this "
                             "again extracts it without downloading it again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    print(f"{target}: {n_img:,} images, {n_cap:,} captions")
+    print(f"{target}: {_found(spec, counts)}")
+    if then:
+        print(then)
     return target
 
 
 @dataclass
 class DownloadConfig:
-    name: str = ""  # the dataset (the first bare argument): flickr8k or flickr30k
+    name: str = ""  # the dataset (the first bare argument): flickr8k, flickr30k (Kaggle), karpathy or coco
     dest: str = "data"  # parent folder: the dataset lands in DEST/NAME
     kaggle_json: str = ""  # kaggle.json to use; empty = ~/.kaggle, KAGGLE_USERNAME/KAGGLE_KEY, ...
     force: bool = False  # download even if the folder is already complete

@@ -2,8 +2,9 @@
 
 Every reader returns the same record type, so everything downstream (splits, the image
 cache, training, evaluation, search) is layout-agnostic. Layouts: a caption CSV of your own
-photos, Flickr30k and Flickr8k (Kaggle and original files), labelled class folders, and
-Hugging Face `datasets` (in readers_hf.py). Bad input raises `DataError` naming file:line,
+photos, Flickr30k and Flickr8k (Kaggle and original files), labelled class folders, Karpathy's
+standard split files and the MS-COCO captions (in readers_standard.py), and Hugging Face
+`datasets` (in readers_hf.py). Bad input raises `DataError` naming file:line,
 or with `skip_bad=True` is skipped, counted in a `LoadReport` and warned about once.
 """
 from __future__ import annotations
@@ -19,10 +20,14 @@ from pathlib import Path
 
 from .records import (MAX_CAPTION_CHARS, SPLIT_ALIASES, DataError, DataWarning, LoadReport, Record,  # noqa: F401
                       caption_fault, image_files)
+from .readers_standard import (COCO_LAYOUT, KARPATHY_LAYOUT, coco_caption_files, find_karpathy_file,
+                               read_coco, read_karpathy)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
                      "a photo of the small {}.", "a photo of the large {}.")
 LAYOUTS = {
+    "karpathy": KARPATHY_LAYOUT,  # detected first: the standard split wins over any other
+    "coco": COCO_LAYOUT,
     "csv": "captions.csv (or one *.csv) with image and caption columns; image paths "
            "relative to the CSV's folder, to image_dir, or absolute",
     "flickr30k": "flickr30k_images/results.csv ('image_name| comment_number| comment') and "
@@ -350,12 +355,16 @@ def detect_layout(path: str | Path) -> str:
     if str(path).startswith("hf:"):
         return "hf"
     path = Path(path)
+    if find_karpathy_file(path):  # a split file beside a Kaggle copy gives it the standard split
+        return "karpathy"
     if path.is_file():
         if path.suffix == ".parquet":
             return "hf"
         if path.suffix == ".csv":
             return "csv"
     elif path.is_dir():
+        if coco_caption_files(path):
+            return "coco"
         if (path / "flickr30k_images" / "results.csv").is_file() or (
                 (path / "results.csv").is_file() and (path / "flickr30k_images").is_dir()):
             return "flickr30k"
@@ -375,7 +384,7 @@ def detect_layout(path: str | Path) -> str:
 
 
 READERS = {"csv": read_caption_csv, "flickr30k": read_flickr30k, "flickr8k": read_flickr8k,
-           "classes": read_class_folders}
+           "classes": read_class_folders, "karpathy": read_karpathy, "coco": read_coco}
 
 
 def load_records_with_report(path: str | Path, layout: str = "auto", *, skip_bad: bool = False,

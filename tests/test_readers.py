@@ -261,7 +261,7 @@ def test_unknown_folder_lists_expected_layouts(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_records(tmp_path / "absent")
     with pytest.raises(DataError, match="unknown layout"):
-        load_records(tmp_path, "coco")
+        load_records(tmp_path, "xml")
 
 
 # ---------------------------------------------------------------- bad input
