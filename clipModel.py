@@ -11,6 +11,7 @@ import inspect
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -778,14 +779,17 @@ class CLIPModel(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder, device=None) -> "CLIPModel":
-        """Load a folder written by `save_pretrained` (offline, no pickle, no code from the folder).
+    def from_pretrained(cls, folder, device=None, *, revision: str | None = None, cache_dir=None) -> "CLIPModel":
+        """Load a folder written by `save_pretrained` (no pickle, no code from the folder), or a
+        Hugging Face Hub repo holding one: `from_pretrained("user/repo", revision="v1")`.
 
-        A damaged folder raises `CheckpointError` naming the file and what is wrong: invalid
-        config.json, a weights file that is truncated, corrupt or holds NaN/inf, or a config that
-        no longer matches the weights."""
+        A local folder is always tried first. A repo id goes through `huggingface_hub`'s cache
+        (`cache_dir`, default HF_HUB_CACHE): downloaded once, then read offline, and never asked
+        for when HF_HUB_OFFLINE=1. A damaged folder raises `CheckpointError` naming the file and
+        what is wrong: invalid config.json, a weights file that is truncated, corrupt or holds
+        NaN/inf, or a config that no longer matches the weights."""
         from transformers import AutoTokenizer
-        folder = Path(folder)
+        folder = _local_or_hub(folder, revision, cache_dir)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise FileNotFoundError(f"{folder} is not a saved CLIPModel folder "
                                     "(expected config.json and model.safetensors)")
@@ -802,6 +806,26 @@ class CLIPModel(nn.Module):
 
 class CheckpointError(ValueError):
     """A saved model folder that cannot be loaded: the message names the file and the fault."""
+
+
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "user/repo", as the Hub names repos
+
+
+def _local_or_hub(name, revision: str | None = None, cache_dir=None) -> Path:
+    """`name` as a local path when it is a folder or cannot be a repo id; else the snapshot folder
+    of Hub repo `name` in the Hub cache (downloaded unless cached, or FileNotFoundError in one line)."""
+    folder = Path(name)
+    if folder.is_dir() or not HUB_REPO_ID.fullmatch(str(name)):
+        return folder
+    from huggingface_hub import constants, snapshot_download
+    try:
+        return Path(snapshot_download(str(name), revision=revision, cache_dir=cache_dir))
+    except (OSError, ValueError) as e:  # not on the Hub, not cached while offline, no network, a bad revision
+        at = f" at revision {revision!r}" if revision else ""
+        why = ("HF_HUB_OFFLINE=1, so the Hub is not asked: load it once online, or unset HF_HUB_OFFLINE"
+               if constants.HF_HUB_OFFLINE else f"{type(e).__name__}: {_brief(e, 200)}")
+        raise FileNotFoundError(f"{name} is not a local folder, and Hub repo {name}{at} could not be loaded "
+                                f"into the cache {cache_dir or constants.HF_HUB_CACHE} ({why})") from None
 
 
 def _brief(e: BaseException, limit: int = 400) -> str:

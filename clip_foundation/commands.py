@@ -29,3 +29,7 @@ def app() -> int:
 
 def download() -> int:
     return _run("download")
+
+
+def hub() -> int:
+    return _run("hub")

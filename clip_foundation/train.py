@@ -27,6 +27,7 @@ from .engine import (PRECISIONS, SCHEDULES, NonFiniteLoss, build_optimizer, buil
                      resolve_precision, rng_state, set_rng_state)
 from .engines import ENGINES
 from .inputs import Embedder, Inputs, TrainingInputs, TrainInputs, set_train_mode, split_recall, tower_trains
+from .modelcard import write_model_card
 from .presets import PRESETS, expand_preset
 from .records import DataError, DataWarning, caption_fault
 from .retrieval import format_metrics
@@ -316,6 +317,7 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
             logger.log(entry)
             if score > best:
                 model.save_pretrained(run_dir, extra_config=extra)
+                write_model_card(run_dir)  # README.md: what the saved model is, its validation recall so far
             best = max(best, score)
             checkpoint(epoch + 1, 0, stream_state)
             draw_curves(history, run_dir / "curves.png")
@@ -376,6 +378,7 @@ def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, dev
     queries = cfg.train.queries or (SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES)
     results = {q: find_matches(model, index, q, n=6) for q in queries}
     query_grids(results, path=run_dir / "matches.png")
+    write_model_card(run_dir)  # now with the test metrics and the figures
     print(f"saved model, config, metrics.json, log.jsonl, curves.png and matches.png in {run_dir}")
     return model, run_dir, metrics
 

@@ -1,0 +1,146 @@
+"""Share a model on the Hugging Face Hub: publish a run folder with its model card.
+
+    python -m clip_foundation.hub push runs/NAME user/repo [--private=true] [--token=...]
+    python -m clip_foundation.hub card runs/NAME [--license=apache-2.0]   # (re)write RUN/README.md only
+
+A push creates the repo if needed and uploads, in one commit, what a user of the model needs:
+the weights, config.json, the tokenizer files, the HF towers' configs, the querybank, the card
+(README.md, rewritten first with the repo id and the run's current metrics), metrics.json and
+the figures; never last/ (the training state), index/, tensorboard/ or other caches. The token
+is --token, else HF_TOKEN, else the one `hf auth login` saved. Loading needs nothing from
+here: `CLIPModel.from_pretrained("user/repo")` reads the repo through the Hub's cache.
+
+Why not huggingface_hub's `ModelHubMixin` / `PyTorchModelHubMixin`: they would own
+`save_pretrained` / `from_pretrained` and write the constructor's arguments as config.json,
+while `CLIPModel` is built from a `CLIPConfig` dataclass plus a tokenizer object, its folder
+holds a tokenizer and the HF towers' configs beside the weights, and a run's config.json nests
+the model config beside the data and training configs. Their download fetches config.json and
+model.safetensors one by one (the rest would need overriding anyway), their push uploads a
+fresh save of the model, not a run folder with its metrics and figures, and as base classes they
+would make clipModel.py import huggingface_hub when it loads. So `from_pretrained` calls
+`snapshot_download`, and this module calls `HfApi().create_repo` + `upload_folder`.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cli
+from .modelcard import CARD, write_model_card
+from clipModel import CheckpointError, CLIPModel, read_model_config
+
+UPLOAD = ["config.json", "model.safetensors", CARD, "metrics.json", "curves.png", "matches.png",
+          "querybank.safetensors", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
+          "merges.txt", "*.model", "image_encoder/*", "text_encoder/*"]  # upload_folder's allow_patterns
+SKIP = ["last/*", "last.tmp/*", "index/*", "tensorboard/*", "cache/*", ".*", "*/.*"]  # its ignore_patterns
+# (patterns match paths relative to the run folder, and * crosses folders: SKIP keeps last/ out)
+
+
+class HubError(RuntimeError):
+    """A push that could not happen (offline, no network, refused token, bad repo id): one line."""
+
+
+@dataclass
+class HubConfig:
+    action: str = ""  # push (publish the run folder) | card (write RUN/README.md only)
+    run_dir: str = ""  # the run folder (any folder written by CLIPModel.save_pretrained)
+    repo_id: str = ""  # push: the Hub repo, user/name (created when missing)
+    private: bool = False  # push: create the repo private
+    token: str = ""  # push: a Hub token with write access; empty = HF_TOKEN or the one `hf auth login` saved
+    license: str = ""  # the card's licence (a Hub licence id); empty = inferred from the towers' weights
+    card: bool = True  # push: rewrite README.md (repo id, current metrics) first; false = upload it as it is
+    commit_message: str = ""  # push: the commit's message; empty = "Upload RUN_NAME"
+
+
+USAGE = ("usage: python -m clip_foundation.hub push RUN_DIR USER/REPO [--private=true] [--token=...]\n"
+         "       python -m clip_foundation.hub card RUN_DIR [--license=ID]")
+
+
+def files_to_push(run_dir) -> list[str]:
+    """The run folder's files a push uploads (relative paths), selected by UPLOAD and SKIP with
+    the function `upload_folder` selects them with."""
+    from huggingface_hub.utils import filter_repo_objects
+    run_dir = Path(run_dir)
+    files = sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+    return list(filter_repo_objects(files, allow_patterns=UPLOAD, ignore_patterns=SKIP))
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What a Hub call raises when the Hub cannot be reached or refuses: the hub's own errors are
+    OSErrors (offline mode, HTTP errors) or ValueErrors (a bad repo id); its HTTP client's
+    connection errors are neither."""
+    errors = [OSError, ValueError]
+    for module in ("httpx2", "httpx"):  # huggingface_hub's HTTP client, by version
+        try:
+            errors.append(importlib.import_module(module).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _why(e: BaseException) -> str:
+    from huggingface_hub import constants
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set, so nothing is sent: unset it to push"
+    if status in (401, 403):
+        return (f"the Hub refused the token ({status}): pass --token=... with write access, set HF_TOKEN, "
+                "or run `hf auth login`")
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def push_to_hub(model_or_run_dir, repo_id: str, *, private: bool = False, token: str | None = None,
+                license: str | None = None, card: bool = True, commit_message: str | None = None) -> str:
+    """Publish a run folder (or a `CLIPModel`, saved to a temporary folder first) as Hub model repo
+    `repo_id`, created if missing; -> the commit's URL. With `card`, README.md is (re)written
+    first with the repo id. HubError (one line) when the Hub cannot be reached or refuses."""
+    if isinstance(model_or_run_dir, CLIPModel):
+        with tempfile.TemporaryDirectory() as tmp:
+            model_or_run_dir.save_pretrained(tmp)
+            return push_to_hub(tmp, repo_id, private=private, token=token, license=license, card=card,
+                               commit_message=commit_message)
+    run_dir = Path(model_or_run_dir)
+    if not (run_dir / "model.safetensors").is_file() or not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: nothing to push (a model folder has config.json and model.safetensors)")
+    read_model_config(run_dir)  # CheckpointError for a config.json that no load would accept
+    if card or not (run_dir / CARD).is_file():
+        write_model_card(run_dir, repo_id=repo_id, license=license)
+    from huggingface_hub import HfApi
+    api = HfApi(token=token or None)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=run_dir, repo_type="model",
+                                   allow_patterns=UPLOAD, ignore_patterns=SKIP,
+                                   commit_message=commit_message or f"Upload {run_dir.resolve().name}")
+    except _network_errors() as e:
+        raise HubError(f"could not push {run_dir} to the Hub repo {repo_id}: {_why(e)}") from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+def main(argv=None):
+    """The command line; returns the commit URL (push) or the card's path (card)."""
+    args = cli.parse(HubConfig(), argv, USAGE, positional=("action", "run_dir", "repo_id"))
+    if args.action not in ("push", "card"):
+        cli.usage_error(f"the first argument is push or card, not {args.action!r}", USAGE)
+    if not args.run_dir or (args.action == "push" and not args.repo_id):
+        cli.usage_error("push needs RUN_DIR and USER/REPO" if args.action == "push" else "card needs RUN_DIR", USAGE)
+    try:
+        if args.action == "card":
+            if not Path(args.run_dir, "config.json").is_file():
+                raise FileNotFoundError(f"{args.run_dir} has no config.json: not a run folder")
+            path = write_model_card(args.run_dir, license=args.license or None)
+            print(f"wrote {path}")
+            return path
+        url = push_to_hub(args.run_dir, args.repo_id, private=args.private, token=args.token or None,
+                          license=args.license or None, card=args.card, commit_message=args.commit_message or None)
+    except (HubError, CheckpointError, OSError) as e:
+        sys.exit(f"error: {e}")
+    print(f"pushed {', '.join(files_to_push(args.run_dir))} -> {url}")
+    return url
+
+
+if __name__ == "__main__":
+    main()
