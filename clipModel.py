@@ -241,6 +241,12 @@ class ScratchTextTransformer(nn.Module):
 # is one subclass added to IMAGE_ENCODERS or TEXT_ENCODERS. Every adapter keeps its network in
 # `self.model`, so the weights' names (`image_encoder.model.*`) are the same for every kind.
 
+def _origin(tower: str, source: str, licence: str | None = None, base_model: str | None = None,
+            trained_here: bool = False) -> dict:
+    return {"tower": tower, "source": source, "licence": licence, "base_model": base_model,
+            "trained_here": trained_here}
+
+
 class Tower(nn.Module):
     """What training, saving and encoding ask of a tower, whatever its kind."""
     kind = ""    # the config's `kind` that picks this adapter
@@ -259,6 +265,17 @@ class Tower(nn.Module):
 
     def save_config(self, folder: Path) -> None:
         """Write what `offline_config` needs beside the weights (nothing for most kinds)."""
+
+    @classmethod
+    def weights_origin(cls, cfg: dict) -> dict:
+        """Where the starting weights of a tower saved with config `cfg` (its config.json entry)
+        came from, for a model card: {tower, source, licence (a Hub licence id or None), base_model
+        (a Hub id or None), trained_here (random initialisation: no one else's weights)}."""
+        name = cfg.get("name", "")
+        if not cfg.get("pretrained", True):
+            return _origin(f"{cls.kind} {name}", f"none: {name}'s architecture, initialised at random",
+                           trained_here=True)
+        return _origin(f"{cls.kind} {name}", "see the tower's own documentation")
 
     def describe(self, cfg) -> str:
         """What this tower is, in a few words for people (the search page shows it)."""
@@ -369,6 +386,11 @@ class _ScratchTower:
         return "scratch (trained from nothing)"
 
     @classmethod
+    def weights_origin(cls, cfg: dict) -> dict:
+        return _origin(f"scratch transformer ({cfg['depth']} blocks × {cfg['width']} wide)",
+                       "none: initialised at random and trained in this run", trained_here=True)
+
+    @classmethod
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
         for key in ("width", "depth", "heads"):
@@ -406,6 +428,19 @@ class TimmImageEncoder(ImageEncoder):
     """Any timm model, classifier removed; with `pool_blocks`, its last blocks' pooled outputs too."""
     kind = "timm"
     memory_format = torch.channels_last  # convolutional towers: ~1.5x faster on a CPU (measured)
+
+    @classmethod
+    def weights_origin(cls, cfg: dict) -> dict:
+        name = cfg["name"]
+        if cfg.get("weights_file"):
+            return _origin(f"timm {name}", f"a local weights file ({Path(cfg['weights_file']).name})")
+        if not cfg["pretrained"]:
+            return super().weights_origin(cfg)
+        from timm.models import get_pretrained_cfg
+        registry = get_pretrained_cfg(name)  # timm's registry knows each model's weights and licence
+        hub_id, licence = (registry.hf_hub_id, registry.license) if registry else (None, None)
+        return _origin(f"timm {name}", f"{name}'s default pretrained weights in timm" + (f" ({hub_id})" if hub_id else ""),
+                       licence, hub_id)
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
@@ -462,6 +497,15 @@ class TimmImageEncoder(ImageEncoder):
 class _HFTower:
     """Shared by both Hugging Face adapters: checkpointing, and the saved architecture config."""
     kind = "hf"
+
+    @classmethod
+    def weights_origin(cls, cfg: dict) -> dict:
+        name = cfg["name"]
+        if not cfg["pretrained"]:
+            return super().weights_origin(cfg)
+        if Path(name).is_absolute() or Path(name).exists():
+            return _origin(f"hf {Path(name).name}", f"a local folder ({Path(name).name})")
+        return _origin(f"hf {name}", f"{name} (Hugging Face Hub)", base_model=name)
 
     @classmethod
     def offline_config(cls, cfg, folder: Path):

@@ -15,8 +15,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from clipModel import IMAGE_ENCODERS, TEXT_ENCODERS
+
 from . import REPO_URL
 from .files import atomic_write
+from .pretrained import PACKAGES
 
 CARD = "README.md"
 LIBRARY = "clip-foundation"
@@ -49,52 +52,25 @@ class Weights:
         return self.licence or ("none (no pretrained weights)" if self.trained_here else "unknown: check its source")
 
 
-def _scratch(cfg: dict) -> Weights:
-    return Weights(f"scratch transformer ({cfg['depth']} blocks × {cfg['width']} wide)",
-                   "none: initialised at random and trained in this run", None, trained_here=True)
-
-
-def _hf(cfg: dict) -> Weights:
-    name = cfg["name"]
-    if not cfg["pretrained"]:
-        return Weights(f"hf {name}", f"none: {name}'s architecture, initialised at random", None, trained_here=True)
+def tower_weights(cfg: dict, tower: str = "image") -> Weights:
+    """The provenance of one tower from its saved config (the "image" or "text" entry of
+    config.json): its adapter's `weights_origin`, with what only the library knows added (the
+    weights shipped in pip packages, and the licences of the default Hugging Face towers)."""
+    adapter = (IMAGE_ENCODERS if tower == "image" else TEXT_ENCODERS).get(cfg.get("kind"))
+    origin = (adapter.weights_origin(cfg) if adapter else
+              {"tower": f"{cfg.get('kind')} {cfg.get('name', '')}", "source": "see the tower's own documentation"})
+    weights = Weights(origin["tower"], origin["source"], origin.get("licence"), origin.get("base_model"),
+                      origin.get("trained_here", False))
+    name = str(cfg.get("name", ""))
+    if weights.trained_here or cfg.get("weights_file"):
+        return weights
     for module, (dist, hub_id) in PACKAGED_HF.items():
-        if module in Path(name).parts:  # the folder inside the pip package
-            return Weights(f"hf {hub_id}", f"{hub_id}, from the pip package {dist}", HF_LICENCES[hub_id], hub_id)
-    if Path(name).is_absolute() or Path(name).exists():
-        return Weights(f"hf {Path(name).name}", f"a local folder ({Path(name).name})", None)
-    return Weights(f"hf {name}", f"{name} (Hugging Face Hub)", HF_LICENCES.get(name), name)
-
-
-def _timm(cfg: dict) -> Weights:
-    name = cfg["name"]
-    if cfg["weights_file"]:
-        return Weights(f"timm {name}", f"a local weights file ({Path(cfg['weights_file']).name})", None)
-    if not cfg["pretrained"]:
-        return Weights(f"timm {name}", f"none: {name}'s architecture, initialised at random", None, trained_here=True)
-    from timm.models import get_pretrained_cfg
-    from .pretrained import PACKAGES
-    registry = get_pretrained_cfg(name)
-    hub_id, licence = (registry.hf_hub_id, registry.license) if registry else (None, None)
-    source = f"{name}'s default pretrained weights in timm" + (f" ({hub_id})" if hub_id else "")
+        if module in Path(name).parts:  # the Hugging Face folder inside a pip package
+            return Weights(f"{cfg['kind']} {hub_id}", f"{hub_id}, from the pip package {dist}", HF_LICENCES[hub_id], hub_id)
     if name in PACKAGES:  # Google's ImageNet checkpoint, as timm ports it too, shipped in a pip package
-        source = f"ImageNet {name} from the pip package {PACKAGES[name][2]}, converted to timm's layout"
-    return Weights(f"timm {name}", source, licence, hub_id)
-
-
-# How each tower kind's starting weights are told from its saved config. The kinds' adapter
-# classes (clipModel.py) do not describe their weights' provenance; a kind missing here gets
-# the generic description of `_other`.
-PROVENANCE = {"scratch": _scratch, "hf": _hf, "timm": _timm}
-
-
-def _other(cfg: dict) -> Weights:
-    return Weights(f"{cfg['kind']} {cfg.get('name', '')}", "see the tower's own documentation", None)
-
-
-def tower_weights(cfg: dict) -> Weights:
-    """The provenance of one tower from its saved config (the "image" or "text" entry of config.json)."""
-    return PROVENANCE.get(cfg.get("kind"), _other)(cfg)
+        weights.source = f"ImageNet {name} from the pip package {PACKAGES[name][2]}, converted to timm's layout"
+    weights.licence = weights.licence or HF_LICENCES.get(weights.base_model)
+    return weights
 
 
 def card_license(towers: list[Weights]) -> str:
@@ -209,7 +185,7 @@ def model_card(run_dir, repo_id: str | None = None, license: str | None = None):
     run_dir = Path(run_dir)
     saved = _read_json(run_dir / "config.json", {})
     model, data, train = saved.get("model", {}), saved.get("data", {}), saved.get("train", {})
-    towers = {t: tower_weights(model.get(t, {})) for t in ("image", "text")}
+    towers = {t: tower_weights(model.get(t, {}), t) for t in ("image", "text")}
     metrics = _read_json(run_dir / "metrics.json")
     dataset = dataset_of(data) if data else None
     name = repo_id.split("/")[-1] if repo_id else run_dir.resolve().name

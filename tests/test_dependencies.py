@@ -25,6 +25,7 @@ IMPORTS = {
     "pillow": "from PIL import Image, ImageOps",
     "matplotlib": "import matplotlib.pyplot",
     "tqdm": "import tqdm.auto",
+    "huggingface_hub": "from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download",
     "kaggle": "from kaggle.api.kaggle_api_extended import KaggleApi",  # what download.py imports
     "six": "import six",
     "webdataset": "import webdataset",

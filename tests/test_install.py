@@ -40,7 +40,12 @@ def test_the_wheel_imports_from_outside_the_repository(installed):
         assert str(tmp / "venv") in line and str(ROOT) not in line
 
 
-@pytest.mark.parametrize("command", ["clip-train", "clip-evaluate", "clip-search", "clip-app", "clip-download"])
+def console_scripts() -> list[str]:
+    import tomllib
+    return list(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
+
+
+@pytest.mark.parametrize("command", console_scripts())  # every command pyproject.toml installs
 def test_console_scripts_run(installed, command):
     _, bin_dir, tmp = installed
     out = subprocess.run([str(bin_dir / command), "--help"], capture_output=True, text=True, cwd=tmp)
