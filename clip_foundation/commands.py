@@ -29,3 +29,7 @@ def app() -> int:
 
 def download() -> int:
     return _run("download")
+
+
+def embed() -> int:
+    return _run("embed")
