@@ -57,6 +57,7 @@ class EmbedConfig:
     rows_per_shard: int = 10_000  # images per output part for dataset and image folders (shards: one part per input shard)
     batch_size: int = 256  # images decoded ahead and embedded together (a CPU engine encodes 32 at a time)
     workers: int = 0  # image decoding threads; 0 = this process's share of the machine's cores
+    threads: int = 0  # threads of the encoding engine; 0 = torch's default (torchrun sets 1 per rank)
     engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name; under torchrun each GPU rank takes cuda:LOCAL_RANK
     progress: bool = True  # progress bar with images/s (rank 0's)
@@ -66,6 +67,7 @@ class EmbedConfig:
         check(self.rows_per_shard >= 1, "rows_per_shard", self.rows_per_shard, ">= 1")
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check(self.workers >= 0, "workers", self.workers, ">= 0 (0 = this process's share of the cores)")
+        check(self.threads >= 0, "threads", self.threads, ">= 0 (0 = torch's default)")
         check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
 
 
@@ -269,7 +271,10 @@ def embed(cfg: EmbedConfig, device: torch.device) -> dict:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
     out = Path(cfg.out)
+    fmt.parquet()  # a missing pyarrow stops the run here, before the model loads
     parts = input_parts(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # the graph engines take torch's count too
     model = CLIPModel.from_pretrained(cfg.checkpoint, device=device)
     use_engine(model, cfg.engine, cfg.checkpoint)
     info = start(out, {"version": fmt.VERSION, "dim": model.config.projection_dim,
@@ -298,7 +303,7 @@ def main(argv=None) -> dict:
     rank = rank_and_world()[0]
     try:
         info = embed(cfg, device)
-    except (FileNotFoundError, DataError, OSError, ValueError) as e:
+    except (ImportError, DataError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     if info["complete"]:
         skipped = ", ".join(f"{n} {k}" for k, n in sorted(info["skipped"].items())) or "none"

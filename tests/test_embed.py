@@ -173,13 +173,26 @@ def test_a_folder_of_other_embeddings_is_refused(checkpoint, photos, tmp_path, c
     assert f"holds embeddings of another {fault}" in str(e.value) and "new --out folder" in str(e.value)
 
 
-@pytest.mark.parametrize("option", ["--rows_per_shard=0", "--batch_size=0", "--workers=-1", "--engine=tpu",
+@pytest.mark.parametrize("option", ["--rows_per_shard=0", "--batch_size=0", "--workers=-1", "--threads=-1", "--engine=tpu",
                                     "--row_per_shard=3"])
 def test_bad_options_are_one_usage_line(checkpoint, photos, tmp_path, option, capsys):
     with pytest.raises(SystemExit) as e:
         run(checkpoint, photos, tmp_path / "emb", option)
     assert e.value.code == 2
     assert option.split("=")[0] in capsys.readouterr().err
+
+
+def test_without_pyarrow_the_error_names_the_extra(checkpoint, photos, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if not installed
+    with pytest.raises(SystemExit) as e:
+        run(checkpoint, photos, tmp_path / "emb", IMAGES)
+    assert 'pip install "clip-foundation[scale]"' in str(e.value) and not (tmp_path / "emb").exists()
+
+
+def test_the_clip_embed_command_exits_0_when_main_returns(monkeypatch):
+    from clip_foundation import commands
+    monkeypatch.setattr(embed, "main", lambda: {"complete": True})
+    assert commands.embed() == 0
 
 
 @pytest.fixture(scope="module")
