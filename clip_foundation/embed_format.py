@@ -34,7 +34,8 @@ COLUMNS = ("image_path", "caption", "key")  # every one a string; caption "" whe
 SKIPS = b"clip_foundation.skipped"  # parquet schema metadata key: {"counts": {kind: n}, "first": {kind: message}}
 
 
-def _parquet():
+def parquet():
+    """pyarrow.parquet, or ImportError naming the extra that installs it."""
     return optional("pyarrow.parquet", "scale", "writing embeddings as parquet")
 
 
@@ -49,7 +50,7 @@ def metadata_path(out, part: int) -> Path:
 def write_part(out, part: int, embeddings: np.ndarray, rows: list[dict], skipped: dict) -> None:
     """Part `part`: float16 `embeddings` (n, D) and their `rows` ({column: str}), the parquet first
     and the .npy last, each whole or not at all. `skipped`: {"counts", "first"} of this part."""
-    pq = _parquet()
+    pq = parquet()
     import pyarrow as pa
     if len(rows) != len(embeddings):
         raise ValueError(f"part {part}: {len(embeddings)} embeddings for {len(rows)} metadata rows")
@@ -75,14 +76,14 @@ def is_done(out, part: int) -> bool:
 
 def part_summary(out, part: int) -> tuple[int, dict]:
     """A finished part's (rows, {"counts", "first"} of what it skipped), from its parquet footer."""
-    meta = _parquet().read_metadata(metadata_path(out, part))
+    meta = parquet().read_metadata(metadata_path(out, part))
     raw = (meta.metadata or {}).get(SKIPS)
     return meta.num_rows, json.loads(raw) if raw else {"counts": {}, "first": {}}
 
 
 def read_part(out, part: int) -> tuple[np.ndarray, dict[str, list[str]]]:
     """Part `part` -> (embeddings float16 (n, D), {column: n strings})."""
-    table = _parquet().read_table(metadata_path(out, part))
+    table = parquet().read_table(metadata_path(out, part))
     return np.load(embeddings_path(out, part)), {c: table.column(c).to_pylist() for c in COLUMNS}
 
 
