@@ -305,3 +305,13 @@ def test_two_torchrun_ranks_write_exactly_the_files_of_one_process(checkpoint, p
     assert names == sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("*") if p.is_file())
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_the_speed_benchmark_prints_a_rate_per_engine(photos, capsys):
+    from benchmarks import embed_speed
+    embed_speed.main([f"--images={photos}", "--n=6", "--models=tiny", "--engines=torch", "--workers=1",
+                      "--batch_size=4", "--repeats=1"])
+    lines = capsys.readouterr().out.splitlines()
+    rates = {line[8:34].strip(): float(line.split()[-2]) for line in lines[2:]}
+    assert set(rates) == {"(decode + resize only)", "torch"} and all(r > 0 for r in rates.values())
