@@ -33,3 +33,7 @@ def download() -> int:
 
 def hub() -> int:
     return _run("hub")
+
+
+def embed() -> int:
+    return _run("embed")

@@ -34,6 +34,7 @@ IMPORTS = {
     "pytest": "import pytest",
     "datasets": "import datasets",
     "faiss-cpu": "import faiss",
+    "pyarrow": "import pyarrow.parquet",
     "onnx": "import onnx",
     "onnxruntime": "import onnxruntime",
     "openvino": "import openvino",

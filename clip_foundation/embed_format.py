@@ -1,0 +1,98 @@
+"""The folder `clip_foundation.embed` writes: clip-retrieval's embedding layout, which autofaiss
+(and clip-retrieval's own indexing) reads as it is.
+
+    EMB/img_emb/img_emb_000000.npy          float16 (rows, D), L2-normalised rows
+    EMB/metadata/metadata_000000.parquet     the same rows, in order: image_path, caption, key (strings)
+    EMB/embed.json                           {"version": 1, "dim", "checkpoint", "model", "shards",
+                                              "rows_per_shard", "complete", "rows", "skipped", ...}
+
+Part i is written whole or not at all: its parquet first, its .npy last, each under a temporary
+name renamed into place when whole (files.atomic_write). So a part is finished exactly when its .npy
+exists; a parquet without its .npy is a part cut short, written again. What a part skipped (bad
+images, by kind, with the first message of each kind) travels in its parquet's schema metadata, so
+the counts of a resumed run are the counts of the parts on disk.
+
+Differences from clip-retrieval's writer: part numbers are always 6 digits (it pads to the digits
+of the part count), so names sort in part order up to a million parts whatever the count; and
+every parquet has all three columns (it writes `caption` only when it embeds texts, and puts a
+WebDataset sample's `__key__` in `image_path`, where this layout puts the sample's URL or source
+path and keeps the key in `key`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .extras import optional
+from .files import atomic_write
+
+VERSION = 1
+INFO = "embed.json"
+COLUMNS = ("image_path", "caption", "key")  # every one a string; caption "" when there is none
+SKIPS = b"clip_foundation.skipped"  # parquet schema metadata key: {"counts": {kind: n}, "first": {kind: message}}
+
+
+def parquet():
+    """pyarrow.parquet, or ImportError naming the extra that installs it."""
+    return optional("pyarrow.parquet", "scale", "writing embeddings as parquet")
+
+
+def embeddings_path(out, part: int) -> Path:
+    return Path(out) / "img_emb" / f"img_emb_{part:06d}.npy"
+
+
+def metadata_path(out, part: int) -> Path:
+    return Path(out) / "metadata" / f"metadata_{part:06d}.parquet"
+
+
+def write_part(out, part: int, embeddings: np.ndarray, rows: list[dict], skipped: dict) -> None:
+    """Part `part`: float16 `embeddings` (n, D) and their `rows` ({column: str}), the parquet first
+    and the .npy last, each whole or not at all. `skipped`: {"counts", "first"} of this part."""
+    pq = parquet()
+    import pyarrow as pa
+    if len(rows) != len(embeddings):
+        raise ValueError(f"part {part}: {len(embeddings)} embeddings for {len(rows)} metadata rows")
+    table = pa.table({c: pa.array([r[c] for r in rows], pa.string()) for c in COLUMNS})
+    table = table.replace_schema_metadata({SKIPS: json.dumps(skipped)})
+    for path in (metadata_path(out, part), embeddings_path(out, part)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp*"):  # a killed writer's: this part is ours now
+            stale.unlink(missing_ok=True)
+    atomic_write(metadata_path(out, part), lambda tmp: pq.write_table(table, tmp))
+    atomic_write(embeddings_path(out, part), lambda tmp: _save_npy(tmp, embeddings.astype(np.float16)))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save(path) would append ".npy" to a temporary name
+        np.save(f, array)
+
+
+def is_done(out, part: int) -> bool:
+    """Whether part `part` is finished (its .npy, written last, exists)."""
+    return embeddings_path(out, part).is_file()
+
+
+def part_summary(out, part: int) -> tuple[int, dict]:
+    """A finished part's (rows, {"counts", "first"} of what it skipped), from its parquet footer."""
+    meta = parquet().read_metadata(metadata_path(out, part))
+    raw = (meta.metadata or {}).get(SKIPS)
+    return meta.num_rows, json.loads(raw) if raw else {"counts": {}, "first": {}}
+
+
+def read_part(out, part: int) -> tuple[np.ndarray, dict[str, list[str]]]:
+    """Part `part` -> (embeddings float16 (n, D), {column: n strings})."""
+    table = parquet().read_table(metadata_path(out, part))
+    return np.load(embeddings_path(out, part)), {c: table.column(c).to_pylist() for c in COLUMNS}
+
+
+def read_info(out) -> dict | None:
+    """EMB/embed.json, or None when there is none yet."""
+    path = Path(out) / INFO
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_info(out, info: dict) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(out) / INFO, lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
