@@ -146,7 +146,7 @@ def test_tower_kinds_are_told_apart_only_by_their_adapters():
         assert [s for s in switches if s not in allowed] == [], f"{name} switches on a tower's kind"
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "search", "app", "download"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "search", "app", "download", "hub", "embed"])
 def test_an_installed_command_exits_0_when_its_main_returns_results(command, monkeypatch):
     # a console script passes its function's return value to sys.exit: a metrics dict would exit 1
     import importlib
