@@ -4,6 +4,7 @@ all its captions), or zero-shot classification accuracy on labelled images.
     python evaluate.py --checkpoint=runs/NAME                         # the run's test split
     python evaluate.py --checkpoint=runs/NAME --data=DIR --split=all  # every image of any folder
     python evaluate.py --checkpoint=runs/NAME --zeroshot=DIR|cifar10:ROOT
+    python evaluate.py --checkpoint=runs/NAME --format=clip_benchmark     # CLIP_benchmark's JSON
     python evaluate.py --help                                         # every option
 """
 from __future__ import annotations
@@ -13,13 +14,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cli, querybank, zeroshot
+from . import benchmark_format, cli, querybank, zeroshot
 from .data import SPLITS, load_split, run_data_config
 from .engines import ENGINES, use_engine
 from .files import atomic_write
 from .records import DataError, DataWarning, SkippableError
 from .retrieval import NonFiniteFeatures, embed_records, format_metrics
 from clipModel import CLIPModel, check
+
+FORMATS = ("clip_foundation", "clip_benchmark")  # the JSON evaluate writes; the project's own first (the default)
 
 
 @dataclass
@@ -34,13 +37,15 @@ class EvalConfig:
     skip_bad: bool = False  # leave out images that cannot be decoded (reported) instead of stopping
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
     engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
-    out: str = ""  # JSON path; empty = CHECKPOINT/eval_SPLIT.json (or zeroshot_NAME.json + a confusion PNG)
+    format: str = "clip_foundation"  # JSON written: clip_foundation (%, ranks, querybank) | clip_benchmark (CLIP_benchmark's keys, fractions)
+    out: str = ""  # JSON path; empty = CHECKPOINT/eval_SPLIT.json (or zeroshot_NAME.json + a confusion PNG), *_clip_benchmark.json in that format
 
     def validate(self) -> None:
         """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range."""
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check(self.split in (*SPLITS, "all"), "split", self.split, "train | val | test | all")
         check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
+        check(self.format in FORMATS, "format", self.format, " | ".join(FORMATS))
 
 
 USAGE = "usage: python evaluate.py --checkpoint=RUN [--data=DIR] [--split=test|val|train|all] [--zeroshot=DIR]"
@@ -57,7 +62,8 @@ def main(argv=None) -> dict:
         if args.zeroshot:
             return _zeroshot_main(model, args)
         bank = querybank.load_bank(args.checkpoint, model.config.projection_dim)  # train.py --querybank=N
-        records = load_split(run_data_config(args.checkpoint, args.data, args.layout), args.split)
+        data = run_data_config(args.checkpoint, args.data, args.layout)
+        records = load_split(data, args.split)
         if not records:
             raise DataError(f"the {args.split} split of {args.data} is empty")
         embedded = embed_records(model, records, batch_size=args.batch_size, skip_bad=args.skip_bad)
@@ -71,8 +77,21 @@ def main(argv=None) -> dict:
         sys.exit(f"error: {e}")
     metrics.update(checkpoint=str(args.checkpoint), data=str(args.data), split=args.split)
     print(format_metrics(metrics))  # first: a folder we cannot write to must not cost the result
+    if args.format == "clip_benchmark":  # the plain recall: CLIP_benchmark has no querybank
+        return _save_clip_benchmark(model, args, benchmark_format.RETRIEVAL, Path(data.path).name,
+                                    benchmark_format.retrieval_metrics(metrics), f"eval_{args.split}")
     save_json(metrics, Path(args.out or Path(args.checkpoint) / f"eval_{args.split}.json"))
     return metrics
+
+
+def _save_clip_benchmark(model: CLIPModel, args, task: str, dataset: str, metrics: dict, stem: str) -> dict:
+    """Write CLIP_benchmark's JSON (to --out or CHECKPOINT/STEM_clip_benchmark.json); return it."""
+    cfg = model.config
+    architecture = (f"clip_foundation: image {model.image_encoder.describe(cfg.image)}, "
+                    f"text {model.text_encoder.describe(cfg.text)}")
+    result = benchmark_format.result(task, metrics, dataset, architecture, str(args.checkpoint))
+    save_json(result, Path(args.out or Path(args.checkpoint) / f"{stem}_clip_benchmark.json"))
+    return result
 
 
 def save_json(obj: dict, out: Path, also: str = "") -> bool:
@@ -95,6 +114,9 @@ def _zeroshot_main(model: CLIPModel, args) -> dict:
     metrics = zeroshot.zeroshot_evaluate(model, data, templates, args.batch_size)
     metrics.update(checkpoint=str(args.checkpoint), data=str(args.zeroshot))
     print(zeroshot.format_zeroshot(metrics))
+    if args.format == "clip_benchmark":
+        return _save_clip_benchmark(model, args, benchmark_format.CLASSIFICATION, data.name,
+                                    benchmark_format.classification_metrics(metrics), f"zeroshot_{data.name}")
     out = Path(args.out or Path(args.checkpoint) / f"zeroshot_{data.name}.json")
     if save_json(metrics, out, also=f" and {out.with_suffix('.png')}"):
         plots.confusion_matrix(metrics["confusion"], data.class_names, path=out.with_suffix(".png"),

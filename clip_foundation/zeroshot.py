@@ -57,6 +57,12 @@ def per_class_accuracy(matrix: torch.Tensor) -> torch.Tensor:
     return 100.0 * matrix.diagonal().double() / totals  # 0/0 -> NaN
 
 
+def mean_per_class_recall(matrix: torch.Tensor) -> float:
+    """Mean in % of the per-class accuracies of the classes that have images (balanced
+    accuracy, CLIP_benchmark's mean_per_class_recall): every class weighs the same."""
+    return per_class_accuracy(matrix).nanmean().item()
+
+
 # ---------------------------------------------------------------- prompts and the classifier
 
 def clean_class_name(name: str) -> str:
@@ -180,7 +186,8 @@ def _embed(model, images: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def zeroshot_evaluate(model, data: LabelledImages, templates=TEMPLATES,
                       batch_size: int = 256) -> dict:
-    """Top-1 / top-min(5, C) accuracy, per-class accuracy and confusion matrix of `model`."""
+    """Top-1 / top-min(5, C) accuracy, per-class accuracy, its mean over the classes that have
+    images (mean per-class recall) and the confusion matrix of `model`; accuracies in %."""
     C = len(data.class_names)
     if len(data.images) == 0:
         raise DataError(f"{data.name}: no images to classify")
@@ -192,6 +199,7 @@ def zeroshot_evaluate(model, data: LabelledImages, templates=TEMPLATES,
     matrix = confusion(logits.argmax(1), data.labels, C)
     per_class = per_class_accuracy(matrix).tolist()
     return {"top1": acc[1], f"top{k}": acc[k], "chance_top1": 100.0 / C, "images": len(data.labels),
+            "mean_per_class_recall": mean_per_class_recall(matrix),
             "classes": C, "split": data.split, "class_names": list(data.class_names),
             "per_class_accuracy": {c: (None if math.isnan(a) else a)
                                    for c, a in zip(data.class_names, per_class)},
@@ -207,6 +215,7 @@ def format_zeroshot(m: dict, max_rows: int = 30) -> str:
             f"{'top-1':12}{m['top1']:7.1f}   (chance {m['chance_top1']:.1f})"]
     if k > 1:
         rows.append(f"{f'top-{k}':12}{m[f'top{k}']:7.1f}")
+    rows.append(f"{'per-class':12}{m['mean_per_class_recall']:7.1f}   (mean of the classes' accuracies)")
     if m["classes"] <= max_rows:
         rows.append(f"{'class':20}{'images':>7}{'acc':>7}")
         for c, a in m["per_class_accuracy"].items():

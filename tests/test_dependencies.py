@@ -31,6 +31,7 @@ IMPORTS = {
     "webdataset": "import webdataset",
     "gradio": "import gradio",
     "playwright": "from playwright.sync_api import sync_playwright",
+    "clip-benchmark": "from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval",
     "pytest": "import pytest",
     "datasets": "import datasets",
     "faiss-cpu": "import faiss",
