@@ -13,8 +13,10 @@ Training steps always run in torch: only inference on fixed weights uses another
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -161,11 +163,33 @@ class OpenVINOEncoder(_GraphEncoder):
 
     def load(self, path):
         ov = optional("openvino", "engines", "the OpenVINO engine")
-        return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                         "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        with _signal_stack_kept():
+            return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                             "INFERENCE_NUM_THREADS": torch.get_num_threads()})
 
     def infer(self, loaded, arrays):
         return loaded(arrays)[0]
+
+
+class _SignalStack(ctypes.Structure):  # Linux's stack_t
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _signal_stack_kept():
+    """Give the calling thread its own signal stack back after the block. A compiled OpenVINO model
+    sets the thread's signal stack and, when freed, puts back the one it found: freed in any order
+    but the reverse (as the garbage collector pleases), that left an unmapped stack, and the next
+    signal handled on it (Ctrl-C, a child process's exit) was a segmentation fault."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc, kept = ctypes.CDLL(None, use_errno=True), _SignalStack()
+    libc.sigaltstack(None, ctypes.byref(kept))
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(kept), None)
 
 
 ENCODERS = {"torch": Encoder, "onnxruntime": OnnxRuntimeEncoder, "openvino": OpenVINOEncoder}

@@ -125,3 +125,35 @@ def test_the_presets_towers_embed_real_photos_as_torch_does(engine, tmp_path):
     engines.use_engine(model, engine, model.save_pretrained(tmp_path / "run"))
     torch.testing.assert_close(embed_images(model, images), expected[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(embed_texts(model, captions), expected[1], atol=1e-4, rtol=1e-4)
+
+
+CTRL_C_AFTER_TWO_ENCODERS = """
+import gc, os, signal, sys, torch
+sys.path.insert(0, {tests!r})
+from clip_foundation.engines import make_encoder
+from test_export import tiny_model
+model = tiny_model("scratch")
+first, second = (make_encoder(model, "openvino") for _ in range(2))
+for encoder in (first, second):  # each loads (compiles) its graphs
+    encoder.encode_texts(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))
+del encoder
+del first; gc.collect()  # dropped in the order they were made, not the reverse: as the GC pleases
+del second; gc.collect()
+try:
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+    signal.pause()
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+"""
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("openvino"), reason="needs openvino (the engines extra)")
+def test_ctrl_c_is_a_keyboard_interrupt_after_openvino_graphs_are_dropped_in_any_order():
+    # Each compiled model of a new ov.Core sets the calling thread's signal stack and puts the one
+    # it found back when freed: freed in any other order than the reverse, it left a stack that was
+    # unmapped, and the next signal handled on it (Ctrl-C, a child's exit) was a segmentation fault.
+    import subprocess
+    import sys
+    script = CTRL_C_AFTER_TWO_ENCODERS.format(tests=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "KeyboardInterrupt" in done.stdout, (done.returncode, done.stderr[-1500:])
