@@ -5,6 +5,7 @@ clip_foundation/webapp.py).
     python app.py --checkpoint=runs/NAME                        # the run's test images, on http://127.0.0.1:7860
     python app.py --checkpoint=runs/NAME --gallery=PHOTOS       # any folder of your own photos
     python app.py --checkpoint=runs/NAME --split=all --port=8080
+    python app.py --index=DIR                                   # a prebuilt index (search.py --build_index), of any size
     python app.py --help                                        # every option
 
 The gallery is embedded once (a progress bar; cached in CHECKPOINT/index/ like search.py's) and
@@ -35,6 +36,7 @@ from clipModel import CLIPModel, default_device
 class AppConfig:
     checkpoint: str = ""  # the run folder written by train.py (any save_pretrained folder)
     gallery: str = ""  # a folder of images to search (every image in it); instead of --data/--split
+    index: str = ""  # a prebuilt index folder (search.py --build_index, of any size) to search instead; --checkpoint defaults to its own
     data: str = ""  # dataset folder; empty = the one the run trained on
     split: str = "test"  # train | val | test as the run split the data, or all
     captions: str = "train"  # image -> text candidates: train (the run's), gallery, or a file of lines
@@ -49,7 +51,7 @@ class AppConfig:
 
 
 USAGE = ("usage: python app.py --checkpoint=RUN [--gallery=DIR | --data=DIR --split=test] "
-         "[--host=ADDR --port=N --auth=FILE]")
+         "[--host=ADDR --port=N --auth=FILE]  |  --index=DIR [--checkpoint=RUN]")
 AUTH_ENV = "CLIP_APP_AUTH"  # user:password (one login) when no --auth file is given
 
 
@@ -98,10 +100,12 @@ def check_address(host: str, port: int) -> None:
 
 def main(argv=None):
     args = cli.parse(AppConfig(), argv, USAGE)
-    if not args.checkpoint:
-        cli.usage_error("--checkpoint=DIR is required (the run folder train.py printed)", USAGE)
-    if args.gallery and args.data:
-        cli.usage_error("give --gallery=DIR (a folder of images) or --data=DIR (a dataset), not both", USAGE)
+    if not (args.checkpoint or args.index):
+        cli.usage_error("--checkpoint=DIR is required (the run folder train.py printed; a prebuilt --index=DIR "
+                        "may omit it)", USAGE)
+    if bool(args.gallery) + bool(args.data) + bool(args.index) > 1:
+        cli.usage_error("--gallery=DIR (a folder of images), --data=DIR (a dataset) and --index=DIR (a prebuilt "
+                        "index) each name the gallery: give one, not both", USAGE)
     if args.split not in (*SPLITS, "all") or args.backend not in ("auto", "exact", "faiss"):
         cli.usage_error("--split is train, val, test or all; --backend is auto, exact or faiss", USAGE)
     if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0) or not 0 <= args.port < 65536:
@@ -117,9 +121,15 @@ def main(argv=None):
     from .webapp import SearchPage
     try:
         device = default_device() if args.device == "auto" else torch.device(args.device)
-        model = CLIPModel.from_pretrained(args.checkpoint, device=device)
-        use_engine(model, args.engine, args.checkpoint)
         gallery = None
+        if args.index:
+            from .gallery import Gallery
+            gallery = Gallery.from_index(args.index, args.checkpoint or None, backend=args.backend, device=device,
+                                         engine=args.engine)
+            args.checkpoint = gallery.checkpoint
+        model = gallery.model if gallery else CLIPModel.from_pretrained(args.checkpoint, device=device)
+        if not gallery:
+            use_engine(model, args.engine, args.checkpoint)
         if args.gallery:
             from .gallery import Gallery, image_folder_records
             gallery = Gallery.from_run(args.checkpoint, records=image_folder_records(args.gallery), model=model,

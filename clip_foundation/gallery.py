@@ -5,6 +5,7 @@ image. `Gallery` bundles a model with its indexes for notebooks:
     gallery.find_matches("a dog", n=9)                 # [Match(path, score), ...]
     gallery.show("a dog")                              # the same, drawn as a grid
     gallery.find_captions("photo.jpg")                 # [CaptionMatch(caption, score, image_path), ...]
+    gallery = Gallery.from_index("INDEX_DIR")          # a prebuilt index, of any size (search.py --build_index)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from clipModel import CLIPModel
 
 from . import querybank
+from .bigindex import BigIndex, open_index
 from .data import decode_images, load_split, run_data_config
 from .index import (INDEX_VERSION, RECALL_QUERIES, GalleryIndex, ensure_faiss, gallery_digest, load_index,
                     file_digest, model_digest, save_index)
@@ -277,7 +279,7 @@ def clean_query(query: str) -> str:
     return query
 
 
-def find_matches(model: CLIPModel, index: GalleryIndex, query: str, n: int = 9,
+def find_matches(model: CLIPModel, index: GalleryIndex | BigIndex, query: str, n: int = 9,
                  backend: str = "auto") -> Matches:
     """The `n` gallery images most similar to the text `query`, best first, as `Matches` (a list
     of `Match(path, score)` that Jupyter draws as a grid); ValueError for a query `clean_query`
@@ -291,7 +293,7 @@ def find_matches(model: CLIPModel, index: GalleryIndex, query: str, n: int = 9,
     return Matches(nearest_images(index, text, n, backend), query)
 
 
-def nearest_images(index: GalleryIndex, embedding: torch.Tensor, n: int, backend: str = "auto") -> list[Match]:
+def nearest_images(index: GalleryIndex | BigIndex, embedding: torch.Tensor, n: int, backend: str = "auto") -> list[Match]:
     """The `n` gallery images nearest the normalised (1, D) `embedding`, best first, with their
     cosines. On an index with a querybank, a (1, D + 1) text embedding from
     `querybank.normalised_texts` ranks and scores by cosine minus each image's hub bias."""
@@ -339,6 +341,7 @@ class Gallery:
     records: list[Record]
     checkpoint: str
     captions: GalleryIndex | None = None
+    index_folder: str | None = None  # the prebuilt index folder it was opened from (`from_index`)
 
     @classmethod
     def from_run(cls, checkpoint, data: str | None = None, split: str = "test", *, model: CLIPModel | None = None,
@@ -356,6 +359,22 @@ class Gallery:
             raise DataError(f"the {split} split is empty: nothing to search")
         index = load_or_build_index(model, checkpoint, records, images=images, backend=backend)
         return cls(model, index, records, str(checkpoint))
+
+    @classmethod
+    def from_index(cls, folder, checkpoint=None, *, model: CLIPModel | None = None, backend: str = "auto",
+                   device=None, engine: str = "auto") -> "Gallery":
+        """The gallery of a prebuilt index folder (`open_index`: a small one or one of millions,
+        built from an embedding folder), searched with `checkpoint`'s model (default: the one it
+        was built with; `model`, when given, is used as it is). No gallery image is read: the
+        index holds their paths (or URLs)."""
+        index = open_index(folder, "images", checkpoint)
+        checkpoint = checkpoint or index.meta["checkpoint"]
+        if isinstance(index, GalleryIndex):
+            ensure_faiss(index, backend, Path(folder) / "images")
+        if model is None:
+            model = CLIPModel.from_pretrained(checkpoint, device=device)
+            use_engine(model, engine, checkpoint)
+        return cls(model, index, [], str(checkpoint), index_folder=str(folder))
 
     def __len__(self) -> int:
         return len(self.images)

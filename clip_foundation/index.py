@@ -427,11 +427,17 @@ def open_prebuilt(folder, kind: str = "images", checkpoint=None) -> GalleryIndex
         print(f"warning: {folder} is stale: {len(index.meta['missing'])} of its images were missing when "
               f"it was last searched (first: {index.meta['missing'][0]}); rebuild it with --build-index",
               file=sys.stderr)
-    checkpoint = Path(checkpoint or index.meta.get("checkpoint", ""))
+    check_model(folder, index.meta, checkpoint)
+    return index
+
+
+def check_model(folder, meta: dict, checkpoint=None) -> None:
+    """BadIndexError unless `checkpoint` (default: meta's "checkpoint") holds the model whose
+    weights' sha256 is meta's "model": an index is searched with the model that embedded it."""
+    checkpoint = Path(checkpoint or meta.get("checkpoint") or "")
     current = model_digest(checkpoint)
-    if current != index.meta.get("model"):
+    if current != meta.get("model"):
         raise BadIndexError(f"{folder} was built with another model (checkpoint "
-                            f"{index.meta.get('checkpoint')}, weights {str(index.meta.get('model'))[:12]}) "
+                            f"{meta.get('checkpoint')}, weights {str(meta.get('model'))[:12]}) "
                             f"than {checkpoint} (weights {current[:12]}); rebuild it with "
                             f"--build-index --checkpoint {checkpoint}")
-    return index

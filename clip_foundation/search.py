@@ -5,12 +5,17 @@ best describe an image (the library side, `Gallery` and friends: clip_foundation
     python search.py --image=photo.png --checkpoint=runs/NAME -n 5
     python search.py --build_index --checkpoint=runs/NAME --data=PHOTOS --out=PHOTOS_INDEX
     python search.py "a dog on a beach" --index=PHOTOS_INDEX
+    python search.py --build_index --embeddings=EMB --index=BIG --max_index_memory=2G   # millions of images
+    python search.py "a dog on a beach" --index=BIG
     python search.py --help                                                 # every option
 
 A gallery is a dataset split (as the model's training run split it; `--split=all` is every
 image) or any plain folder of images. Its embeddings are cached in CHECKPOINT/index/ (or the
 user's cache folder when that is not writable) and rebuilt when the model or a gallery file
-changes; `--build_index --out=DIR` saves the same files in DIR to search later.
+changes; `--build_index --out=DIR` saves the same files in DIR to search later. A gallery of
+millions, already embedded into an embedding folder (img_emb/*.npy + metadata/*.parquet +
+embed.json), is indexed with `--embeddings=EMB --index=DIR` into a compressed FAISS index that
+fits `--max_index_memory` (clip_foundation/bigindex.py); `--index=DIR` searches either kind.
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ from .gallery import (clean_query, find_captions, find_matches, gallery_records,
                                      load_or_build_caption_index, load_or_build_index)
 from .data import SPLITS
 from .engines import ENGINES, use_engine
-from .index import NON_FINITE_SCORES, ensure_faiss, mark_missing, open_prebuilt
+from .bigindex import BigIndex, build_big_index, is_big_index, is_link, open_index
+from .budget import parse_size
+from .index import NON_FINITE_SCORES, GalleryIndex, ensure_faiss, mark_missing
 from .records import DataError, DataWarning
 from clipModel import CLIPModel, check
 
@@ -35,7 +42,9 @@ class SearchConfig:
     query: str | None = None  # text to search for (the first bare argument), e.g. "a red circle"
     image: str = ""  # instead: an image file; prints the gallery captions that best describe it
     build_index: bool = False  # instead: embed the gallery and save its index in --out (default CHECKPOINT/index/)
-    index: str = ""  # search a folder written by --build_index (the checkpoint defaults to its own)
+    index: str = ""  # search a folder written by --build_index (the checkpoint defaults to its own); with --embeddings, the folder to write
+    embeddings: str = ""  # with --build_index: an embedding folder (img_emb/, metadata/, embed.json) to index within --max_index_memory
+    max_index_memory: str = "auto"  # with --embeddings: the index's size limit, e.g. 2G or 500M (K/M/G/T); auto = half this machine's memory
     checkpoint: str = ""  # the run folder written by train.py (any save_pretrained folder)
     data: str = ""  # dataset folder or plain folder of images; empty = the one the run trained on
     split: str = "test"  # train | val | test as the run split the data, or all
@@ -56,10 +65,12 @@ class SearchConfig:
         check(self.split in (*SPLITS, "all"), "split", self.split, "train | val | test | all")
         check(self.backend in ("auto", "exact", "faiss"), "backend", self.backend, "auto | exact | faiss")
         check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
+        parse_size(self.max_index_memory)
 
 
 USAGE = ('usage: python search.py "QUERY" --checkpoint=RUN [-n 9]  |  --image=FILE --checkpoint=RUN  |  '
-         "--build_index --checkpoint=RUN --data=DIR --out=DIR  |  \"QUERY\" --index=DIR")
+         "--build_index --checkpoint=RUN --data=DIR --out=DIR  |  --build_index --embeddings=EMB --index=DIR "
+         "--max_index_memory=2G  |  \"QUERY\" --index=DIR")
 
 
 # ---------------------------------------------------------------- command line
@@ -84,24 +95,43 @@ def _build_cli(args, model, records) -> dict:
     return built
 
 
+def _build_from_embeddings(args) -> BigIndex:
+    if not (args.build_index and args.index) or args.query is not None or args.checkpoint or args.data:
+        cli.usage_error("--embeddings=EMB builds an index: give --build_index and the folder to write as "
+                        "--index=DIR (the model is the one embed.json names)", USAGE)
+    try:
+        index = build_big_index(args.embeddings, args.index, parse_size(args.max_index_memory), args.max_index_memory)
+    except ValueError as e:  # a budget no index fits (ConfigError), a folder that is no embedding folder
+        sys.exit(f"error: {e}")
+    faiss, budget = index.meta["faiss"], index.meta["budget"]
+    print(f"images: {len(index):,} rows x {index.meta['dim']}, faiss {faiss['type']}, {faiss['search'] or 'exact'}, "
+          f"recall@10 {faiss['recall@10']} on {faiss['recall_queries']} gallery rows; "
+          f"{budget['file_size']:,} bytes (budget {budget['max_index_memory']:,})")
+    print(f"index: {args.index}")
+    return index
+
+
 def main(argv=None):
     args = cli.parse(SearchConfig(), argv, USAGE, positional=("query",))
     if (args.query is not None) + bool(args.image) + args.build_index != 1:
         cli.usage_error("give exactly one of: a text query, --image=PATH, --build_index", USAGE)
     device = cli.checked_device(args, USAGE)
+    if args.embeddings:
+        return _build_from_embeddings(args)
     if not (args.checkpoint or args.index):
         cli.usage_error("--checkpoint=DIR is required (searching a prebuilt --index=DIR may omit it)", USAGE)
     if args.build_index and args.index:
         cli.usage_error("--build_index writes an index: give --checkpoint, and the folder as --out=DIR "
-                        "(not --index)", USAGE)
+                        "(not --index; or --embeddings=EMB --index=DIR for an embedding folder)", USAGE)
     kind = "captions" if args.image else "images"
     try:
         if args.query is not None:
             args.query = clean_query(args.query)  # before the model loads: the readers' caption rule
         if args.index:
-            index = open_prebuilt(args.index, kind, args.checkpoint)
+            index = open_index(args.index, kind, args.checkpoint)
             args.checkpoint = args.checkpoint or index.meta["checkpoint"]
-            ensure_faiss(index, args.backend, Path(args.index) / kind)
+            if isinstance(index, GalleryIndex):
+                ensure_faiss(index, args.backend, Path(args.index) / kind)
         model = CLIPModel.from_pretrained(args.checkpoint, device=device)
         use_engine(model, args.engine, args.checkpoint)
         if not args.index:
@@ -114,7 +144,7 @@ def main(argv=None):
                      if args.image else load_or_build_index(model, args.checkpoint, records,
                                                             args.batch_size, backend=args.backend,
                                                             skip_bad=args.skip_bad))
-        if device.type == "cuda":
+        if device.type == "cuda" and isinstance(index, GalleryIndex):
             index.embeddings = index.embeddings.to(device)  # exact search on the GPU
         if args.image:
             results = find_captions(model, index, args.image, args.n or 5, args.backend)
@@ -139,7 +169,7 @@ def _report(args, results):
         what = {"query": args.query}
         out = Path(args.out or Path(args.checkpoint) / f"search_{slug}.png")
         lines = [f"{m.score:.4f}  {m.path}" for m in results]
-        missing = [m.path for m in results if not Path(m.path).is_file()]
+        missing = [m.path for m in results if not is_link(m.path) and not Path(m.path).is_file()]
     figure = "figure" if args.image else "grid"
     if args.json:
         try:  # the last guard: NaN or Infinity is not JSON, and a reader of --json would choke on it
@@ -153,12 +183,12 @@ def _report(args, results):
     if missing:
         print(f"warning: {len(missing)} of these images no longer exist (moved or deleted since the "
               f"index was built): {', '.join(missing)}; rebuild the index", file=sys.stderr)
-        if args.index:
+        if args.index and not is_big_index(args.index):
             mark_missing(Path(args.index) / "images", missing)
     try:
         if args.image:
             plots.captions_figure(args.image, results, path=out)
-        elif shown := [m for m in results if m.path not in missing]:
+        elif shown := [m for m in results if m.path not in missing and not is_link(m.path)]:  # links: not fetched
             plots.image_grid(shown, title=args.query, path=out)
         else:
             return results

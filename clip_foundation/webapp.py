@@ -2,6 +2,7 @@
 drop in a photo and see the captions and labels that fit it, and what is loaded.
 
     python app.py --checkpoint=runs/NAME                    # the run's test images
+    python app.py --index=DIR                               # a prebuilt index (search.py --build_index), of any size
     page = SearchPage.from_run("runs/NAME"); page.launch()   # the same from Python (inline in Jupyter/Colab)
 
 `SearchPage` holds the model and the indexes, embedded once (cached beside the checkpoint) and
@@ -42,6 +43,7 @@ from clipModel import CLIPModel
 
 from .extras import optional
 from .files import atomic_write
+from .bigindex import is_link
 from .gallery import Gallery, Match, find_captions, gallery_records, load_or_build_caption_index
 from .index import GalleryIndex
 from .records import MAX_CAPTION_CHARS, DataError, Record, open_rgb
@@ -124,21 +126,28 @@ class SearchPage:
     # ------------------------------------------------------------ handlers (no Gradio here)
 
     def on_query(self, query: str, n: int = 9) -> tuple[list[tuple[str, str]], list[str], str]:
-        """A text query -> (grid: [(thumbnail, "score  name")], the gallery path of each, message)."""
+        """A text query -> (grid: [(thumbnail, "score  name")], the gallery path of each, message).
+        Results that are links (an index built from an embedding folder may hold URLs) are not
+        fetched: the message lists them."""
         query = checked_text(query)
         if not query:
             raise PageError("Type what to look for, e.g. " + " or ".join(f'"{q}"' for q in self.examples[:2]))
         n = max(1, min(int(n or 9), MAX_RESULTS, len(self.gallery)))
-        grid, paths, unreadable = [], [], []
+        grid, paths, unreadable, links = [], [], [], []
         for m in self.find(query, n):
+            if is_link(m.path):
+                links.append(f"{m.score:.3f} {m.path}")
+                continue
             try:
                 grid.append((self.thumbnail(m.path), f"{m.score:.3f}  {Path(m.path).name}"))
                 paths.append(m.path)
             except (OSError, DataError):  # moved, deleted or damaged since the index was built
                 unreadable.append(Path(m.path).name)
-        note = f"top {len(grid)} of {len(self.gallery)} images for \"{query}\" (cosine similarity)"
+        note = f"top {len(grid) + len(links)} of {len(self.gallery):,} images for \"{query}\" (cosine similarity)"
         if unreadable:
             note += f"; {len(unreadable)} could not be shown (gone or unreadable: {', '.join(unreadable)})"
+        if links:
+            note += f"; {len(links)} are links, not fetched by this page: {', '.join(links)}"
         return grid, paths, note
 
     def find(self, query: str, n: int) -> list[Match]:
@@ -298,7 +307,8 @@ def describe_run(gallery: Gallery, captions: GalleryIndex | None, caption_note: 
     info = {"model": folder.resolve().name,
             "towers": f"image: {towers[0]}, {cfg.image.image_size} px; text: {towers[1]}; "
                       f"{cfg.projection_dim}-d embeddings",
-            "gallery": f"{len(gallery):,} images ({split} split of {data})" if not _is_folder(gallery)
+            "gallery": f"{len(gallery):,} images (the index {gallery.index_folder})" if gallery.index_folder
+                       else f"{len(gallery):,} images ({split} split of {data})" if not _is_folder(gallery)
                        else f"{len(gallery):,} images under {Path(os.path.commonpath(gallery.images.paths))}",
             "index": index, "captions": caption_note}
     try:

@@ -1,0 +1,140 @@
+"""An embedding folder: a gallery's image embeddings in shards, with their metadata (the
+clip-retrieval layout), read without holding it in memory.
+
+    EMB/img_emb/img_emb_{i}.npy          float16 (rows, D), L2-normalised rows
+    EMB/metadata/metadata_{i}.parquet    the same rows: image_path (a path or URL), caption, key
+    EMB/embed.json                       {"version": 1, "dim": D, "checkpoint": ..., "model": sha256
+                                          of its model.safetensors, "shards": n, "complete": bool, ...}
+
+Shards are ordered by the number at the end of their names (however it is padded); row r of the
+gallery is row r - start of the shard that holds it. Shards are opened memory-mapped, one at a
+time, so reading 10M rows never holds more than one chunk as float32.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .records import DataError
+
+EMBED_VERSION = 1  # the embed.json format this reader understands
+COLUMNS = ("image_path", "caption", "key")  # metadata columns kept; image_path is required
+
+
+@dataclass
+class Shard:
+    embeddings: Path  # img_emb/img_emb_{i}.npy
+    metadata: Path  # metadata/metadata_{i}.parquet
+    start: int  # gallery row of its first row
+    rows: int
+
+
+@dataclass
+class EmbeddingFolder:
+    folder: Path
+    info: dict  # embed.json
+    shards: list[Shard]
+    dim: int
+    rows: int = field(init=False)
+
+    def __post_init__(self):
+        self.rows = sum(s.rows for s in self.shards)
+
+    @classmethod
+    def open(cls, folder) -> "EmbeddingFolder":
+        """Check the folder (embed.json complete, shards paired, float16 of its dim) -> its shards;
+        DataError, one line naming the file, for anything else."""
+        folder = Path(folder)
+        info_file = folder / "embed.json"
+        try:
+            info = json.loads(info_file.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{info_file}: missing or unreadable ({getattr(e, 'strerror', None) or e}); "
+                            "an embedding folder has embed.json, img_emb/ and metadata/") from None
+        if not isinstance(info, dict) or info.get("version") != EMBED_VERSION or not isinstance(info.get("dim"), int):
+            raise DataError(f"{info_file}: not an embedding folder description of version {EMBED_VERSION} with a dim")
+        if info.get("complete") is not True:
+            raise DataError(f"{folder} is incomplete (embed.json says complete: {info.get('complete')}): "
+                            "finish embedding it first")
+        embeddings, metadata = _numbered(folder / "img_emb", ".npy"), _numbered(folder / "metadata", ".parquet")
+        if not embeddings:
+            raise DataError(f"{folder / 'img_emb'}: no .npy shards")
+        if embeddings.keys() != metadata.keys():
+            odd = sorted(embeddings.keys() ^ metadata.keys())[0]
+            raise DataError(f"{folder}: shard {odd} has embeddings or metadata but not both")
+        if info.get("shards") not in (None, len(embeddings)):
+            raise DataError(f"{info_file} lists {info['shards']} shards; {len(embeddings)} are in {folder}")
+        shards, start = [], 0
+        for number in sorted(embeddings):
+            rows = _shard_rows(embeddings[number], info["dim"])
+            shards.append(Shard(embeddings[number], metadata[number], start, rows))
+            start += rows
+        return cls(folder, info, shards, info["dim"])
+
+    def chunks(self, chunk: int):
+        """(first row, float32 (c, D) array) over the whole gallery in order, `chunk` rows at a time."""
+        for shard in self.shards:
+            array = np.load(shard.embeddings, mmap_mode="r")  # unmapped when dropped, after its shard
+            for s in range(0, shard.rows, chunk):
+                yield shard.start + s, np.asarray(array[s:s + chunk], dtype=np.float32)
+            del array
+
+    def take(self, rows) -> np.ndarray:
+        """The gallery rows `rows` (any order) as float32 (len(rows), D)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for shard in self.shards:
+            mine = np.nonzero((rows >= shard.start) & (rows < shard.start + shard.rows))[0]
+            if len(mine):
+                array = np.load(shard.embeddings, mmap_mode="r")
+                order = np.argsort(rows[mine])  # reading in file order
+                out[mine[order]] = array[rows[mine][order] - shard.start]
+                del array
+        return out
+
+    def metadata_tables(self):
+        """Each shard's metadata as a pyarrow Table of COLUMNS (strings; caption and key "" when
+        absent), checked to have the shard's number of rows."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+        for shard in self.shards:
+            try:
+                table = pq.read_table(shard.metadata)
+            except (OSError, pa.ArrowException) as e:
+                raise DataError(f"{shard.metadata}: unreadable ({e})") from None
+            if "image_path" not in table.column_names:
+                raise DataError(f"{shard.metadata}: no image_path column (it has {', '.join(table.column_names)})")
+            if len(table) != shard.rows:
+                raise DataError(f"{shard.metadata}: {len(table)} rows for the {shard.rows} of {shard.embeddings.name}")
+            columns = [pc.fill_null(table[c].cast(pa.string()), "") if c in table.column_names
+                       else pa.array([""] * len(table), pa.string()) for c in COLUMNS]
+            yield pa.table(columns, names=list(COLUMNS))
+
+
+def _numbered(folder: Path, suffix: str) -> dict[int, Path]:
+    # {trailing number: file}: img_emb_000012.npy and img_emb_12.npy are both shard 12
+    found = {}
+    for path in folder.glob(f"*{suffix}") if folder.is_dir() else ():
+        m = re.search(r"(\d+)$", path.name[:-len(suffix)])
+        if m is None:
+            continue
+        if int(m.group(1)) in found:
+            raise DataError(f"{folder}: two files for shard {int(m.group(1))} "
+                            f"({found[int(m.group(1))].name}, {path.name})")
+        found[int(m.group(1))] = path
+    return found
+
+
+def _shard_rows(path: Path, dim: int) -> int:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a .npy array ({e})") from None
+    if array.ndim != 2 or array.shape[1] != dim or array.dtype != np.float16:
+        raise DataError(f"{path}: {array.dtype} {array.shape}, expected float16 (rows, {dim})")
+    return array.shape[0]
