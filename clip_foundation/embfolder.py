@@ -1,5 +1,6 @@
 """An embedding folder: a gallery's image embeddings in shards, with their metadata (the
-clip-retrieval layout), read without holding it in memory.
+clip-retrieval layout), read without holding it in memory. `embed_format.py` writes it; this
+reads any folder in the layout, clip-retrieval's own output too.
 
     EMB/img_emb/img_emb_{i}.npy          float16 (rows, D), L2-normalised rows
     EMB/metadata/metadata_{i}.parquet    the same rows: image_path (a path or URL), caption, key
@@ -19,10 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .embed_format import COLUMNS, INFO, VERSION as EMBED_VERSION, parquet  # the writer's side of the format
 from .records import DataError
-
-EMBED_VERSION = 1  # the embed.json format this reader understands
-COLUMNS = ("image_path", "caption", "key")  # metadata columns kept; image_path is required
 
 
 @dataclass
@@ -49,7 +48,7 @@ class EmbeddingFolder:
         """Check the folder (embed.json complete, shards paired, float16 of its dim) -> its shards;
         DataError, one line naming the file, for anything else."""
         folder = Path(folder)
-        info_file = folder / "embed.json"
+        info_file = folder / INFO
         try:
             info = json.loads(info_file.read_text())
         except (OSError, ValueError) as e:
@@ -99,9 +98,9 @@ class EmbeddingFolder:
     def metadata_tables(self):
         """Each shard's metadata as a pyarrow Table of COLUMNS (strings; caption and key "" when
         absent), checked to have the shard's number of rows."""
+        pq = parquet()  # ImportError naming the extra when pyarrow is missing
         import pyarrow as pa
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
         for shard in self.shards:
             try:
                 table = pq.read_table(shard.metadata)
