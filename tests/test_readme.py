@@ -70,6 +70,12 @@ def check(args: list[str]):
     elif script == "clip_foundation.export":
         from clip_foundation.export import ExportConfig, USAGE
         cli.parse(ExportConfig(), args, USAGE, positional=("checkpoint",)).validate()
+    elif script == "clip_foundation.embed":
+        from clip_foundation.embed import USAGE, EmbedConfig
+        cli.parse(EmbedConfig(), args, USAGE).validate()
+    elif script == "clip_foundation.hub":
+        from clip_foundation.hub import USAGE, HubConfig
+        assert cli.parse(HubConfig(), args, USAGE, positional=("action", "run_dir", "repo_id")).action in ("push", "card")
     else:
         assert (ROOT / script).is_file(), f"{script} does not exist"
 
@@ -77,8 +83,9 @@ def check(args: list[str]):
 @pytest.mark.parametrize("page,command", COMMANDS, ids=[f"{p}:{c[:60]}" for p, c in COMMANDS])
 def test_shown_command_parses(page, command):
     words = shlex.split(command)
-    if words[0] == "torchrun":
-        words = words[next(i for i, w in enumerate(words) if w.endswith(".py")):]
+    if words[0] == "torchrun":  # its options, then the script (or -m module) and the script's
+        words = words[next(i for i, w in enumerate(words) if w.endswith(".py") or w == "-m"):]
+        words = words[1:] if words[0] == "-m" else words
     else:
         words = words[1:]
         if words[0] == "-m":
