@@ -23,14 +23,18 @@ would make clipModel.py import huggingface_hub when it loads. So `from_pretraine
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from clipModel import CheckpointError, CLIPModel, read_model_config
+
 from . import cli
 from .modelcard import CARD, write_model_card
-from clipModel import CheckpointError, CLIPModel, read_model_config
 
 UPLOAD = ["config.json", "model.safetensors", CARD, "metrics.json", "curves.png", "matches.png",
           "querybank.safetensors", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
@@ -110,14 +114,39 @@ def push_to_hub(model_or_run_dir, repo_id: str, *, private: bool = False, token:
         write_model_card(run_dir, repo_id=repo_id, license=license)
     from huggingface_hub import HfApi
     api = HfApi(token=token or None)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(repo_id=repo_id, folder_path=run_dir, repo_type="model",
-                                   allow_patterns=UPLOAD, ignore_patterns=SKIP,
-                                   commit_message=commit_message or f"Upload {run_dir.resolve().name}")
-    except _network_errors() as e:
-        raise HubError(f"could not push {run_dir} to the Hub repo {repo_id}: {_why(e)}") from None
+    with tempfile.TemporaryDirectory() as staged:
+        _stage(run_dir, Path(staged))
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            commit = api.upload_folder(repo_id=repo_id, folder_path=staged, repo_type="model",
+                                       commit_message=commit_message or f"Upload {run_dir.resolve().name}")
+        except _network_errors() as e:
+            raise HubError(f"could not push {run_dir} to the Hub repo {repo_id}: {_why(e)}") from None
     return str(getattr(commit, "commit_url", commit))
+
+
+def _stage(run_dir: Path, staged: Path) -> None:
+    """The files a push uploads, linked (or copied) into `staged`, with a config.json whose
+    paths on this machine (data, cache and output folders) are cut to their last part: a published
+    model should not tell the world its author's folders, and no load reads them."""
+    for name in files_to_push(run_dir):
+        (staged / name).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(run_dir / name, staged / name)
+        except OSError:  # another file system, or no hard links: a copy
+            shutil.copy2(run_dir / name, staged / name)
+    config = json.loads((run_dir / "config.json").read_text())
+    public = {key: value if key == "model" else _without_local_paths(value) for key, value in config.items()}
+    (staged / "config.json").unlink()
+    (staged / "config.json").write_text(json.dumps(public, indent=2))
+
+
+def _without_local_paths(value):
+    if isinstance(value, dict):
+        return {k: _without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, str) and Path(value).is_absolute():
+        return Path(value).name
+    return value
 
 
 def main(argv=None):

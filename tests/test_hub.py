@@ -57,8 +57,9 @@ def offline_hub(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def recorded_hub(monkeypatch):
-    """HfApi.create_repo and upload_folder record their calls instead of reaching the Hub."""
+def recorded_hub(monkeypatch, tmp_path_factory):
+    """HfApi.create_repo and upload_folder record their calls instead of reaching the Hub (with a
+    copy of the folder upload_folder was given, which a push removes once sent)."""
     calls = []
 
     def create_repo(self, repo_id, **kwargs):
@@ -66,7 +67,8 @@ def recorded_hub(monkeypatch):
         return f"https://huggingface.co/{repo_id}"
 
     def upload_folder(self, **kwargs):
-        calls.append(("upload_folder", kwargs))
+        sent = Path(shutil.copytree(kwargs["folder_path"], tmp_path_factory.mktemp("sent") / "folder"))
+        calls.append(("upload_folder", {**kwargs, "folder_path": sent}))
         return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{REV}",
                                           commit_message="", commit_description="", oid=REV)
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -83,8 +85,8 @@ def uploaded(call: dict) -> list[str]:
     """The files upload_folder selects from its folder with these patterns (its own rule)."""
     folder = Path(call["folder_path"])
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return list(filter_repo_objects(files, allow_patterns=call["allow_patterns"],
-                                    ignore_patterns=list(call["ignore_patterns"]) + DEFAULT_IGNORE_PATTERNS))
+    return list(filter_repo_objects(files, allow_patterns=call.get("allow_patterns"),
+                                    ignore_patterns=list(call.get("ignore_patterns") or []) + DEFAULT_IGNORE_PATTERNS))
 
 
 def embeddings(model: CLIPModel):
@@ -229,14 +231,19 @@ def test_push_uploads_what_loading_needs_and_never_the_training_state(tiny_run, 
     (create, made), (upload, sent) = recorded_hub
     assert create == "create_repo" and made["repo_id"] == "user/tiny-clip" and made["private"] is True
     assert made["exist_ok"] is True and made["token"] == "hf_test"
-    assert upload == "upload_folder" and sent["repo_id"] == "user/tiny-clip" and Path(sent["folder_path"]) == run
+    assert upload == "upload_folder" and sent["repo_id"] == "user/tiny-clip"
     files = uploaded(sent)
     assert files == hub.files_to_push(run)
     assert {"model.safetensors", "config.json", "README.md", "metrics.json", "curves.png", "tokenizer.json",
             "tokenizer_config.json", "querybank.safetensors"} <= set(files)
     assert not [f for f in files if f.split("/")[0] in ("last", "index", "tensorboard") or f.startswith(".")]
     assert 'from_pretrained("user/tiny-clip")' in (run / CARD).read_text()  # the card names the repo
-    hub_cache(offline_hub, "user/tiny-clip", run, files)  # what was sent, as a download would cache it
+    published = json.loads((sent["folder_path"] / "config.json").read_text())
+    local = json.loads((run / "config.json").read_text())
+    assert local["data"]["path"].startswith("/") and published["data"]["path"] == Path(local["data"]["path"]).name
+    assert not [v for section, values in published.items() if section != "model" and isinstance(values, dict)
+                for v in values.values() if isinstance(v, str) and v.startswith("/")]  # no folder of this machine
+    hub_cache(offline_hub, "user/tiny-clip", sent["folder_path"], files)  # what was sent, as a download caches it
     for got, want in zip(embeddings(CLIPModel.from_pretrained("user/tiny-clip")),
                          embeddings(CLIPModel.from_pretrained(run_dir))):
         torch.testing.assert_close(got, want)
