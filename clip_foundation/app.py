@@ -48,6 +48,7 @@ class AppConfig:
     auth: str = ""  # a file of user:password lines (chmod 600) the page asks to log in with; or set CLIP_APP_AUTH
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
     engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
+    threads: int = 1  # threads per query: 1 on a shared CPU (2 were up to 70x slower under load); the cores of an idle server are faster (docs/search.md)
 
 
 USAGE = ("usage: python app.py --checkpoint=RUN [--gallery=DIR | --data=DIR --split=test] "
@@ -113,6 +114,8 @@ def main(argv=None):
                         f"and --port 0-65535 (got {args.port})", USAGE)
     if args.engine not in ENGINES:
         cli.usage_error(f"--engine={args.engine!r}: must be {' | '.join(ENGINES)}", USAGE)
+    if args.threads < 1:
+        cli.usage_error(f"--threads={args.threads}: must be >= 1", USAGE)
     check_address(args.host, args.port)
     try:
         auth = read_auth(args.auth)
@@ -138,6 +141,7 @@ def main(argv=None):
                                    gallery=gallery, model=model, backend=args.backend)
     except (FileNotFoundError, DataError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
+    page.threads = args.threads  # set in each query's thread, before its first forward (and an engine's compile)
     print(page.summary().replace("**", ""))
     return page.launch(args.host, args.port or None, args.share, args.max_upload_mb, auth=auth)
 

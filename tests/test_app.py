@@ -148,6 +148,19 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
         assert stop.value.code == 2 and said in capsys.readouterr().err
 
 
+def test_threads_option_reaches_the_page_that_serves(tiny_run, monkeypatch):
+    from clip_foundation.webapp import SearchPage
+    monkeypatch.setattr(SearchPage, "launch", lambda self, *args, **kwargs: self)  # no server here
+    import torch
+    before = torch.get_num_threads()
+    try:
+        page = app.main([f"--checkpoint={tiny_run[1]}", "--threads=2", "--engine=torch"])
+        page.find("a red circle", 3)  # a query sets its thread's torch count (and an engine's, at compile)
+        assert page.threads == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("option, said", [
     ("--max_upload_mb=nan", "--max_upload_mb must be a positive number of MB (got nan)"),
     ("--max_upload_mb=inf", "--max_upload_mb must be a positive number of MB (got inf)"),
@@ -155,6 +168,7 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     ("--host=999.1.1.1", "--host=999.1.1.1 cannot be listened on"),
     ("--host=192.0.2.1", "--host=192.0.2.1 cannot be listened on"),  # an address of another machine
     ("--port=PORT", "port PORT is in use on 127.0.0.1"),
+    ("--threads=0", "--threads=0: must be >= 1"),
 ])
 def test_bad_values_and_addresses_are_one_line_before_loading(tmp_path, capsys, option, said):
     import socket
