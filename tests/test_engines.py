@@ -128,7 +128,7 @@ def test_the_presets_towers_embed_real_photos_as_torch_does(engine, tmp_path):
 
 
 CTRL_C_AFTER_TWO_ENCODERS = """
-import gc, os, signal, sys, torch
+import gc, os, signal, sys, time, torch
 sys.path.insert(0, {tests!r})
 from clip_foundation.engines import make_encoder
 from test_export import tiny_model
@@ -139,9 +139,10 @@ for encoder in (first, second):  # each loads (compiles) its graphs
 del encoder
 del first; gc.collect()  # dropped in the order they were made, not the reverse: as the GC pleases
 del second; gc.collect()
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, even where SIGINT came in ignored (nohup, &)
 try:
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
-    signal.pause()
+    time.sleep(30)
 except KeyboardInterrupt:
     print("KeyboardInterrupt")
 """
@@ -155,5 +156,6 @@ def test_ctrl_c_is_a_keyboard_interrupt_after_openvino_graphs_are_dropped_in_any
     import subprocess
     import sys
     script = CTRL_C_AFTER_TWO_ENCODERS.format(tests=str(Path(__file__).parent))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
     assert done.returncode == 0 and "KeyboardInterrupt" in done.stdout, (done.returncode, done.stderr[-1500:])
