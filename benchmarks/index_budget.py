@@ -1,7 +1,7 @@
 """A gallery of millions under a memory budget: build time, index size, peak memory, lookup
 latency and recall@10 of the index `search.py --build_index --embeddings=EMB` builds.
 
-    python benchmarks/index_budget.py --rows=10000000 --budgets=2G,8G --scratch=/tmp/index_budget
+    python -m benchmarks.index_budget --rows=10000000 --budgets=2G,8G --scratch=/tmp/index_budget
 
 Writes `--rows` synthetic embeddings (`Mixture` from benchmarks/search_latency.py: topics,
 uneven clusters, low-rank spread) as an embedding folder in `--scratch` (float16 shards of

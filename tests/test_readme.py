@@ -76,6 +76,8 @@ def check(args: list[str]):
     elif script == "clip_foundation.hub":
         from clip_foundation.hub import USAGE, HubConfig
         assert cli.parse(HubConfig(), args, USAGE, positional=("action", "run_dir", "repo_id")).action in ("push", "card")
+    elif script.startswith("benchmarks."):  # python -m benchmarks.NAME: it imports its sibling benchmarks
+        assert (ROOT / (script.replace(".", "/") + ".py")).is_file(), f"{script} does not exist"
     else:
         assert (ROOT / script).is_file(), f"{script} does not exist"
 
