@@ -34,7 +34,7 @@ def write_embeddings(folder: Path, rows: int, dim: int, shard: int, queries: tor
     import pyarrow.parquet as pq
 
     from benchmarks.search_latency import Mixture
-    from clip_foundation.bigindex import RunningTopK
+    from clip_foundation.index import RunningTopK
     mix, exact = Mixture(dim), RunningTopK(queries, 10)
     (folder / "img_emb").mkdir(parents=True, exist_ok=True)
     (folder / "metadata").mkdir(parents=True, exist_ok=True)

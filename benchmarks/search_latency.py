@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 
 from clip_foundation.engines import resolve  # noqa: E402
-from clip_foundation.index import (GalleryIndex, build_faiss, ensure_faiss, exact_topk,  # noqa: E402
+from clip_foundation.index import (GalleryIndex, RunningTopK, build_faiss, ensure_faiss, exact_topk,  # noqa: E402
                                    faiss_module, recall_at_k)
 from clip_foundation.retrieval import embed_texts  # noqa: E402
 
@@ -208,18 +208,14 @@ def ann_large(rows: int, dim: int, n_queries: int, factory: str, nprobes: list[i
     result["train_s"] = round(time.perf_counter() - start, 1)
     print(f"{factory}: trained on {len(train)} points in {result['train_s']} s", flush=True)
     del train
-    best_s = best_i = None
+    exact = RunningTopK(queries, k)
     add_s = 0.0
     for s in range(0, rows, chunk):
         x = mix.sample(min(chunk, rows - s), seed=s)
         t = time.perf_counter()
         index.add(x.numpy())
         add_s += time.perf_counter() - t
-        scores, found = exact_topk(queries, x, k)
-        cand_s = scores if best_s is None else torch.cat([best_s, scores], 1)
-        cand_i = found + s if best_i is None else torch.cat([best_i, found + s], 1)
-        keep = cand_s.topk(k, dim=1)
-        best_s, best_i = keep.values, cand_i.gather(1, keep.indices)
+        exact.add(x, s)
         if (s // chunk) % 8 == 7:
             print(f"  {s + len(x):,} rows added ({add_s:.0f} s adding)", flush=True)
     result["add_s"], result["build_s"] = round(add_s, 1), round(result["train_s"] + add_s, 1)
@@ -233,7 +229,7 @@ def ann_large(rows: int, dim: int, n_queries: int, factory: str, nprobes: list[i
         for nprobe in nprobes:
             space.set_index_parameter(index, "nprobe", nprobe)
             found = torch.from_numpy(index.search(q, k)[1])
-            recall = recall_at_k(found, best_i, k)
+            recall = recall_at_k(found, exact.indices, k)
             lat = timed(lambda i: index.search(q[i:i + 1], k), list(range(n_queries)))
             key = f"{nprobe}" if kf is None else f"{nprobe},k_factor={kf:g}"
             result["nprobe"][key] = {"nprobe": nprobe, "k_factor": kf, "recall_at_10": round(recall, 4), **lat}

@@ -36,8 +36,8 @@ from clipModel import ConfigError
 from .budget import choose_index, format_size
 from .embfolder import EmbeddingFolder
 from .files import atomic_write
-from .index import (MIN_POINTS_PER_CELL, TARGET_RECALL, TRAIN_PER_CELL, BadIndexError, check_model, exact_topk, faiss_module,
-                    file_digest, open_prebuilt, recall_at_k)
+from .index import (MIN_POINTS_PER_CELL, TARGET_RECALL, TRAIN_PER_CELL, BadIndexError, RunningTopK, check_model,
+                    faiss_module, file_digest, open_prebuilt, recall_at_k)
 
 BIG_VERSION = 1  # bump when the folder's format changes
 INDEX_FILE, METADATA_FILE, INFO_FILE = "index.faiss", "metadata.arrow", "index.json"
@@ -49,25 +49,6 @@ MIN_TRAIN = 16 * 256  # training rows at least: 16 PQ centroids per sub-quantize
 MAX_TRAIN = 131_072  # k-means rows at most (TRAIN_PER_CELL a list until then), unless lists need 39 each
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)  # inverted lists probed, tried in this order
 K_FACTORS = (8, 16, 32, 64, 128, 256)  # refine: candidates per result re-ranked on the finer codes
-
-
-class RunningTopK:
-    """The exact top-`k` rows of each of the (Q, D) `queries` over a gallery seen chunk by chunk."""
-
-    def __init__(self, queries: torch.Tensor, k: int):
-        self.queries, self.k = queries.float(), k
-        self.scores = self.indices = None  # (Q, <= k) each
-
-    def add(self, rows: torch.Tensor, first: int) -> None:
-        """Score the (c, D) `rows`, gallery rows first .. first + c - 1."""
-        scores, found = exact_topk(self.queries, rows.float(), self.k)
-        if self.scores is None:
-            self.scores, self.indices = scores, found + first
-            return
-        cand_s = torch.cat([self.scores, scores], 1)  # (Q, <= 2k): best so far + this chunk's
-        cand_i = torch.cat([self.indices, found + first], 1)
-        keep = cand_s.topk(min(self.k, cand_s.shape[1]), dim=1)
-        self.scores, self.indices = keep.values, cand_i.gather(1, keep.indices)
 
 
 # ---------------------------------------------------------------- building

@@ -107,25 +107,45 @@ def exact_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int,
     pick = min(len(gallery), k + HALF_MARGIN) if half else k
     q = queries.to(torch.float16 if half else torch.float32)
     chunk = chunk or max(EXACT_CHUNK, SCORE_BUDGET // max(1, len(queries)))
-    best_s = best_i = None
+    best = None
     for s in range(0, len(gallery), chunk):
         rows = gallery[s:s + chunk]
         scores = q @ (rows if half else rows.float()).T  # (Q, c)
         top = scores.topk(min(pick, scores.shape[1]), dim=1)
-        if best_s is None:  # the first (for a single query usually the only) pass
-            best_s, best_i = top.values, top.indices
-            continue
-        cand_s = torch.cat([best_s, top.values], 1)  # (Q, <= 2 pick): running best + this chunk's
-        cand_i = torch.cat([best_i, top.indices + s], 1)
-        keep = cand_s.topk(min(pick, cand_s.shape[1]), dim=1)
-        best_s, best_i = keep.values, cand_i.gather(1, keep.indices)
-    if best_s is None:  # an empty gallery
+        best = merge_topk(best, top.values, top.indices + s, pick)
+    if best is None:  # an empty gallery
         return queries.new_empty(len(queries), 0).float(), torch.empty(len(queries), 0, dtype=torch.long)
+    best_s, best_i = best
     if not half:
         return best_s, best_i
     exact = torch.bmm(gallery[best_i].float(), queries.float()[:, :, None])[:, :, 0]  # (Q, pick) float32
     keep = exact.topk(k, dim=1)
     return keep.values, best_i.gather(1, keep.indices)
+
+
+def merge_topk(best, scores: torch.Tensor, indices: torch.Tensor, k: int):
+    """A running top-`k` (scores, indices) — None before the first chunk — with a chunk's
+    (Q, c) `scores` and their gallery `indices` -> the new running (scores, indices) (Q, <= k)."""
+    if best is None:
+        return scores, indices
+    cand_s = torch.cat([best[0], scores], 1)  # (Q, <= 2k): running best + this chunk's
+    cand_i = torch.cat([best[1], indices], 1)
+    keep = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
+    return keep.values, cand_i.gather(1, keep.indices)
+
+
+class RunningTopK:
+    """The exact top-`k` rows of each of the (Q, D) `queries` over a gallery seen chunk by chunk."""
+
+    def __init__(self, queries: torch.Tensor, k: int):
+        self.queries, self.k = queries.float(), k
+        self.scores = self.indices = None  # (Q, <= k) each, once a chunk was added
+
+    def add(self, rows: torch.Tensor, first: int) -> None:
+        """Score the (c, D) `rows`, gallery rows first .. first + c - 1."""
+        scores, found = exact_topk(self.queries, rows.float(), self.k)
+        best = None if self.scores is None else (self.scores, self.indices)
+        self.scores, self.indices = merge_topk(best, scores, found + first, self.k)
 
 
 # ---------------------------------------------------------------- FAISS (optional)
