@@ -14,13 +14,14 @@ from PIL import Image
 
 from clip_foundation import embed
 from clip_foundation import embed_format as fmt
-from clip_foundation.bigindex import INFO_FILE, build_big_index
-from clip_foundation.budget import parse_size, plans
-from clip_foundation.index import faiss_module, model_digest
+from clip_foundation import search
+from clip_foundation.bigindex import INDEX_FILE, INFO_FILE, METADATA_FILE, build_big_index
+from clip_foundation.budget import choose_index, parse_size, plans
+from clip_foundation.index import BadIndexError, faiss_module, model_digest
 from clip_foundation.records import DataError
-from clipModel import CLIPModel
+from clipModel import CLIPModel, ConfigError
 from test_embed import IMAGES, N_IMAGES, checkpoint, photos, run, shard_set  # noqa: F401 (fixtures)
-from test_index_budget import clustered, write_emb
+from test_index_budget import QUERY, big_gallery, clustered, write_emb  # noqa: F401 (fixtures)
 
 needs_faiss = pytest.mark.skipif(faiss_module() is None, reason="faiss not installed")
 
@@ -33,6 +34,10 @@ def other_model(checkpoint, folder):
     model = CLIPModel.from_pretrained(checkpoint)
     torch.nn.init.normal_(model.image_projection.projection.weight)
     return model.save_pretrained(folder)
+
+
+def copy_of(folder, tmp_path):
+    return shutil.copytree(folder, tmp_path / "copy")
 
 
 # ---------------------------------------------------------------- item 3: parts OUT did not write
@@ -154,3 +159,132 @@ def test_a_non_finite_row_is_refused_in_one_line(tmp_path, value, plan):
         build_big_index(folder, tmp_path / "index", budget, progress=False)
     assert str(e.value).startswith(f"{folder / 'img_emb' / 'img_emb_000002.npy'}: row 345 is not finite")
     assert "\n" not in str(e.value) and not (tmp_path / "index" / INFO_FILE).exists()
+
+
+# ---------------------------------------------------------------- item 26: the budget's figure works
+
+@pytest.mark.parametrize("rows", [3000, 4321, 20_000, 123_457, 1_000_003])
+def test_the_smallest_budget_named_is_enough(rows):
+    with pytest.raises(ConfigError) as e:
+        choose_index(rows, 64, 1)
+    figure = re.search(r"must be at least (\S+) for", str(e.value)).group(1)
+    assert choose_index(rows, 64, parse_size(figure)) == min(plans(rows, 64), key=lambda p: p.estimate)
+
+
+# ---------------------------------------------------------------- index folders: verified when opened
+
+def _overwrite_a_row(folder):
+    path = folder / INDEX_FILE
+    data = bytearray(path.read_bytes())
+    data[-200:-100] = bytes(100)  # size kept
+    path.write_bytes(bytes(data))
+
+
+def _edit_info(**changes):
+    def edit(folder):
+        meta = json.loads((folder / INFO_FILE).read_text())
+        for key, value in changes.items():
+            target, _, leaf = key.rpartition(".")
+            owner = meta[target] if target else meta
+            if value is del_:
+                del owner[leaf]
+            else:
+                owner[leaf] = value
+        (folder / INFO_FILE).write_text(json.dumps(meta))
+    return edit
+
+
+del_ = object()
+
+
+@needs_faiss
+@pytest.mark.parametrize("tamper, said", [
+    (_overwrite_a_row, f"{INDEX_FILE}: missing, or its contents differ"),
+    (_edit_info(files={}), "files"),
+    (_edit_info(files=del_), "files"),
+    (_edit_info(faiss=del_), "faiss"),
+    (_edit_info(**{"faiss.search": "nprobe=abc"}), "'nprobe=abc'"),
+    (_edit_info(**{"faiss.search": "nprobe=-5"}), "'nprobe=-5'"),
+    (_edit_info(**{"faiss.search": "x=3"}), "'x=3'"),
+    (_edit_info(rows="4000"), "rows is '4000'"),
+    (_edit_info(checkpoint=None), "--checkpoint"),
+])
+def test_a_tampered_index_is_one_line_in_search_and_the_page(big_gallery, tmp_path, tamper, said):
+    from clip_foundation.gallery import Gallery
+    folder = copy_of(big_gallery[0], tmp_path)
+    tamper(folder)
+    with pytest.raises(SystemExit) as e:
+        search.main([QUERY, f"--index={folder}", f"--out={tmp_path / 'grid.png'}"])
+    message = str(e.value)
+    assert message.startswith(f"error: {folder}") and said in message and "\n" not in message
+    with pytest.raises(BadIndexError, match=re.escape(said)):  # what app.py --index opens
+        Gallery.from_index(folder, engine="torch")
+
+
+@needs_faiss
+def test_a_moved_checkpoint_gets_the_hint_to_name_it(big_gallery, tmp_path):
+    folder = copy_of(big_gallery[0], tmp_path)
+    _edit_info(checkpoint=str(tmp_path / "moved"))(folder)
+    with pytest.raises(SystemExit) as e:
+        search.main([QUERY, f"--index={folder}", f"--out={tmp_path / 'grid.png'}"])
+    assert "moved" in str(e.value) and "--checkpoint=" in str(e.value)
+    results = search.main([QUERY, f"--index={folder}", f"--checkpoint={big_gallery[1]}",
+                           f"--out={tmp_path / 'grid.png'}"])
+    assert results[0].path == big_gallery[2]
+
+
+@needs_faiss
+def test_another_models_index_advises_the_big_index_commands(big_gallery, checkpoint, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        search.main([QUERY, f"--index={big_gallery[0]}", f"--checkpoint={checkpoint}",
+                     f"--out={tmp_path / 'grid.png'}"])
+    message = str(e.value)
+    assert "built with another model" in message and "--embeddings=" in message
+    assert "--build-index --checkpoint" not in message
+
+
+@needs_faiss
+def test_a_half_written_index_folder_is_named_as_one(big_gallery, tmp_path):
+    folder = copy_of(big_gallery[0], tmp_path)
+    (folder / INFO_FILE).unlink()
+    (folder / INDEX_FILE).unlink()
+    with pytest.raises(SystemExit) as e:
+        search.main([QUERY, f"--index={folder}", f"--out={tmp_path / 'grid.png'}"])
+    assert "--embeddings=" in str(e.value) and "images.json" not in str(e.value)
+
+
+# ---------------------------------------------------------------- --build_index --embeddings --index=DIR
+
+@needs_faiss
+@pytest.mark.parametrize("foreign", [INFO_FILE, "family_photos_2019.jpg", "notes.txt as a folder"])
+def test_an_index_folder_holding_other_files_is_refused(big_gallery, tmp_path, foreign):
+    emb = json.loads((big_gallery[0] / INFO_FILE).read_text())["embeddings"]
+    folder = tmp_path / "index"
+    folder.mkdir()
+    if foreign.endswith("folder"):
+        (folder / "notes.txt").mkdir()
+    else:
+        (folder / foreign).write_text('{"mine": true}')
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(SystemExit) as e:
+        search.main(["--build_index", f"--embeddings={emb}", f"--index={folder}", "--max_index_memory=400K"])
+    assert "did not write" in str(e.value) and foreign.split()[0] in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.name for p in folder.iterdir()) == before and not (folder / INDEX_FILE).exists()
+
+
+@needs_faiss
+def test_an_index_folder_of_its_own_is_rebuilt(big_gallery, tmp_path):
+    emb = json.loads((big_gallery[0] / INFO_FILE).read_text())["embeddings"]
+    folder = copy_of(big_gallery[0], tmp_path)
+    index = search.main(["--build_index", f"--embeddings={emb}", f"--index={folder}", "--max_index_memory=3M"])
+    assert index.meta["faiss"]["choice"] == "exact"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_FILE, INFO_FILE, METADATA_FILE])
+
+
+@needs_faiss
+def test_an_index_path_naming_a_file_is_one_line(big_gallery, tmp_path):
+    emb = json.loads((big_gallery[0] / INFO_FILE).read_text())["embeddings"]
+    (tmp_path / "index").write_text("a file")
+    with pytest.raises(SystemExit) as e:
+        search.main(["--build_index", f"--embeddings={emb}", f"--index={tmp_path / 'index'}"])
+    assert "--index" in str(e.value) and "must be a folder" in str(e.value) and "Errno" not in str(e.value)
