@@ -46,6 +46,7 @@ from .records import DataError
 
 BIG_VERSION = 1  # bump when the folder's format changes
 INDEX_FILE, METADATA_FILE, INFO_FILE = "index.faiss", "metadata.arrow", "index.json"
+OWNER = {"version": BIG_VERSION, "kind": "images"}  # what index.json begins with: the folder is an index's
 RECALL_QUERIES, RECALL_K = 300, 10  # gallery rows whose neighbours measure recall at build time
 RECALL_SLACK = 0.005  # an index that cannot reach TARGET_RECALL gets the fastest setting this close to its best (0.01 kept IVF-SQ6 at 10M one nprobe short: 0.897)
 TIMED_QUERIES = 30  # single queries timed per setting (1 thread), to rank settings that reach the recall
@@ -164,9 +165,6 @@ def search_numbers(setting) -> dict | None:
         return None
     found = [SETTING.fullmatch(p) for p in setting.split(",")] if setting else []
     return {m[1]: int(m[2]) for m in found} if all(found) else None
-
-
-OWNER = {"version": BIG_VERSION, "kind": "images"}  # what index.json begins with: this folder is an index's
 
 
 def _check_own(out: Path) -> None:

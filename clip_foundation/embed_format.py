@@ -68,14 +68,14 @@ def write_part(out, part: int, embeddings: np.ndarray, rows: list[dict], skipped
         raise ValueError(f"part {part}: {len(embeddings)} embeddings for {len(rows)} metadata rows")
     table = pa.table({c: pa.array([r[c] for r in rows], pa.string()) for c in COLUMNS})
     table = table.replace_schema_metadata({SKIPS: json.dumps(skipped)})
-    for path in (metadata_path(out, part), embeddings_path(out, part)):
+    for path in (metadata_path(out, part), embeddings_path(out, part), record_path(out, part)):
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.tmp*"):  # a killed writer's: this part is ours now
             stale.unlink(missing_ok=True)
+    record_path(out, part).unlink(missing_ok=True)  # first: a part being replaced is never vouched for
     atomic_write(metadata_path(out, part), lambda tmp: pq.write_table(table, tmp))
     atomic_write(embeddings_path(out, part), lambda tmp: _save_npy(tmp, embeddings.astype(np.float16)))
     record = vouch(out, [embeddings_path(out, part), metadata_path(out, part)], len(rows), **(made_from or {}))
-    record_path(out, part).parent.mkdir(exist_ok=True)
     atomic_write(record_path(out, part), lambda tmp: tmp.write_text(json.dumps(record)))
 
 

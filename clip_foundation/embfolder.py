@@ -76,9 +76,9 @@ class EmbeddingFolder:
             raise DataError(f"{info_file} lists {info['shards']} shards; {len(embeddings)} are in {folder}")
         parts = info.get("parts")
         if not isinstance(parts, list) or len(parts) != len(embeddings):
-            raise DataError(f"{info_file} lists no parts ({len(parts) if isinstance(parts, list) else parts!r}) "
-                            f"for the {len(embeddings)} in {folder}: embed the folder again "
-                            "(python -m clip_foundation.embed), which records them")
+            raise DataError(f"{info_file} lists {len(parts) if isinstance(parts, list) else 'no'} parts for the "
+                            f"{len(embeddings)} shards in {folder}: embed the folder again "
+                            "(python -m clip_foundation.embed), which records each part's files")
         shards, start = [], 0
         for number, part in zip(sorted(embeddings), parts):
             shard = Shard(embeddings[number], metadata[number], start, _shard_rows(embeddings[number], info["dim"]))

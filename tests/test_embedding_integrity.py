@@ -208,6 +208,7 @@ del_ = object()
     (_edit_info(**{"faiss.search": "x=3"}), "'x=3'"),
     (_edit_info(rows="4000"), "rows is '4000'"),
     (_edit_info(checkpoint=None), "--checkpoint"),
+    (_edit_info(building=True), "its build did not finish"),  # killed while replacing its files
 ])
 def test_a_tampered_index_is_one_line_in_search_and_the_page(big_gallery, tmp_path, tamper, said):
     from clip_foundation.gallery import Gallery
