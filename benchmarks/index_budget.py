@@ -34,8 +34,10 @@ def write_embeddings(folder: Path, rows: int, dim: int, shard: int, queries: tor
     import pyarrow.parquet as pq
 
     from benchmarks.search_latency import Mixture
+    from clip_foundation.embed_format import VERSION, embeddings_path, metadata_path, vouch
     from clip_foundation.index import RunningTopK
     mix, exact = Mixture(dim), RunningTopK(queries, 10)
+    parts = []  # each part's record: the index build checks the files against it
     (folder / "img_emb").mkdir(parents=True, exist_ok=True)
     (folder / "metadata").mkdir(parents=True, exist_ok=True)
     start, shards = time.perf_counter(), 0
@@ -44,14 +46,16 @@ def write_embeddings(folder: Path, rows: int, dim: int, shard: int, queries: tor
         part = np.concatenate([mix.sample(min(chunk, n - s), seed=first + s).half().numpy()
                                for s in range(0, n, chunk)])  # (n, dim) float16
         exact.add(torch.from_numpy(part), first)  # the rows as the index reads them
-        np.save(folder / "img_emb" / f"img_emb_{shards:06d}.npy", part)
+        np.save(embeddings_path(folder, shards), part)
         names = [f"{first + i:09d}" for i in range(n)]
         pq.write_table(pa.table({"image_path": [f"images/{k}.jpg" for k in names], "caption": [""] * n,
-                                 "key": names}), folder / "metadata" / f"metadata_{shards:06d}.parquet")
+                                 "key": names}), metadata_path(folder, shards))
+        parts.append(vouch(folder, [embeddings_path(folder, shards), metadata_path(folder, shards)], n))
         shards += 1
         print(f"  {first + n:,} rows written ({time.perf_counter() - start:.0f} s)", flush=True)
-    (folder / "embed.json").write_text(json.dumps({"version": 1, "dim": dim, "checkpoint": "", "model": "",
-                                                   "shards": shards, "complete": True, "source": "Mixture"}))
+    (folder / "embed.json").write_text(json.dumps({"version": VERSION, "dim": dim, "checkpoint": "", "model": "",
+                                                   "shards": shards, "complete": True, "source": "Mixture",
+                                                   "parts": parts}))
     return exact.indices, round(time.perf_counter() - start, 1)
 
 

@@ -10,7 +10,11 @@ The folder holds
     metadata.arrow   image_path, caption, key of each row (Arrow IPC, read memory-mapped by row)
     index.json       written last: rows, dim, checkpoint and model (from embed.json), the factory
                      string, the search parameters chosen, the recall@10 measured with them, the
-                     budget, the estimate and each file's size and sha256
+                     budget, the estimate and each file's size and sha256 (checked on every open)
+
+A folder that holds anything else is refused before anything is written: only a new or empty one,
+or an index built there, is (re)written. The old index stays whole until the new one is built;
+index.json is then replaced by a placeholder marking a build under way, which opening refuses.
 
 The build reads the embedding shards memory-mapped (`embfolder`), trains on a random sample,
 adds the rows in chunks, and meanwhile keeps the exact top-k of RECALL_QUERIES gallery rows
@@ -35,12 +39,14 @@ from clipModel import ConfigError
 
 from .budget import choose_index, format_size
 from .embfolder import EmbeddingFolder
-from .files import atomic_write
-from .index import (MIN_POINTS_PER_CELL, TARGET_RECALL, TRAIN_PER_CELL, BadIndexError, RunningTopK, check_model,
-                    faiss_module, file_digest, open_prebuilt, recall_at_k)
+from .files import atomic_write, folder_to_write, unlisted
+from .index import (MIN_POINTS_PER_CELL, TARGET_RECALL, TRAIN_PER_CELL, BadIndexError, RunningTopK, changed_file,
+                    check_model, faiss_module, file_entries, open_prebuilt, recall_at_k)
+from .records import DataError
 
 BIG_VERSION = 1  # bump when the folder's format changes
 INDEX_FILE, METADATA_FILE, INFO_FILE = "index.faiss", "metadata.arrow", "index.json"
+OWNER = {"version": BIG_VERSION, "kind": "images"}  # what index.json begins with: the folder is an index's
 RECALL_QUERIES, RECALL_K = 300, 10  # gallery rows whose neighbours measure recall at build time
 RECALL_SLACK = 0.005  # an index that cannot reach TARGET_RECALL gets the fastest setting this close to its best (0.01 kept IVF-SQ6 at 10M one nprobe short: 0.897)
 TIMED_QUERIES = 30  # single queries timed per setting (1 thread), to rank settings that reach the recall
@@ -49,6 +55,8 @@ MIN_TRAIN = 16 * 256  # training rows at least: 16 PQ centroids per sub-quantize
 MAX_TRAIN = 131_072  # k-means rows at most (TRAIN_PER_CELL a list until then), unless lists need 39 each
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)  # inverted lists probed, tried in this order
 K_FACTORS = (8, 16, 32, 64, 128, 256)  # refine: candidates per result re-ranked on the finer codes
+SETTING = re.compile(r"(nprobe|k_factor_rf)=([1-9][0-9]*)")  # one search parameter `tune` sets
+REBUILD = "rebuild it: python search.py --build_index --embeddings=EMB --index={folder}"
 
 
 # ---------------------------------------------------------------- building
@@ -59,14 +67,13 @@ def build_big_index(embeddings, out, budget: int, budget_text: str | None = None
     the index, opened. ConfigError (one line) for a budget no index fits; DataError for a
     folder that is not a complete embedding folder."""
     faiss = faiss_module(required=True)
+    out = Path(out)
+    _check_own(out)  # before anything is read: nothing of the user's is overwritten
     emb = EmbeddingFolder.open(embeddings)
     plan = choose_index(emb.rows, emb.dim, budget, budget_text)
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
     say(f"{emb.rows:,} rows x {emb.dim} -> {plan.factory} (about {format_size(plan.estimate)}, "
         f"budget {format_size(budget)})")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / INFO_FILE).unlink(missing_ok=True)  # first: a half-replaced index never reads as complete
     start, rng = time.perf_counter(), np.random.default_rng(seed)
     query_rows = np.sort(rng.choice(emb.rows, min(queries, emb.rows), replace=False))
     index = faiss.index_factory(emb.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
@@ -83,6 +90,9 @@ def build_big_index(embeddings, out, budget: int, budget_text: str | None = None
             say(f"  {first + len(x):,} / {emb.rows:,} rows added ({time.perf_counter() - start:.0f} s)")
     setting, recall, tried = tune(index, plan.kind, plan.nlist, emb.take(query_rows), exact.indices, query_rows)
     built_s = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    # first: a half-replaced index never reads as complete, and the folder stays this build's
+    atomic_write(out / INFO_FILE, lambda tmp: tmp.write_text(json.dumps({**OWNER, "building": True})))
     atomic_write(out / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
     size = (out / INDEX_FILE).stat().st_size
     if size > budget:  # the estimates are upper bounds: this would be a bug in them, never a silent overrun
@@ -91,16 +101,15 @@ def build_big_index(embeddings, out, budget: int, budget_text: str | None = None
                           f"{format_size(size)}; give at least that")
     del index
     _write_metadata(emb, out / METADATA_FILE)
-    info = {"version": BIG_VERSION, "kind": "images", "rows": emb.rows, "dim": emb.dim,
+    info = {**OWNER, "rows": emb.rows, "dim": emb.dim,
             "checkpoint": emb.info.get("checkpoint"), "model": emb.info.get("model"),
             "embeddings": str(Path(embeddings).resolve()),
-            "faiss": {"type": plan.factory, "choice": plan.kind, **_numbers(setting), "search": setting,
+            "faiss": {"type": plan.factory, "choice": plan.kind, **search_numbers(setting), "search": setting,
                       f"recall@{RECALL_K}": round(recall, 4), "recall_queries": len(query_rows),
                       "recall_query_source": "gallery rows, each query's own row left out"},
             "budget": {"max_index_memory": budget, "estimate": plan.estimate, "file_size": size},
             "build_s": round(built_s, 1), "tried": tried, "recall_rows": query_rows.tolist(),
-            "files": {name: {"bytes": (out / name).stat().st_size, "sha256": file_digest(out / name)}
-                      for name in (INDEX_FILE, METADATA_FILE)}}
+            "files": file_entries(out, (INDEX_FILE, METADATA_FILE))}
     atomic_write(out / INFO_FILE, lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
     say(f"{plan.factory}: {format_size(size)} (budget {format_size(budget)}), search {setting or 'exact'}: "
         f"recall@{RECALL_K} {recall:.3f} on {len(query_rows)} gallery rows; built in {built_s:.0f} s")
@@ -149,9 +158,29 @@ def tune(index, kind: str, nlist: int, queries: np.ndarray, exact: torch.Tensor,
     return setting, recall, tried
 
 
-def _numbers(setting: str) -> dict:
-    # "nprobe=4,k_factor_rf=128" -> {"nprobe": 4, "k_factor_rf": 128}
-    return {k: int(v) for k, _, v in (p.partition("=") for p in setting.split(",") if p)}
+def search_numbers(setting) -> dict | None:
+    """A search setting as `tune` writes it, "nprobe=4,k_factor_rf=128" -> {"nprobe": 4,
+    "k_factor_rf": 128} ("" -> {}); None for anything else (what index.json may hold)."""
+    if not isinstance(setting, str):
+        return None
+    found = [SETTING.fullmatch(p) for p in setting.split(",")] if setting else []
+    return {m[1]: int(m[2]) for m in found} if all(found) else None
+
+
+def _check_own(out: Path) -> None:
+    # `out` is new, empty, or an index built there (its files, and their temporary names): the
+    # build overwrites nothing it did not write (as the shard converter)
+    if not folder_to_write(out, "index").is_dir():
+        return
+    try:
+        ours = bool(read_info(out))
+    except BadIndexError:
+        ours = False
+    foreign = unlisted(out, {INFO_FILE, INDEX_FILE, METADATA_FILE} if ours else ())
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise DataError(f"{out}: holds {foreign[0].name}{more}, which the index build did not write: give a "
+                        "new or empty folder as --index")
 
 
 def _write_metadata(emb: EmbeddingFolder, path: Path) -> None:
@@ -201,22 +230,14 @@ class BigIndex:
     def open(cls, folder, verify: bool = False) -> "BigIndex":
         """Open the index folder `folder`; with `verify` each file's sha256 is checked too (a
         read of the whole index), else its size. BadIndexError, one line, for a missing,
-        incomplete or damaged folder."""
+        incomplete, damaged or tampered folder."""
         import pyarrow as pa
         faiss, folder = faiss_module(required=True), Path(folder)
-        try:
-            meta = json.loads((folder / INFO_FILE).read_text())
-        except (OSError, ValueError) as e:
-            raise BadIndexError(f"{folder / INFO_FILE}: missing or unreadable ({getattr(e, 'strerror', None) or e}); "
-                                "build the index with search.py --build_index --embeddings=EMB") from None
-        if not isinstance(meta, dict) or meta.get("version") != BIG_VERSION:
-            raise BadIndexError(f"{folder / INFO_FILE}: not a large-gallery index of format v{BIG_VERSION}")
-        for name, expected in meta["files"].items():
-            path = folder / name
-            if not path.is_file() or path.stat().st_size != expected["bytes"] or (
-                    verify and file_digest(path) != expected["sha256"]):
-                raise BadIndexError(f"{path}: missing, or its contents differ from those recorded in "
-                                    f"{INFO_FILE} when it was built; rebuild it with --build_index")
+        meta = read_info(folder)
+        _check_info(meta, folder)
+        if changed := changed_file(folder, meta["files"], verify):
+            raise BadIndexError(f"{folder / changed}: missing, or its contents differ from those recorded in "
+                                f"{INFO_FILE} when it was built; {REBUILD.format(folder=folder)}")
         try:
             index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
             mapped = pa.memory_map(str(folder / METADATA_FILE))
@@ -270,12 +291,49 @@ class BigIndex:
     def check_model(self, checkpoint=None) -> None:
         """BadIndexError unless `checkpoint` (default: the one the embeddings came from) holds
         the model whose weights embedded this gallery."""
-        check_model(self.folder, self.meta, checkpoint)
+        check_model(self.folder, self.meta, checkpoint,
+                    "embed the gallery with it (python -m clip_foundation.embed --checkpoint={checkpoint} "
+                    "--data=GALLERY --out=EMB) and " + REBUILD)
+
+
+def read_info(folder) -> dict:
+    """`folder`'s index.json, as a build wrote it (version and kind; what else it holds is
+    `_check_info`'s); BadIndexError, one line, when it is missing, unreadable or another file."""
+    path = Path(folder) / INFO_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BadIndexError(f"{path}: missing or unreadable ({getattr(e, 'strerror', None) or e}); build the "
+                            f"index with search.py --build_index --embeddings=EMB --index={folder}") from None
+    if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in OWNER.items()):
+        raise BadIndexError(f"{path}: not a large-gallery index of format v{BIG_VERSION}")
+    return meta
+
+
+def _check_info(meta: dict, folder: Path) -> None:
+    # every value open and search read, of the type the build writes: a tampered or hand-edited
+    # index.json is one line naming the key, never a KeyError or a FAISS error
+    path = folder / INFO_FILE
+    if meta.get("building"):
+        raise BadIndexError(f"{path}: its build did not finish; {REBUILD.format(folder=folder)}")
+    faiss = meta.get("faiss") if isinstance(meta.get("faiss"), dict) else {}
+    rules = {"rows": (lambda v: type(v) is int and v >= 0, "a number of rows"),
+             "dim": (lambda v: type(v) is int and v > 0, "a number of dimensions"),
+             "files": (lambda v: isinstance(v, dict) and set(v) == {INDEX_FILE, METADATA_FILE},
+                       f"the size and sha256 of {INDEX_FILE} and {METADATA_FILE}"),
+             "faiss": (lambda v: all(isinstance(faiss.get(k), str) for k in ("type", "choice", "search")),
+                       "the index's type, choice and search setting"),
+             "faiss.search": (lambda v: search_numbers(v) is not None,
+                              "a search setting such as nprobe=16,k_factor_rf=64 (whole numbers >= 1)")}
+    for key, (ok, wanted) in rules.items():
+        value = faiss.get("search") if key == "faiss.search" else meta.get(key)
+        if not ok(value):
+            raise BadIndexError(f"{path}: {key} is {value!r}, not {wanted}; {REBUILD.format(folder=folder)}")
 
 
 def is_big_index(folder) -> bool:
     """Whether `folder` is (or was being written as) a large-gallery index folder."""
-    return (Path(folder) / INDEX_FILE).is_file() or (Path(folder) / INFO_FILE).is_file()
+    return any((Path(folder) / name).is_file() for name in (INDEX_FILE, INFO_FILE, METADATA_FILE))
 
 
 def open_index(folder, kind: str = "images", checkpoint=None) -> "GalleryIndex | BigIndex":
@@ -287,7 +345,7 @@ def open_index(folder, kind: str = "images", checkpoint=None) -> "GalleryIndex |
     if kind != "images":
         raise BadIndexError(f"{folder} indexes images only (built from an embedding folder): "
                             "image -> text search needs a caption index (--build_index --data=DIR)")
-    index = BigIndex.open(folder)
+    index = BigIndex.open(folder, verify=True)  # every open: a file changed in place keeps its size
     index.check_model(checkpoint)
     return index
 

@@ -59,12 +59,16 @@ def parse_size(text: str, key: str = "max_index_memory") -> int:
     return size
 
 
-def format_size(size: float) -> str:
-    """Bytes as a short string: 2147483648 -> "2.0G", 312000 -> "305K"."""
+def format_size(size: float, up: bool = False) -> str:
+    """Bytes as a short string: 2147483648 -> "2.0G", 312000 -> "305K"; `up` rounds up, not to the
+    nearest (149700 -> "147K", not "146K"), so the figure given back as a size is at least `size`."""
     for unit in ("T", "G", "M", "K"):
         if size >= UNITS[unit]:
             value = size / UNITS[unit]
-            return f"{value:.1f}{unit}" if value < 100 else f"{value:.0f}{unit}"
+            digits = 1 if value < 100 else 0
+            if up:
+                value = math.ceil(value * 10**digits) / 10**digits
+            return f"{value:.{digits}f}{unit}"
     return f"{int(size)}B"
 
 
@@ -100,7 +104,7 @@ def choose_index(n: int, dim: int, budget: int, text: str | None = None) -> Inde
     fitting = [p for p in options if p.estimate <= budget]
     smallest = min(options, key=lambda p: p.estimate)
     check(bool(fitting), "max_index_memory", text or format_size(budget),
-          f"at least {format_size(smallest.estimate)} for {n:,} rows x {dim} "
+          f"at least {format_size(smallest.estimate, up=True)} for {n:,} rows x {dim} "
           f"(the smallest index, {smallest.factory})")
     return fitting[0]
 

@@ -12,12 +12,14 @@ W embeds the parts i with i % W == r, so the files are the same whatever W is, a
 talk to each other (no process group: a rank that finishes early just exits; ranks may even be
 separate jobs that set RANK and WORLD_SIZE). OUT must be one folder every rank sees.
 
-Each part is written whole or not at all (see embed_format.py); a rerun skips the parts that are
-there and redoes the rest, so a killed run is resumed by running the same command again. The
-run that finds every part written marks EMB/embed.json complete, with the total rows and what was
-skipped: images that cannot be decoded (and, in shards, samples without an image or a shard cut
-short) are left out of both files and counted by kind. OUT holding another model's or another
-input's parts is refused.
+Each part is written whole or not at all, with a record of the model and inputs it was made from
+(see embed_format.py); a rerun skips the parts whose record vouches for them and redoes the rest
+(parts cut short, left by another run, or whose images changed since), so a killed run is resumed
+by running the same command again. A shard that cannot be read to the end (a failed download, a
+truncated file) leaves its part unwritten, for a rerun to try again. The run that finds every part
+written marks EMB/embed.json complete, with the total rows, what was skipped (images that cannot be
+decoded and, in shards, samples without an image are left out of both files and counted by kind)
+and every part's record. OUT holding another model's or another input list's embedding is refused.
 """
 from __future__ import annotations
 
@@ -42,10 +44,15 @@ from . import embed_format as fmt
 from .engines import ENGINES, encoder_of, use_engine
 from .extras import optional
 from .gallery import gallery_records
-from .index import model_digest
+from .files import folder_to_write
+from .index import gallery_digest, model_digest
 from .modes import eval_mode
 from .records import DataError, DataWarning, open_rgb
-from .stream import IMAGE_EXTS, SampleCounter, decode_captions, is_shards, shard_urls
+from .stream import IMAGE_EXTS, REMOTE, SampleCounter, decode_captions, is_shards, shard_urls
+
+
+class UnreadPart(DataError):
+    """A part whose source could not be read to the end: it is not written, a rerun tries again."""
 
 
 @dataclass
@@ -91,6 +98,10 @@ class RecordParts:
     def digest(self) -> str:
         return _digest(str(r.image) for r in self.records)
 
+    def source(self, part: int) -> str:
+        """What part `part` is made from as it is now: its images' names, sizes and mtimes."""
+        return gallery_digest([str(r.image) for r in self.records[part * self.rows:(part + 1) * self.rows]])
+
     def size(self, part: int) -> int:
         return len(self.records[part * self.rows:(part + 1) * self.rows])
 
@@ -119,6 +130,12 @@ class ShardParts:
     def digest(self) -> str:
         return _digest(self.urls)
 
+    def source(self, part: int) -> str:
+        """What part `part` is made from as it is now: a local shard's name, size and mtime (a
+        URL's or a command's name alone)."""
+        url = self.urls[part]
+        return _digest([url]) if url.startswith(REMOTE) else gallery_digest([url])
+
     def size(self, part: int) -> None:
         return None  # known once read
 
@@ -138,6 +155,9 @@ class ShardParts:
             row = {"image_path": _source(sample) or f"{url}#{sample['__key__']}", "caption": caption,
                    "key": f"{self.labels[part]}/{sample['__key__']}"}
             yield row, f"{where}.{ext}", partial(open_rgb, io.BytesIO(sample[ext]))
+        if "unreadable shard" in counter.counts:  # what followed the error in the shard is lost
+            raise UnreadPart(f"{url}: not read to the end ({counter.first['unreadable shard']}), so its part "
+                             f"{part} is not written: run the same command again to retry it")
 
 
 def _source(sample: dict) -> str:
@@ -225,25 +245,27 @@ def embed_part(model: CLIPModel, parts, part: int, pool: ThreadPoolExecutor, bat
 
 # ---------------------------------------------------------------- the folder
 
-def start(out: Path, info: dict) -> dict:
+def start(out: Path, info: dict, changing: bool) -> dict:
     """OUT's embed.json for this model and input: written when new, checked when resuming
-    (another model's or another input's parts are never mixed in)."""
+    (another model's or another input list's embedding is refused), and marked incomplete again
+    when parts are `changing` (images changed since, or parts not vouched for)."""
     old = fmt.read_info(out)
-    if old is None:
-        fmt.write_info(out, info)
-        return info
     for key, what in (("version", "format version"), ("model", "model (weights)"), ("inputs", "input"),
                       ("shards", "number of parts"), ("rows_per_shard", "--rows_per_shard")):
-        if old.get(key) != info[key]:
+        if old is not None and old.get(key) != info[key]:
             raise DataError(f"{out}: holds embeddings of another {what} ({old.get(key)!r}, now "
                             f"{info[key]!r}): give a new --out folder, or the options of that run")
+    if old is None or (changing and old.get("complete")):
+        fmt.write_info(out, info)
+        return info
     return old
 
 
-def finish(out: Path, info: dict) -> dict:
-    """embed.json marked complete, with the total rows and skips, once every part is written."""
-    if not all(fmt.is_done(out, p) for p in range(info["shards"])):
-        return info
+def finish(out: Path, info: dict, made_from) -> dict:
+    """embed.json marked complete, with the total rows and skips and every part's record, once
+    every part is written from this model and its inputs as they are (`made_from(part)`)."""
+    if not all(fmt.is_done(out, p, made_from(p), verify=False) for p in range(info["shards"])):
+        return info  # the digests were checked by the rank that wrote or kept each part
     rows, counts, first = 0, {}, {}
     for p in range(info["shards"]):
         n, skipped = fmt.part_summary(out, p)
@@ -253,7 +275,7 @@ def finish(out: Path, info: dict) -> dict:
         for kind, message in skipped["first"].items():
             first.setdefault(kind, message)
     info = {**info, "complete": True, "rows": rows, "skipped": counts, "skipped_total": sum(counts.values()),
-            "first_skipped": first}
+            "first_skipped": first, "parts": [fmt.read_record(out, p) for p in range(info["shards"])]}
     fmt.write_info(out, info)
     return info
 
@@ -270,28 +292,40 @@ def embed(cfg: EmbedConfig, device: torch.device) -> dict:
     rank, world, local = rank_and_world()
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
-    out = Path(cfg.out)
+    out = folder_to_write(cfg.out, "out")
     fmt.parquet()  # a missing pyarrow stops the run here, before the model loads
     parts = input_parts(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # the graph engines take torch's count too
     model = CLIPModel.from_pretrained(cfg.checkpoint, device=device)
     use_engine(model, cfg.engine, cfg.checkpoint)
+    model_id = model_digest(cfg.checkpoint)
+
+    def made_from(part: int) -> dict:  # what a part's record must say for the part to be kept
+        return {"version": fmt.VERSION, "model": model_id, "source": parts.source(part)}
+
+    todo = [p for p in parts_of_rank(len(parts), rank, world) if not fmt.is_done(out, p, made_from(p))]
     info = start(out, {"version": fmt.VERSION, "dim": model.config.projection_dim,
-                       "checkpoint": str(Path(cfg.checkpoint).resolve()), "model": model_digest(cfg.checkpoint),
+                       "checkpoint": str(Path(cfg.checkpoint).resolve()), "model": model_id,
                        "shards": len(parts), "rows_per_shard": parts.rows_per_shard, "complete": False,
-                       "data": cfg.data, "inputs": parts.digest()})
-    todo = [p for p in parts_of_rank(len(parts), rank, world) if not fmt.is_done(out, p)]
+                       "data": cfg.data, "inputs": parts.digest()}, changing=bool(todo))
     sizes = [parts.size(p) for p in todo]
     total = None if None in sizes else sum(sizes)
     workers = cfg.workers or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     with ThreadPoolExecutor(workers) as pool, eval_mode(model), torch.no_grad(), \
             tqdm(total=total, unit="img", desc=f"embedding {len(todo)} parts", leave=False,
                  disable=not cfg.progress or rank != 0) as bar:
+        unread = []
         for part in todo:
-            embeddings, rows, skipped = embed_part(model, parts, part, pool, cfg.batch_size, bar)
-            fmt.write_part(out, part, embeddings, rows, skipped)
-    return finish(out, info)
+            try:
+                embeddings, rows, skipped = embed_part(model, parts, part, pool, cfg.batch_size, bar)
+            except UnreadPart as e:  # the other parts are still worth writing
+                unread.append(str(e))
+                continue
+            fmt.write_part(out, part, embeddings, rows, skipped, made_from(part))
+    if unread:
+        raise UnreadPart(unread[0] + (f" (and {len(unread) - 1} more parts)" if len(unread) > 1 else ""))
+    return finish(out, info, made_from)
 
 
 def main(argv=None) -> dict:
@@ -310,7 +344,7 @@ def main(argv=None) -> dict:
         print(f"{cfg.out}: {info['rows']} rows x {info['dim']} (float16) in {info['shards']} parts; "
               f"skipped: {skipped}")
     elif rank == 0:
-        done = sum(fmt.is_done(cfg.out, p) for p in range(info["shards"]))
+        done = sum(fmt.is_done(cfg.out, p, verify=False) for p in range(info["shards"]))
         print(f"{cfg.out}: {done} of {info['shards']} parts written; the other ranks are still embedding "
               "(or were stopped: run the same command again to finish)")
     return info

@@ -269,6 +269,25 @@ def file_digest(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_entries(folder, names) -> dict:
+    """{name: {"bytes", "sha256"}} of the files `names` in `folder`: what a description written
+    beside them (embed.json, index.json) vouches for; `changed_file` checks them."""
+    return {name: {"bytes": (Path(folder) / name).stat().st_size, "sha256": file_digest(Path(folder) / name)}
+            for name in names}
+
+
+def changed_file(folder, files: dict, verify: bool = True) -> str | None:
+    """The first of `files` (as `file_entries` wrote them) that is missing from `folder` or no
+    longer the file recorded: another size, or with `verify` other bytes (a file changed in
+    place keeps its size); None when every one is as recorded."""
+    for name, entry in files.items():
+        path = Path(folder) / name
+        if not (isinstance(entry, dict) and path.is_file() and path.stat().st_size == entry.get("bytes")) or (
+                verify and file_digest(path) != entry.get("sha256")):
+            return name
+    return None
+
+
 def model_digest(checkpoint) -> str:
     """The identity of a saved model: sha256 of its weights file."""
     path = Path(checkpoint) / "model.safetensors"
@@ -451,13 +470,22 @@ def open_prebuilt(folder, kind: str = "images", checkpoint=None) -> GalleryIndex
     return index
 
 
-def check_model(folder, meta: dict, checkpoint=None) -> None:
+def check_model(folder, meta: dict, checkpoint=None,
+                rebuild: str = "rebuild it with --build-index --checkpoint {checkpoint}") -> None:
     """BadIndexError unless `checkpoint` (default: meta's "checkpoint") holds the model whose
-    weights' sha256 is meta's "model": an index is searched with the model that embedded it."""
-    checkpoint = Path(checkpoint or meta.get("checkpoint") or "")
+    weights' sha256 is meta's "model": an index is searched with the model that embedded it.
+    `rebuild`: how to build the index again for `checkpoint` (the index kind's own command)."""
+    saved = meta.get("checkpoint")
+    if not checkpoint and not (isinstance(saved, str) and saved):
+        raise BadIndexError(f"{folder}: its index names no checkpoint ({saved!r}): pass --checkpoint=DIR, "
+                            "the model it was built with")
+    if not checkpoint and not (Path(saved) / "model.safetensors").is_file():
+        raise BadIndexError(f"{folder} was built with the checkpoint {saved}, which is not there (moved or "
+                            "deleted?): pass --checkpoint=DIR where that model is now")
+    checkpoint = Path(checkpoint or saved)
     current = model_digest(checkpoint)
     if current != meta.get("model"):
         raise BadIndexError(f"{folder} was built with another model (checkpoint "
                             f"{meta.get('checkpoint')}, weights {str(meta.get('model'))[:12]}) "
-                            f"than {checkpoint} (weights {current[:12]}); rebuild it with "
-                            f"--build-index --checkpoint {checkpoint}")
+                            f"than {checkpoint} (weights {current[:12]}); search it with --checkpoint=DIR "
+                            f"of that model, or {rebuild.format(checkpoint=checkpoint, folder=folder)}")

@@ -101,7 +101,7 @@ def _build_from_embeddings(args) -> BigIndex:
                         "--index=DIR (the model is the one embed.json names)", USAGE)
     try:
         index = build_big_index(args.embeddings, args.index, parse_size(args.max_index_memory), args.max_index_memory)
-    except ValueError as e:  # a budget no index fits (ConfigError), a folder that is no embedding folder
+    except (ValueError, OSError) as e:  # a budget no index fits (ConfigError), a bad folder, a full disk
         sys.exit(f"error: {e}")
     faiss, budget = index.meta["faiss"], index.meta["budget"]
     print(f"images: {len(index):,} rows x {index.meta['dim']}, faiss {faiss['type']}, {faiss['search'] or 'exact'}, "

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from .data import SPLITS, DataConfig, load_all
 from .extras import optional
-from .files import atomic_write
+from .files import atomic_write, unlisted
 from .records import DataError, DataWarning, Record
 from .stream import INDEX_FILE, SampleCounter, check_sample, decode_captions, is_shards, read_json, shard_urls
 
@@ -70,8 +69,7 @@ def owned_files(out: Path) -> list[Path]:
         with contextlib.suppress(DataError, KeyError, TypeError):  # unreadable: it owns nothing then
             listed |= {s["name"] for s in read_json(out / INDEX_FILE, "")["shards"]}
     entries = sorted(out.iterdir())
-    # atomic_write's temporary names (".NAME.tmpPID"), and the "NAME.tmp" of older versions
-    foreign = [e for e in entries if re.sub(r"^\.|\.tmp\d*$", "", e.name) not in listed or not e.is_file()]
+    foreign = unlisted(out, listed)
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
         raise DataError(f"{out}: holds {foreign[0].name}{more}, which the converter did not write: "

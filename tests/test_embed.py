@@ -82,7 +82,8 @@ def test_embeddings_equal_encode_image_and_the_format_is_clip_retrievals(checkpo
     assert sorted(p.name for p in (out / "metadata").iterdir()) == [f"metadata_{i:06d}.parquet" for i in range(3)]
     assert [len(fmt.read_part(out, p)[0]) for p in range(3)] == [4, 4, 3]  # part i = images [4i, 4i + 4)
     on_disk = json.loads((out / "embed.json").read_text())
-    assert on_disk["version"] == 1 and on_disk["dim"] == 16 and on_disk["rows_per_shard"] == 4
+    assert on_disk["version"] == 2 and on_disk["dim"] == 16 and on_disk["rows_per_shard"] == 4
+    assert [p["rows"] for p in on_disk["parts"]] == [4, 4, 3]  # each part's record, vouching for its files
     from clip_foundation.index import model_digest
     assert on_disk["model"] == model_digest(checkpoint)
     embeddings, meta = all_rows(out)

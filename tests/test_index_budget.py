@@ -21,20 +21,25 @@ pytestmark = pytest.mark.skipif(faiss_module() is None, reason="faiss not instal
 
 def write_emb(folder: Path, rows: np.ndarray, paths: list[str], shard: int = 8000, checkpoint: str = "",
               model: str = "", names=lambda i: f"{i:06d}", complete: bool = True) -> Path:
-    """An embedding folder as the embedder writes it: float16 shards, row-aligned metadata, embed.json."""
+    """An embedding folder as the embedder writes it: float16 shards, row-aligned metadata, embed.json
+    with each part's record."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from clip_foundation.embed_format import VERSION, vouch
     (folder / "img_emb").mkdir(parents=True)
     (folder / "metadata").mkdir()
-    starts = list(range(0, len(rows), shard))
+    starts, parts = list(range(0, len(rows), shard)), []
     for i, s in enumerate(starts):
-        np.save(folder / "img_emb" / f"img_emb_{names(i)}.npy", rows[s:s + shard].astype(np.float16))
+        files = [folder / "img_emb" / f"img_emb_{names(i)}.npy", folder / "metadata" / f"metadata_{names(i)}.parquet"]
+        np.save(files[0], rows[s:s + shard].astype(np.float16))
         part = paths[s:s + shard]
         pq.write_table(pa.table({"image_path": part, "caption": [f"caption {s + j}" for j in range(len(part))],
-                                 "key": [str(s + j) for j in range(len(part))]}),
-                       folder / "metadata" / f"metadata_{names(i)}.parquet")
-    (folder / "embed.json").write_text(json.dumps({"version": 1, "dim": rows.shape[1], "checkpoint": checkpoint,
-                                                   "model": model, "shards": len(starts), "complete": complete}))
+                                 "key": [str(s + j) for j in range(len(part))]}), files[1])
+        parts.append(vouch(folder, files, len(part)))
+    (folder / "embed.json").write_text(json.dumps({"version": VERSION, "dim": rows.shape[1], "checkpoint": checkpoint,
+                                                   "model": model, "shards": len(starts), "complete": complete,
+                                                   "parts": parts}))
     return folder
 
 
