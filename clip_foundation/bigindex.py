@@ -109,7 +109,7 @@ def build_big_index(embeddings, out, budget: int, budget_text: str | None = None
                       "recall_query_source": "gallery rows, each query's own row left out"},
             "budget": {"max_index_memory": budget, "estimate": plan.estimate, "file_size": size},
             "build_s": round(built_s, 1), "tried": tried, "recall_rows": query_rows.tolist(),
-            "files": file_entries(out, (INDEX_FILE, METADATA_FILE))}
+            "files": file_entries(out, (INDEX_FILE, METADATA_FILE), stamped=True)}
     atomic_write(out / INFO_FILE, lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
     say(f"{plan.factory}: {format_size(size)} (budget {format_size(budget)}), search {setting or 'exact'}: "
         f"recall@{RECALL_K} {recall:.3f} on {len(query_rows)} gallery rows; built in {built_s:.0f} s")

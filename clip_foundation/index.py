@@ -269,21 +269,34 @@ def file_digest(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def file_entries(folder, names) -> dict:
+def file_entries(folder, names, stamped: bool = False) -> dict:
     """{name: {"bytes", "sha256"}} of the files `names` in `folder`: what a description written
-    beside them (embed.json, index.json) vouches for; `changed_file` checks them."""
-    return {name: {"bytes": (Path(folder) / name).stat().st_size, "sha256": file_digest(Path(folder) / name)}
-            for name in names}
+    beside them (embed.json, index.json) vouches for; `changed_file` checks them. `stamped` adds each
+    file's modification time, so a later check reads the bytes only of a file written since (a
+    description meant to be reproduced byte for byte, embed.json, carries none)."""
+    out = {}
+    for name in names:
+        st = (Path(folder) / name).stat()
+        out[name] = {"bytes": st.st_size, "sha256": file_digest(Path(folder) / name)}
+        if stamped:
+            out[name]["mtime_ns"] = st.st_mtime_ns
+    return out
 
 
 def changed_file(folder, files: dict, verify: bool = True) -> str | None:
     """The first of `files` (as `file_entries` wrote them) that is missing from `folder` or no
     longer the file recorded: another size, or with `verify` other bytes (a file changed in
-    place keeps its size); None when every one is as recorded."""
+    place keeps its size); None when every one is as recorded. A stamped file whose size and
+    modification time are still the recorded ones was not written since, so its bytes are read only
+    when the time differs (a copied folder, a file rewritten in place): opening a 5 GB index stays cheap."""
     for name, entry in files.items():
         path = Path(folder) / name
-        if not (isinstance(entry, dict) and path.is_file() and path.stat().st_size == entry.get("bytes")) or (
-                verify and file_digest(path) != entry.get("sha256")):
+        if not (isinstance(entry, dict) and path.is_file()):
+            return name
+        st = path.stat()
+        if st.st_size != entry.get("bytes"):
+            return name
+        if verify and st.st_mtime_ns != entry.get("mtime_ns") and file_digest(path) != entry.get("sha256"):
             return name
     return None
 
