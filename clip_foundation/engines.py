@@ -6,8 +6,9 @@ building, zero-shot, the gallery and the page through `retrieval.embed_images` /
 training's frozen-tower features through `features.py` (`tower_encoder`). A command line picks the
 engine with `--engine=auto|torch|openvino|onnxruntime`; `use_engine(model, engine, folder)` attaches
 it to a loaded model. `auto` is torch on a GPU and the fastest engine installed on a CPU (OpenVINO,
-then ONNX Runtime), torch when neither is. A graph is checked against torch on the adapter's example
-inputs when first loaded; an export or a check that fails falls back to torch with one warning line.
+then ONNX Runtime), torch when neither is. A graph is served only as exported (its digest, see
+`export.py`) and is checked against torch on the adapter's example inputs when first loaded; an
+export or a check that fails falls back to torch with one warning line.
 Training steps always run in torch: only inference on fixed weights uses another engine.
 """
 from __future__ import annotations

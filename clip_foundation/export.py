@@ -7,11 +7,15 @@ Each tower is written twice: with its projection head (`image.onnx`, `text.onnx`
 embeddings, what search and evaluation use) and alone (`image_tower.onnx`, `text_tower.onnx`: the
 tower's features, what training on a frozen tower caches). Graphs take any batch size (and any
 caption length), are traced with torch.onnx.export at opset 17, and are cached in a folder named
-by the weights' digest, so the same weights are never exported twice.
+by the weights' digest, so the same weights are never exported twice. Each graph is served only as
+it was exported: the sha256 of its files is written beside it last (`NAME.sha256.json`) and checked
+on every load, and a graph that no longer matches it (edited, truncated, unfinished) is exported
+again with one warning line.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -25,7 +29,8 @@ import torch.nn.functional as F
 
 from . import cli
 from .extras import optional
-from .index import model_digest
+from .files import atomic_write
+from .index import file_digest, model_digest
 from .modes import eval_mode  # dropout off while tracing; each module's own mode after
 from clipModel import CLIPModel, ConfigError, check
 
@@ -87,7 +92,7 @@ def export_onnx(model: CLIPModel, tower: str, part: str, path) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+    return _seal(path)
 
 
 def to_openvino(onnx_path, xml_path) -> Path:
@@ -98,20 +103,59 @@ def to_openvino(onnx_path, xml_path) -> Path:
         ov.save_model(ov.convert_model(str(onnx_path)), str(Path(tmp) / xml_path.name), compress_to_fp16=False)
         os.replace(Path(tmp) / xml_path.with_suffix(".bin").name, xml_path.with_suffix(".bin"))
         os.replace(Path(tmp) / xml_path.name, xml_path)
-    return xml_path
+    return _seal(xml_path)
+
+
+def graph_files(path) -> list[Path]:
+    """The files a graph is made of: the .onnx, or OpenVINO's .xml and its .bin."""
+    path = Path(path)
+    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+
+
+def digest_file(path) -> Path:
+    """Where the sha256 of a graph's files is kept: NAME.sha256.json beside it."""
+    return Path(path).with_name(f"{Path(path).name}.sha256.json")
+
+
+def _digests(path) -> dict[str, str]:
+    return {f.name: file_digest(f) for f in graph_files(path)}
+
+
+def _seal(path: Path) -> Path:
+    # last, once the graph's files are in place: only a whole graph has a digest that matches
+    atomic_write(digest_file(path), lambda tmp: tmp.write_text(json.dumps(_digests(path))))
+    return path
+
+
+def intact(path) -> bool:
+    """Whether the graph at `path` is there as it was exported: its files' sha256 match the digest
+    written beside it (not when edited, truncated, unfinished or exported without a digest)."""
+    try:
+        return json.loads(digest_file(path).read_text()) == _digests(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _exported(path: Path, write) -> Path:
+    # `path` when intact, else written by `write(path)`: silently where there was none yet
+    if not intact(path):
+        if any(f.exists() for f in graph_files(path)):
+            warnings.warn(f"{path}: does not match the digest written when it was exported "
+                          "(changed or unfinished); exporting it again")
+        write(path)
+    return path
 
 
 def cached_graph(model: CLIPModel, tower: str, part: str, folder, format: str = "onnx") -> Path:
     """The graph file of `tower`/`part` in `folder` (named by the weights' digest by the caller),
-    exported (and converted) only when it is not there yet."""
+    exported (and converted) only when it is not there intact yet."""
     folder = Path(folder)
-    onnx_path = folder / graph_name(tower, part)
-    if not onnx_path.is_file():
-        export_onnx(model, tower, part, onnx_path)
+
+    def onnx() -> Path:  # OpenVINO's graph is converted from it
+        return _exported(folder / graph_name(tower, part), lambda path: export_onnx(model, tower, part, path))
     if format == "onnx":
-        return onnx_path
-    xml_path = folder / graph_name(tower, part, "openvino")
-    return xml_path if xml_path.is_file() else to_openvino(onnx_path, xml_path)
+        return onnx()
+    return _exported(folder / graph_name(tower, part, "openvino"), lambda path: to_openvino(onnx(), path))
 
 
 def run_engines_folder(checkpoint) -> Path:
@@ -158,4 +202,5 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    with cli.reported_warnings():
+        main()
