@@ -10,13 +10,16 @@ caption length), are traced with torch.onnx.export at opset 17, and are cached i
 by the weights' digest, so the same weights are never exported twice. Each graph is served only as
 it was exported: the sha256 of its files is written beside it last (`NAME.sha256.json`) and checked
 on every load, and a graph that no longer matches it (edited, truncated, unfinished) is exported
-again with one warning line.
+again with one warning line. Temporary files of exports that were killed are removed by the next.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -28,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import cli
+from .cache import process_alive
 from .extras import optional
 from .files import atomic_write
 from .index import file_digest, model_digest
@@ -99,7 +103,8 @@ def to_openvino(onnx_path, xml_path) -> Path:
     """Convert an ONNX file to OpenVINO IR (`xml_path` and its .bin) in fp32, the .xml written last."""
     ov = optional("openvino", "engines", "the OpenVINO engine")
     xml_path = Path(xml_path)
-    with tempfile.TemporaryDirectory(dir=xml_path.parent, prefix=".ov") as tmp:
+    # the pid in the name tells the next export whether the process writing it is gone
+    with tempfile.TemporaryDirectory(dir=xml_path.parent, prefix=f".ov{os.getpid()}-") as tmp:
         ov.save_model(ov.convert_model(str(onnx_path)), str(Path(tmp) / xml_path.name), compress_to_fp16=False)
         os.replace(Path(tmp) / xml_path.with_suffix(".bin").name, xml_path.with_suffix(".bin"))
         os.replace(Path(tmp) / xml_path.name, xml_path)
@@ -146,10 +151,30 @@ def _exported(path: Path, write) -> Path:
     return path
 
 
+# the temporary files of export_onnx and atomic_write (.NAME.tmpPID), to_openvino's folders (.ovPID-*)
+_LEFTOVER = re.compile(r"\.(?:.+\.tmp([1-9][0-9]{0,8})|ov([1-9][0-9]{0,8})-.*)")
+
+
+def _sweep(folder: Path) -> None:
+    # Exports killed midway (kill -9, out of memory) leave their temporary files and folders: remove
+    # those whose process is gone. Another running export keeps its own; a read-only folder keeps all.
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        match = _LEFTOVER.fullmatch(path.name)
+        if match and not process_alive(int(match[1] or match[2])):
+            with contextlib.suppress(OSError):  # another export may be removing it too
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+
+
 def cached_graph(model: CLIPModel, tower: str, part: str, folder, format: str = "onnx") -> Path:
     """The graph file of `tower`/`part` in `folder` (named by the weights' digest by the caller),
     exported (and converted) only when it is not there intact yet."""
     folder = Path(folder)
+    _sweep(folder)
 
     def onnx() -> Path:  # OpenVINO's graph is converted from it
         return _exported(folder / graph_name(tower, part), lambda path: export_onnx(model, tower, part, path))

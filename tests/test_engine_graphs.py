@@ -1,6 +1,11 @@
 """Cached engine graphs are served only as exported: each carries the sha256 of its files, checked
-on load, and one that changed is exported again (one warning line)."""
+on load, and one that changed is exported again (one warning line); killed exports leave nothing
+for long."""
 import importlib.util
+import os
+import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -98,3 +103,59 @@ def test_a_garbage_openvino_graph_is_one_warning_line_and_never_parsed(run, capf
     err = capfd.readouterr().err  # OpenVINO's parsers write to the process's stderr itself
     assert err.splitlines() == [f"warning: {xml}: does not match the digest written when it was exported "
                                 "(changed or unfinished); exporting it again"]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.slow  # exports the graphs
+def test_an_export_sweeps_what_dead_exports_left(run):
+    folder = export.run_engines_folder(run)
+    paths = export.main([str(run)])
+    dead, alive = _dead_pid(), os.getppid()
+    (folder / f".ov{dead}-k2j1x9").mkdir()
+    (folder / f".ov{dead}-k2j1x9" / "text.bin").write_bytes(b"\0" * 100)
+    (folder / f".text.onnx.tmp{dead}").write_bytes(b"half")
+    (folder / f".text.onnx.sha256.json.tmp{dead}").write_bytes(b"{")
+    (folder / f".image.onnx.tmp{alive}").write_bytes(b"another export, still running")
+    (folder / "notes.txt").write_text("the user's")
+    assert export.main([str(run)]) == paths
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [f".image.onnx.tmp{alive}"]
+    assert (folder / "notes.txt").is_file()
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+import {module} as tool
+real = tool.{function}
+
+def killed(*args, **kwargs):  # the temporary file is written, then the process dies as kill -9 leaves it
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+tool.{function} = killed
+from clip_foundation import export
+export.main([{run!r}, "--format={format}"])
+"""
+
+
+@pytest.mark.slow  # subprocesses
+@pytest.mark.parametrize("format, module, function", [("onnx", "torch.onnx", "export"),
+                                                      ("openvino", "openvino", "save_model")])
+def test_kill_9_during_an_export_leaves_nothing_after_the_next(format, module, function, run):
+    if format == "openvino" and not HAS_OPENVINO:
+        pytest.skip("needs openvino (the engines extra)")
+    script = KILLED_EXPORT.format(module=module, function=function, run=str(run), format=format)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    folder = export.run_engines_folder(run)
+    assert [p for p in folder.iterdir() if p.name.startswith(".")]  # what the killed export left
+    paths = export.export_run(run, format)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+    assert all(export.intact(p) for p in paths)
+
+
