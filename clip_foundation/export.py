@@ -221,6 +221,9 @@ def main(argv=None) -> list[Path]:
         paths = export_run(args.checkpoint, args.format)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         sys.exit(f"error: {args.checkpoint}: cannot export ({' '.join(str(e).split())[:400]})")
+    except KeyboardInterrupt:  # Ctrl-C: every graph is written whole or not at all, nothing to report
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     for path in paths:
         print(path)
     return paths

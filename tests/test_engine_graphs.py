@@ -1,6 +1,6 @@
 """Cached engine graphs are served only as exported: each carries the sha256 of its files, checked
 on load, and one that changed is exported again (one warning line); killed exports leave nothing
-for long."""
+for long; Ctrl-C is one line."""
 import importlib.util
 import os
 import signal
@@ -157,5 +157,17 @@ def test_kill_9_during_an_export_leaves_nothing_after_the_next(format, module, f
     paths = export.export_run(run, format)
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
     assert all(export.intact(p) for p in paths)
+
+
+def test_ctrl_c_during_an_export_is_one_line_and_status_130(run, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(export, "export_onnx", interrupted)
+    try:
+        export.main([str(run)])
+    except BaseException as e:  # noqa: BLE001 - a KeyboardInterrupt let through would stop the whole session
+        raised = e
+    assert isinstance(raised, SystemExit) and raised.code == 130
+    assert capsys.readouterr() == ("", "interrupted\n")
 
 
