@@ -188,10 +188,23 @@ def run_engines_folder(checkpoint) -> Path:
     return Path(checkpoint) / "engines" / model_digest(checkpoint)[:16]
 
 
+def engines_folder(checkpoint) -> Path:
+    """Where the graphs of the saved model in `checkpoint` are cached and read: `run_engines_folder`,
+    or the same digest under the user's cache ($XDG_CACHE_HOME or ~/.cache) when the run folder
+    cannot be written (read-only, another user's)."""
+    folder = run_engines_folder(checkpoint)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a folder that exists may still refuse writes
+        return folder
+    except OSError:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clip-foundation" / "engines" / folder.name
+
+
 def export_run(checkpoint, format: str = "onnx", model: CLIPModel | None = None) -> list[Path]:
     """Write (or find cached) every graph of the saved model in `checkpoint` -> their paths."""
     model = model or CLIPModel.from_pretrained(checkpoint)
-    folder = run_engines_folder(checkpoint)
+    folder = engines_folder(checkpoint)
     return [cached_graph(model, tower, part, folder, format) for tower in TOWERS for part in PARTS]
 
 
@@ -224,6 +237,8 @@ def main(argv=None) -> list[Path]:
     except KeyboardInterrupt:  # Ctrl-C: every graph is written whole or not at all, nothing to report
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    if not paths[0].is_relative_to(args.checkpoint):
+        print(f"{args.checkpoint} cannot be written: the graphs are in the user cache, {paths[0].parent}", file=sys.stderr)
     for path in paths:
         print(path)
     return paths

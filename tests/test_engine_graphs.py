@@ -1,6 +1,7 @@
 """Cached engine graphs are served only as exported: each carries the sha256 of its files, checked
 on load, and one that changed is exported again (one warning line); killed exports leave nothing
-for long; Ctrl-C is one line."""
+for long; Ctrl-C is one line; a read-only run exports into the user cache the engines read."""
+import errno
 import importlib.util
 import os
 import signal
@@ -171,3 +172,26 @@ def test_ctrl_c_during_an_export_is_one_line_and_status_130(run, monkeypatch, ca
     assert capsys.readouterr() == ("", "interrupted\n")
 
 
+@pytest.mark.slow  # exports the graphs
+def test_a_read_only_run_exports_into_the_user_cache_the_engines_read(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real_mkdir = Path.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if path.is_relative_to(run):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        return real_mkdir(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    paths = export.main([str(run)])
+    folder = tmp_path / "cache" / "clip-foundation" / "engines" / export.run_engines_folder(run).name
+    assert {p.parent for p in paths} == {folder} and all(export.intact(p) for p in paths)
+    out = capsys.readouterr()
+    assert out.out.split() == [str(p) for p in paths]
+    assert out.err == f"{run} cannot be written: the graphs are in the user cache, {folder}\n"
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    model = tiny_model("scratch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert engines.use_engine(model, "onnxruntime", run).folder == folder
+        embed_texts(model, TINY_CAPTIONS)
+    assert [p.stat().st_mtime_ns for p in paths] == stamps  # the exported graphs are the ones served
