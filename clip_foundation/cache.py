@@ -201,11 +201,12 @@ def _remove_dead_temp_files(cache_dir: Path) -> None:
     # the cache: remove those whose process is gone. Another running build keeps its own.
     for path in cache_dir.iterdir():
         match = _TEMP_FILE.fullmatch(path.name)
-        if match and not _process_alive(int(match[2])):
+        if match and not process_alive(int(match[2])):
             path.unlink(missing_ok=True)  # another build may be removing it too
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (its temporary files are its own): the sweeps of killed writers ask."""
     if os.name != "posix":
         return True  # os.kill(pid, 0) would terminate the process on Windows: keep the file
     try:

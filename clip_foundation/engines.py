@@ -6,8 +6,9 @@ building, zero-shot, the gallery and the page through `retrieval.embed_images` /
 training's frozen-tower features through `features.py` (`tower_encoder`). A command line picks the
 engine with `--engine=auto|torch|openvino|onnxruntime`; `use_engine(model, engine, folder)` attaches
 it to a loaded model. `auto` is torch on a GPU and the fastest engine installed on a CPU (OpenVINO,
-then ONNX Runtime), torch when neither is. A graph is checked against torch on the adapter's example
-inputs when first loaded; an export or a check that fails falls back to torch with one warning line.
+then ONNX Runtime), torch when neither is. A graph is served only as exported (its digest, see
+`export.py`) and is checked against torch on the adapter's example inputs when first loaded; an
+export or a check that fails falls back to torch with one warning line.
 Training steps always run in torch: only inference on fixed weights uses another engine.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
-import os
 import sys
 import tempfile
 import warnings
@@ -25,7 +25,7 @@ import torch
 
 from clipModel import CLIPModel, to_model_input
 
-from .export import cached_graph, graph, weights_digest
+from .export import cached_graph, engines_folder, graph, weights_digest
 from .extras import optional
 from .modes import eval_mode, image_layout
 
@@ -212,14 +212,9 @@ def use_engine(model: CLIPModel, engine: str = "auto", checkpoint=None) -> Encod
     """Make every embedding of the (loaded, not training) `model` go through `engine`; its graphs
     are cached in CHECKPOINT/engines/<weights digest> (or the user's cache when that folder cannot
     be written). -> the Encoder now attached."""
-    from .export import run_engines_folder
     folder = None
     if checkpoint is not None and resolve(engine, model.device) != "torch":
-        folder = run_engines_folder(checkpoint)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:  # a read-only run folder: the user's cache, by the same digest
-            folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clip-foundation" / "engines" / folder.name
+        folder = engines_folder(checkpoint)  # where `python -m clip_foundation.export` writes them too
     model._clip_encoder = make_encoder(model, engine, folder)
     return model._clip_encoder
 

@@ -7,12 +7,19 @@ Each tower is written twice: with its projection head (`image.onnx`, `text.onnx`
 embeddings, what search and evaluation use) and alone (`image_tower.onnx`, `text_tower.onnx`: the
 tower's features, what training on a frozen tower caches). Graphs take any batch size (and any
 caption length), are traced with torch.onnx.export at opset 17, and are cached in a folder named
-by the weights' digest, so the same weights are never exported twice.
+by the weights' digest, so the same weights are never exported twice. Each graph is served only as
+it was exported: the sha256 of its files is written beside it last (`NAME.sha256.json`) and checked
+on every load, and a graph that no longer matches it (edited, truncated, unfinished) is exported
+again with one warning line. Temporary files of exports that were killed are removed by the next.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 import warnings
@@ -24,8 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import cli
+from .cache import process_alive
 from .extras import optional
-from .index import model_digest
+from .files import atomic_write
+from .index import file_digest, model_digest
 from .modes import eval_mode  # dropout off while tracing; each module's own mode after
 from clipModel import CLIPModel, ConfigError, check
 
@@ -87,31 +96,91 @@ def export_onnx(model: CLIPModel, tower: str, part: str, path) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+    return _seal(path)
 
 
 def to_openvino(onnx_path, xml_path) -> Path:
     """Convert an ONNX file to OpenVINO IR (`xml_path` and its .bin) in fp32, the .xml written last."""
     ov = optional("openvino", "engines", "the OpenVINO engine")
     xml_path = Path(xml_path)
-    with tempfile.TemporaryDirectory(dir=xml_path.parent, prefix=".ov") as tmp:
+    # the pid in the name tells the next export whether the process writing it is gone
+    with tempfile.TemporaryDirectory(dir=xml_path.parent, prefix=f".ov{os.getpid()}-") as tmp:
         ov.save_model(ov.convert_model(str(onnx_path)), str(Path(tmp) / xml_path.name), compress_to_fp16=False)
         os.replace(Path(tmp) / xml_path.with_suffix(".bin").name, xml_path.with_suffix(".bin"))
         os.replace(Path(tmp) / xml_path.name, xml_path)
-    return xml_path
+    return _seal(xml_path)
+
+
+def graph_files(path) -> list[Path]:
+    """The files a graph is made of: the .onnx, or OpenVINO's .xml and its .bin."""
+    path = Path(path)
+    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+
+
+def digest_file(path) -> Path:
+    """Where the sha256 of a graph's files is kept: NAME.sha256.json beside it."""
+    return Path(path).with_name(f"{Path(path).name}.sha256.json")
+
+
+def _digests(path) -> dict[str, str]:
+    return {f.name: file_digest(f) for f in graph_files(path)}
+
+
+def _seal(path: Path) -> Path:
+    # last, once the graph's files are in place: only a whole graph has a digest that matches
+    atomic_write(digest_file(path), lambda tmp: tmp.write_text(json.dumps(_digests(path))))
+    return path
+
+
+def intact(path) -> bool:
+    """Whether the graph at `path` is there as it was exported: its files' sha256 match the digest
+    written beside it (not when edited, truncated, unfinished or exported without a digest)."""
+    try:
+        return json.loads(digest_file(path).read_text()) == _digests(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _exported(path: Path, write) -> Path:
+    # `path` when intact, else written by `write(path)`: silently where there was none yet
+    if not intact(path):
+        if any(f.exists() for f in graph_files(path)):
+            warnings.warn(f"{path}: does not match the digest written when it was exported "
+                          "(changed or unfinished); exporting it again")
+        write(path)
+    return path
+
+
+# the temporary files of export_onnx and atomic_write (.NAME.tmpPID), to_openvino's folders (.ovPID-*)
+_LEFTOVER = re.compile(r"\.(?:.+\.tmp([1-9][0-9]{0,8})|ov([1-9][0-9]{0,8})-.*)")
+
+
+def _sweep(folder: Path) -> None:
+    # Exports killed midway (kill -9, out of memory) leave their temporary files and folders: remove
+    # those whose process is gone. Another running export keeps its own; a read-only folder keeps all.
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        match = _LEFTOVER.fullmatch(path.name)
+        if match and not process_alive(int(match[1] or match[2])):
+            with contextlib.suppress(OSError):  # another export may be removing it too
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
 
 
 def cached_graph(model: CLIPModel, tower: str, part: str, folder, format: str = "onnx") -> Path:
     """The graph file of `tower`/`part` in `folder` (named by the weights' digest by the caller),
-    exported (and converted) only when it is not there yet."""
+    exported (and converted) only when it is not there intact yet."""
     folder = Path(folder)
-    onnx_path = folder / graph_name(tower, part)
-    if not onnx_path.is_file():
-        export_onnx(model, tower, part, onnx_path)
+    _sweep(folder)
+
+    def onnx() -> Path:  # OpenVINO's graph is converted from it
+        return _exported(folder / graph_name(tower, part), lambda path: export_onnx(model, tower, part, path))
     if format == "onnx":
-        return onnx_path
-    xml_path = folder / graph_name(tower, part, "openvino")
-    return xml_path if xml_path.is_file() else to_openvino(onnx_path, xml_path)
+        return onnx()
+    return _exported(folder / graph_name(tower, part, "openvino"), lambda path: to_openvino(onnx(), path))
 
 
 def run_engines_folder(checkpoint) -> Path:
@@ -119,10 +188,23 @@ def run_engines_folder(checkpoint) -> Path:
     return Path(checkpoint) / "engines" / model_digest(checkpoint)[:16]
 
 
+def engines_folder(checkpoint) -> Path:
+    """Where the graphs of the saved model in `checkpoint` are cached and read: `run_engines_folder`,
+    or the same digest under the user's cache ($XDG_CACHE_HOME or ~/.cache) when the run folder
+    cannot be written (read-only, another user's)."""
+    folder = run_engines_folder(checkpoint)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a folder that exists may still refuse writes
+        return folder
+    except OSError:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clip-foundation" / "engines" / folder.name
+
+
 def export_run(checkpoint, format: str = "onnx", model: CLIPModel | None = None) -> list[Path]:
     """Write (or find cached) every graph of the saved model in `checkpoint` -> their paths."""
     model = model or CLIPModel.from_pretrained(checkpoint)
-    folder = run_engines_folder(checkpoint)
+    folder = engines_folder(checkpoint)
     return [cached_graph(model, tower, part, folder, format) for tower in TOWERS for part in PARTS]
 
 
@@ -152,10 +234,16 @@ def main(argv=None) -> list[Path]:
         paths = export_run(args.checkpoint, args.format)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         sys.exit(f"error: {args.checkpoint}: cannot export ({' '.join(str(e).split())[:400]})")
+    except KeyboardInterrupt:  # Ctrl-C: every graph is written whole or not at all, nothing to report
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    if not paths[0].is_relative_to(args.checkpoint):
+        print(f"{args.checkpoint} cannot be written: the graphs are in the user cache, {paths[0].parent}", file=sys.stderr)
     for path in paths:
         print(path)
     return paths
 
 
 if __name__ == "__main__":
-    main()
+    with cli.reported_warnings():
+        main()
