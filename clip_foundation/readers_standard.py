@@ -24,7 +24,7 @@ import os
 import re
 from pathlib import Path
 
-from .records import DataError, LoadReport, Record, caption_fault
+from .records import DataError, DatasetFolders, LoadReport, Record, caption_fault
 
 KARPATHY_FILES = ("dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json")
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -32,6 +32,7 @@ KARPATHY_SPLITS = ("train", "restval", "val", "test")
 IMAGE_DIRS = ("Images", "images", "flickr30k-images", "flickr30k_images/flickr30k_images",
               "flickr30k_images", "Flicker8k_Dataset", "Flickr8k_Dataset", "train2014", "val2014")
 COCO_YEARS = ("2017", "2014")  # the newest year with a captions file is read (the same photos)
+COCO_IMAGE_DIRS = tuple(f"{split}{year}" for year in COCO_YEARS for split in ("train", "val"))
 KARPATHY_LAYOUT = ("dataset_flickr8k.json, dataset_flickr30k.json or dataset_coco.json (Karpathy's "
                    "train/restval/val/test splits) in the folder, or the file itself; images by "
                    "their filename (COCO: filepath/filename) in the folder or its " + ", ".join(
@@ -64,10 +65,12 @@ def coco_caption_files(root: str | Path) -> dict[str, Path]:
 
 class _ImageFinder:
     # relative image name -> file under ROOT or one of its image folders; each folder is listed
-    # once, so a lookup is a set membership test even for COCO's 118k images
+    # once, so a lookup is a set membership test even for COCO's 118k images. An entry may name
+    # only images inside those folders (links resolved; COCO's image folders may be links).
 
     def __init__(self, root: Path, folders: tuple[str, ...]):
         self.folders = [root] + [root / d for d in folders if (root / d).is_dir()]
+        self.inside = DatasetFolders(root, *self.folders, *(f / d for f in self.folders for d in COCO_IMAGE_DIRS))
         self.listed: dict[tuple[int, str], tuple[Path, set[str]]] = {}  # (folder, sub) -> its names
 
     def find(self, *relatives: str) -> Path | None:
@@ -76,11 +79,17 @@ class _ImageFinder:
             for i, folder in enumerate(self.folders):
                 if (i, sub) not in self.listed:
                     where = folder / sub
+                    if self.inside.outside(where, sub):  # "..", "/tmp": not listed, and outside() refuses it
+                        return where / name
                     self.listed[i, sub] = (where.resolve(), set(os.listdir(where)) if where.is_dir() else set())
                 resolved, names = self.listed[i, sub]
                 if name in names:
                     return resolved / name
         return None
+
+    def outside(self, image: Path, relative: str) -> str | None:
+        """Why the image `find` gave for `relative` may not be read, or None."""
+        return self.inside.outside(image, relative)
 
     def missing(self, relative: str) -> str:
         """The message for an image found nowhere."""
@@ -159,6 +168,9 @@ def read_karpathy(root: str | Path, *, restval: bool = True, allow_duplicates: b
         if image is None:
             report.bad("missing image", where, finder.missing(relative))
             continue
+        if outside := finder.outside(image, relative):
+            report.bad("outside the dataset", where, outside)
+            continue
         if image in records:
             report.bad("duplicate row", where, f"{name} already listed at {records[image][0]}")
             continue
@@ -211,6 +223,8 @@ def read_coco(root: str | Path, *, allow_duplicates: bool = True, skip_bad: bool
             image = finder.find(f"{split}{year}/{name}", name)
             if image is None:
                 report.bad("missing image", where, finder.missing(f"{split}{year}/{name}"))
+            elif outside := finder.outside(image, name):
+                report.bad("outside the dataset", where, outside)
             elif record := _record(report, where, image, captions[image_id], split, {"coco_id": image_id},
                                    allow_duplicates):
                 records.append(record)
