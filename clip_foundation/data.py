@@ -90,8 +90,11 @@ def load_all(cfg: DataConfig) -> list[Record]:
 def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
     """The dataset split by image: its own split when it ships one, else a seeded one (then,
     with `val_from_train`, the validation images carved from train)."""
-    splits = split_by_image(load_all(cfg), cfg.val_images, cfg.test_images, cfg.split_seed)
-    return carve_val_from_train(splits, cfg.val_from_train, cfg.split_seed)
+    return carve_val_from_train(_own_splits(cfg), cfg.val_from_train, cfg.split_seed)
+
+
+def _own_splits(cfg: DataConfig) -> dict[str, list[Record]]:
+    return split_by_image(load_all(cfg), cfg.val_images, cfg.test_images, cfg.split_seed)
 
 
 def carve_val_from_train(splits: dict[str, list[Record]], n: int, seed: int = 0) -> dict[str, list[Record]]:
@@ -105,13 +108,23 @@ def carve_val_from_train(splits: dict[str, list[Record]], n: int, seed: int = 0)
     chosen = set(random.Random(seed).sample(range(len(train)), n))
     return {"train": [r for i, r in enumerate(train) if i not in chosen],
             "val": [r for i, r in enumerate(train) if i in chosen],
-            "test": splits["test"] or splits["val"]}
+            "test": _carved_test(splits, n)}
+
+
+def _carved_test(splits: dict[str, list[Record]], n: int) -> list[Record]:
+    """The test split `carve_val_from_train(splits, n)` leaves, which no training image is part of."""
+    return (splits["test"] or splits["val"]) if n > 0 else splits["test"]
 
 
 def load_split(cfg: DataConfig, split: str) -> list[Record]:
     """One split as `load_splits` makes it, or "all": every record, never split, so any folder
-    of any size can be scored or searched as a whole."""
-    return load_all(cfg) if split == "all" else load_splits(cfg)[split]
+    of any size can be scored or searched as a whole. The test split needs no training images:
+    a folder holding only the published test images scores under a run that carved its val from train."""
+    if split == "all":
+        return load_all(cfg)
+    if split == "test":
+        return _carved_test(_own_splits(cfg), cfg.val_from_train)
+    return load_splits(cfg)[split]
 
 
 def check_captions(records: list[Record], tokenizer, skip_bad: bool = False) -> list[Record]:

@@ -153,3 +153,24 @@ def test_hf_image_paths_outside_the_dataset_are_refused(tmp_path):
     written = _write_image({"bytes": None, "path": str(inside)}, tmp_path / "out" / "4", "src[train]:row 4",
                            LoadReport(), folders)
     assert written.read_bytes() == inside.read_bytes()
+
+
+# ---------------------------------------------------------------- 11. another folder's test split
+
+def test_another_folders_test_split_needs_none_of_the_training_split_options(tmp_path, tiny_run_free_model):
+    # the published protocol's part: a Karpathy file holding only a test split
+    names = [f"{i}.jpg" for i in range(4)]
+    for i, n in enumerate(names):
+        put(tmp_path / "test_only" / "Images" / n, _jpeg((60 * i, 0, 0)))
+    write_json(tmp_path / "test_only" / "dataset_flickr8k.json", karpathy_file("flickr8k", [
+        {"filename": n, "split": "test", "captions": captions_of(n)} for n in names]))
+    preset = DataConfig(path=str(tmp_path / "test_only"), val_from_train=500, restval=False)
+    assert sorted(r.image.name for r in load_split(preset, "test")) == names
+    with pytest.raises(DataError, match="--val_from_train=500 leaves no training images"):
+        load_split(preset, "train")  # the training split still needs its images
+    # evaluate.py --data=DIR --split=test on a run trained with --val_from_train=500 (a preset run)
+    config = tiny_run_free_model / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "data": {"val_from_train": 500}}))
+    metrics = evaluate.main([f"--checkpoint={tiny_run_free_model}", f"--data={tmp_path / 'test_only'}",
+                             "--split=test", f"--out={tmp_path / 'm.json'}"])
+    assert metrics["images"] == 4 and metrics["captions"] == 20
