@@ -156,12 +156,14 @@ def check_captions(records: list[Record], tokenizer, skip_bad: bool = False) -> 
     return kept
 
 
-def run_data_config(run_dir, path: str | None = None, layout: str = "auto") -> DataConfig:
+def run_data_config(run_dir, path: str | None = None, layout: str = "auto", skip_bad: bool = False) -> DataConfig:
     """The DataConfig a run was trained with, so its "test" split names the same images;
-    `path` points it at another copy of the data (its split settings are kept). A saved dataset
-    folder that is no longer there is a DataError naming it and the `--data=` way out."""
+    `path` points it at another copy of the data (its split settings are kept), `skip_bad` skips
+    bad rows and images of it (as the run may have). A saved dataset folder that is no longer
+    there is a DataError naming it and the `--data=` way out."""
     saved = read_saved_config(run_dir).get("data", {}) if (Path(run_dir) / "config.json").is_file() else {}
     cfg = DataConfig(**{k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__})
+    cfg.skip_bad = cfg.skip_bad or skip_bad
     if path:
         return replace(cfg, path=str(path), layout=layout)
     cfg.path = cfg.path or cfg.synthetic_dir

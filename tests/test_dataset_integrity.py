@@ -174,3 +174,32 @@ def test_another_folders_test_split_needs_none_of_the_training_split_options(tmp
     metrics = evaluate.main([f"--checkpoint={tiny_run_free_model}", f"--data={tmp_path / 'test_only'}",
                              "--split=test", f"--out={tmp_path / 'm.json'}"])
     assert metrics["images"] == 4 and metrics["captions"] == 20
+
+
+# ---------------------------------------------------------------- 23. evaluate --skip_bad
+
+@pytest.mark.parametrize("fault, message", [
+    (lambda e: e[1].update(filename="gone.jpg"), "image file not found: gone.jpg"),
+    (lambda e: e[1]["sentences"][2].update(raw="  "), "empty caption"),
+    (lambda e: e[1].update(filename=e[0]["filename"]), "already listed at"),
+], ids=["missing image", "empty caption", "duplicate"])
+def test_evaluate_skip_bad_skips_what_it_is_offered_for_in_a_karpathy_file(tmp_path, tiny_run_free_model,
+                                                                           fault, message):
+    names = make_karpathy(tmp_path / "data", "flickr30k", "flickr30k-images")
+    path = tmp_path / "data" / "dataset_flickr30k.json"
+    data = json.loads(path.read_text())
+    tests = [e for e in data["images"] if e["split"] == "test"]  # two test images
+    fault(tests)
+    path.write_text(json.dumps(data))
+    args = [f"--checkpoint={tiny_run_free_model}", f"--data={tmp_path / 'data'}", "--split=test",
+            f"--out={tmp_path / 'm.json'}"]
+    with pytest.raises(SystemExit, match=rf"{message}.*\(--skip_bad"):
+        evaluate.main(args)
+    with cli.reported_warnings() as seen:
+        metrics = evaluate.main(args + ["--skip_bad"])
+    kept = 1 if message != "empty caption" else 2  # a blank caption drops that caption only
+    assert metrics["images"] == kept and sum(s == "test" for s in names.values()) == 2
+    assert len(seen) == 1 and "skipped 1" in seen[0]
+    with cli.reported_warnings():  # search too
+        matches = search.main(["a photo", *args[:3], "--skip_bad", f"--out={tmp_path / 'grid.png'}"])
+    assert len(matches) == kept
