@@ -10,6 +10,7 @@ import math
 import os
 import re
 import unicodedata
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,7 @@ def open_rgb(path: str | Path) -> Image.Image:
     white, 16-bit and float grey scaled to 8 bits); corrupt or truncated files, and images
     over MAX_IMAGE_PIXELS, raise DataError naming the file."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncation must fail here, not decode as grey
+    _quiet_pil_bomb_warning()
     try:
         with Image.open(path) as im:  # reads the header only
             if (pixels := im.width * im.height) > MAX_IMAGE_PIXELS:
@@ -172,6 +174,20 @@ def open_rgb(path: str | Path) -> Image.Image:
             return im.convert("RGB")
     except DataError:
         raise  # already says what is wrong (a ValueError, which the next line would wrap)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own refusal, from the header, over ~179 MP
+        raise SkippableError(f"{path}: image is more than the {MAX_IMAGE_PIXELS // 10**6} MP this "
+                             f"loader decodes ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise SkippableError(f"{path}: cannot decode image ({e})") from None
 
+
+_QUIET_BOMB = ("ignore", None, Image.DecompressionBombWarning, None, 0)  # a warnings.filters entry
+
+
+def _quiet_pil_bomb_warning() -> None:
+    # PIL's Image.open warns (DecompressionBombWarning) on images of ~89 to ~179 MP, each of which
+    # open_rgb then refuses in its own line, as over MAX_IMAGE_PIXELS: the warning only repeats that,
+    # raw. warnings.catch_warnings cannot scope it to one call (it swaps process-wide state under the
+    # decode threads), so this filter is added once, last: any filter of the user's still wins.
+    if _QUIET_BOMB not in warnings.filters:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, append=True)

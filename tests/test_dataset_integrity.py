@@ -203,3 +203,25 @@ def test_evaluate_skip_bad_skips_what_it_is_offered_for_in_a_karpathy_file(tmp_p
     with cli.reported_warnings():  # search too
         matches = search.main(["a photo", *args[:3], "--skip_bad", f"--out={tmp_path / 'grid.png'}"])
     assert len(matches) == kept
+
+
+# ---------------------------------------------------------------- 24. one plain line per data warning
+
+def test_identical_captions_are_one_warning_line_per_load(tmp_path, capsys):
+    rows = ["image,caption"] + [f"{n},{c}" for n in ("1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg")
+                                for c in ("A dog .", "A dog .", "A cat .")]
+    make_flickr8k(tmp_path, rows=rows)
+    with cli.reported_warnings() as seen:
+        load_records(tmp_path)
+    err = capsys.readouterr().err
+    assert len(seen) == 1 and "2 identical caption kept" in seen[0]  # one line for both, not one each
+    assert err.splitlines() == [f"warning: {seen[0]}"]
+
+
+@pytest.mark.parametrize("side", [10_000, 14_000])  # 100 MP: PIL warns; 196 MP: PIL refuses
+def test_decompression_bombs_are_refused_in_one_line_without_pil_warnings(tmp_path, side):
+    path = put(tmp_path / "bomb.png", _png_header(side, side))
+    with warnings.catch_warnings(record=True) as caught:
+        with pytest.raises(DataError, match=rf"^{path}: image .*more than the 64 MP this loader decodes"):
+            open_rgb(path)
+    assert [w.category.__name__ for w in caught] == []
