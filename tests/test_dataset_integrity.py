@@ -225,3 +225,35 @@ def test_decompression_bombs_are_refused_in_one_line_without_pil_warnings(tmp_pa
         with pytest.raises(DataError, match=rf"^{path}: image .*more than the 64 MP this loader decodes"):
             open_rgb(path)
     assert [w.category.__name__ for w in caught] == []
+
+
+# ---------------------------------------------------------------- 30. split files within a size
+
+def test_a_split_file_over_the_limit_is_refused_in_one_line(tmp_path, monkeypatch):
+    make_karpathy(tmp_path / "k", "flickr8k", "Images")
+    path = tmp_path / "k" / "dataset_flickr8k.json"
+    monkeypatch.setattr(readers_standard, "MAX_SPLIT_FILE_BYTES", path.stat().st_size - 1)
+    with pytest.raises(DataError, match=rf"^{path}: {path.stat().st_size:,} bytes, more than the "
+                                        r".* a split or caption file may have .*shards") as e:
+        load_records(path)
+    assert len(str(e.value).splitlines()) == 1
+    monkeypatch.setattr(readers_standard, "MAX_SPLIT_FILE_BYTES", path.stat().st_size)
+    assert len(load_records(path)) == 4  # at the limit: read
+
+
+def test_a_split_file_is_read_in_a_few_times_its_size(tmp_path):
+    # Karpathy's files carry tokens, ids and a sentence object per caption that nobody reads: a
+    # 148 MB dataset_coco.json took 975 MB to parse whole (200 MB: 2.2 GB, the report)
+    put(tmp_path / "Images" / "a.jpg", _jpeg((1, 2, 3)))
+    entries = [{"filename": "a.jpg", "split": "train", "captions": [
+        f"A man with a red helmet on a small moped on a dirt road, take {i}.{k} ." for k in range(5)]}
+        for i in range(5000)]  # COCO's captions, as long as theirs
+    path = write_json(tmp_path / "dataset_flickr8k.json", karpathy_file("flickr8k", entries))
+    tracemalloc.start()
+    try:
+        records, report = load_records_with_report(path, skip_bad=True)  # every image but the first repeats it
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(records) == 1 and report.skipped == {"duplicate row": 4999}
+    assert peak < 3 * path.stat().st_size, f"{peak:,} bytes to read a {path.stat().st_size:,}-byte file"
