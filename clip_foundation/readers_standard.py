@@ -82,17 +82,13 @@ class _ImageFinder:
             for i, folder in enumerate(self.folders):
                 if (i, sub) not in self.listed:
                     where = folder / sub
-                    if self.inside.outside(where, sub):  # "..", "/tmp": not listed, and outside() refuses it
+                    if self.inside.outside(where, sub):  # "..", "/tmp": not listed; the reader refuses it
                         return where / name
                     self.listed[i, sub] = (where.resolve(), set(os.listdir(where)) if where.is_dir() else set())
                 resolved, names = self.listed[i, sub]
                 if name in names:
                     return resolved / name
         return None
-
-    def outside(self, image: Path, relative: str) -> str | None:
-        """Why the image `find` gave for `relative` may not be read, or None."""
-        return self.inside.outside(image, relative)
 
     def missing(self, relative: str) -> str:
         """The message for an image found nowhere."""
@@ -181,7 +177,7 @@ def read_karpathy(root: str | Path, *, restval: bool = True, allow_duplicates: b
         if image is None:
             report.bad("missing image", where, finder.missing(relative))
             continue
-        if outside := finder.outside(image, relative):
+        if outside := finder.inside.outside(image, relative):
             report.bad("outside the dataset", where, outside)
             continue
         if image in records:
@@ -236,7 +232,7 @@ def read_coco(root: str | Path, *, allow_duplicates: bool = True, skip_bad: bool
             image = finder.find(f"{split}{year}/{name}", name)
             if image is None:
                 report.bad("missing image", where, finder.missing(f"{split}{year}/{name}"))
-            elif outside := finder.outside(image, name):
+            elif outside := finder.inside.outside(image, name):
                 report.bad("outside the dataset", where, outside)
             elif record := _record(report, where, image, captions[image_id], split, {"coco_id": image_id},
                                    allow_duplicates):
