@@ -90,8 +90,11 @@ def load_all(cfg: DataConfig) -> list[Record]:
 def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:
     """The dataset split by image: its own split when it ships one, else a seeded one (then,
     with `val_from_train`, the validation images carved from train)."""
-    splits = split_by_image(load_all(cfg), cfg.val_images, cfg.test_images, cfg.split_seed)
-    return carve_val_from_train(splits, cfg.val_from_train, cfg.split_seed)
+    return carve_val_from_train(_own_splits(cfg), cfg.val_from_train, cfg.split_seed)
+
+
+def _own_splits(cfg: DataConfig) -> dict[str, list[Record]]:
+    return split_by_image(load_all(cfg), cfg.val_images, cfg.test_images, cfg.split_seed)
 
 
 def carve_val_from_train(splits: dict[str, list[Record]], n: int, seed: int = 0) -> dict[str, list[Record]]:
@@ -105,13 +108,23 @@ def carve_val_from_train(splits: dict[str, list[Record]], n: int, seed: int = 0)
     chosen = set(random.Random(seed).sample(range(len(train)), n))
     return {"train": [r for i, r in enumerate(train) if i not in chosen],
             "val": [r for i, r in enumerate(train) if i in chosen],
-            "test": splits["test"] or splits["val"]}
+            "test": _carved_test(splits, n)}
+
+
+def _carved_test(splits: dict[str, list[Record]], n: int) -> list[Record]:
+    """The test split `carve_val_from_train(splits, n)` leaves, which no training image is part of."""
+    return (splits["test"] or splits["val"]) if n > 0 else splits["test"]
 
 
 def load_split(cfg: DataConfig, split: str) -> list[Record]:
     """One split as `load_splits` makes it, or "all": every record, never split, so any folder
-    of any size can be scored or searched as a whole."""
-    return load_all(cfg) if split == "all" else load_splits(cfg)[split]
+    of any size can be scored or searched as a whole. The test split needs no training images:
+    a folder holding only the published test images scores under a run that carved its val from train."""
+    if split == "all":
+        return load_all(cfg)
+    if split == "test":
+        return _carved_test(_own_splits(cfg), cfg.val_from_train)
+    return load_splits(cfg)[split]
 
 
 def check_captions(records: list[Record], tokenizer, skip_bad: bool = False) -> list[Record]:
@@ -143,12 +156,14 @@ def check_captions(records: list[Record], tokenizer, skip_bad: bool = False) -> 
     return kept
 
 
-def run_data_config(run_dir, path: str | None = None, layout: str = "auto") -> DataConfig:
+def run_data_config(run_dir, path: str | None = None, layout: str = "auto", skip_bad: bool = False) -> DataConfig:
     """The DataConfig a run was trained with, so its "test" split names the same images;
-    `path` points it at another copy of the data (its split settings are kept). A saved dataset
-    folder that is no longer there is a DataError naming it and the `--data=` way out."""
+    `path` points it at another copy of the data (its split settings are kept), `skip_bad` skips
+    bad rows and images of it (as the run may have). A saved dataset folder that is no longer
+    there is a DataError naming it and the `--data=` way out."""
     saved = read_saved_config(run_dir).get("data", {}) if (Path(run_dir) / "config.json").is_file() else {}
     cfg = DataConfig(**{k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__})
+    cfg.skip_bad = cfg.skip_bad or skip_bad
     if path:
         return replace(cfg, path=str(path), layout=layout)
     cfg.path = cfg.path or cfg.synthetic_dir

@@ -34,7 +34,7 @@ class EvalConfig:
     zeroshot: str = ""  # instead of recall: zero-shot accuracy on class folders DIR/<class>/*.jpg or cifar10:ROOT
     templates: str = ""  # zero-shot prompt templates file, one per line with {} for the class; empty = built-in
     batch_size: int = 256  # images embedded at once (at most 32 on a CPU, where larger batches are slower)
-    skip_bad: bool = False  # leave out images that cannot be decoded (reported) instead of stopping
+    skip_bad: bool = False  # leave out bad rows, captions and images (reported) instead of stopping
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
     engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
     format: str = "clip_foundation"  # JSON written: clip_foundation (%, ranks, querybank) | clip_benchmark (CLIP_benchmark's keys, fractions)
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
         if args.zeroshot:
             return _zeroshot_main(model, args)
         bank = querybank.load_bank(args.checkpoint, model.config.projection_dim)  # train.py --querybank=N
-        data = run_data_config(args.checkpoint, args.data, args.layout)
+        data = run_data_config(args.checkpoint, args.data, args.layout, args.skip_bad)
         records = load_split(data, args.split)
         if not records:
             raise DataError(f"the {args.split} split of {args.data} is empty")
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     except NonFiniteFeatures as e:
         sys.exit(f"error: {args.checkpoint}: {e}")
     except DataError as e:
-        hint = " (--skip_bad leaves such images out)" if isinstance(e, SkippableError) and not args.skip_bad else ""
+        hint = " (--skip_bad leaves such input out)" if isinstance(e, SkippableError) and not args.skip_bad else ""
         sys.exit(f"error: {e}{hint}")
     except (FileNotFoundError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")

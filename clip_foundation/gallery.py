@@ -60,14 +60,16 @@ class CaptionMatch:
 
 # ---------------------------------------------------------------- galleries
 
-def gallery_records(checkpoint, data: str | None, split: str, layout: str = "auto") -> list[Record]:
+def gallery_records(checkpoint, data: str | None, split: str, layout: str = "auto",
+                    skip_bad: bool = False) -> list[Record]:
     """The records of `split` exactly as the model's training run split them, or "all": every
-    record of the folder, unsplit. A plain folder of images (`layout="images"`, or any folder
-    that has images but no dataset layout) gives every image in it, with no captions."""
+    record of the folder, unsplit (`skip_bad`: bad rows left out). A plain folder of images
+    (`layout="images"`, or any folder that has images but no dataset layout) gives every image
+    in it, with no captions."""
     if data and (layout == "images" or (layout == "auto" and _plain_image_folder(data))):
         return image_folder_records(data)
     try:
-        return load_split(run_data_config(checkpoint, data, layout), split)
+        return load_split(run_data_config(checkpoint, data, layout, skip_bad), split)
     except DataError:
         # nested photo folders look like class folders; if they don't load as those, take the images
         if data and layout == "auto" and detect_layout(data) == "classes":

@@ -18,8 +18,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from .records import (MAX_CAPTION_CHARS, SPLIT_ALIASES, DataError, DataWarning, LoadReport, Record,  # noqa: F401
-                      caption_fault, image_files)
+from .records import (MAX_CAPTION_CHARS, SPLIT_ALIASES, DataError, DataWarning, DatasetFolders,  # noqa: F401
+                      LoadReport, Record, caption_fault, image_files)
 from .readers_standard import (COCO_LAYOUT, KARPATHY_LAYOUT, coco_caption_files, find_karpathy_file,
                                read_coco, read_karpathy)
 
@@ -29,7 +29,7 @@ LAYOUTS = {
     "karpathy": KARPATHY_LAYOUT,  # detected first: the standard split wins over any other
     "coco": COCO_LAYOUT,
     "csv": "captions.csv (or one *.csv) with image and caption columns; image paths "
-           "relative to the CSV's folder, to image_dir, or absolute",
+           "relative to the CSV's folder, to image_dir, or absolute (inside those folders)",
     "flickr30k": "flickr30k_images/results.csv ('image_name| comment_number| comment') and "
                  "flickr30k_images/flickr30k_images/*.jpg (or ROOT = the inner flickr30k_images)",
     "flickr8k": "captions.txt (image,caption) or Flickr8k.token.txt (name.jpg#N<TAB>caption), "
@@ -93,8 +93,9 @@ def _row_ok(report: LoadReport, line: int, where: str, row: list[str], expected:
 class _Grouper:
     # Collects caption rows into records, reporting every kind of bad row the same way.
 
-    def __init__(self, report: LoadReport, resolve, allow_duplicates: bool = False):
+    def __init__(self, report: LoadReport, resolve, folders: DatasetFolders, allow_duplicates: bool = False):
         self.report, self.resolve = report, resolve  # resolve(name) -> Path | None if missing
+        self.folders = folders  # where the names may lead
         self.allow_duplicates = allow_duplicates
         self.numbers: set[tuple[Path, str]] = set()  # (image, caption number) where numbered
         self.paths: dict[str, Path | None] = {}  # every image name met -> its file
@@ -109,6 +110,9 @@ class _Grouper:
             self.paths[name] = self.resolve(name)
             if self.paths[name] is None:
                 return self.report.bad("missing image", where, f"image file not found: {name}")
+            if outside := self.folders.outside(self.paths[name], name):
+                self.paths[name] = None  # its later rows are skipped too
+                return self.report.bad("outside the dataset", where, outside)
         path, caption = self.paths[name], caption.strip()
         if path is None:
             return  # the missing image was reported on its first row
@@ -160,7 +164,8 @@ def read_caption_csv(root: str | Path, csv_name: str = "captions.csv",
     """Read a folder with a CSV of `image,caption` rows (`root` may also be the CSV file;
     a folder without `csv_name` but with exactly one *.csv uses that); captions are grouped
     by image, other columns go to `Record.extra`. Image paths are relative to the CSV's
-    folder joined with `image_dir` (which may be absolute), or absolute. An image with the
+    folder joined with `image_dir` (which may be absolute), or absolute; either way inside one of
+    those folders (`DatasetFolders`: no path or link leading out of them). An image with the
     same caption twice is bad input unless `allow_duplicates` (then kept and noted)."""
     report = report or LoadReport(skip_bad)
     root = Path(root)
@@ -181,7 +186,8 @@ def read_caption_csv(root: str | Path, csv_name: str = "captions.csv",
     missing = {image_column, caption_column} - set(header)
     if missing:
         raise DataError(f"{csv_path}:1: missing column(s) {sorted(missing)}; found {header}")
-    grouper = _Grouper(report, _file_resolver(csv_path.parent / image_dir), allow_duplicates)
+    grouper = _Grouper(report, _file_resolver(csv_path.parent / image_dir),
+                       DatasetFolders(csv_path.parent, csv_path.parent / image_dir), allow_duplicates)
     for line, row in rows:
         if not _row_ok(report, line, f"{csv_path}:{line}", row, header, dirty):
             continue
@@ -208,8 +214,8 @@ def read_flickr30k(root: str | Path, *, allow_duplicates: bool = True, skip_bad:
     if csv_path is None:
         raise DataError(f"{root}: no results.csv (expected {LAYOUTS['flickr30k']})")
     image_dir = csv_path.parent / "flickr30k_images"
-    grouper = _Grouper(report, _dir_resolver(image_dir if image_dir.is_dir() else csv_path.parent),
-                       allow_duplicates)
+    image_dir = image_dir if image_dir.is_dir() else csv_path.parent
+    grouper = _Grouper(report, _dir_resolver(image_dir), DatasetFolders(root, image_dir), allow_duplicates)
     text, dirty = _read_text(csv_path)
     for line, raw in enumerate(io.StringIO(text, newline=""), start=1):
         where, raw = f"{csv_path}:{line}", raw.rstrip("\r\n")
@@ -269,7 +275,7 @@ def read_flickr8k(root: str | Path, *, allow_duplicates: bool = True, skip_bad: 
                       if (root / d).is_dir()), root / "Images")
     on_disk = _dir_resolver(image_dir)
     splits = _flickr8k_splits(root, report)
-    grouper, dropped = _Grouper(report, on_disk, allow_duplicates), set()
+    grouper, dropped = _Grouper(report, on_disk, DatasetFolders(root, image_dir), allow_duplicates), set()
     caption_path = next((p for p in (root / "captions.txt", root / "Flickr8k.token.txt",
                                      root / "Flickr8k_text" / "Flickr8k.token.txt")
                          if p.is_file()), None)
@@ -331,7 +337,13 @@ def read_class_folders(root: str | Path, templates=DEFAULT_TEMPLATES, *,
     records, classes = [], set()
     for split, folder in _class_roots(root):
         for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            images = image_files(d)
+            folders = DatasetFolders(root, folder, d)  # a class folder may be a link; its images may not lead out
+            images = []
+            for p in image_files(d):
+                if outside := folders.outside(p, p.name):
+                    report.bad("outside the dataset", str(p), outside)
+                else:
+                    images.append(p)
             if not images:
                 report.note("class folder with no images", str(d), "ignored")
                 continue

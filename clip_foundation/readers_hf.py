@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from .files import atomic_write
-from .records import SPLIT_ALIASES, DataError, LoadReport, Record
+from .records import SPLIT_ALIASES, DataError, DatasetFolders, LoadReport, Record
 
 CAPTION_COLUMNS = ("caption", "captions", "text", "sentences")
 MANIFEST = "records.json"
@@ -93,8 +93,10 @@ def _pick_columns(source: str, d, image_column: str | None, caption_column: str 
     return image_column, caption_column
 
 
-def _write_image(image: dict | None, stem: Path, where: str, report: LoadReport) -> Path | None:
-    """Write one image ({"bytes", "path"}) as a file; JPEG/PNG bytes are kept as is."""
+def _write_image(image: dict | None, stem: Path, where: str, report: LoadReport,
+                 folders: DatasetFolders) -> Path | None:
+    """Write one image ({"bytes", "path"}) as a file; JPEG/PNG bytes are kept as is. A row with
+    only a path is copied when the path lies in `folders` (the dataset's own, or the datasets cache)."""
     data, src = (image or {}).get("bytes"), (image or {}).get("path")
     if data:
         ext = (".jpg" if data[:3] == b"\xff\xd8\xff" else
@@ -111,6 +113,9 @@ def _write_image(image: dict | None, stem: Path, where: str, report: LoadReport)
         out = stem.with_suffix(ext)
         out.write_bytes(data)
         return out
+    if src and (outside := folders.outside(src, src)):
+        report.bad("outside the dataset", where, outside)
+        return None
     if src and Path(src).is_file():
         out = stem.with_suffix(Path(src).suffix or ".jpg")
         shutil.copyfile(src, out)
@@ -159,6 +164,9 @@ def read_hf(source: str | Path, *, image_column: str | None = None,
             return [Record(Path(r["image"]), r["captions"], r["split"], r["line"], r["extra"])
                     for r in saved["records"]]
     recorder, records = _Recorder(report), []
+    # rows with a path and no bytes: files in the dataset's folder, or ones `datasets` extracted itself
+    folders = DatasetFolders(_datasets().config.HF_DATASETS_CACHE if source.startswith("hf:")
+                             else Path(source) if Path(source).is_dir() else Path(source).parent)
     images = cache_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
     for split_name, d in _load(source, split, config, cache_dir / "arrow").items():
@@ -185,7 +193,7 @@ def read_hf(source: str | Path, *, image_column: str | None = None,
             if not captions:
                 continue
             path = _write_image(row[image_col], images / f"{split_name}-{i:06d}", where,
-                                recorder)
+                                recorder, folders)
             if path is not None:
                 records.append(Record(path.resolve(), captions, record_split, i,
                                       {"hf_split": split_name, "hf_index": i}))

@@ -24,7 +24,7 @@ import os
 import re
 from pathlib import Path
 
-from .records import DataError, LoadReport, Record, caption_fault
+from .records import DataError, DatasetFolders, LoadReport, Record, caption_fault
 
 KARPATHY_FILES = ("dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json")
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -32,6 +32,10 @@ KARPATHY_SPLITS = ("train", "restval", "val", "test")
 IMAGE_DIRS = ("Images", "images", "flickr30k-images", "flickr30k_images/flickr30k_images",
               "flickr30k_images", "Flicker8k_Dataset", "Flickr8k_Dataset", "train2014", "val2014")
 COCO_YEARS = ("2017", "2014")  # the newest year with a captions file is read (the same photos)
+# dataset_coco.json, the largest standard file, is 148 MB; a split file is read whole, in memory
+# (about 2.6 times its size), so one past this is refused with a way out rather than read
+MAX_SPLIT_FILE_BYTES = 512 * 2**20
+COCO_IMAGE_DIRS = tuple(f"{split}{year}" for year in COCO_YEARS for split in ("train", "val"))
 KARPATHY_LAYOUT = ("dataset_flickr8k.json, dataset_flickr30k.json or dataset_coco.json (Karpathy's "
                    "train/restval/val/test splits) in the folder, or the file itself; images by "
                    "their filename (COCO: filepath/filename) in the folder or its " + ", ".join(
@@ -64,10 +68,12 @@ def coco_caption_files(root: str | Path) -> dict[str, Path]:
 
 class _ImageFinder:
     # relative image name -> file under ROOT or one of its image folders; each folder is listed
-    # once, so a lookup is a set membership test even for COCO's 118k images
+    # once, so a lookup is a set membership test even for COCO's 118k images. An entry may name
+    # only images inside those folders (links resolved; COCO's image folders may be links).
 
     def __init__(self, root: Path, folders: tuple[str, ...]):
         self.folders = [root] + [root / d for d in folders if (root / d).is_dir()]
+        self.inside = DatasetFolders(root, *self.folders, *(f / d for f in self.folders for d in COCO_IMAGE_DIRS))
         self.listed: dict[tuple[int, str], tuple[Path, set[str]]] = {}  # (folder, sub) -> its names
 
     def find(self, *relatives: str) -> Path | None:
@@ -76,6 +82,8 @@ class _ImageFinder:
             for i, folder in enumerate(self.folders):
                 if (i, sub) not in self.listed:
                     where = folder / sub
+                    if self.inside.outside(where, sub):  # "..", "/tmp": not listed; the reader refuses it
+                        return where / name
                     self.listed[i, sub] = (where.resolve(), set(os.listdir(where)) if where.is_dir() else set())
                 resolved, names = self.listed[i, sub]
                 if name in names:
@@ -87,10 +95,19 @@ class _ImageFinder:
         return f"image file not found: {relative} (looked in {', '.join(f'{f}/' for f in self.folders)})"
 
 
-def _load_json(path: Path, *keys: str) -> dict:
-    # the parsed file, a dict holding a list under each of `keys`
+def _load_json(path: Path, *keys: str, fields: tuple[str, ...]) -> dict:
+    # the parsed file, a dict holding a list under each of `keys`, its objects holding only `fields`
+    # (the ids, tokens and sentence objects nobody reads took 6.6 times the file's size; now 2.6,
+    # measured on a 148 MB file shaped like dataset_coco.json)
+    size = path.stat().st_size
+    if size > MAX_SPLIT_FILE_BYTES:
+        raise DataError(f"{path}: {size:,} bytes, more than the {MAX_SPLIT_FILE_BYTES // 2**20} MiB a split "
+                        "or caption file may have (readers_standard.MAX_SPLIT_FILE_BYTES): write so large a "
+                        "dataset as tar shards (docs/shards.md) and train on those")
+    kept = frozenset((*keys, *fields))
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(path.read_text(encoding="utf-8-sig"),
+                          object_pairs_hook=lambda pairs: {k: v for k, v in pairs if k in kept})
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     except UnicodeDecodeError as e:
@@ -142,7 +159,8 @@ def read_karpathy(root: str | Path, *, restval: bool = True, allow_duplicates: b
         raise DataError(f"{root}: no Karpathy split file (expected {KARPATHY_LAYOUT})")
     finder = _ImageFinder(path.parent, IMAGE_DIRS)
     records: dict[Path, tuple[str, Record]] = {}
-    for i, entry in enumerate(_load_json(path, "images")["images"]):
+    entries = _load_json(path, "images", fields=("filename", "filepath", "split", "sentences", "raw"))["images"]
+    for i, entry in enumerate(entries):
         where = f"{path}:images[{i}]"
         name, split = _text(entry, "filename"), _text(entry, "split")
         sentences = entry.get("sentences") if isinstance(entry, dict) else None
@@ -158,6 +176,9 @@ def read_karpathy(root: str | Path, *, restval: bool = True, allow_duplicates: b
                             *([f"{d}/{int(coco[1]):012d}.jpg" for d in ("train2017", "val2017")] if coco else []))
         if image is None:
             report.bad("missing image", where, finder.missing(relative))
+            continue
+        if outside := finder.inside.outside(image, relative):
+            report.bad("outside the dataset", where, outside)
             continue
         if image in records:
             report.bad("duplicate row", where, f"{name} already listed at {records[image][0]}")
@@ -188,7 +209,7 @@ def read_coco(root: str | Path, *, allow_duplicates: bool = True, skip_bad: bool
         raise DataError(f"{root}: no annotations/captions_*.json (expected {COCO_LAYOUT})")
     finder, records = _ImageFinder(root, ("images",)), []
     for split, path in files.items():
-        data = _load_json(path, "images", "annotations")
+        data = _load_json(path, "images", "annotations", fields=("id", "file_name", "image_id", "caption"))
         images, captions = {}, {}  # image id -> (where, file name); -> [(where, caption)]
         for i, entry in enumerate(data["images"]):
             where, name = f"{path}:images[{i}]", _text(entry, "file_name")
@@ -211,6 +232,8 @@ def read_coco(root: str | Path, *, allow_duplicates: bool = True, skip_bad: bool
             image = finder.find(f"{split}{year}/{name}", name)
             if image is None:
                 report.bad("missing image", where, finder.missing(f"{split}{year}/{name}"))
+            elif outside := finder.inside.outside(image, name):
+                report.bad("outside the dataset", where, outside)
             elif record := _record(report, where, image, captions[image_id], split, {"coco_id": image_id},
                                    allow_duplicates):
                 records.append(record)

@@ -1,13 +1,16 @@
 """What every reader produces and what every part of the project shares about input data:
 `Record` (one image and all its captions), the `DataError`/`DataWarning` of bad input, the
-`LoadReport` of what a load skipped, the image files of a folder, and `open_rgb`, the one safe
-image decode (EXIF rotation, alpha, 16-bit and float grey, size cap).
+`LoadReport` of what a load skipped, the image files of a folder, the `DatasetFolders` its entries
+may name images in, and `open_rgb`, the one safe image decode (EXIF rotation, alpha, 16-bit and
+float grey, size cap).
 """
 from __future__ import annotations
 
 import math
+import os
 import re
 import unicodedata
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +114,32 @@ def image_files(folder: Path, recursive: bool = False) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+class DatasetFolders:
+    """The folders a dataset's entries may name images in: the dataset folder and the image folders
+    its layout reads, each with its links resolved (so a dataset folder, or an Images/ beside its
+    caption file, that is a link to a shared copy still reads). Every reader asks `outside` of each
+    image it found: an entry may not make evaluate, search, embed or the page read a file elsewhere."""
+
+    def __init__(self, root, *image_folders):
+        self.root = Path(root)
+        self.real = {os.path.realpath(f) for f in (root, *image_folders)}
+        self.parents: dict[str, str] = {}  # folder -> its real path: one lookup per folder, not per image
+
+    def outside(self, path, name: str) -> str | None:
+        """None when `path` (found for the entry `name`) lies, links resolved, in one of the folders;
+        else the message that refuses it."""
+        path = str(path)
+        parent, base = os.path.split(path)
+        if parent not in self.parents:
+            self.parents[parent] = os.path.realpath(parent)
+        real = (os.path.realpath(path) if base in ("", ".", "..") or os.path.islink(path)
+                else os.path.join(self.parents[parent], base))
+        if any(real == f or real.startswith(f.rstrip(os.sep) + os.sep) for f in self.real):
+            return None
+        return (f"image {name!r} leads outside the dataset folder {self.root} (to {real}): "
+                "only images inside it are read")
+
+
 def _to_8bit(im: Image.Image) -> float:
     # factor onto 0-255 for 16-bit or float grey (convert("L") then clips what is outside)
     if im.mode != "F":
@@ -124,6 +153,7 @@ def open_rgb(path: str | Path) -> Image.Image:
     white, 16-bit and float grey scaled to 8 bits); corrupt or truncated files, and images
     over MAX_IMAGE_PIXELS, raise DataError naming the file."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncation must fail here, not decode as grey
+    _quiet_pil_bomb_warning()
     try:
         with Image.open(path) as im:  # reads the header only
             if (pixels := im.width * im.height) > MAX_IMAGE_PIXELS:
@@ -144,5 +174,20 @@ def open_rgb(path: str | Path) -> Image.Image:
             return im.convert("RGB")
     except DataError:
         raise  # already says what is wrong (a ValueError, which the next line would wrap)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own refusal, from the header, over ~179 MP
+        raise SkippableError(f"{path}: image is more than the {MAX_IMAGE_PIXELS // 10**6} MP this "
+                             f"loader decodes ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise SkippableError(f"{path}: cannot decode image ({e})") from None
+
+
+_QUIET_BOMB = ("ignore", None, Image.DecompressionBombWarning, None, 0)  # a warnings.filters entry
+
+
+def _quiet_pil_bomb_warning() -> None:
+    # PIL's Image.open warns (DecompressionBombWarning) on images of ~89 to ~179 MP, each of which
+    # open_rgb then refuses in its own line, as over MAX_IMAGE_PIXELS: the warning only repeats that,
+    # raw. warnings.catch_warnings cannot scope it to one call (it swaps process-wide state under the
+    # decode threads), so this filter is added once, last: any filter of the user's still wins.
+    if _QUIET_BOMB not in warnings.filters:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, append=True)

@@ -54,7 +54,7 @@ class SearchConfig:
     json: bool = False  # print JSON instead of lines
     out: str = ""  # figure path (default CHECKPOINT/search_QUERY.png); with --build_index the index folder
     batch_size: int = 256  # images embedded at once (at most 32 on a CPU, where larger batches are slower)
-    skip_bad: bool = False  # leave out images that cannot be decoded (reported) instead of stopping
+    skip_bad: bool = False  # leave out bad rows, captions and images (reported) instead of stopping
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
     engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
 
@@ -135,7 +135,7 @@ def main(argv=None):
         model = CLIPModel.from_pretrained(args.checkpoint, device=device)
         use_engine(model, args.engine, args.checkpoint)
         if not args.index:
-            records = gallery_records(args.checkpoint, args.data, args.split, args.layout)
+            records = gallery_records(args.checkpoint, args.data, args.split, args.layout, args.skip_bad)
             if not records:
                 raise DataError(f"the {args.split} split is empty")
             if args.build_index:
