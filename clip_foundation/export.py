@@ -27,7 +27,7 @@ from . import cli
 from .extras import optional
 from .index import model_digest
 from .modes import eval_mode  # dropout off while tracing; each module's own mode after
-from clipModel import CLIPModel, ConfigError, check
+from clipModel import CLIPModel, ConfigError, check, model_folder
 
 OPSET = 17
 FORMATS = ("onnx", "openvino")
@@ -120,7 +120,9 @@ def run_engines_folder(checkpoint) -> Path:
 
 
 def export_run(checkpoint, format: str = "onnx", model: CLIPModel | None = None) -> list[Path]:
-    """Write (or find cached) every graph of the saved model in `checkpoint` -> their paths."""
+    """Write (or find cached) every graph of the saved model in `checkpoint` (a folder, or a Hub
+    id: its snapshot in the Hub cache, where the graphs go too) -> their paths."""
+    checkpoint = model_folder(checkpoint)
     model = model or CLIPModel.from_pretrained(checkpoint)
     folder = run_engines_folder(checkpoint)
     return [cached_graph(model, tower, part, folder, format) for tower in TOWERS for part in PARTS]
