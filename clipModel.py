@@ -241,6 +241,18 @@ class ScratchTextTransformer(nn.Module):
 # is one subclass added to IMAGE_ENCODERS or TEXT_ENCODERS. Every adapter keeps its network in
 # `self.model`, so the weights' names (`image_encoder.model.*`) are the same for every kind.
 
+def public_path(name: str) -> str:
+    """`name` as a model card or a published config.json shows it: a path of this machine (absolute,
+    under ~, or a file or folder that exists here) by its last part only, so nothing published tells
+    where its author keeps their files; anything else (a Hub id, a timm name) as it is."""
+    path = Path(name)
+    try:
+        here = path.is_absolute() or name.startswith("~") or path.exists()
+    except OSError:  # too long to name a file: text, not a path
+        here = False
+    return path.name if here else name
+
+
 def _origin(tower: str, source: str, licence: str | None = None, base_model: str | None = None,
             trained_here: bool = False) -> dict:
     return {"tower": tower, "source": source, "licence": licence, "base_model": base_model,
@@ -271,7 +283,7 @@ class Tower(nn.Module):
         """Where the starting weights of a tower saved with config `cfg` (its config.json entry)
         came from, for a model card: {tower, source, licence (a Hub licence id or None), base_model
         (a Hub id or None), trained_here (random initialisation: no one else's weights)}."""
-        name = cfg.get("name", "")
+        name = public_path(cfg.get("name", ""))
         if not cfg.get("pretrained", True):
             return _origin(f"{cls.kind} {name}", f"none: {name}'s architecture, initialised at random",
                            trained_here=True)

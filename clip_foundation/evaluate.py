@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import benchmark_format, cli, querybank, zeroshot
@@ -19,6 +19,7 @@ from .data import SPLITS, load_split, run_data_config
 from .engines import ENGINES, use_engine
 from .files import atomic_write
 from .records import DataError, DataWarning, SkippableError
+from .modelcard import published_name
 from .retrieval import NonFiniteFeatures, embed_records, format_metrics
 from clipModel import CLIPModel, check, model_folder
 
@@ -87,10 +88,12 @@ def main(argv=None) -> dict:
 
 def _save_clip_benchmark(model: CLIPModel, args, folder: Path, task: str, dataset: str, metrics: dict,
                          stem: str) -> dict:
-    """Write CLIP_benchmark's JSON (to --out or FOLDER/STEM_clip_benchmark.json); return it."""
-    cfg = model.config
-    architecture = (f"clip_foundation: image {model.image_encoder.describe(cfg.image)}, "
-                    f"text {model.text_encoder.describe(cfg.text)}")
+    """Write CLIP_benchmark's JSON (to --out or FOLDER/STEM_clip_benchmark.json); return it. The
+    towers are named by their public names, never by a folder of this machine."""
+    image, text = (replace(c, name=published_name(asdict(c), t)) for c, t in ((model.config.image, "image"),
+                                                                           (model.config.text, "text")))
+    architecture = (f"clip_foundation: image {model.image_encoder.describe(image)}, "
+                    f"text {model.text_encoder.describe(text)}")
     result = benchmark_format.result(task, metrics, dataset, architecture, str(args.checkpoint))
     save_json(result, Path(args.out or folder / f"{stem}_clip_benchmark.json"))
     return result
