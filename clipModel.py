@@ -241,6 +241,18 @@ class ScratchTextTransformer(nn.Module):
 # is one subclass added to IMAGE_ENCODERS or TEXT_ENCODERS. Every adapter keeps its network in
 # `self.model`, so the weights' names (`image_encoder.model.*`) are the same for every kind.
 
+def public_path(name: str) -> str:
+    """`name` as a model card or a published config.json shows it: a path of this machine (absolute,
+    under ~, or a file or folder that exists here) by its last part only, so nothing published tells
+    where its author keeps their files; anything else (a Hub id, a timm name) as it is."""
+    path = Path(name)
+    try:
+        here = path.is_absolute() or name.startswith("~") or path.exists()
+    except OSError:  # too long to name a file: text, not a path
+        here = False
+    return path.name if here else name
+
+
 def _origin(tower: str, source: str, licence: str | None = None, base_model: str | None = None,
             trained_here: bool = False) -> dict:
     return {"tower": tower, "source": source, "licence": licence, "base_model": base_model,
@@ -271,7 +283,7 @@ class Tower(nn.Module):
         """Where the starting weights of a tower saved with config `cfg` (its config.json entry)
         came from, for a model card: {tower, source, licence (a Hub licence id or None), base_model
         (a Hub id or None), trained_here (random initialisation: no one else's weights)}."""
-        name = cfg.get("name", "")
+        name = public_path(cfg.get("name", ""))
         if not cfg.get("pretrained", True):
             return _origin(f"{cls.kind} {name}", f"none: {name}'s architecture, initialised at random",
                            trained_here=True)
@@ -833,17 +845,20 @@ class CLIPModel(nn.Module):
         what is wrong: invalid config.json, a weights file that is truncated, corrupt or holds
         NaN/inf, or a config that no longer matches the weights."""
         from transformers import AutoTokenizer
-        folder = _local_or_hub(folder, revision, cache_dir)
+        folder = model_folder(folder, revision, cache_dir)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise FileNotFoundError(f"{folder} is not a saved CLIPModel folder "
                                     "(expected config.json and model.safetensors)")
         config = read_model_config(folder)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-            model = cls(config, tokenizer=tokenizer, _saved_folder=folder)
-        except (OSError, ValueError, TypeError, KeyError) as e:
+            with torch.device("meta"):  # shapes only, nothing allocated: a config.json is as untrusted as the weights
+                skeleton = cls(config, tokenizer=tokenizer, _saved_folder=folder)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError, OverflowError) as e:
             raise CheckpointError(f"{folder}: config.json and the saved files do not make a model "
                                   f"({_brief(e)})") from None
+        _check_shapes(skeleton, folder / "model.safetensors")  # before the real model takes any memory
+        model = cls(config, tokenizer=tokenizer, _saved_folder=folder)
         _load_weights(model, folder / "model.safetensors", device)
         return model.to(device or "cpu").eval()
 
@@ -855,9 +870,10 @@ class CheckpointError(ValueError):
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "user/repo", as the Hub names repos
 
 
-def _local_or_hub(name, revision: str | None = None, cache_dir=None) -> Path:
-    """`name` as a local path when it is a folder or cannot be a repo id; else the snapshot folder
-    of Hub repo `name` in the Hub cache (downloaded unless cached, or FileNotFoundError in one line)."""
+def model_folder(name, revision: str | None = None, cache_dir=None) -> Path:
+    """The folder a saved model is read from, as `from_pretrained` finds it: `name` as a local path
+    when it is a folder or cannot be a repo id; else the snapshot folder of Hub repo `name` in the
+    Hub cache (downloaded unless cached, or FileNotFoundError in one line)."""
     folder = Path(name)
     if folder.is_dir() or not HUB_REPO_ID.fullmatch(str(name)):
         return folder
@@ -899,6 +915,37 @@ def read_model_config(folder) -> CLIPConfig:
         raise CheckpointError(f"{Path(folder) / 'config.json'}: invalid model config ({_brief(e)})") from None
 
 
+def _mismatch(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(f"{path.parent}: config.json does not match model.safetensors: the "
+                           f"config describes another architecture ({_brief(detail)})")
+
+
+def _check_shapes(skeleton: CLIPModel, path: Path) -> None:
+    """CheckpointError unless the weights file holds every tensor of `skeleton` (a model built on
+    the meta device) in its shape, and nothing else: read from the file's header alone, so a
+    config.json asking for a huge model is refused before that model is allocated."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: corrupt or truncated weights file ({e})") from None
+    tied = {}  # a tensor shared under several names is saved under one of them (safetensors' save_model)
+    for name, tensor in skeleton.state_dict(keep_vars=True).items():
+        tied.setdefault(id(tensor), (tensor, []))[1].append(name)
+    faults = [f"{name}: {tuple(tensor.shape)} in the config, {saved[name]} in the file"
+              for tensor, names in tied.values() for name in names
+              if name in saved and saved[name] != tuple(tensor.shape)][:3]
+    missing = [names[0] for _, names in tied.values() if not set(names) & set(saved)]
+    unexpected = sorted(set(saved) - {name for _, names in tied.values() for name in names})
+    if missing:
+        faults.append("not in the file: " + ", ".join(missing[:5]))
+    if unexpected:
+        faults.append("not in the config: " + ", ".join(unexpected[:5]))
+    if faults:
+        raise _mismatch(path, "; ".join(faults))
+
+
 def _load_weights(model: CLIPModel, path: Path, device) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_model
@@ -907,8 +954,7 @@ def _load_weights(model: CLIPModel, path: Path, device) -> None:
     except SafetensorError as e:
         raise CheckpointError(f"{path}: corrupt or truncated weights file ({e})") from None
     except RuntimeError as e:  # missing/unexpected keys or shape mismatches
-        raise CheckpointError(f"{path.parent}: config.json does not match model.safetensors: the "
-                              f"config describes another architecture ({_brief(e)})") from None
+        raise _mismatch(path, str(e)) from None
     for name, tensor in model.state_dict().items():  # a same-size overwrite shows up as NaN/inf
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in {name}: the file is corrupt")

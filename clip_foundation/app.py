@@ -29,7 +29,7 @@ from . import cli
 from .data import SPLITS
 from .engines import ENGINES, use_engine
 from .records import DataError, DataWarning
-from clipModel import CLIPModel, default_device
+from clipModel import CLIPModel, default_device, model_folder
 
 
 @dataclass
@@ -125,6 +125,7 @@ def main(argv=None):
     try:
         device = default_device() if args.device == "auto" else torch.device(args.device)
         gallery = None
+        args.checkpoint = args.checkpoint and str(model_folder(args.checkpoint))  # a Hub id: its snapshot
         if args.index:
             from .gallery import Gallery
             gallery = Gallery.from_index(args.index, args.checkpoint or None, backend=args.backend, device=device,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import re
 import shutil
 import time
 from pathlib import Path
@@ -20,10 +21,13 @@ from typing import IO
 
 import torch
 
-from clipModel import CheckpointError, CLIPModel
+from clipModel import CheckpointError, CLIPModel, check
 
 STATE_FILE = "trainer_state.pt"
 LOCK_FILE = ".lock"  # locked by the run training in the folder; it holds that run's process id
+# A run name is a folder name and the title of its model card: one line of safe characters, never
+# hidden, never a path (`--run_name=.. --overwrite` would delete the folder above out_dir).
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 try:
     import fcntl
@@ -96,9 +100,17 @@ def save_last(run_dir: Path, model: CLIPModel, state: dict, extra_config: dict) 
     return last
 
 
+def check_run_name_text(run_name: str) -> None:
+    """ConfigError (`--run_name=...: must be ...`) unless `run_name` is empty (a timestamp) or
+    one line of ASCII letters, digits and . _ - that does not start with a dot."""
+    check(not run_name or RUN_NAME.fullmatch(run_name) is not None, "run_name", run_name,
+          "ASCII letters, digits and . _ - only, not starting with . (a folder name on one line)")
+
+
 def check_run_name(out_dir: str, run_name: str, overwrite: bool) -> None:
-    """Fail fast, before any data is prepared, when --run_name names a run another run is
-    training in, or (without `overwrite`) any existing run."""
+    """Fail fast, before any data is prepared, when --run_name is no safe folder name, names a
+    run another run is training in, or (without `overwrite`) any existing run."""
+    check_run_name_text(run_name)
     path = Path(out_dir) / run_name
     if not run_name or not path.is_dir():
         return
@@ -113,6 +125,7 @@ def new_run_dir(out_dir: str, run_name: str = "", overwrite: bool = False) -> tu
     mkdir is atomic, so two runs started together never share a folder: a timestamp name that
     is taken gets -2, -3, ...; a taken --run_name is an error unless `overwrite` (then the old
     run is deleted first, unless another run is training in it)."""
+    check_run_name_text(run_name)  # before anything is created
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if run_name:

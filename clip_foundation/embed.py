@@ -30,14 +30,14 @@ import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from clipModel import CLIPModel, check, resize_crop
+from clipModel import CLIPModel, check, model_folder, resize_crop
 
 from . import cli
 from . import embed_format as fmt
@@ -289,6 +289,7 @@ def rank_and_world() -> tuple[int, int, int]:
 def embed(cfg: EmbedConfig, device: torch.device) -> dict:
     """Embed this rank's unfinished parts of --data into --out -> embed.json's contents as left."""
     from tqdm.auto import tqdm
+    cfg = replace(cfg, checkpoint=str(model_folder(cfg.checkpoint)))  # a Hub id: its snapshot in the Hub cache
     rank, world, local = rank_and_world()
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import benchmark_format, cli, querybank, zeroshot
@@ -19,8 +19,9 @@ from .data import SPLITS, load_split, run_data_config
 from .engines import ENGINES, use_engine
 from .files import atomic_write
 from .records import DataError, DataWarning, SkippableError
+from .modelcard import published_name
 from .retrieval import NonFiniteFeatures, embed_records, format_metrics
-from clipModel import CLIPModel, check
+from clipModel import CLIPModel, check, model_folder
 
 FORMATS = ("clip_foundation", "clip_benchmark")  # the JSON evaluate writes; the project's own first (the default)
 
@@ -57,12 +58,13 @@ def main(argv=None) -> dict:
         cli.usage_error("--checkpoint is required", USAGE)
     device = cli.checked_device(args, USAGE)
     try:
-        model = CLIPModel.from_pretrained(args.checkpoint, device=device)
-        use_engine(model, args.engine, args.checkpoint)
+        folder = model_folder(args.checkpoint)  # a Hub id's snapshot in the Hub cache: results go beside it
+        model = CLIPModel.from_pretrained(folder, device=device)
+        use_engine(model, args.engine, folder)
         if args.zeroshot:
-            return _zeroshot_main(model, args)
-        bank = querybank.load_bank(args.checkpoint, model.config.projection_dim)  # train.py --querybank=N
-        data = run_data_config(args.checkpoint, args.data, args.layout, args.skip_bad)
+            return _zeroshot_main(model, args, folder)
+        bank = querybank.load_bank(folder, model.config.projection_dim)  # train.py --querybank=N
+        data = run_data_config(folder, args.data, args.layout, args.skip_bad)
         records = load_split(data, args.split)
         if not records:
             raise DataError(f"the {args.split} split of {args.data} is empty")
@@ -78,19 +80,22 @@ def main(argv=None) -> dict:
     metrics.update(checkpoint=str(args.checkpoint), data=str(args.data), split=args.split)
     print(format_metrics(metrics))  # first: a folder we cannot write to must not cost the result
     if args.format == "clip_benchmark":  # the plain recall: CLIP_benchmark has no querybank
-        return _save_clip_benchmark(model, args, benchmark_format.RETRIEVAL, Path(data.path).name,
+        return _save_clip_benchmark(model, args, folder, benchmark_format.RETRIEVAL, Path(data.path).name,
                                     benchmark_format.retrieval_metrics(metrics), f"eval_{args.split}")
-    save_json(metrics, Path(args.out or Path(args.checkpoint) / f"eval_{args.split}.json"))
+    save_json(metrics, Path(args.out or folder / f"eval_{args.split}.json"))
     return metrics
 
 
-def _save_clip_benchmark(model: CLIPModel, args, task: str, dataset: str, metrics: dict, stem: str) -> dict:
-    """Write CLIP_benchmark's JSON (to --out or CHECKPOINT/STEM_clip_benchmark.json); return it."""
-    cfg = model.config
-    architecture = (f"clip_foundation: image {model.image_encoder.describe(cfg.image)}, "
-                    f"text {model.text_encoder.describe(cfg.text)}")
+def _save_clip_benchmark(model: CLIPModel, args, folder: Path, task: str, dataset: str, metrics: dict,
+                         stem: str) -> dict:
+    """Write CLIP_benchmark's JSON (to --out or FOLDER/STEM_clip_benchmark.json); return it. The
+    towers are named by their public names, never by a folder of this machine."""
+    image, text = (replace(c, name=published_name(asdict(c), t)) for c, t in ((model.config.image, "image"),
+                                                                           (model.config.text, "text")))
+    architecture = (f"clip_foundation: image {model.image_encoder.describe(image)}, "
+                    f"text {model.text_encoder.describe(text)}")
     result = benchmark_format.result(task, metrics, dataset, architecture, str(args.checkpoint))
-    save_json(result, Path(args.out or Path(args.checkpoint) / f"{stem}_clip_benchmark.json"))
+    save_json(result, Path(args.out or folder / f"{stem}_clip_benchmark.json"))
     return result
 
 
@@ -107,7 +112,7 @@ def save_json(obj: dict, out: Path, also: str = "") -> bool:
     return True
 
 
-def _zeroshot_main(model: CLIPModel, args) -> dict:
+def _zeroshot_main(model: CLIPModel, args, folder: Path) -> dict:
     from . import plots
     templates = zeroshot.read_templates(args.templates) if args.templates else zeroshot.TEMPLATES
     data = zeroshot.load_labelled(args.zeroshot, model.config.image.image_size)
@@ -115,9 +120,9 @@ def _zeroshot_main(model: CLIPModel, args) -> dict:
     metrics.update(checkpoint=str(args.checkpoint), data=str(args.zeroshot))
     print(zeroshot.format_zeroshot(metrics))
     if args.format == "clip_benchmark":
-        return _save_clip_benchmark(model, args, benchmark_format.CLASSIFICATION, data.name,
+        return _save_clip_benchmark(model, args, folder, benchmark_format.CLASSIFICATION, data.name,
                                     benchmark_format.classification_metrics(metrics), f"zeroshot_{data.name}")
-    out = Path(args.out or Path(args.checkpoint) / f"zeroshot_{data.name}.json")
+    out = Path(args.out or folder / f"zeroshot_{data.name}.json")
     if save_json(metrics, out, also=f" and {out.with_suffix('.png')}"):
         plots.confusion_matrix(metrics["confusion"], data.class_names, path=out.with_suffix(".png"),
                                title=f"zero-shot {data.name}: top-1 {metrics['top1']:.1f}%")

@@ -36,7 +36,7 @@ from .extras import optional
 from .files import atomic_write
 from .index import file_digest, model_digest
 from .modes import eval_mode  # dropout off while tracing; each module's own mode after
-from clipModel import CLIPModel, ConfigError, check
+from clipModel import CLIPModel, ConfigError, check, model_folder
 
 OPSET = 17
 FORMATS = ("onnx", "openvino")
@@ -202,7 +202,9 @@ def engines_folder(checkpoint) -> Path:
 
 
 def export_run(checkpoint, format: str = "onnx", model: CLIPModel | None = None) -> list[Path]:
-    """Write (or find cached) every graph of the saved model in `checkpoint` -> their paths."""
+    """Write (or find cached) every graph of the saved model in `checkpoint` (a folder, or a Hub
+    id: its snapshot in the Hub cache, where the graphs go too) -> their paths."""
+    checkpoint = model_folder(checkpoint)
     model = model or CLIPModel.from_pretrained(checkpoint)
     folder = engines_folder(checkpoint)
     return [cached_graph(model, tower, part, folder, format) for tower in TOWERS for part in PARTS]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from clipModel import CLIPModel
+from clipModel import CLIPModel, model_folder
 
 from . import querybank
 from .bigindex import BigIndex, open_index
@@ -352,7 +352,9 @@ class Gallery:
         """The gallery of `records`, or of the run's `split` ("all": every split) of `data` (default:
         the data it trained on; a plain folder of images works too). `model` (default: loaded
         from `checkpoint`) and `images` (decoded, if already at hand) save work when given. A model
-        loaded here encodes with `engine` (see `engines`; a given `model` keeps its own)."""
+        loaded here encodes with `engine` (see `engines`; a given `model` keeps its own). A Hub id
+        as `checkpoint` is read from its snapshot in the Hub cache, and the index is cached there."""
+        checkpoint = model_folder(checkpoint)
         if model is None:
             model = CLIPModel.from_pretrained(checkpoint, device=device)
             use_engine(model, engine, checkpoint)
@@ -369,6 +371,7 @@ class Gallery:
         built from an embedding folder), searched with `checkpoint`'s model (default: the one it
         was built with; `model`, when given, is used as it is). No gallery image is read: the
         index holds their paths (or URLs)."""
+        checkpoint = checkpoint and model_folder(checkpoint)  # a Hub id: its snapshot in the Hub cache
         index = open_index(folder, "images", checkpoint)
         checkpoint = checkpoint or index.meta["checkpoint"]
         if isinstance(index, GalleryIndex):

@@ -8,14 +8,22 @@ reads its own; the text says what the towers are and whose weights they started 
 weights' licences), what the run trained on, its recipe, its metrics, what it is for, and how to
 load it. train.py writes the card whenever it saves a best model and again once the test metrics
 are in; everything is read from the run folder's files, so an older run gets one the same way.
+Whatever the card takes from user text (run and dataset names, config values, metrics.json) is
+escaped, on one line; its last line stamps it as written here, so a push can tell a card someone
+wrote or edited (kept as it is) from one of ours (rewritten with the repo id and current metrics).
 """
 from __future__ import annotations
 
+import hashlib
+import html
 import json
+import math
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipModel import IMAGE_ENCODERS, TEXT_ENCODERS
+from clipModel import IMAGE_ENCODERS, TEXT_ENCODERS, public_path
 
 from . import REPO_URL
 from .files import atomic_write
@@ -37,6 +45,19 @@ RECIPE = ("epochs", "batch_size", "captions_per_epoch", "lr", "image_lr", "text_
           "grad_clip", "precision", "accum_steps", "seed", "querybank")  # the TrainConfig keys a card lists
 FIGURES = ("curves.png", "matches.png")  # drawn by train.py; shown on the card when present
 DIRECTIONS = {"text_to_image": "text → image", "image_to_text": "image → text"}
+SCORES = re.compile(r"(text_to_image|image_to_text)_(R@\d+|median_rank)|mean_recall")  # metrics.json's numbers
+STAMP = "<!-- written by clip-foundation: {} -->"  # the card's last line: sha256 of everything above it
+
+
+def _line(value) -> str:
+    """User text on one line (the YAML metadata quotes it; the text escapes it with `_md`)."""
+    return " ".join(str(value).split())
+
+
+def _md(value) -> str:
+    """User text as card text: on one line, HTML escaped, with Markdown's link, code and table
+    characters escaped, so it shows as written and adds no markup, line or metadata."""
+    return re.sub(r"([\\`\[\]|])", r"\\\1", html.escape(_line(value), quote=False))
 
 
 @dataclass
@@ -73,6 +94,14 @@ def tower_weights(cfg: dict, tower: str = "image") -> Weights:
     return weights
 
 
+def published_name(cfg: dict, tower: str = "image") -> str:
+    """A tower's `name` as a published config.json and CLIP_benchmark's result give it: a local
+    folder by the Hub id of its weights when that is known (all-MiniLM-L6-v2 inside its pip
+    package), else by its last part; a Hub id or a timm name as it is."""
+    name = str(cfg.get("name", ""))
+    return name if public_path(name) == name else tower_weights(cfg, tower).base_model or public_path(name)
+
+
 def card_license(towers: list[Weights]) -> str:
     """The card's licence: the pretrained weights' one when they all share a known one, MIT (the
     library's) when every tower was trained from nothing, else "unknown"."""
@@ -102,8 +131,28 @@ def dataset_of(data: dict) -> tuple[str, str]:
 
 def _split_sizes(run_dir: Path, streamed: bool) -> list[str]:
     split = _read_json(run_dir / "split.json", {})
-    return [f"{name}: {len(items):,} {'shards' if streamed and name == 'train' else 'images'}"
-            for name, items in split.items() if isinstance(items, list)]
+    return [f"{_md(name)}: {len(items):,} {'shards' if streamed and name == 'train' else 'images'}"
+            for name, items in split.items() if isinstance(items, list)] if isinstance(split, dict) else []
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _checked_metrics(path: Path) -> dict | None:
+    """metrics.json without the scores that are not finite numbers (a string, a list, NaN, 1e400):
+    they are left out of the card, with one warning naming them; None when there is no such file,
+    or it holds no JSON object."""
+    metrics = _read_json(path)
+    if metrics is None:
+        return None
+    if not isinstance(metrics, dict):
+        warnings.warn(f"{path} holds no JSON object of metrics: the card leaves its metrics out", stacklevel=3)
+        return None
+    bad = [key for key, value in metrics.items() if SCORES.fullmatch(key) and not _finite(value)]
+    if bad:
+        warnings.warn(f"{path}: {', '.join(bad)} not a finite number: left out of the card", stacklevel=3)
+    return {key: value for key, value in metrics.items() if key not in bad}
 
 
 def _best_epoch(run_dir: Path) -> dict | None:
@@ -126,7 +175,8 @@ def _best_epoch(run_dir: Path) -> dict | None:
 def _eval_results(metrics: dict, dataset: tuple[str, str]):
     from huggingface_hub import EvalResult
     return [EvalResult(task_type=f"{direction.replace('_', '-')}-retrieval", task_name=f"{words} retrieval",
-                       dataset_type=dataset[0], dataset_name=dataset[1], dataset_split=metrics.get("split"),
+                       dataset_type=_line(dataset[0]), dataset_name=_line(dataset[1]),
+                       dataset_split=_line(metrics["split"]) if "split" in metrics else None,
                        metric_type=f"recall@{k}", metric_name=f"{words} R@{k}",
                        metric_value=round(metrics[f"{direction}_R@{k}"], 2))
             for direction, words in DIRECTIONS.items() for k in (1, 5, 10) if f"{direction}_R@{k}" in metrics]
@@ -135,8 +185,9 @@ def _eval_results(metrics: dict, dataset: tuple[str, str]):
 def _metrics_text(metrics: dict | None, best: dict | None, querybank: int) -> str:
     lines = []
     if metrics:
-        lines += [f"Recall@K in %, on the {metrics.get('split', 'test')} split ({metrics.get('images', '?')} images, "
-                  f"{metrics.get('captions', '?')} captions; every image counted once with all its captions):", "",
+        lines += [f"Recall@K in %, on the {_md(metrics.get('split', 'test'))} split ({_md(metrics.get('images', '?'))} "
+                  f"images, {_md(metrics.get('captions', '?'))} captions; every image counted once with all its "
+                  "captions):", "",
                   "| direction | R@1 | R@5 | R@10 | median rank |", "|---|---|---|---|---|"]
         lines += [f"| {words} | " + " | ".join(f"{metrics.get(f'{d}_R@{k}', float('nan')):.1f}" for k in (1, 5, 10))
                   + f" | {metrics.get(f'{d}_median_rank', float('nan')):g} |" for d, words in DIRECTIONS.items()]
@@ -156,7 +207,7 @@ def _recipe_text(model: dict, train: dict) -> str:
     rows = [(k, train[k]) for k in RECIPE if k in train]
     rows += [(k, model[k]) for k in ("projection_dim", "dropout", "loss", "init_temperature") if k in model]
     rows.append(("image.image_size", model.get("image", {}).get("image_size", "?")))
-    return "| key | value |\n|---|---|\n" + "\n".join(f"| `{k}` | {v} |" for k, v in rows) + \
+    return "| key | value |\n|---|---|\n" + "\n".join(f"| `{k}` | {_md(v)} |" for k, v in rows) + \
         "\n\nEvery value is in config.json."
 
 
@@ -165,7 +216,7 @@ def _data_text(run_dir: Path, data: dict, dataset: tuple[str, str] | None) -> st
         return "Not recorded (a folder saved with `save_pretrained` outside a training run)."
     from .stream import is_shards
     sizes = _split_sizes(run_dir, is_shards(data.get("path", "")))
-    return f"{dataset[1]}. Split sizes: {', '.join(sizes) or 'not recorded (no split.json)'}."
+    return f"{_md(dataset[1])}. Split sizes: {', '.join(sizes) or 'not recorded (no split.json)'}."
 
 
 INTENDED_USE = (
@@ -186,7 +237,7 @@ def model_card(run_dir, repo_id: str | None = None, license: str | None = None):
     saved = _read_json(run_dir / "config.json", {})
     model, data, train = saved.get("model", {}), saved.get("data", {}), saved.get("train", {})
     towers = {t: tower_weights(model.get(t, {}), t) for t in ("image", "text")}
-    metrics = _read_json(run_dir / "metrics.json")
+    metrics = _checked_metrics(run_dir / "metrics.json")
     dataset = dataset_of(data) if data else None
     name = repo_id.split("/")[-1] if repo_id else run_dir.resolve().name
     scored = bool(metrics and dataset)  # a model-index needs both
@@ -194,18 +245,18 @@ def model_card(run_dir, repo_id: str | None = None, license: str | None = None):
         library_name=LIBRARY, license=license or card_license(list(towers.values())),
         pipeline_tag="zero-shot-image-classification",
         tags=["clip", "image-text-retrieval", "contrastive-learning", "pytorch", "safetensors"],
-        datasets=[dataset[0]] if dataset else None,
-        base_model=[w.base_model for w in towers.values() if w.base_model] or None,
-        metrics=["recall"] if metrics else None, model_name=name if scored else None,
+        datasets=[_line(dataset[0])] if dataset else None,
+        base_model=[_line(w.base_model) for w in towers.values() if w.base_model] or None,
+        metrics=["recall"] if metrics else None, model_name=_line(name) if scored else None,
         eval_results=_eval_results(metrics, dataset) if scored else None)
     sections = [
-        f"# {name}",
+        f"# {_md(name)}",
         "A CLIP model (an image tower and a text tower with projection heads into one embedding space) trained "
         f"with [clip-foundation]({REPO_URL}). It embeds images and captions so that matching pairs score high: "
         "text → image search, image → text search, zero-shot classification by class prompts.",
         "## Towers and their weights",
         "| tower | model | starting weights | licence of those weights |\n|---|---|---|---|\n" + "\n".join(
-            f"| {t} | {w.tower} | {w.source} | {w.licence_text()} |" for t, w in towers.items()),
+            f"| {t} | {_md(w.tower)} | {_md(w.source)} | {_md(w.licence_text())} |" for t, w in towers.items()),
         "## Training data", _data_text(run_dir, data, dataset),
         "## Recipe", _recipe_text(model, train),
         "## Metrics",
@@ -221,7 +272,31 @@ def model_card(run_dir, repo_id: str | None = None, license: str | None = None):
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
 
 
-def write_model_card(run_dir, repo_id: str | None = None, license: str | None = None) -> Path:
-    """Write `model_card(run_dir, ...)` to RUN_DIR/README.md (whole or not at all); return the path."""
-    card = model_card(run_dir, repo_id, license)
-    return atomic_write(Path(run_dir) / CARD, lambda tmp: card.save(tmp))
+def write_model_card(run_dir, repo_id: str | None = None, license: str | None = None, to=None) -> Path:
+    """Write `model_card(run_dir, ...)`, stamped, to TO/README.md (default RUN_DIR; whole or not at
+    all); return the path."""
+    text = str(model_card(run_dir, repo_id, license))
+    text += STAMP.format(hashlib.sha256(text.encode("utf-8")).hexdigest()) + "\n"
+    return atomic_write(Path(to or run_dir) / CARD, lambda tmp: tmp.write_bytes(text.encode("utf-8")))
+
+
+def written_here(path) -> bool:
+    """Whether the card at `path` is one `write_model_card` wrote and no one has edited since."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    body, _, last = text.rstrip("\n").rpartition("\n")
+    return last == STAMP.format(hashlib.sha256((body + "\n").encode("utf-8")).hexdigest())
+
+
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` when it is a Hub repo id (user/name, by huggingface_hub's own rule), else
+    ValueError in one line saying what is wrong with it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        rule = " ".join(str(e).rsplit(": ", 1)[0].split())  # the rule, without the id it quotes raw
+        raise ValueError(f"{repo_id!r} is not a Hub repo id, user/name ({rule})") from None
+    return repo_id

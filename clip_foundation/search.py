@@ -34,7 +34,7 @@ from .bigindex import BigIndex, build_big_index, is_big_index, is_link, open_ind
 from .budget import parse_size
 from .index import NON_FINITE_SCORES, GalleryIndex, ensure_faiss, mark_missing
 from .records import DataError, DataWarning
-from clipModel import CLIPModel, check
+from clipModel import CLIPModel, check, model_folder
 
 
 @dataclass
@@ -127,6 +127,8 @@ def main(argv=None):
     try:
         if args.query is not None:
             args.query = clean_query(args.query)  # before the model loads: the readers' caption rule
+        if args.checkpoint:  # a Hub id: its snapshot in the Hub cache, where the index and figures go too
+            args.checkpoint = str(model_folder(args.checkpoint))
         if args.index:
             index = open_index(args.index, kind, args.checkpoint)
             args.checkpoint = args.checkpoint or index.meta["checkpoint"]

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from . import cli, distributed, querybank, shards, stream
-from .checkpoint import (STATE_FILE, check_run_name, find_resume, hold_run, last_checkpoint, load_last,
-                         new_run_dir, save_last)
+from .checkpoint import (STATE_FILE, check_run_name, check_run_name_text, find_resume, hold_run, last_checkpoint,
+                         load_last, new_run_dir, save_last)
 from .data import DataConfig, all_captions, check_captions, decode_images, load_splits, split_manifest, train_sampler
 from .engine import (PRECISIONS, SCHEDULES, NonFiniteLoss, build_optimizer, build_scheduler,
                      contrastive_backward, freeze_towers, grad_scaler, optimizer_step, resolve_device,
@@ -77,9 +77,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ConfigError (one line: the key, the value, the allowed range) for a value out of
         range, so a nonsense value (--lr=-1: gradient ascent) stops the run before any work."""
-        # a folder name, not a path: --run_name=.. --overwrite would delete the folder above out_dir
-        check(self.run_name not in (".", "..") and not {"/", "\\"} & set(self.run_name), "run_name",
-              self.run_name, "a folder name (no / or \\, not . or ..)")
+        check_run_name_text(self.run_name)
         check(bool(self.out_dir), "out_dir", self.out_dir, "a folder path")
         for key in ("epochs", "captions_per_epoch", "accum_steps", "log_every"):
             check(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
