@@ -23,13 +23,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from . import cli
 from .data import SPLITS
 from .engines import ENGINES, use_engine
 from .records import DataError, DataWarning
-from clipModel import CLIPModel, default_device
+from clipModel import CLIPModel, check
 
 
 @dataclass
@@ -49,6 +47,12 @@ class AppConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
     engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
     threads: int = 1  # threads per query: 1 on a shared CPU (2 were up to 70x slower under load); the cores of an idle server are faster (docs/search.md)
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range;
+        `cli.checked_device` runs it and then checks --device as every command does."""
+        check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
+        check(self.threads >= 1, "threads", self.threads, ">= 1")
 
 
 USAGE = ("usage: python app.py --checkpoint=RUN [--gallery=DIR | --data=DIR --split=test] "
@@ -112,10 +116,7 @@ def main(argv=None):
     if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0) or not 0 <= args.port < 65536:
         cli.usage_error(f"--max_upload_mb must be a positive number of MB (got {args.max_upload_mb}) "
                         f"and --port 0-65535 (got {args.port})", USAGE)
-    if args.engine not in ENGINES:
-        cli.usage_error(f"--engine={args.engine!r}: must be {' | '.join(ENGINES)}", USAGE)
-    if args.threads < 1:
-        cli.usage_error(f"--threads={args.threads}: must be >= 1", USAGE)
+    device = cli.checked_device(args, USAGE)  # --engine, --threads and --device, as the other commands check them
     check_address(args.host, args.port)
     try:
         auth = read_auth(args.auth)
@@ -123,7 +124,6 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     from .webapp import SearchPage
     try:
-        device = default_device() if args.device == "auto" else torch.device(args.device)
         gallery = None
         if args.index:
             from .gallery import Gallery

@@ -1,10 +1,11 @@
-"""The commands as a user starts them: search's -n and its grid are bounded."""
+"""The commands as a user starts them: options end at `--`; every command checks --device the
+same way; search's -n and its grid are bounded."""
 import json
 from pathlib import Path
 
 import pytest
 
-from clip_foundation import gallery, plots, search
+from clip_foundation import cli, gallery, plots, search
 from clip_foundation.index import GalleryIndex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +22,54 @@ def refusal(command: str, argv: list[str], capsys) -> tuple[object, str]:
         main_of(command)(argv)
     out = capsys.readouterr()
     return stop.value.code, f"{stop.value.code}\n{out.out}{out.err}"
+
+
+# ---------------------------------------------------------------- `--` ends the options
+
+@pytest.mark.parametrize("argv, query", [
+    (["--checkpoint=RUN", "--", "-a red circle"], "-a red circle"),
+    (["--", "--help"], "--help"),  # after --, not the help
+    (["-n", "3", "--", "-n"], "-n"),
+    (["--", "-5 red circles", "--checkpoint=RUN"], None),  # one query only: the second is too many
+])
+def test_after_a_double_dash_every_argument_is_bare(argv, query, capsys):
+    if query is None:
+        with pytest.raises(SystemExit):
+            cli.parse(search.SearchConfig(), argv, search.USAGE, positional=("query",))
+        assert "unexpected argument '--checkpoint=RUN'" in capsys.readouterr().err
+    else:
+        assert cli.parse(search.SearchConfig(), argv, search.USAGE, positional=("query",)).query == query
+
+
+@pytest.mark.parametrize("command, argv, said", [
+    ("download", ["--", "-flickr8k"], "invalid choice '-flickr8k'"),  # reached the dataset name
+    ("hub", ["--", "-card"], "push or card, not '-card'"),
+    *((command, ["--checkpoint=/no/such/run", "--", "-x"], "unexpected argument '-x'")
+      for command in ("train", "evaluate", "app", "embed")),  # no bare arguments: one line, not a crash
+])
+def test_every_command_ends_its_options_at_a_double_dash(command, argv, said, capsys):
+    _, text = refusal(command, argv, capsys)
+    assert said in text and "Traceback" not in text
+
+
+def test_a_query_starting_with_a_dash_is_searched(tiny_run, capsys):
+    _, run_dir, _ = tiny_run
+    results = search.main(["--checkpoint", str(run_dir), "-n", "2", "--json", "--", "-a red circle"])
+    assert len(results) == 2 and json.loads(capsys.readouterr().out)["query"] == "-a red circle"
+
+
+# ---------------------------------------------------------------- --device: one check for every command
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:99", "meta", "cpu:5", "mps:1"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "search", "app", "embed"])
+def test_every_command_refuses_a_device_this_machine_lacks(command, device, capsys, tmp_path):
+    argv = {"train": [f"--out_dir={tmp_path}"], "search": ["a dog", "--checkpoint=/no/such/run"],
+            "embed": ["--checkpoint=/no/such/run", "--data=/no/such/data", f"--out={tmp_path / 'emb'}"],
+            }.get(command, ["--checkpoint=/no/such/run"])
+    code, text = refusal(command, [*argv, f"--device={device}"], capsys)
+    assert f"--device={device!r}: must be auto, cpu" in text and "Traceback" not in text
+    assert code == 2 or command == "train"  # train's one line ends in its usage too, status 1
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 # ---------------------------------------------------------------- -n and the grid are bounded
