@@ -26,7 +26,7 @@ from pathlib import Path
 from . import cli
 from .data import SPLITS
 from .engines import ENGINES, use_engine
-from .records import DataError, DataWarning
+from .records import DataError
 from clipModel import CLIPModel, check
 
 
@@ -147,6 +147,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .webapp import PageWarning
-    with cli.reported_warnings((DataWarning, PageWarning)):  # one plain line per data issue or exposure
-        main()
+    from .commands import run
+    raise SystemExit(run("app", main))  # this module's main, not a second copy of it

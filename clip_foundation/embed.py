@@ -44,7 +44,7 @@ from .extras import optional
 from .gallery import gallery_records
 from .index import model_digest
 from .modes import eval_mode
-from .records import DataError, DataWarning, open_rgb
+from .records import DataError, open_rgb
 from .stream import IMAGE_EXTS, SampleCounter, decode_captions, is_shards, shard_urls
 
 
@@ -317,5 +317,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    with cli.reported_warnings(DataWarning):
-        main()
+    from .commands import run
+    raise SystemExit(run("embed", main))  # this module's main, not a second copy of it

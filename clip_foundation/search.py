@@ -33,7 +33,7 @@ from .engines import ENGINES, use_engine
 from .bigindex import BigIndex, build_big_index, is_big_index, is_link, open_index
 from .budget import parse_size
 from .index import NON_FINITE_SCORES, GalleryIndex, ensure_faiss, mark_missing
-from .records import DataError, DataWarning
+from .records import DataError
 from clipModel import CLIPModel, check
 
 
@@ -204,5 +204,5 @@ def _report(args, results):
 
 
 if __name__ == "__main__":
-    with cli.reported_warnings(DataWarning):  # one plain line per data issue
-        main()
+    from .commands import run
+    raise SystemExit(run("search", main))  # this module's main, not a second copy of it

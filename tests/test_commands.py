@@ -1,14 +1,23 @@
-"""The commands as a user starts them: options end at `--`; every command checks --device the
+"""The commands as a user starts them: `python X.py`, the installed `clip-X` and `python -m
+clip_foundation.X` exit and report alike; options end at `--`; every command checks --device the
 same way; search's -n and its grid are bounded."""
 import json
+import os
+import subprocess
+import sys
+import tomllib
+import warnings
 from pathlib import Path
 
 import pytest
 
-from clip_foundation import cli, gallery, plots, search
+from clip_foundation import cli, commands, gallery, plots, search
 from clip_foundation.index import GalleryIndex
+from clip_foundation.records import DataWarning
 
 ROOT = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = {name.removeprefix("clip-"): target
+                for name, target in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"].items()}
 
 
 def main_of(command: str):
@@ -127,3 +136,79 @@ def test_json_draws_no_figure(tiny_run, tmp_path, monkeypatch, capsys, kind):
     results = search.main([*what, "--checkpoint", str(run_dir), "-n", "3", "--json", "--out", str(tmp_path / "f.png")])
     printed = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
     assert len(printed["matches"]) == len(results) == 3 and counts == [] and not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- every way of starting a command
+
+def test_run_turns_main_results_into_the_exit_status():
+    assert commands.run("search", lambda: {"R@1": 50.0}) == 0  # results, for Python callers
+    assert commands.run("search", lambda: None) == 0
+    assert commands.run("download", lambda: 1) == 1  # a status
+    assert commands.run("search", lambda: [1, 2]) == 0
+
+
+def test_run_reports_warnings_as_one_line_each(capsys):
+    def main():
+        warnings.warn("3 images are in none of the dataset's split lists", DataWarning)
+        return {}
+    commands.run("evaluate", main)
+    assert capsys.readouterr().err == "warning: 3 images are in none of the dataset's split lists\n"
+
+
+ROOT_SCRIPTS = ("train", "evaluate", "search", "app", "download")
+
+
+def started(command: str, way: str) -> list[str]:
+    """The command line that starts `command` `way`: its root script, its console script (what
+    pip's wrapper runs: the entry point pyproject.toml names), or `python -m`."""
+    if way == "script":
+        return [sys.executable, str(ROOT / f"{command}.py")]
+    if way == "console":
+        module, function = ENTRY_POINTS[command].split(":")
+        return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
+    return [sys.executable, "-m", f"clip_foundation.{command}"]
+
+
+WAYS = [(command, way) for command in ENTRY_POINTS for way in ("script", "console", "module")
+        if way != "script" or command in ROOT_SCRIPTS]
+
+
+def outside(tmp_path) -> dict:
+    """An environment with this checkout's code, no Kaggle login and no network."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    drop = ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR", "KAGGLE_API_TOKEN")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "HOME": str(home),
+            "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, way", WAYS)
+def test_a_failed_command_exits_1_however_it_is_started(command, way, tmp_path):
+    argv = {"train": ["--data=/no/such/data", f"--out_dir={tmp_path / 'runs'}"],
+            "download": ["flickr8k", f"--dest={tmp_path / 'data'}"],  # offline, no credentials
+            "hub": ["card", "/no/such/run"], "search": ["a dog", "--checkpoint=/no/such/run"],
+            "embed": ["--checkpoint=/no/such/run", "--data=/no/such/data", f"--out={tmp_path / 'emb'}"],
+            }.get(command, ["--checkpoint=/no/such/run"])
+    done = subprocess.run([*started(command, way), *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env=outside(tmp_path), timeout=300)
+    assert done.returncode == 1, (done.returncode, done.stderr[-1000:])
+    assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr, done.stderr[-1000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("way", ["script", "console", "module"])
+def test_warnings_are_one_plain_line_however_a_command_is_started(tiny_run, way, tmp_path):
+    data, run_dir, _ = tiny_run
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for image in sorted((Path(data) / "images").glob("*.png"))[:3]:
+        (photos / image.name).write_bytes(image.read_bytes())
+    (photos / "broken.png").write_bytes(b"not a png")
+    done = subprocess.run([*started("search", way), "a red circle", f"--checkpoint={run_dir}", f"--data={photos}",
+                           "--skip_bad", "-n", "2", "--json", "--engine=torch"],
+                          capture_output=True, text=True, cwd=tmp_path, env=outside(tmp_path), timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+    # once, as "warning: ..." (the progress bar may share its line), not Python's "file:line: DataWarning: ..."
+    assert done.stderr.count("warning: skipped 1 images that could not be decoded") == 1, done.stderr[-1000:]
+    assert "broken.png" in done.stderr and "DataWarning" not in done.stderr and "warnings.warn" not in done.stderr
