@@ -16,10 +16,13 @@ a login. The options and the address are checked before the model is loaded.
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +106,26 @@ def check_address(host: str, port: int) -> None:
                         "machine, e.g. 127.0.0.1, or 0.0.0.0 for all of them", USAGE)
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # the shell's status for a process ended by the signal
+
+
+def ends_on_sigterm(command):
+    """`command`, ended by SIGTERM (kill, systemd, docker stop) as by Ctrl-C: unwinding, so the
+    atexit cleanup of the page's temp and upload folders runs (the signal's default skips it)."""
+    @functools.wraps(command)
+    def wrapped(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():  # only it may handle signals
+            return command(*args, **kwargs)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    return wrapped
+
+
+@ends_on_sigterm
 def main(argv=None):
     args = cli.parse(AppConfig(), argv, USAGE)
     if not (args.checkpoint or args.index):

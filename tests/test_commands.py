@@ -1,10 +1,12 @@
 """The commands as a user starts them: `python X.py`, the installed `clip-X` and `python -m
 clip_foundation.X` exit and report alike; options end at `--`; every command checks --device the
-same way; search's -n and its grid are bounded."""
+same way; search's -n and its grid are bounded; SIGTERM cleans up the page like Ctrl-C."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import tomllib
 import warnings
 from pathlib import Path
@@ -212,3 +214,32 @@ def test_warnings_are_one_plain_line_however_a_command_is_started(tiny_run, way,
     # once, as "warning: ..." (the progress bar may share its line), not Python's "file:line: DataWarning: ..."
     assert done.stderr.count("warning: skipped 1 images that could not be decoded") == 1, done.stderr[-1000:]
     assert "broken.png" in done.stderr and "DataWarning" not in done.stderr and "warnings.warn" not in done.stderr
+
+
+# ---------------------------------------------------------------- SIGTERM ends the page like Ctrl-C
+
+@pytest.mark.slow
+def test_sigterm_removes_the_pages_folders(tiny_run, tmp_path):
+    pytest.importorskip("gradio", reason="the page needs gradio")
+    _, run_dir, _ = tiny_run
+    temp = tmp_path / "tmp"  # the page's temp and upload folders land here
+    temp.mkdir()
+    env = {**outside(tmp_path), "TMPDIR": str(temp), "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    page = subprocess.Popen([sys.executable, str(ROOT / "app.py"), f"--checkpoint={run_dir}", "--engine=torch"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    watchdog = threading.Timer(300, page.kill)  # a page that never comes up fails the test, not hangs it
+    watchdog.start()
+    try:
+        said = []
+        for line in page.stdout:  # until the server is up
+            said.append(line)
+            if "http://" in line:
+                break
+        assert len(list(temp.glob("clip-app-*"))) == 2, "".join(said)  # the page's thumbnails and Gradio's uploads
+        page.send_signal(signal.SIGTERM)
+        code = page.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        page.kill()
+    assert code == 128 + signal.SIGTERM
+    assert not list(temp.glob("clip-app-*")), "left behind"
