@@ -5,7 +5,7 @@
     python train.py --help                            # every key, its default and why
 
 The command line of `clip_foundation.train`, installed as `clip-train` too."""
-from clip_foundation.train import main
+from clip_foundation.commands import run
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run("train"))  # clip_foundation.train.main, its warnings and exit status as clip-train's

@@ -16,20 +16,21 @@ a login. The options and the address are checked before the model is loaded.
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from . import cli
 from .data import SPLITS
 from .engines import ENGINES, use_engine
-from .records import DataError, DataWarning
-from clipModel import CLIPModel, default_device, model_folder
+from .records import DataError
+from clipModel import CLIPModel, check, model_folder
 
 
 @dataclass
@@ -49,6 +50,12 @@ class AppConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
     engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
     threads: int = 1  # threads per query: 1 on a shared CPU (2 were up to 70x slower under load); the cores of an idle server are faster (docs/search.md)
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range;
+        `cli.checked_device` runs it and then checks --device as every command does."""
+        check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
+        check(self.threads >= 1, "threads", self.threads, ">= 1")
 
 
 USAGE = ("usage: python app.py --checkpoint=RUN [--gallery=DIR | --data=DIR --split=test] "
@@ -99,6 +106,26 @@ def check_address(host: str, port: int) -> None:
                         "machine, e.g. 127.0.0.1, or 0.0.0.0 for all of them", USAGE)
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # the shell's status for a process ended by the signal
+
+
+def ends_on_sigterm(command):
+    """`command`, ended by SIGTERM (kill, systemd, docker stop) as by Ctrl-C: unwinding, so the
+    atexit cleanup of the page's temp and upload folders runs (the signal's default skips it)."""
+    @functools.wraps(command)
+    def wrapped(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():  # only it may handle signals
+            return command(*args, **kwargs)
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            return command(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    return wrapped
+
+
+@ends_on_sigterm
 def main(argv=None):
     args = cli.parse(AppConfig(), argv, USAGE)
     if not (args.checkpoint or args.index):
@@ -112,10 +139,7 @@ def main(argv=None):
     if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0) or not 0 <= args.port < 65536:
         cli.usage_error(f"--max_upload_mb must be a positive number of MB (got {args.max_upload_mb}) "
                         f"and --port 0-65535 (got {args.port})", USAGE)
-    if args.engine not in ENGINES:
-        cli.usage_error(f"--engine={args.engine!r}: must be {' | '.join(ENGINES)}", USAGE)
-    if args.threads < 1:
-        cli.usage_error(f"--threads={args.threads}: must be >= 1", USAGE)
+    device = cli.checked_device(args, USAGE)  # --engine, --threads and --device, as the other commands check them
     check_address(args.host, args.port)
     try:
         auth = read_auth(args.auth)
@@ -123,7 +147,6 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     from .webapp import SearchPage
     try:
-        device = default_device() if args.device == "auto" else torch.device(args.device)
         gallery = None
         args.checkpoint = args.checkpoint and str(model_folder(args.checkpoint))  # a Hub id: its snapshot
         if args.index:
@@ -148,6 +171,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .webapp import PageWarning
-    with cli.reported_warnings((DataWarning, PageWarning)):  # one plain line per data issue or exposure
-        main()
+    from .commands import run
+    raise SystemExit(run("app", main))  # this module's main, not a second copy of it

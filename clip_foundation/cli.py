@@ -64,8 +64,18 @@ def resolve_key(cfg, key: str, aliases: dict[str, str] | None = None) -> str:
     raise ConfigError(f"unknown option --{key} (see --help)")
 
 
+def _split_at_end_of_options(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`argv` -> (the arguments before a `--`, the bare arguments after it)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    return argv[:end], argv[end + 1:]
+
+
 def apply_overrides(cfg, argv: list[str], aliases: dict[str, str] | None = None):
-    """Apply `--key=value` arguments to the dataclass `cfg` in place; return it."""
+    """Apply `--key=value` arguments to the dataclass `cfg` in place; return it. A `--` ends the
+    options; this takes no bare argument after it (`parse` gives them to positional fields)."""
+    argv, after = _split_at_end_of_options(argv)
+    if after:
+        raise ConfigError(f"unexpected argument {after[0]!r}: this command takes no bare arguments")
     paths = leaves(cfg)
     i = 0
     while i < len(argv):
@@ -96,9 +106,11 @@ def parse(cfg, argv: list[str] | None, usage: str, positional: tuple[str, ...] =
     """A script's whole command line -> `cfg` (a dataclass, filled in place and returned).
 
     `--key=value` (or `--key value`, `-k value`, a bare `--flag`) sets any field; bare arguments
-    fill the `positional` fields in order. `--help` prints every field with its comment and
-    exits; a mistake exits with one line and the usage."""
+    fill the `positional` fields in order; after `--` every argument is bare (a query may start
+    with "-"). `--help` prints every field with its comment and exits; a mistake exits with one
+    line and the usage."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv, after = _split_at_end_of_options(argv)
     if "-h" in argv or "--help" in argv:
         print(help_text(cfg, usage))
         raise SystemExit(0)
@@ -119,6 +131,7 @@ def parse(cfg, argv: list[str] | None, usage: str, positional: tuple[str, ...] =
                 options += [arg, argv[i + 1]] if takes_value else [arg]
                 i += takes_value
             i += 1
+        bare += after
         if len(bare) > len(positional):
             raise ConfigError(f"unexpected argument {bare[len(positional)]!r}")
         return apply_overrides(cfg, [f"--{k}={v}" for k, v in zip(positional, bare)] + options, aliases)

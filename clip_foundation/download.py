@@ -456,4 +456,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .commands import run
+    raise SystemExit(run("download", main))  # this module's main, not a second copy of it

@@ -47,7 +47,7 @@ from .gallery import gallery_records
 from .files import folder_to_write
 from .index import gallery_digest, model_digest
 from .modes import eval_mode
-from .records import DataError, DataWarning, open_rgb
+from .records import DataError, open_rgb
 from .stream import IMAGE_EXTS, REMOTE, SampleCounter, decode_captions, is_shards, shard_urls
 
 
@@ -352,5 +352,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    with cli.reported_warnings(DataWarning):
-        main()
+    from .commands import run
+    raise SystemExit(run("embed", main))  # this module's main, not a second copy of it

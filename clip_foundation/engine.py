@@ -109,8 +109,9 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, TypeError):  # not a device name at all
         device = torch.device("meta")
-    exists = (device.type == "cpu" or (device.type == "cuda" and (device.index or 0) < gpus)
-              or (device.type == "mps" and mps))
+    exists = ((device.type == "cpu" and not device.index)  # one CPU device: cpu:5 is none of this machine's
+              or (device.type == "cuda" and (device.index or 0) < gpus)
+              or (device.type == "mps" and mps and not device.index))
     check(exists, "device", name, "auto, cpu" + (f", cuda:0 to cuda:{gpus - 1}" if gpus else "")
           + (", mps" if mps else "") + " (the devices this machine has)")
     return device

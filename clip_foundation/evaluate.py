@@ -18,7 +18,7 @@ from . import benchmark_format, cli, querybank, zeroshot
 from .data import SPLITS, load_split, run_data_config
 from .engines import ENGINES, use_engine
 from .files import atomic_write
-from .records import DataError, DataWarning, SkippableError
+from .records import DataError, SkippableError
 from .modelcard import published_name
 from .retrieval import NonFiniteFeatures, embed_records, format_metrics
 from clipModel import CLIPModel, check, model_folder
@@ -130,5 +130,5 @@ def _zeroshot_main(model: CLIPModel, args, folder: Path) -> dict:
 
 
 if __name__ == "__main__":
-    with cli.reported_warnings(DataWarning):  # one plain line per data issue
-        main()
+    from .commands import run
+    raise SystemExit(run("evaluate", main))  # this module's main, not a second copy of it

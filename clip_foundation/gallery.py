@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from clipModel import CLIPModel, model_folder
+from clipModel import CLIPModel, check, model_folder
 
 from . import querybank
 from .bigindex import BigIndex, open_index
@@ -30,6 +30,17 @@ from .records import IMAGE_SUFFIXES, DataError, Record, caption_fault, image_fil
 from .readers import detect_layout
 from .engines import encoder_of, use_engine
 from .retrieval import embed_images, embed_texts, eval_mode
+
+MAX_RESULTS = 1000  # a search returns at most this many (-n): -n 100000 had not finished after 120 s
+GRID_CELLS = 100  # a grid draws at most the best this many: a 1,000-cell grid was a 15 MB PNG, 1.8 GB to draw
+
+
+def check_n(n: int, zero_means: str = "") -> None:
+    """The one range of a search's `n` (search.py's -n and the find functions): 1 to MAX_RESULTS,
+    or 0 where `zero_means` names what 0 stands for; a ConfigError (a ValueError) otherwise."""
+    check(1 <= n <= MAX_RESULTS or (n == 0 and bool(zero_means)), "n", n,
+          f"1 to {MAX_RESULTS}" + (f", or 0 for {zero_means}" if zero_means else ""))
+
 
 @dataclass
 class Match:
@@ -48,7 +59,7 @@ class Matches(list):
 
     def _repr_png_(self) -> bytes | None:
         from .plots import image_grid_png
-        return image_grid_png(self, title=self.query) if self else None
+        return image_grid_png(self[:GRID_CELLS], title=self.query) if self else None
 
 
 @dataclass
@@ -287,8 +298,7 @@ def find_matches(model: CLIPModel, index: GalleryIndex | BigIndex, query: str, n
     of `Match(path, score)` that Jupyter draws as a grid); ValueError for a query `clean_query`
     refuses."""
     query = clean_query(query)
-    if n < 1:
-        raise ValueError("n must be at least 1")
+    check_n(n)
     text = _encode(model, lambda: embed_texts(model, [query]))  # (1, D), by the model's engine
     if index.meta.get("querybank"):
         text = querybank.normalised_texts(text)  # (1, D + 1): ranks by cosine - the image's hub bias
@@ -309,8 +319,7 @@ def find_captions(model: CLIPModel, captions_index: GalleryIndex, image, n: int 
                   backend: str = "auto", distinct: bool = True) -> list[CaptionMatch]:
     """The `n` gallery captions that best describe `image` (a PIL image, a path or a tensor,
     see `embed_image`), best first; with `distinct`, a caption text is listed once."""
-    if n < 1:
-        raise ValueError("n must be at least 1")
+    check_n(n)
     if captions_index.captions is None:
         raise ValueError("not a caption index: build one with load_or_build_caption_index")
     query, total = embed_image(model, image), len(captions_index)
@@ -396,8 +405,9 @@ class Gallery:
         return find_captions(self.model, self.captions, image, n)
 
     def show(self, query: str, n: int = 9, path=None) -> list[Match]:
-        """`find_matches`, drawn as a grid of images with their scores (saved at `path` if given)."""
+        """`find_matches`, drawn as a grid of images with their scores (saved at `path` if given;
+        the best GRID_CELLS of them)."""
         from .plots import image_grid
         matches = self.find_matches(query, n)
-        image_grid(matches, title=query, path=path)
+        image_grid(matches[:GRID_CELLS], title=query, path=path)
         return matches

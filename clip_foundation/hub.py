@@ -199,4 +199,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .commands import run
+    raise SystemExit(run("hub", main))  # this module's main, not a second copy of it

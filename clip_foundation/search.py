@@ -26,14 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import cli
-from .gallery import (clean_query, find_captions, find_matches, gallery_records,
+from .gallery import (GRID_CELLS, check_n, clean_query, find_captions, find_matches, gallery_records,
                                      load_or_build_caption_index, load_or_build_index)
 from .data import SPLITS
 from .engines import ENGINES, use_engine
 from .bigindex import BigIndex, build_big_index, is_big_index, is_link, open_index
 from .budget import parse_size
 from .index import NON_FINITE_SCORES, GalleryIndex, ensure_faiss, mark_missing
-from .records import DataError, DataWarning
+from .records import DataError
 from clipModel import CLIPModel, check, model_folder
 
 
@@ -49,7 +49,7 @@ class SearchConfig:
     data: str = ""  # dataset folder or plain folder of images; empty = the one the run trained on
     split: str = "test"  # train | val | test as the run split the data, or all
     layout: str = "auto"  # dataset layout; images = a plain image folder
-    n: int = 0  # number of results; 0 = 9 images or 5 captions
+    n: int = 0  # number of results, at most 1000 (the grid draws the best 100); 0 = 9 images or 5 captions
     backend: str = "auto"  # auto (FAISS for large galleries when installed) | exact | faiss
     json: bool = False  # print JSON instead of lines
     out: str = ""  # figure path (default CHECKPOINT/search_QUERY.png); with --build_index the index folder
@@ -60,7 +60,7 @@ class SearchConfig:
 
     def validate(self) -> None:
         """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range."""
-        check(self.n >= 0, "n", self.n, ">= 1, or 0 for the default (9 images or 5 captions)")
+        check_n(self.n, zero_means="the default (9 images or 5 captions)")
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check(self.split in (*SPLITS, "all"), "split", self.split, "train | val | test | all")
         check(self.backend in ("auto", "exact", "faiss"), "backend", self.backend, "auto | exact | faiss")
@@ -158,9 +158,9 @@ def main(argv=None):
 
 
 def _report(args, results):
-    """Print the results first, then draw them: a missing image or an unwritable folder must
-    not cost the answer. Images gone since a prebuilt index was built are named, and the
-    index is marked stale."""
+    """Print the results first, then draw the best GRID_CELLS of them (nothing for --json, whose
+    reader wants the answer): a missing image or an unwritable folder must not cost the answer.
+    Images gone since a prebuilt index was built are named, and the index is marked stale."""
     from . import plots
     if args.image:
         slug, what = Path(args.image).stem, {"image": args.image}
@@ -175,7 +175,7 @@ def _report(args, results):
     figure = "figure" if args.image else "grid"
     if args.json:
         try:  # the last guard: NaN or Infinity is not JSON, and a reader of --json would choke on it
-            text = json.dumps({**what, figure: str(out), "matches": [asdict(m) for m in results],
+            text = json.dumps({**what, "matches": [asdict(m) for m in results],
                                "missing": missing}, indent=2, allow_nan=False)
         except ValueError:
             sys.exit(f"error: {NON_FINITE_SCORES}")
@@ -187,22 +187,24 @@ def _report(args, results):
               f"index was built): {', '.join(missing)}; rebuild the index", file=sys.stderr)
         if args.index and not is_big_index(args.index):
             mark_missing(Path(args.index) / "images", missing)
+    if args.json:  # its reader wants the answer, not a figure
+        return results
+    shown = results if args.image else [m for m in results if m.path not in missing and not is_link(m.path)]
     try:
         if args.image:
-            plots.captions_figure(args.image, results, path=out)
-        elif shown := [m for m in results if m.path not in missing and not is_link(m.path)]:  # links: not fetched
-            plots.image_grid(shown, title=args.query, path=out)
+            plots.captions_figure(args.image, shown[:GRID_CELLS], path=out)
+        elif shown:  # links: not fetched
+            plots.image_grid(shown[:GRID_CELLS], title=args.query, path=out)
         else:
             return results
     except (OSError, DataError) as e:
         print(f"warning: could not write the {figure} {out} ({getattr(e, 'strerror', None) or e}); "
               "pass --out PATH to write it elsewhere", file=sys.stderr)
     else:
-        if not args.json:
-            print(f"{figure}: {out}")
+        print(f"{figure}: {out}" + (f" (the best {GRID_CELLS} of {len(shown)})" if len(shown) > GRID_CELLS else ""))
     return results
 
 
 if __name__ == "__main__":
-    with cli.reported_warnings(DataWarning):  # one plain line per data issue
-        main()
+    from .commands import run
+    raise SystemExit(run("search", main))  # this module's main, not a second copy of it

@@ -442,4 +442,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from .commands import run
+    raise SystemExit(run("train", main))  # this module's main, not a second copy of it

@@ -218,7 +218,7 @@ def test_bad_overrides_are_rejected_clearly(argv, message):
     *((tool, option, said) for tool in ("evaluate", "search") for option, said in (
         ("--batch_size=0", "--batch_size=0: must be >= 1"), ("--batch_size=-3", "--batch_size=-3: must be >= 1"),
         ("--device=tpu", "--device='tpu': must be auto, cpu"), ("--device=cuda:99", "--device='cuda:99': must be"))),
-    ("search", "-n=-1", "--n=-1: must be >= 1, or 0"),
+    ("search", "-n=-1", "--n=-1: must be 1 to 1000, or 0"),
 ])
 def test_script_options_out_of_range_are_usage_errors_stating_the_range(tool, option, said, capsys):
     from clip_foundation import evaluate

@@ -98,9 +98,13 @@ def test_the_model_floor_imports_nothing_of_the_library():
 
 
 def test_root_scripts_are_command_lines_over_their_library_module():
+    # each runs its library module's main the one way every command runs: commands.run (its
+    # warnings and exit status as the installed clip-* command's)
     for script in SCRIPTS:
-        imports = imports_of(script, ROOT / f"{script}.py", set(modules()))
-        assert imports == {f"{PACKAGE}.{script}"}, f"{script}.py imports {imports}"
+        path = ROOT / f"{script}.py"
+        imports = imports_of(script, path, set(modules()))
+        assert imports == {f"{PACKAGE}.commands"}, f"{script}.py imports {imports}"
+        assert f'run("{script}")' in path.read_text(), f"{script}.py does not run its own command"
 
 
 def _imported_modules(source: str) -> set[str]:

@@ -353,7 +353,7 @@ def test_find_functions_reject_bad_arguments():
     for query in ("  ", "\u200b", "\u200b \u200c"):  # the readers' rule: no visible text is no caption
         with pytest.raises(ValueError, match="empty query"):
             gallery.find_matches(None, index, query)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="must be 1 to 1000"):
         gallery.find_matches(None, index, "a dog", n=0)
     with pytest.raises(ValueError, match="not a caption index"):
         gallery.find_captions(None, index, "x.png")
