@@ -24,8 +24,8 @@ from pathlib import Path
 
 import httpx
 
-from clip_foundation.synthetic import COLORS, SHAPES
-from clip_foundation.webapp import SearchPage
+from clip_foundation.data.synthetic import COLORS, SHAPES
+from clip_foundation.app.page import SearchPage
 
 
 def rss_mb() -> float:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from clip_foundation import train  # noqa: E402
-from clip_foundation.data import all_captions, decode_images  # noqa: E402
-from clip_foundation.features import text_tower_features  # noqa: E402
-from clip_foundation.retrieval import records_metrics  # noqa: E402
+from clip_foundation.training import loop as train  # noqa: E402
+from clip_foundation.data.splits import all_captions, decode_images  # noqa: E402
+from clip_foundation.training.features import text_tower_features  # noqa: E402
+from clip_foundation.evaluate.metrics import records_metrics  # noqa: E402
 from clipModel import clip_loss, to_model_input  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def stage_inputs(model, images, view: int, path: Path, batch_size: int = 32) -> 
 def text_states(model, captions: list[str], layers: int, batch_size: int = 256):
     """-> (states (M, T, C) fp16 at the input of the text tower's last `layers` layers, padded
     to the longest caption, and the attention mask (M, T)), computed in length-sorted batches."""
-    from clip_foundation.retrieval import length_order
+    from clip_foundation.evaluate.metrics import length_order
     bert = model.text_encoder.model.eval()
     tokens = model.tokenize(captions)  # (M, T) padded to the longest caption
     order = length_order(model, captions)

@@ -26,10 +26,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-from clip_foundation.cache import load_images
+from clip_foundation.data.cache import load_images
 from clipModel import resize_crop as prepare_transform  # noqa: E402
-from clip_foundation.readers import load_records
-from clip_foundation.records import open_rgb  # noqa: E402
+from clip_foundation.data.sources import load_records
+from clip_foundation.data.records import open_rgb  # noqa: E402
 
 
 class DirectImages(Dataset):

@@ -1,4 +1,4 @@
-"""Gallery embedding throughput of one process (`clip_foundation.embed`): images/s from JPEG files to
+"""Gallery embedding throughput of one process (`clip_foundation.embed.writer`): images/s from JPEG files to
 written parts, per model and engine, on this machine.
 
     python benchmarks/embed_speed.py                                   # data/flickr8k/Images, 256 photos
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, resize_crop
-from clip_foundation import embed
-from clip_foundation import embed_format as fmt
-from clip_foundation.engines import use_engine
-from clip_foundation.gallery import image_folder_records
-from clip_foundation.stream import SampleCounter
+from clip_foundation.embed import writer as embed
+from clip_foundation.embed import format as fmt
+from clip_foundation.engines.registry import use_engine
+from clip_foundation.search.gallery import image_folder_records
+from clip_foundation.data.stream import SampleCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def save_checkpoint(name: str, folder: Path) -> Path:
 
 def rate_of_decoding(records, size: int, workers: int) -> float:
     """Images/s of open_rgb + resize_crop alone on `workers` threads."""
-    from clip_foundation.records import open_rgb
+    from clip_foundation.data.records import open_rgb
     resize = resize_crop(size)
     start = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:

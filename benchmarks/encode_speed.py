@@ -4,7 +4,7 @@
     python benchmarks/encode_speed.py --image=tf_efficientnet_lite2 --batches=5
     python benchmarks/encode_speed.py --image=tf_efficientnet_lite2 --pool_blocks=2 --only_engines  # the preset's towers, per engine
 
-Engines (`clip_foundation.engines`: torch, ONNX Runtime, OpenVINO, each installed one): images/s of
+Engines (`clip_foundation.engines.registry`: torch, ONNX Runtime, OpenVINO, each installed one): images/s of
 decoded uint8 batches of `--small_batch` to normalised embeddings, with the minor page faults per
 image, and captions/s of pre-tokenized length-sorted batches of `--engine_caption_batch`, each
 through the Encoder every embedding path uses (graphs exported once into a temporary folder, and
@@ -15,7 +15,7 @@ faults per image: large batches allocate activations that glibc maps fresh from 
 every layer, which shows up as system time), and bf16 autocast (marked emulated where the CPU
 has no bf16 units). Caption paths: batches of captions of mixed lengths padded to the longest
 (what a plain loop does), and the same captions in length-sorted batches (what
-`clip_foundation.retrieval.length_order` gives every encoding path), with the token positions
+`clip_foundation.evaluate.metrics.length_order` gives every encoding path), with the token positions
 computed per caption (padding included), which does not depend on the machine's load. Weights come from the pip
 packages of requirements-pretrained.txt, so it runs offline. Prints one line per path.
 """
@@ -30,7 +30,7 @@ import torch
 
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, to_model_input  # noqa: E402
 from clip_foundation.pretrained import text_model_folder  # noqa: E402
-from clip_foundation.retrieval import length_order  # noqa: E402
+from clip_foundation.evaluate.metrics import length_order  # noqa: E402
 
 
 def rate(fn, items: int, batches: int) -> tuple[float, float]:
@@ -121,7 +121,7 @@ def engine_rows(args, model):
     """images/s (with page faults per image) and captions/s per installed engine, same inputs."""
     import importlib.util
     import tempfile
-    from clip_foundation.engines import make_encoder
+    from clip_foundation.engines.registry import make_encoder
     S, n, B = model.config.image.image_size, args.small_batch, args.engine_caption_batch
     uint8 = torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8)
     captions = mixed_captions(args.captions)

@@ -34,8 +34,8 @@ def write_embeddings(folder: Path, rows: int, dim: int, shard: int, queries: tor
     import pyarrow.parquet as pq
 
     from benchmarks.search_latency import Mixture
-    from clip_foundation.embed_format import VERSION, embeddings_path, metadata_path, vouch
-    from clip_foundation.index import RunningTopK
+    from clip_foundation.embed.format import VERSION, embeddings_path, metadata_path, vouch
+    from clip_foundation.search.index import RunningTopK
     mix, exact = Mixture(dim), RunningTopK(queries, 10)
     parts = []  # each part's record: the index build checks the files against it
     (folder / "img_emb").mkdir(parents=True, exist_ok=True)
@@ -77,8 +77,8 @@ def serve(folder: str, truth_file: str) -> dict:
     import faiss
 
     from benchmarks.search_latency import percentiles
-    from clip_foundation.bigindex import BigIndex
-    from clip_foundation.index import recall_at_k
+    from clip_foundation.search.mmap_index import BigIndex
+    from clip_foundation.search.index import recall_at_k
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     saved = np.load(truth_file)

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 
-from clip_foundation.engines import resolve  # noqa: E402
-from clip_foundation.index import (GalleryIndex, RunningTopK, build_faiss, ensure_faiss, exact_topk,  # noqa: E402
+from clip_foundation.engines.registry import resolve  # noqa: E402
+from clip_foundation.search.index import (GalleryIndex, RunningTopK, build_faiss, ensure_faiss, exact_topk,  # noqa: E402
                                    faiss_module, recall_at_k)
-from clip_foundation.retrieval import embed_texts  # noqa: E402
+from clip_foundation.evaluate.metrics import embed_texts  # noqa: E402
 
 
 def clustered(n: int, dim: int, clusters: int, spread: float, seed: int) -> torch.Tensor:
@@ -75,7 +75,7 @@ def timed(fn, items, warmup: int = 5) -> dict:
 def text_model(text: str, dim: int, words: list[str], engine: str = "torch"):
     """The page's model with a `text` tower (random heads), its queries encoded by `engine` as
     `app.py --engine=ENGINE` sets it up."""
-    from clip_foundation.engines import use_engine
+    from clip_foundation.engines.registry import use_engine
     from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
     if text == "minilm":
         from clip_foundation.pretrained import text_model_folder
@@ -95,10 +95,10 @@ def app_latency(rows_list: list[int], dim: int, texts: list[str], n_queries: int
 
     from PIL import Image
 
-    from clip_foundation.gallery import Gallery
-    from clip_foundation.records import Record
-    from clip_foundation.synthetic import COLORS, SHAPES
-    from clip_foundation.webapp import SearchPage
+    from clip_foundation.search.gallery import Gallery
+    from clip_foundation.data.records import Record
+    from clip_foundation.data.synthetic import COLORS, SHAPES
+    from clip_foundation.app.page import SearchPage
     words = [f"a {c} {s}" for c in COLORS for s in SHAPES]
     queries = [f"{w} on the left" if i % 2 else w for i, w in enumerate(words * (n_queries // len(words) + 1))]
     queries = queries[:n_queries]

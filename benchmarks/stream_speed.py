@@ -2,10 +2,10 @@
 
     python benchmarks/stream_speed.py --data=data/flickr8k --images 1000 --size 224
 
-Converts the first --images records to shards of --shard_size (clip_foundation.shards), then
-measures: (a) streaming: decode + resize in N DataLoader workers (clip_foundation.stream, as
+Converts the first --images records to shards of --shard_size (clip_foundation.data.shards), then
+measures: (a) streaming: decode + resize in N DataLoader workers (clip_foundation.data.stream, as
 train.py reads shards); (b) the JPEG-folder path: the one-off decode of the folder into the
-uint8 cache (thread pool, clip_foundation.cache); (c) the cached path: shuffled batches of the
+uint8 cache (thread pool, clip_foundation.data.cache); (c) the cached path: shuffled batches of the
 memory-mapped cache. Prints a table and writes JSON (--out).
 
 With --train_images N it also trains train.py's default model for one epoch on a synthetic set
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-from clip_foundation import stream  # noqa: E402
-from clip_foundation.cache import load_images  # noqa: E402
-from clip_foundation.readers import load_records  # noqa: E402
-from clip_foundation.shards import write_shards  # noqa: E402
+from clip_foundation.data import stream  # noqa: E402
+from clip_foundation.data.cache import load_images  # noqa: E402
+from clip_foundation.data.sources import load_records  # noqa: E402
+from clip_foundation.data.shards import write_shards  # noqa: E402
 
 
 def streaming_rate(urls, size: int, workers: int, batch: int, images: int) -> float:
@@ -59,9 +59,9 @@ def cached_rate(images: torch.Tensor, batch: int) -> float:
 def training_rates(tmp: Path, train_images: int, workers: int, rounds: int) -> dict[str, list[float]]:
     """Median pairs/s of train.py's logged steps (the first, which holds start-up, left out)
     training one epoch from the decoded cache and streamed from shards, per round."""
-    from clip_foundation import train
-    from clip_foundation.shards import ShardsConfig, convert
-    from clip_foundation.synthetic import SyntheticConfig, generate
+    from clip_foundation.training import loop as train
+    from clip_foundation.data.shards import ShardsConfig, convert
+    from clip_foundation.data.synthetic import SyntheticConfig, generate
     data = generate(tmp / "synthetic", SyntheticConfig(n_train=train_images, n_val=64, n_test=0), progress=False)
     convert(ShardsConfig(src=str(data), out=str(tmp / "train_shards"), shard_size=100, progress=False))
     common = [f"--out_dir={tmp / 'runs'}", "--epochs=1", "--log_every=5", "--progress=false", "--tensorboard=false",

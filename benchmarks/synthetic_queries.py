@@ -12,8 +12,8 @@ from pathlib import Path
 
 
 from clipModel import CLIPModel  # noqa: E402
-from clip_foundation.gallery import find_matches, gallery_records, load_or_build_index  # noqa: E402
-from clip_foundation.synthetic import COLORS, SHAPES, contains  # noqa: E402
+from clip_foundation.search.gallery import find_matches, gallery_records, load_or_build_index  # noqa: E402
+from clip_foundation.data.synthetic import COLORS, SHAPES, contains  # noqa: E402
 
 
 def main(argv=None):

@@ -37,12 +37,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 ROOT = Path(__file__).resolve().parents[1]
 from benchmarks.data_path import DirectImages, make_jpegs  # noqa: E402
-from clip_foundation.cache import load_images  # noqa: E402
+from clip_foundation.data.cache import load_images  # noqa: E402
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, train_tokenizer  # noqa: E402
-from clip_foundation.data import UniqueImageBatchSampler, token_batch
+from clip_foundation.data.splits import UniqueImageBatchSampler, token_batch
 from clipModel import to_model_input  # noqa: E402
 from clipModel import clip_loss  # noqa: E402
-from clip_foundation.records import Record  # noqa: E402
+from clip_foundation.data.records import Record  # noqa: E402
 
 
 def variant(model, bf16=True, attn="sdpa", fused=False, compile=False, batch=256, engine=False):
@@ -182,7 +182,7 @@ def make_step(model, forward, spec: dict, device):
 
 def engine_step(model, optimizer, spec: dict, device):
     """The seed model stepped by the project's training engine, as train.py steps it."""
-    from clip_foundation import engine
+    from clip_foundation.training import step as engine
     precision = "bf16" if spec["bf16"] else "fp32"
     scaler = engine.grad_scaler(precision, device)
 

@@ -8,4 +8,4 @@ The model itself lives in `clipModel.py` beside this package; the scripts at the
 # badges point at its notebook (tests/test_notebook.py checks each copy against this one).
 REPO_URL = "https://github.com/CLIP-Foundation/clip-foundation"
 
-from . import pretrained  # noqa: E402,F401  registers the pip-packaged ImageNet weights with clipModel
+from clip_foundation import pretrained  # noqa: E402,F401  registers the pip-packaged ImageNet weights with clipModel

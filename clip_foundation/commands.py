@@ -1,23 +1,31 @@
 """The one way every command runs, however it is started: `python search.py`, the installed
-`clip-search` (pyproject.toml's [project.scripts]) and `python -m clip_foundation.search` all call
+`clip-search` (pyproject.toml's [project.scripts]) and `python -m clip_foundation.search.command` all call
 `run`, so each reports warnings and exits the same way. The `main`s return their results (model,
 metrics) for Python callers and tests; `run` turns that into the exit status."""
 from __future__ import annotations
 
 import importlib
 
-from . import cli
+from clip_foundation.common import cli
+
+
+MODULES = {  # each command -> the module whose `main` it runs
+    "train": "clip_foundation.training.command", "evaluate": "clip_foundation.evaluate.command",
+    "search": "clip_foundation.search.command", "app": "clip_foundation.app.command",
+    "download": "clip_foundation.data.download", "hub": "clip_foundation.hub", "embed": "clip_foundation.embed.writer",
+    "export": "clip_foundation.engines.export", "shards": "clip_foundation.data.shards",
+    "synthetic": "clip_foundation.data.synthetic",
+}
 
 
 def run(command: str, main=None) -> int:
-    """Run `clip_foundation.<command>`'s `main` (or `main`, given by that module run as __main__)
-    with its data and page warnings printed as one plain line each -> the exit status: a `main`
+    """Run the `main` of `command`'s module (MODULES) (or `main`, given by that module run as __main__)
+    with its warnings (data, page, engine: every UserWarning) printed as one plain line each -> the
+    exit status: a `main`
     returning an int (download) exits with it, one returning results exits 0. A failure inside
     `main` is a SystemExit already (one error line, status 1; usage mistakes 2)."""
-    from .records import DataWarning
-    from .webapp import PageWarning
-    main = main or importlib.import_module(f"clip_foundation.{command}").main
-    with cli.reported_warnings((DataWarning, PageWarning)):
+    main = main or importlib.import_module(MODULES[command]).main
+    with cli.reported_warnings():
         result = main()
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 

@@ -36,9 +36,9 @@ from pathlib import Path
 
 from clipModel import CheckpointError, CLIPModel, public_path, read_model_config
 
-from . import cli
-from .files import atomic_write
-from .modelcard import CARD, check_repo_id, published_name, write_model_card, written_here
+from clip_foundation.common import cli
+from clip_foundation.common.files import atomic_write
+from clip_foundation.evaluate.modelcard import CARD, check_repo_id, published_name, write_model_card, written_here
 
 UPLOAD = ["config.json", "model.safetensors", CARD, "metrics.json", "curves.png", "matches.png",
           "querybank.safetensors", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
@@ -199,5 +199,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .commands import run
+    from clip_foundation.commands import run
     raise SystemExit(run("hub", main))  # this module's main, not a second copy of it

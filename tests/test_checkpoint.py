@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_foundation import train
-from clip_foundation.checkpoint import find_resume, last_checkpoint, load_last, save_last
+from clip_foundation.training import loop as train
+from clip_foundation.training.checkpoint import find_resume, last_checkpoint, load_last, save_last
 from clipModel import CLIPModel
 from conftest import TINY_MODEL
 
@@ -37,7 +37,7 @@ def same_tokenizer_for_same_captions():
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from clip_foundation.synthetic import SyntheticConfig, generate
+    from clip_foundation.data.synthetic import SyntheticConfig, generate
     root = tmp_path_factory.mktemp("resume")
     return generate(root / "data", SyntheticConfig(n_train=120, n_val=20, n_test=20), progress=False), root
 
@@ -189,7 +189,7 @@ SAVER = """
 import sys, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from test_checkpoint import _tiny_model
-from clip_foundation.checkpoint import save_last
+from clip_foundation.training.checkpoint import save_last
 model = _tiny_model()
 print("ready", flush=True)
 for step in range(10**6):

@@ -17,8 +17,11 @@ from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 from torchvision.datasets import ImageFolder
 
-from clip_foundation import benchmark_format, evaluate, retrieval, zeroshot
-from clip_foundation.readers import read_caption_csv
+from clip_foundation.evaluate import benchmark_format
+from clip_foundation.evaluate import command as evaluate
+from clip_foundation.evaluate import metrics as retrieval
+from clip_foundation.evaluate import zeroshot
+from clip_foundation.data.sources import read_caption_csv
 from clipModel import CLIPModel
 
 

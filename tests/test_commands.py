@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from clip_foundation import cli, commands, gallery, plots, search
-from clip_foundation.index import GalleryIndex
-from clip_foundation.records import DataWarning
+from clip_foundation.common import cli
+from clip_foundation import commands
+from clip_foundation.search import gallery
+from clip_foundation.evaluate import plots
+from clip_foundation.search import command as search
+from clip_foundation.search.index import GalleryIndex
+from clip_foundation.data.records import DataWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {name.removeprefix("clip-"): target
@@ -24,7 +28,8 @@ ENTRY_POINTS = {name.removeprefix("clip-"): target
 
 def main_of(command: str):
     import importlib
-    return importlib.import_module(f"clip_foundation.{command}").main
+    from clip_foundation.commands import MODULES
+    return importlib.import_module(MODULES[command]).main
 
 
 def refusal(command: str, argv: list[str], capsys) -> tuple[object, str]:
@@ -168,7 +173,9 @@ def started(command: str, way: str) -> list[str]:
     if way == "console":
         module, function = ENTRY_POINTS[command].split(":")
         return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
-    return [sys.executable, "-m", f"clip_foundation.{command}"]
+    from clip_foundation.commands import MODULES
+    documented = {"embed": "clip_foundation.embed", "hub": "clip_foundation.hub"}  # python -m lines in the docs
+    return [sys.executable, "-m", documented.get(command, MODULES[command])]
 
 
 WAYS = [(command, way) for command in ENTRY_POINTS for way in ("script", "console", "module")

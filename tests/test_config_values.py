@@ -2,9 +2,9 @@
 naming the key, the value and what it may be (issue #24: nonsense values used to train with exit 0)."""
 import pytest
 
-from clip_foundation import train
-from clip_foundation.data import DataConfig, split_by_image
-from clip_foundation.records import Record
+from clip_foundation.training import loop as train
+from clip_foundation.data.splits import DataConfig, split_by_image
+from clip_foundation.data.records import Record
 from clipModel import ConfigError
 
 BAD_VALUES = [
@@ -61,7 +61,7 @@ def test_queries_follow_the_caption_rule(queries):
 
 
 def test_defaults_and_presets_are_valid():
-    from clip_foundation.presets import PRESETS
+    from clip_foundation.training.presets import PRESETS
     train.RunConfig().validate()
     for name in PRESETS:
         try:

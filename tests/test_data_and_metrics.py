@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_foundation import cli
-from clip_foundation.data import UniqueImageBatchSampler, carve_val_from_train, check_captions, split_by_image
-from clip_foundation.retrieval import retrieval_metrics
-from clip_foundation.records import DataError, Record
+from clip_foundation.common import cli
+from clip_foundation.data.splits import UniqueImageBatchSampler, carve_val_from_train, check_captions, split_by_image
+from clip_foundation.evaluate.metrics import retrieval_metrics
+from clip_foundation.data.records import DataError, Record
 
 
 @pytest.mark.parametrize("counts,batch,rounds", [([5] * 40, 8, 5), ([1, 2, 3, 5] * 10, 7, 3), ([3] * 9, 4, 1)])
@@ -221,8 +221,8 @@ def test_bad_overrides_are_rejected_clearly(argv, message):
     ("search", "-n=-1", "--n=-1: must be 1 to 1000, or 0"),
 ])
 def test_script_options_out_of_range_are_usage_errors_stating_the_range(tool, option, said, capsys):
-    from clip_foundation import evaluate
-    from clip_foundation import search
+    from clip_foundation.evaluate import command as evaluate
+    from clip_foundation.search import command as search
     argv = ["--checkpoint=/no/such/run", option]  # refused before anything is loaded
     with pytest.raises(SystemExit) as exc:
         evaluate.main(argv) if tool == "evaluate" else search.main(["a dog", *argv])
@@ -264,7 +264,7 @@ def test_skip_bad_drops_and_reports_unreadable_captions(tokenizer):
 
 def test_csv_column_names_are_configurable(tmp_path):
     from PIL import Image
-    from clip_foundation.data import DataConfig, load_splits
+    from clip_foundation.data.splits import DataConfig, load_splits
     for i in range(4):
         Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / f"p{i}.jpg")
     rows = ["id,filename,text"] + [f"{i},p{i // 2}.jpg,photo {i}" for i in range(8)]
@@ -278,7 +278,7 @@ def test_csv_column_names_are_configurable(tmp_path):
 
 
 def test_column_options_on_a_layout_without_columns_are_rejected(tmp_path):
-    from clip_foundation.data import DataConfig, load_splits
+    from clip_foundation.data.splits import DataConfig, load_splits
     (tmp_path / "Images").mkdir()
     (tmp_path / "captions.txt").write_text("image,caption\n")
     with pytest.raises(DataError, match="apply to csv and hf"):
@@ -286,7 +286,7 @@ def test_column_options_on_a_layout_without_columns_are_rejected(tmp_path):
 
 
 def test_prefetch_keeps_order_and_raises_the_producers_error():
-    from clip_foundation.data import prefetch
+    from clip_foundation.data.splits import prefetch
     assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
 
     def failing():

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from clip_foundation import cli, evaluate, readers_standard, search
-from clip_foundation.data import DataConfig, load_split
-from clip_foundation.readers import load_records, load_records_with_report, read_class_folders
-from clip_foundation.readers_hf import _write_image
-from clip_foundation.records import DataError, DatasetFolders, LoadReport, open_rgb
+from clip_foundation.common import cli
+from clip_foundation.evaluate import command as evaluate
+from clip_foundation.data import standard as readers_standard
+from clip_foundation.search import command as search
+from clip_foundation.data.splits import DataConfig, load_split
+from clip_foundation.data.sources import load_records, load_records_with_report, read_class_folders
+from clip_foundation.data.hf import _write_image
+from clip_foundation.data.records import DataError, DatasetFolders, LoadReport, open_rgb
 from test_readers import _png_header, make_flickr8k, make_flickr30k
 from test_standard_splits import (_jpeg, captions_of, coco_file, karpathy_file, make_karpathy, put,  # noqa: F401
                                   tiny_run_free_model, write_json)  # (a fixture, used by name)

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import TINY_CAPTIONS, TINY_MODEL, wordpiece_tokenizer
-from clip_foundation.data import UniqueImageBatchSampler
+from clip_foundation.data.splits import UniqueImageBatchSampler
 
 pytestmark = pytest.mark.distributed  # gloo process groups and torchrun
 
@@ -30,8 +30,8 @@ def setup_inputs():
     """A tiny model (no dropout: ranks draw different masks) and 8 image/caption pairs."""
 
     from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
-    from clip_foundation.records import Record
-    from clip_foundation.inputs import Inputs
+    from clip_foundation.data.records import Record
+    from clip_foundation.training.inputs import Inputs
     torch.manual_seed(0)
     cfg = CLIPConfig(image=ImageEncoderConfig(kind="scratch", image_size=32, width=32, depth=2, heads=2, stem="linear"),
                      text=TextEncoderConfig(kind="scratch", width=32, depth=1, heads=2, vocab_size=100, pooling="mean"),
@@ -47,7 +47,7 @@ def setup_inputs():
 
 def step(model, embedder, inputs, index, loss_fn, accum, no_sync=None):
     import contextlib
-    from clip_foundation.engine import contrastive_backward
+    from clip_foundation.training.step import contrastive_backward
     rows = inputs.batch_rows(index, torch.device("cpu"))
     micro = list(zip(rows.chunk(accum), index.chunk(accum)))
     return contrastive_backward(embedder, micro, model.scale, loss_fn, "fp32", torch.device("cpu"),
@@ -56,9 +56,9 @@ def step(model, embedder, inputs, index, loss_fn, accum, no_sync=None):
 
 def worker(rank, port, accum, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
-    from clip_foundation import distributed
+    from clip_foundation.common import distributed
     from clipModel import gathered_clip_loss
-    from clip_foundation.inputs import Embedder
+    from clip_foundation.training.inputs import Embedder
     distributed.setup(torch.device("cpu"))
     model, inputs = setup_inputs()
     ddp = torch.nn.parallel.DistributedDataParallel(Embedder(model, inputs, augment=False))
@@ -72,7 +72,7 @@ def worker(rank, port, accum, out):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, accum):
     from clipModel import clip_loss
-    from clip_foundation.inputs import Embedder
+    from clip_foundation.training.inputs import Embedder
     mp.spawn(worker, args=(free_port(), accum, str(tmp_path)), nprocs=WORLD, join=True)
     model, inputs = setup_inputs()
     loss = step(model, Embedder(model, inputs, augment=False), inputs, torch.arange(BATCH), clip_loss, 1)
@@ -99,7 +99,7 @@ def test_sampler_shards_each_global_batch_over_ranks(world):
 
 
 def test_torchrun_trains_with_two_processes(tmp_path):
-    from clip_foundation.synthetic import SyntheticConfig, generate
+    from clip_foundation.data.synthetic import SyntheticConfig, generate
     data = generate(tmp_path / "data", SyntheticConfig(n_train=80, n_val=20, n_test=20), progress=False)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            "train.py", f"--data={data}", f"--out_dir={tmp_path / 'runs'}", "--run_name=ddp", "--device=cpu",

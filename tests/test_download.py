@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_foundation import download  # noqa: E402
-from clip_foundation.download import DownloadError  # noqa: E402
+from clip_foundation.data import download  # noqa: E402
+from clip_foundation.data.download import DownloadError  # noqa: E402
 
 KEY = "k3y-s3cr3t-0123456789abcdef"
 SHARED_FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"

@@ -1,4 +1,4 @@
-"""clip_foundation.embed: a gallery embedded into clip-retrieval's layout (img_emb/*.npy +
+"""clip_foundation.embed.writer: a gallery embedded into clip-retrieval's layout (img_emb/*.npy +
 metadata/*.parquet + embed.json), equal to the model's own encode_image, the same files whatever
 the number of ranks, resumable after kill -9, bad images skipped and counted, shards as input."""
 import contextlib
@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from conftest import TINY_CAPTIONS, wordpiece_tokenizer
-from clip_foundation import embed
-from clip_foundation import embed_format as fmt
+from clip_foundation.embed import writer as embed
+from clip_foundation.embed import format as fmt
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, resize_crop, to_model_input
 
 pytest.importorskip("pyarrow")
@@ -84,7 +84,7 @@ def test_embeddings_equal_encode_image_and_the_format_is_clip_retrievals(checkpo
     on_disk = json.loads((out / "embed.json").read_text())
     assert on_disk["version"] == 2 and on_disk["dim"] == 16 and on_disk["rows_per_shard"] == 4
     assert [p["rows"] for p in on_disk["parts"]] == [4, 4, 3]  # each part's record, vouching for its files
-    from clip_foundation.index import model_digest
+    from clip_foundation.search.index import model_digest
     assert on_disk["model"] == model_digest(checkpoint)
     embeddings, meta = all_rows(out)
     assert embeddings.dtype == np.float16 and embeddings.shape == (N_IMAGES, 16)
@@ -96,7 +96,7 @@ def test_embeddings_equal_encode_image_and_the_format_is_clip_retrievals(checkpo
 
 
 def test_a_dataset_layout_keeps_every_split_and_its_captions(checkpoint, tmp_path):
-    from clip_foundation.synthetic import SyntheticConfig, generate
+    from clip_foundation.data.synthetic import SyntheticConfig, generate
     data = generate(tmp_path / "synthetic", SyntheticConfig(n_train=6, n_val=2, n_test=2, image_size=32),
                     progress=False)
     info = run(checkpoint, data, tmp_path / "emb", "--rows_per_shard=3")
@@ -199,9 +199,9 @@ def test_the_clip_embed_command_exits_0_when_main_returns(monkeypatch):
 @pytest.fixture(scope="module")
 def shard_set(photos, tmp_path_factory):
     """The photos as 3 WebDataset shards (4, 4, 3 samples) written by the project's converter."""
-    from clip_foundation.gallery import image_folder_records
-    from clip_foundation.records import Record
-    from clip_foundation.shards import write_shards
+    from clip_foundation.search.gallery import image_folder_records
+    from clip_foundation.data.records import Record
+    from clip_foundation.data.shards import write_shards
     records = [Record(r.image, [f"caption {i}"]) for i, r in enumerate(image_folder_records(photos))]
     folder = tmp_path_factory.mktemp("shards") / "set"
     write_shards(records, folder, shard_size=4, progress=False)

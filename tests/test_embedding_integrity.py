@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_foundation import embed
-from clip_foundation import embed_format as fmt
-from clip_foundation import search
-from clip_foundation.bigindex import INDEX_FILE, INFO_FILE, METADATA_FILE, build_big_index
-from clip_foundation.budget import choose_index, parse_size, plans
-from clip_foundation.index import BadIndexError, faiss_module, model_digest
-from clip_foundation.records import DataError
+from clip_foundation.embed import writer as embed
+from clip_foundation.embed import format as fmt
+from clip_foundation.search import command as search
+from clip_foundation.search.mmap_index import INDEX_FILE, INFO_FILE, METADATA_FILE, build_big_index
+from clip_foundation.search.budget import choose_index, parse_size, plans
+from clip_foundation.search.index import BadIndexError, faiss_module, model_digest
+from clip_foundation.data.records import DataError
 from clipModel import CLIPModel, ConfigError
 from test_embed import IMAGES, N_IMAGES, checkpoint, photos, run, shard_set  # noqa: F401 (fixtures)
 from test_index_budget import QUERY, big_gallery, clustered, write_emb  # noqa: F401 (fixtures)
@@ -212,7 +212,7 @@ del_ = object()
     (_edit_info(building=True), "its build did not finish"),  # killed while replacing its files
 ])
 def test_a_tampered_index_is_one_line_in_search_and_the_page(big_gallery, tmp_path, tamper, said):
-    from clip_foundation.gallery import Gallery
+    from clip_foundation.search.gallery import Gallery
     folder = copy_of(big_gallery[0], tmp_path)
     tamper(folder)
     with pytest.raises(SystemExit) as e:
@@ -228,7 +228,8 @@ def test_an_index_is_read_whole_only_when_its_files_were_written_since_the_build
     # opening a 5 GB index must not hash 5 GB each time: an untouched file (size and time as built)
     # is trusted; a file whose time moved is hashed, and opens if its bytes are still the built ones
     import os
-    from clip_foundation import bigindex, index
+    from clip_foundation.search import mmap_index as bigindex
+    from clip_foundation.search import index
     folder = copy_of(big_gallery[0], tmp_path)  # copy2 keeps the files' times
     hashed, real = [], index.file_digest
     monkeypatch.setattr(index, "file_digest", lambda path, *a: (Path(path).parent == folder and hashed.append(

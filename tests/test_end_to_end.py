@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_foundation import evaluate
-from clip_foundation import search
-from clip_foundation import gallery
-from clip_foundation import train
+from clip_foundation.evaluate import command as evaluate
+from clip_foundation.search import command as search
+from clip_foundation.search import gallery
+from clip_foundation.training import loop as train
 from conftest import TINY_MODEL
-from clip_foundation.synthetic import SyntheticConfig, generate
+from clip_foundation.data.synthetic import SyntheticConfig, generate
 
 def test_training_learns_far_above_chance(tiny_run):
     _, run_dir, metrics = tiny_run
@@ -209,8 +209,8 @@ def test_a_run_whose_dataset_is_gone_names_it_and_the_data_option(tiny_run, tmp_
 
 
 def test_a_run_saves_its_local_data_paths_absolute(tmp_path, monkeypatch):
-    from clip_foundation.data import DataConfig
-    from clip_foundation.stream import StreamConfig
+    from clip_foundation.data.splits import DataConfig
+    from clip_foundation.data.stream import StreamConfig
     monkeypatch.chdir(tmp_path)
     saved = DataConfig(path="data/photos", cache_dir="~/cache").absolute()
     assert saved.path == str(tmp_path / "data" / "photos") and saved.synthetic_dir == str(tmp_path / "data" / "synthetic")

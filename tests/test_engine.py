@@ -6,7 +6,7 @@ import torch
 
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
 from conftest import TINY_CAPTIONS
-from clip_foundation.engine import (NonFiniteLoss, build_scheduler, contrastive_backward, freeze_towers, grad_scaler,
+from clip_foundation.training.step import (NonFiniteLoss, build_scheduler, contrastive_backward, freeze_towers, grad_scaler,
                                     optimizer_step, param_groups, resolve_precision)
 from clipModel import clip_loss
 
@@ -57,7 +57,7 @@ def test_param_groups_lrs_and_decay_exclusions(image_lr, text_lr):
 
 
 def test_tutorial_preset_gives_three_learning_rates():
-    from clip_foundation import train
+    from clip_foundation.training import loop as train
     cfg = train.resolve_config(["--preset=tutorial"])
     assert (cfg.train.lr, cfg.train.image_lr, cfg.train.text_lr) == (1e-3, 1e-4, 1e-5)
     assert cfg.train.schedule == "plateau"

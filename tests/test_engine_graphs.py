@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_foundation import cli, engines, export
-from clip_foundation.retrieval import embed_texts
+from clip_foundation.common import cli
+from clip_foundation.engines import registry as engines
+from clip_foundation.engines import export
+from clip_foundation.evaluate.metrics import embed_texts
 from conftest import TINY_CAPTIONS
 from test_export import tiny_model
 
@@ -138,7 +140,7 @@ def killed(*args, **kwargs):  # the temporary file is written, then the process 
     os.kill(os.getpid(), signal.SIGKILL)
 
 tool.{function} = killed
-from clip_foundation import export
+from clip_foundation.engines import export
 export.main([{run!r}, "--format={format}"])
 """
 

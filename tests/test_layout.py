@@ -13,21 +13,27 @@ SCRIPTS = {"train", "evaluate", "search", "download", "app"}  # entry points; th
 
 
 def modules() -> dict[str, Path]:
+    """Every project module by dotted name: the root's scripts and model, and the package tree (a
+    subpackage's `__init__.py` is the subpackage itself)."""
     found = {p.stem: p for p in ROOT.glob("*.py")}
-    found.update({f"{PACKAGE}.{p.stem}": p for p in (ROOT / PACKAGE).glob("*.py") if p.stem != "__init__"})
+    for p in (ROOT / PACKAGE).rglob("*.py"):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
     return found
 
 
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     """Project modules that `name` imports anywhere in its file (lazy imports included)."""
     out = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:  # relative: inside the package
-                base = f"{PACKAGE}.{base}" if base else PACKAGE
+            if node.level:  # relative: from the importing module's package, up `level - 1` packages
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
             targets = [base] + [f"{base}.{a.name}" for a in node.names]
         else:
             continue
@@ -39,6 +45,14 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
 def graph() -> dict[str, set[str]]:
     mods = modules()
     return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+
+
+def subpackage(name: str) -> str | None:
+    """clip_foundation.data.records -> "data"; None for the package's own top-level modules."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE or len(parts) < 2:
+        return None
+    return parts[1] if (ROOT / PACKAGE / parts[1]).is_dir() else None
 
 
 def test_only_scripts_at_the_root():
@@ -71,6 +85,45 @@ def test_no_import_cycles():
             visit(node, [node])
 
 
+def test_no_cycles_between_subpackages():
+    # data -> search -> data would tie two rooms into one: a subpackage may lean on another only one way
+    edges: dict[str, set[str]] = {}
+    for name, targets in graph().items():
+        here = subpackage(name)
+        if here:
+            edges.setdefault(here, set()).update(t for t in map(subpackage, targets) if t and t != here)
+    for a, targets in edges.items():
+        for b in targets:
+            assert a not in edges.get(b, set()), f"subpackages {a} and {b} import each other"
+    state: dict[str, int] = {}
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            assert state.get(nxt) != 1, "subpackage cycle: " + " -> ".join(path[path.index(nxt):] + [nxt])
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_the_package_is_rooms_of_readable_size():
+    # at most ~12 modules in any one folder of the package, none over 450 lines; each subpackage says
+    # in its __init__ docstring what lives there
+    folders: dict[Path, list[Path]] = {}
+    for path in (ROOT / PACKAGE).rglob("*.py"):
+        folders.setdefault(path.parent, []).append(path)
+        lines = len(path.read_text().splitlines())
+        assert lines <= 450, f"{path.relative_to(ROOT)} has {lines} lines"
+    for folder, files in folders.items():
+        assert len([f for f in files if f.name not in ("__init__.py", "__main__.py")]) <= 12, folder
+        if folder != ROOT / PACKAGE:
+            assert ast.get_docstring(ast.parse((folder / "__init__.py").read_text())), f"{folder} has no docstring"
+
+
 def test_clip_model_exports_a_small_api():
     import clipModel
     assert "torch" not in clipModel.__all__ and "json" not in clipModel.__all__
@@ -81,7 +134,7 @@ def test_clip_model_exports_a_small_api():
 
 @pytest.mark.parametrize("start_training", [True, False])
 def test_eval_mode_restores_every_module_even_after_an_exception(start_training):
-    from clip_foundation.retrieval import eval_mode
+    from clip_foundation.evaluate.metrics import eval_mode
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(2))
     model.train(start_training)
     model[2].eval()  # a frozen part kept in eval mode inside a training model
@@ -155,5 +208,5 @@ def test_an_installed_command_exits_0_when_its_main_returns_results(command, mon
     # a console script passes its function's return value to sys.exit: a metrics dict would exit 1
     import importlib
     from clip_foundation import commands
-    monkeypatch.setattr(importlib.import_module(f"clip_foundation.{command}"), "main", lambda: {"R@1": 50.0})
+    monkeypatch.setattr(importlib.import_module(commands.MODULES[command]), "main", lambda: {"R@1": 50.0})
     assert getattr(commands, command)() == 0

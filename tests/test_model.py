@@ -13,10 +13,10 @@ import torch.nn.functional as F
 import clipModel
 from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ConfigError, ImageEncoder, ImageEncoderConfig, ProjectionHead,
                        TextEncoderConfig, image_transform)
-from clip_foundation.data import decode_images
+from clip_foundation.data.splits import decode_images
 from clipModel import to_model_input
 from clipModel import clip_loss
-from clip_foundation.records import Record
+from clip_foundation.data.records import Record
 
 from conftest import TINY_CAPTIONS as CAPTIONS
 

@@ -19,8 +19,8 @@ pytest.importorskip("webdataset", reason="webdataset is not installed (requireme
 
 @pytest.fixture(scope="module")
 def shard_data(tmp_path_factory):
-    from clip_foundation import shards
-    from clip_foundation.synthetic import SyntheticConfig, generate
+    from clip_foundation.data import shards
+    from clip_foundation.data.synthetic import SyntheticConfig, generate
     root = tmp_path_factory.mktemp("nodes")
     src = generate(root / "src", SyntheticConfig(n_train=48, n_val=8, n_test=8), progress=False)
     shards.main([str(src), str(root / "shards"), "--shard_size=6", "--progress=false"])

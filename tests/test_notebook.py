@@ -126,8 +126,8 @@ def tiny_flickr8k(tmp_path):
     """A small folder in the Kaggle Flickr8k layout: Images/*.jpg, captions.txt, splits/{train,dev,test}.txt."""
     from PIL import Image
 
-    from clip_foundation.readers import read_caption_csv
-    from clip_foundation.synthetic import SyntheticConfig, generate
+    from clip_foundation.data.sources import read_caption_csv
+    from clip_foundation.data.synthetic import SyntheticConfig, generate
     source = generate(tmp_path / "synthetic", SyntheticConfig(n_train=48, n_val=8, n_test=16), progress=False)
     root = tmp_path / "flickr8k"
     (root / "Images").mkdir(parents=True)

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_foundation import plots  # noqa: E402
-from clip_foundation.records import DataError  # noqa: E402
+from clip_foundation.evaluate import plots  # noqa: E402
+from clip_foundation.data.records import DataError  # noqa: E402
 
 RED, BLUE = (220, 0, 0), (0, 0, 220)
 

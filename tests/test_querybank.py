@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_foundation.querybank import bank_metrics, hub_bias, load_bank, normalised_images, normalised_texts, save_bank
-from clip_foundation.records import Record
-from clip_foundation.retrieval import records_metrics
+from clip_foundation.evaluate.querybank import bank_metrics, hub_bias, load_bank, normalised_images, normalised_texts, save_bank
+from clip_foundation.data.records import Record
+from clip_foundation.evaluate.metrics import records_metrics
 
 
 @pytest.mark.parametrize("alpha, beta", [(1.0, 10.0), (0.5, 30.0)])
@@ -49,9 +49,9 @@ def test_bank_round_trips_through_the_run_folder(tmp_path):
 def test_search_ranks_by_the_corrected_score_and_a_plain_run_keeps_cosines(tiny_run, tmp_path):
     import shutil
 
-    from clip_foundation import gallery
-    from clip_foundation.data import decode_images
-    from clip_foundation.retrieval import embed_images
+    from clip_foundation.search import gallery
+    from clip_foundation.data.splits import decode_images
+    from clip_foundation.evaluate.metrics import embed_images
     from clipModel import CLIPModel
     data, run_dir, _ = tiny_run  # trained with --querybank=200
     model = CLIPModel.from_pretrained(run_dir).eval()

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_foundation.readers import (MAX_CAPTION_CHARS, detect_layout, load_records,  # noqa: E402
+from clip_foundation.data.sources import (MAX_CAPTION_CHARS, detect_layout, load_records,  # noqa: E402
                                      load_records_with_report, read_caption_csv, read_class_folders)
-from clip_foundation.records import DataError, DataWarning, LoadReport, open_rgb  # noqa: E402
+from clip_foundation.data.records import DataError, DataWarning, LoadReport, open_rgb  # noqa: E402
 
 SHARED_FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 
@@ -511,6 +511,6 @@ def test_shared_flickr8k():
 
 
 def test_hf_images_go_to_the_repository_data_folder():
-    from clip_foundation.readers_hf import default_cache_dir
+    from clip_foundation.data.hf import default_cache_dir
     root = Path(__file__).resolve().parents[1]
     assert default_cache_dir("hf:user/set") == root / "data" / "hf" / "user_set"

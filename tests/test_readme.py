@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from clip_foundation import app
-from clip_foundation import download
-from clip_foundation import evaluate
-from clip_foundation import search
-from clip_foundation import train
-from clip_foundation import cli
-from clip_foundation.presets import PRESETS
-from clip_foundation.synthetic import SyntheticCommand
+from clip_foundation.app import command as app
+from clip_foundation.data import download
+from clip_foundation.evaluate import command as evaluate
+from clip_foundation.search import command as search
+from clip_foundation.training import loop as train
+from clip_foundation.common import cli
+from clip_foundation.training.presets import PRESETS
+from clip_foundation.data.synthetic import SyntheticCommand
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -65,13 +65,13 @@ def check(args: list[str]):
     elif script == "clip_foundation.synthetic":
         cli.parse(SyntheticCommand(), args, "")
     elif script == "clip_foundation.shards":
-        from clip_foundation.shards import ShardsConfig
+        from clip_foundation.data.shards import ShardsConfig
         assert cli.parse(ShardsConfig(), args, "", positional=("src", "out")).out
     elif script == "clip_foundation.export":
-        from clip_foundation.export import ExportConfig, USAGE
+        from clip_foundation.engines.export import ExportConfig, USAGE
         cli.parse(ExportConfig(), args, USAGE, positional=("checkpoint",)).validate()
     elif script == "clip_foundation.embed":
-        from clip_foundation.embed import USAGE, EmbedConfig
+        from clip_foundation.embed.writer import USAGE, EmbedConfig
         cli.parse(EmbedConfig(), args, USAGE).validate()
     elif script == "clip_foundation.hub":
         from clip_foundation.hub import USAGE, HubConfig

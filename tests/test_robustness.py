@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from clip_foundation import evaluate
-from clip_foundation import search
-from clip_foundation import gallery
-from clip_foundation import train
+from clip_foundation.evaluate import command as evaluate
+from clip_foundation.search import command as search
+from clip_foundation.search import gallery
+from clip_foundation.training import loop as train
 from conftest import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    from clip_foundation.synthetic import SyntheticConfig, generate
+    from clip_foundation.data.synthetic import SyntheticConfig, generate
     root = tmp_path_factory.mktemp("robust")
     return generate(root / "data", SyntheticConfig(n_train=60, n_val=10, n_test=12), progress=False), root
 
@@ -99,7 +99,7 @@ def test_evaluate_prints_the_metrics_even_when_it_cannot_write_them(run_copy, mo
 # ---------------------------------------------------------------- train.py: run folders
 
 def _train_in_process(argv):
-    from clip_foundation import train as entry
+    from clip_foundation.training import loop as entry
     _, run_dir, _ = entry.main(argv)
     return str(run_dir)
 
@@ -158,7 +158,7 @@ def test_a_killed_run_leaves_no_stale_lock(small_data):
     import sys
     folder = small_data[1] / "runs" / "killed"
     folder.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from clip_foundation.checkpoint import "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from clip_foundation.training.checkpoint import "
                                f"hold_run; lock = hold_run({str(folder)!r}); print('held', flush=True); "
                                "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).resolve().parents[1])
@@ -229,7 +229,7 @@ def test_truncated_index_file_is_rebuilt(run_copy, capsys):
 
 def test_search_falls_back_to_the_user_cache_when_the_checkpoint_is_read_only(run_copy, tmp_path,
                                                                                monkeypatch, capsys):
-    from clip_foundation import index as index_module
+    from clip_foundation.search import index as index_module
     data, run = run_copy
     shutil.rmtree(run / "index", ignore_errors=True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -258,7 +258,7 @@ def test_search_falls_back_to_the_user_cache_when_the_checkpoint_is_read_only(ru
 def test_disk_full_while_saving_last_is_one_clear_error(small_data, monkeypatch):
     import errno
 
-    from clip_foundation import checkpoint
+    from clip_foundation.training import checkpoint
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

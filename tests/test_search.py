@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_foundation import search
-from clip_foundation import gallery
-from clip_foundation.records import DataError
-from clip_foundation.index import GalleryIndex, build_faiss, exact_topk, faiss_module, load_index, recall_at_k, save_index
+from clip_foundation.search import command as search
+from clip_foundation.search import gallery
+from clip_foundation.data.records import DataError
+from clip_foundation.search.index import GalleryIndex, build_faiss, exact_topk, faiss_module, load_index, recall_at_k, save_index
 
 needs_faiss = pytest.mark.skipif(faiss_module() is None, reason="faiss not installed")
 
@@ -133,8 +133,8 @@ def test_build_index_in_chunks_equals_one_pass(tiny_run):
 
 
 def test_index_from_cached_tower_features_equals_encoding_the_images(tiny_run):
-    from clip_foundation.data import decode_images
-    from clip_foundation.features import image_tower_features
+    from clip_foundation.data.splits import decode_images
+    from clip_foundation.training.features import image_tower_features
     from clipModel import CLIPModel
     data, run_dir, _ = tiny_run
     model = CLIPModel.from_pretrained(run_dir)
@@ -219,7 +219,7 @@ def test_a_plain_image_folder_is_a_gallery(tiny_run, photo_folder):
 
 def test_embed_image_accepts_a_path_a_pil_image_and_tensors(tiny_run):
     from clipModel import CLIPModel
-    from clip_foundation.records import open_rgb
+    from clip_foundation.data.records import open_rgb
     data, run_dir, _ = tiny_run
     model = CLIPModel.from_pretrained(run_dir)
     records = gallery.gallery_records(run_dir, str(data), "test")[:4]
@@ -239,7 +239,7 @@ def test_embed_image_accepts_a_path_a_pil_image_and_tensors(tiny_run):
 
 def test_find_captions_names_the_colour_of_single_shape_images(tiny_run):
     from clipModel import CLIPModel
-    from clip_foundation.synthetic import COLORS
+    from clip_foundation.data.synthetic import COLORS
     data, run_dir, _ = tiny_run
     model = CLIPModel.from_pretrained(run_dir)
     records = gallery.gallery_records(run_dir, str(data), "test")
@@ -412,7 +412,7 @@ BAD_BANKS = {  # case -> (write it at path for a model of `dim`, a word the erro
 @pytest.mark.parametrize("tool", ["evaluate", "search"])
 @pytest.mark.parametrize("case", list(BAD_BANKS))
 def test_a_bad_querybank_is_one_line_naming_the_file(tiny_run, checkpoint, tool, case):
-    from clip_foundation import evaluate
+    from clip_foundation.evaluate import command as evaluate
     from clipModel import read_model_config
     data, _, _ = tiny_run
     write, fault = BAD_BANKS[case]

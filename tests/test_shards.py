@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from conftest import TINY_MODEL
-from clip_foundation import shards, stream
-from clip_foundation.records import DataError
+from clip_foundation.data import shards
+from clip_foundation.data import stream
+from clip_foundation.data.records import DataError
 
 wds = pytest.importorskip("webdataset", reason="webdataset is not installed (requirements.txt)")
 
@@ -22,7 +23,7 @@ wds = pytest.importorskip("webdataset", reason="webdataset is not installed (req
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory):
     """A tiny synthetic set (48 train / 12 val / 12 test) as shards of 6: (source folder, shards folder)."""
-    from clip_foundation.synthetic import SyntheticConfig, generate
+    from clip_foundation.data.synthetic import SyntheticConfig, generate
     root = tmp_path_factory.mktemp("shards")
     src = generate(root / "src", SyntheticConfig(n_train=48, n_val=12, n_test=12), progress=False)
     shards.main([str(src), str(root / "out"), "--shard_size", "6", "--progress=false"])
@@ -42,7 +43,7 @@ def sizes(folder):
 
 @pytest.mark.parametrize("shard_size", [5, 100])
 def test_converter_writes_every_image_once_per_split(shard_set, tmp_path, shard_size):
-    from clip_foundation.readers import load_records
+    from clip_foundation.data.sources import load_records
     src, _ = shard_set
     written = shards.main([str(src), str(tmp_path), f"--shard_size={shard_size}", "--progress=false"])
     records = load_records(src)
@@ -131,7 +132,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
 
 @pytest.mark.parametrize("listing", ["file", "brace"])
 def test_a_missing_shard_is_one_error_naming_it(shard_set, tmp_path, listing, capsys):
-    from clip_foundation import train
+    from clip_foundation.training import loop as train
     folder = shard_set[1] / "train"
     missing = folder / "00042.tar"
     if listing == "file":
@@ -171,7 +172,7 @@ def run_args(data, out, name, *extra):
 
 @pytest.mark.slow
 def test_streamed_run_reports_skips_and_resumes_from_its_positions(tmp_path, shard_set, capsys):
-    from clip_foundation import train
+    from clip_foundation.training import loop as train
     urls = bad_shards(tmp_path / "bad") + stream.shard_urls(str(shard_set[1] / "train"))[:2]
     (tmp_path / "list.txt").write_text("\n".join(urls))
     common = run_args(tmp_path / "list.txt", tmp_path / "runs", "bad", f"--val_data={shard_set[1] / 'val'}",
@@ -190,7 +191,7 @@ def test_streamed_run_reports_skips_and_resumes_from_its_positions(tmp_path, sha
 @pytest.mark.slow
 def test_streamed_training_reaches_the_folder_recall(tiny_run, tmp_path):
     """The tiny_run fixture's data and recipe, streamed from shards instead of the decoded cache."""
-    from clip_foundation import train
+    from clip_foundation.training import loop as train
     data, _, folder_metrics = tiny_run
     shards.main([str(data), str(tmp_path / "shards"), "--shard_size=50", "--progress=false"])
     with pytest.warns(UserWarning, match="a streamed run keeps none, so no querybank was saved"):
@@ -237,7 +238,7 @@ def test_the_converter_refuses_an_out_folder_holding_files_it_did_not_write(shar
 @pytest.mark.parametrize("earlier", [None, 20])
 def test_an_interrupted_conversion_is_refused_until_converted_again(shard_set, tmp_path, monkeypatch, earlier,
                                                                     capsys):
-    from clip_foundation import train
+    from clip_foundation.training import loop as train
     src, convert = shard_set[0], [str(shard_set[0]), str(tmp_path), "--shard_size=5", "--progress=false"]
     if earlier:  # a whole earlier conversion into the same OUT, with other shard sizes
         shards.main([str(src), str(tmp_path), f"--shard_size={earlier}", "--progress=false"])
@@ -332,7 +333,7 @@ def test_shard_captions_follow_the_readers_rule(tmp_path, txt, kind, message):
 
 
 def test_bad_evaluation_samples_are_skipped_and_counted_by_shard_and_key(tmp_path):
-    from clip_foundation.records import DataWarning
+    from clip_foundation.data.records import DataWarning
     (tmp_path / "s").mkdir()
     write_shard(tmp_path / "s/00000.tar", [
         {"__key__": "a", "jpg": jpeg(), "txt": "a red box"},

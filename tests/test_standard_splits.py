@@ -14,11 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_foundation import cli, download, evaluate, gallery, train, zeroshot
-from clip_foundation.data import DataConfig, load_splits
-from clip_foundation.readers import detect_layout, load_records, load_records_with_report
-from clip_foundation.records import DataError, DataWarning, Record, open_rgb
-from clip_foundation.retrieval import evaluate_records
+from clip_foundation.common import cli
+from clip_foundation.data import download
+from clip_foundation.evaluate import command as evaluate
+from clip_foundation.search import gallery
+from clip_foundation.training import loop as train
+from clip_foundation.evaluate import zeroshot
+from clip_foundation.data.splits import DataConfig, load_splits
+from clip_foundation.data.sources import detect_layout, load_records, load_records_with_report
+from clip_foundation.data.records import DataError, DataWarning, Record, open_rgb
+from clip_foundation.evaluate.metrics import evaluate_records
 from clipModel import CLIPModel
 from conftest import SHARED, TINY_MODEL
 
@@ -396,7 +401,7 @@ def file_server():
 
 @pytest.mark.parametrize("ranges", [True, False])
 def test_url_fetch_resumes_a_partial_file_where_the_server_allows(tmp_path, file_server, ranges):
-    from clip_foundation.webfetch import url_fetch
+    from clip_foundation.data.webfetch import url_fetch
     url, state = file_server
     state["ranges"] = ranges
     put(tmp_path / "big.zip.part", state["data"][:1000] if ranges else b"stale bytes")  # an interrupted run
@@ -412,7 +417,7 @@ def test_url_fetch_resumes_a_partial_file_where_the_server_allows(tmp_path, file
 def synthetic_standard_folder(root: Path, kind: str) -> Path:
     """The tiny synthetic shapes, written as a Karpathy split file (COCO-style, with restval) or as
     the official COCO captions, images as JPEGs under the datasets' own names."""
-    from clip_foundation.synthetic import SyntheticConfig, generate
+    from clip_foundation.data.synthetic import SyntheticConfig, generate
     source = generate(root / "synthetic", SyntheticConfig(n_train=56, n_val=8, n_test=16, image_size=32), progress=False)
     records = load_records(source)
     data = root / kind

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_foundation import synthetic  # noqa: E402
-from clip_foundation.synthetic import COLORS, SIZES, SyntheticConfig, ensure_synthetic, generate, main  # noqa: E402
+from clip_foundation.data import synthetic  # noqa: E402
+from clip_foundation.data.synthetic import COLORS, SIZES, SyntheticConfig, ensure_synthetic, generate, main  # noqa: E402
 
 SIZE_WORDS = {w for ws in synthetic.SIZE_WORDS.values() for w in ws}
 TINY = SyntheticConfig(n_train=20, n_val=5, n_test=5, image_size=64, captions_per_image=5, seed=0)
@@ -91,7 +91,7 @@ def test_layout(tiny):
 
 
 def test_readable_by_readers(tiny):
-    from clip_foundation.readers import load_records
+    from clip_foundation.data.sources import load_records
     records = load_records(tiny)
     assert len(records) == 30 and all(len(r.captions) == 5 for r in records)
     assert records[0].split == "train" and "color1" in records[0].extra

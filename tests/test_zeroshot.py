@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clip_foundation import evaluate
-from clip_foundation import retrieval, zeroshot
+from clip_foundation.evaluate import command as evaluate
+from clip_foundation.evaluate import metrics as retrieval
+from clip_foundation.evaluate import zeroshot
 from clipModel import CLIPModel, resize_crop
-from clip_foundation.readers import read_caption_csv
+from clip_foundation.data.sources import read_caption_csv
 from test_model import scratch_config
-from clip_foundation.zeroshot import confusion, per_class_accuracy, topk_accuracy
+from clip_foundation.evaluate.zeroshot import confusion, per_class_accuracy, topk_accuracy
 
 CLASSES = ["red circle", "blue_square", "green star"]
 

@@ -1,0 +1,1 @@
+"""The search page: its command line and its Gradio page (`SearchPage`)."""

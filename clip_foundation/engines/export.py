@@ -1,0 +1,251 @@
+"""Export a CLIP's towers as ONNX or OpenVINO graphs, for the faster CPU engines of `engines.py`.
+
+    python -m clip_foundation.export runs/NAME                    # RUN/engines/<digest>/*.onnx
+    python -m clip_foundation.export runs/NAME --format=openvino  # the same as OpenVINO IR (.xml + .bin)
+
+Each tower is written twice: with its projection head (`image.onnx`, `text.onnx`: normalised
+embeddings, what search and evaluation use) and alone (`image_tower.onnx`, `text_tower.onnx`: the
+tower's features, what training on a frozen tower caches). Graphs take any batch size (and any
+caption length), are traced with torch.onnx.export at opset 17, and are cached in a folder named
+by the weights' digest, so the same weights are never exported twice. Each graph is served only as
+it was exported: the sha256 of its files is written beside it last (`NAME.sha256.json`) and checked
+on every load, and a graph that no longer matches it (edited, truncated, unfinished) is exported
+again with one warning line. Temporary files of exports that were killed are removed by the next.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clip_foundation.common import cli
+from clip_foundation.data.cache import process_alive
+from clip_foundation.common.extras import optional
+from clip_foundation.common.files import atomic_write
+from clip_foundation.search.index import file_digest, model_digest
+from clip_foundation.common.modes import eval_mode  # dropout off while tracing; each module's own mode after
+from clipModel import CLIPModel, ConfigError, check, model_folder
+
+OPSET = 17
+FORMATS = ("onnx", "openvino")
+TOWERS = ("image", "text")
+PARTS = ("embed", "features")  # with the projection head (normalised) | the tower alone
+
+
+class _Graph(nn.Module):
+    """A tower, then (for "embed") its projection head and L2 normalisation: what is exported."""
+
+    def __init__(self, tower: nn.Module, head: nn.Module | None):
+        super().__init__()
+        self.tower, self.head = tower, head
+
+    def forward(self, *inputs):
+        features = self.tower(*inputs)
+        return features if self.head is None else F.normalize(self.head(features), dim=-1)
+
+
+def graph(model: CLIPModel, tower: str, part: str = "embed") -> tuple[nn.Module, tuple, dict]:
+    """-> (module to export, example inputs, {input name: dynamic axes}) of `tower` ("image" or
+    "text"), with its projection head (`part="embed"`) or alone (`part="features"`)."""
+    encoder = getattr(model, f"{tower}_encoder")
+    head = getattr(model, f"{tower}_projection") if part == "embed" else None
+    return _Graph(encoder, head), encoder.example_inputs(getattr(model.config, tower)), encoder.export_axes
+
+
+def graph_name(tower: str, part: str, format: str = "onnx") -> str:
+    """The file an exported graph is saved as: image.onnx, text_tower.xml, ..."""
+    return f"{tower}{'_tower' if part == 'features' else ''}.{'xml' if format == 'openvino' else 'onnx'}"
+
+
+def weights_digest(*modules: nn.Module) -> str:
+    """sha256 of the modules' parameters and buffers (names, shapes, dtypes and bytes): the identity
+    of a model held in memory, such as a frozen tower during training."""
+    h = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            t = tensor.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def export_onnx(model: CLIPModel, tower: str, part: str, path) -> Path:
+    """Trace one graph (see `graph`) into the ONNX file `path`, written whole or not at all."""
+    module, inputs, axes = graph(model, tower, part)
+    inputs = tuple(x.to(model.device) for x in inputs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), eval_mode(module):
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(module, inputs, str(tmp), input_names=list(axes), output_names=["features"],
+                              dynamic_axes={**axes, "features": {0: "batch"}}, opset_version=OPSET, dynamo=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _seal(path)
+
+
+def to_openvino(onnx_path, xml_path) -> Path:
+    """Convert an ONNX file to OpenVINO IR (`xml_path` and its .bin) in fp32, the .xml written last."""
+    ov = optional("openvino", "engines", "the OpenVINO engine")
+    xml_path = Path(xml_path)
+    # the pid in the name tells the next export whether the process writing it is gone
+    with tempfile.TemporaryDirectory(dir=xml_path.parent, prefix=f".ov{os.getpid()}-") as tmp:
+        ov.save_model(ov.convert_model(str(onnx_path)), str(Path(tmp) / xml_path.name), compress_to_fp16=False)
+        os.replace(Path(tmp) / xml_path.with_suffix(".bin").name, xml_path.with_suffix(".bin"))
+        os.replace(Path(tmp) / xml_path.name, xml_path)
+    return _seal(xml_path)
+
+
+def graph_files(path) -> list[Path]:
+    """The files a graph is made of: the .onnx, or OpenVINO's .xml and its .bin."""
+    path = Path(path)
+    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+
+
+def digest_file(path) -> Path:
+    """Where the sha256 of a graph's files is kept: NAME.sha256.json beside it."""
+    return Path(path).with_name(f"{Path(path).name}.sha256.json")
+
+
+def _digests(path) -> dict[str, str]:
+    return {f.name: file_digest(f) for f in graph_files(path)}
+
+
+def _seal(path: Path) -> Path:
+    # last, once the graph's files are in place: only a whole graph has a digest that matches
+    atomic_write(digest_file(path), lambda tmp: tmp.write_text(json.dumps(_digests(path))))
+    return path
+
+
+def intact(path) -> bool:
+    """Whether the graph at `path` is there as it was exported: its files' sha256 match the digest
+    written beside it (not when edited, truncated, unfinished or exported without a digest)."""
+    try:
+        return json.loads(digest_file(path).read_text()) == _digests(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _exported(path: Path, write) -> Path:
+    # `path` when intact, else written by `write(path)`: silently where there was none yet
+    if not intact(path):
+        if any(f.exists() for f in graph_files(path)):
+            warnings.warn(f"{path}: does not match the digest written when it was exported "
+                          "(changed or unfinished); exporting it again")
+        write(path)
+    return path
+
+
+# the temporary files of export_onnx and atomic_write (.NAME.tmpPID), to_openvino's folders (.ovPID-*)
+_LEFTOVER = re.compile(r"\.(?:.+\.tmp([1-9][0-9]{0,8})|ov([1-9][0-9]{0,8})-.*)")
+
+
+def _sweep(folder: Path) -> None:
+    # Exports killed midway (kill -9, out of memory) leave their temporary files and folders: remove
+    # those whose process is gone. Another running export keeps its own; a read-only folder keeps all.
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        match = _LEFTOVER.fullmatch(path.name)
+        if match and not process_alive(int(match[1] or match[2])):
+            with contextlib.suppress(OSError):  # another export may be removing it too
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+
+
+def cached_graph(model: CLIPModel, tower: str, part: str, folder, format: str = "onnx") -> Path:
+    """The graph file of `tower`/`part` in `folder` (named by the weights' digest by the caller),
+    exported (and converted) only when it is not there intact yet."""
+    folder = Path(folder)
+    _sweep(folder)
+
+    def onnx() -> Path:  # OpenVINO's graph is converted from it
+        return _exported(folder / graph_name(tower, part), lambda path: export_onnx(model, tower, part, path))
+    if format == "onnx":
+        return onnx()
+    return _exported(folder / graph_name(tower, part, "openvino"), lambda path: to_openvino(onnx(), path))
+
+
+def run_engines_folder(checkpoint) -> Path:
+    """RUN/engines/<first 16 hex digits of the weights' sha256>: where a run's graphs are cached."""
+    return Path(checkpoint) / "engines" / model_digest(checkpoint)[:16]
+
+
+def engines_folder(checkpoint) -> Path:
+    """Where the graphs of the saved model in `checkpoint` are cached and read: `run_engines_folder`,
+    or the same digest under the user's cache ($XDG_CACHE_HOME or ~/.cache) when the run folder
+    cannot be written (read-only, another user's)."""
+    folder = run_engines_folder(checkpoint)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a folder that exists may still refuse writes
+        return folder
+    except OSError:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clip-foundation" / "engines" / folder.name
+
+
+def export_run(checkpoint, format: str = "onnx", model: CLIPModel | None = None) -> list[Path]:
+    """Write (or find cached) every graph of the saved model in `checkpoint` (a folder, or a Hub
+    id: its snapshot in the Hub cache, where the graphs go too) -> their paths."""
+    checkpoint = model_folder(checkpoint)
+    model = model or CLIPModel.from_pretrained(checkpoint)
+    folder = engines_folder(checkpoint)
+    return [cached_graph(model, tower, part, folder, format) for tower in TOWERS for part in PARTS]
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = ""  # the run folder written by train.py (any save_pretrained folder)
+    format: str = "onnx"  # onnx (ONNX Runtime, and OpenVINO reads it too) | openvino (IR: .xml + .bin)
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range."""
+        check(self.format in FORMATS, "format", self.format, " | ".join(FORMATS))
+
+
+USAGE = "usage: python -m clip_foundation.export runs/NAME [--format=onnx|openvino]"
+
+
+def main(argv=None) -> list[Path]:
+    """Export every graph of a run and print where they are."""
+    args = cli.parse(ExportConfig(), argv, USAGE, positional=("checkpoint",))
+    if not args.checkpoint:
+        cli.usage_error("a run folder is required", USAGE)
+    try:
+        args.validate()
+    except ConfigError as e:
+        cli.usage_error(str(e), USAGE)
+    try:
+        paths = export_run(args.checkpoint, args.format)
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        sys.exit(f"error: {args.checkpoint}: cannot export ({' '.join(str(e).split())[:400]})")
+    except KeyboardInterrupt:  # Ctrl-C: every graph is written whole or not at all, nothing to report
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    if not paths[0].is_relative_to(args.checkpoint):
+        print(f"{args.checkpoint} cannot be written: the graphs are in the user cache, {paths[0].parent}", file=sys.stderr)
+    for path in paths:
+        print(path)
+    return paths
+
+
+if __name__ == "__main__":
+    with cli.reported_warnings():
+        main()

@@ -1,0 +1,232 @@
+"""One engine choice for every embedding: torch, ONNX Runtime or OpenVINO.
+
+On a CPU the exported graphs of `export.py` encode 3-4x faster than torch (benchmarks/encode_speed.py,
+docs/results.md). Every embedding path asks `encoder_of(model)` for its `Encoder`: evaluation, index
+building, zero-shot, the gallery and the page through `retrieval.embed_images` / `embed_texts`, and
+training's frozen-tower features through `features.py` (`tower_encoder`). A command line picks the
+engine with `--engine=auto|torch|openvino|onnxruntime`; `use_engine(model, engine, folder)` attaches
+it to a loaded model. `auto` is torch on a GPU and the fastest engine installed on a CPU (OpenVINO,
+then ONNX Runtime), torch when neither is. A graph is served only as exported (its digest, see
+`export.py`) and is checked against torch on the adapter's example inputs when first loaded; an
+export or a check that fails falls back to torch with one warning line.
+Training steps always run in torch: only inference on fixed weights uses another engine.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from clipModel import CLIPModel, to_model_input
+
+from clip_foundation.engines.export import cached_graph, engines_folder, graph, weights_digest
+from clip_foundation.common.extras import optional
+from clip_foundation.common.modes import eval_mode, image_layout
+
+ENGINES = ("auto", "torch", "openvino", "onnxruntime")
+FASTEST_FIRST = ("openvino", "onnxruntime")  # Lite2 on 2 cores: 24.1, 16.9 and torch 5.6 images/s
+TOLERANCE = 1e-4  # an engine's outputs on the example inputs must match torch's within this
+CPU_IMAGE_BATCH = 32  # Lite0 on 2 cores: 8,841 minor page faults per image at 32, 12,278 at 128 (channels-last)
+
+
+def resolve(engine: str, device) -> str:
+    """The engine `engine` ("auto" or a name) means on `device`: auto is torch off the CPU and the
+    first of FASTEST_FIRST installed on it (torch when none is)."""
+    if engine != "auto":
+        return engine
+    if torch.device(device).type != "cpu":
+        return "torch"
+    return next((name for name in FASTEST_FIRST if importlib.util.find_spec(name)), "torch")
+
+
+class Encoder:
+    """Encodes with the torch model: `encode_images(uint8 or normalised images (N, 3, S, S))` and
+    `encode_texts(input_ids, attention_mask)` -> (N, D) normalised embeddings (`part="embed"`) or the
+    towers' own features (`part="features"`), float32 on the model's device."""
+    name = "torch"
+
+    def __init__(self, model: CLIPModel, part: str = "embed"):
+        self.model, self.part = model, part
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """Images, uint8 (decoded) or float (normalised), in batches of `batch_size` (at most 32 on
+        a CPU, where larger batches spend their time in page faults)."""
+        if self.model.device.type == "cpu":
+            batch_size = min(batch_size, CPU_IMAGE_BATCH)
+        cfg, out = self.model.config.image, []
+        with self._image_context() as layout:
+            for s in range(0, len(images), batch_size):
+                x = images[s:s + batch_size].to(self.model.device)
+                x = to_model_input(x, cfg.mean, cfg.std) if x.dtype == torch.uint8 else x.float()
+                out.append(self._run("image", (x.contiguous(memory_format=layout),)).float())
+        return torch.cat(out).to(self.model.device)
+
+    @torch.no_grad()
+    def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids and attention mask (B, T) -> (B, D)."""
+        ids, mask = input_ids.to(self.model.device), attention_mask.to(self.model.device)
+        return self._run("text", (ids, mask)).float().to(self.model.device)
+
+    def _image_context(self):
+        return image_layout(self.model)  # the tower's own memory format (channels-last for timm)
+
+    def _run(self, tower: str, inputs: tuple) -> torch.Tensor:
+        module = getattr(self.model, f"{tower}_encoder")
+        if self.part == "features":
+            return module(*inputs)
+        project = self.model.project_image if tower == "image" else self.model.project_text
+        return project(module(*inputs))
+
+
+class _GraphEncoder(Encoder):
+    """An exported graph per tower, loaded (exported first if need be) on first use and checked
+    against torch; a tower whose export, load or check fails is encoded by torch, with a warning."""
+    format = "onnx"
+
+    def __init__(self, model: CLIPModel, part: str = "embed", folder=None):
+        super().__init__(model, part)
+        self.folder = Path(folder) if folder else _temporary_folder()
+        self.graphs: dict[str, object] = {}  # tower -> a loaded graph, or None: torch for that tower
+
+    def _image_context(self):
+        return contextlib.nullcontext(torch.contiguous_format)
+
+    def _run(self, tower: str, inputs: tuple) -> torch.Tensor:
+        if tower not in self.graphs:
+            self.graphs[tower] = self._checked(tower)
+        loaded = self.graphs[tower]
+        if loaded is None:  # torch, in the contiguous layout
+            return super()._run(tower, inputs)
+        arrays = [x.detach().cpu().contiguous().numpy() for x in inputs]
+        return torch.from_numpy(self.infer(loaded, arrays))
+
+    def _checked(self, tower: str):
+        try:
+            loaded = self.load(cached_graph(self.model, tower, self.part, self.folder, self.format))
+            module, example, _ = graph(self.model, tower, self.part)
+            with eval_mode(module), torch.no_grad():
+                expected = module(*(x.to(self.model.device) for x in example)).float().cpu()
+            got = torch.from_numpy(self.infer(loaded, [x.numpy() for x in example]))
+            if got.shape != expected.shape or not torch.allclose(got, expected, atol=TOLERANCE, rtol=TOLERANCE):
+                raise ValueError(f"outputs differ from torch's by up to {(got - expected).abs().max().item():.2g}")
+            return loaded
+        except Exception as e:  # noqa: BLE001 - any failure of a foreign toolchain: torch still works
+            warnings.warn(f"{self.name} engine: cannot use the {tower} tower's graph "
+                          f"({' '.join(str(e).split())[:300]}); encoding it with torch", stacklevel=2)
+            return None
+
+    def load(self, path: Path):
+        """The graph file at `path`, ready to run."""
+        raise NotImplementedError
+
+    def infer(self, loaded, arrays: list):
+        """Run a loaded graph on numpy inputs -> its numpy output."""
+        raise NotImplementedError
+
+
+def _temporary_folder() -> Path:
+    """A folder for graphs that have no cache to go to, removed when the interpreter exits."""
+    import atexit
+    import shutil
+    folder = tempfile.mkdtemp(prefix="clip-engines-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return Path(folder)
+
+
+class OnnxRuntimeEncoder(_GraphEncoder):
+    """ONNX graphs run by ONNX Runtime on the CPU, with torch's thread count."""
+    name, format = "onnxruntime", "onnx"
+
+    def load(self, path):
+        ort = optional("onnxruntime", "engines", "the ONNX Runtime engine")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.log_severity_level = 3  # errors only
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def infer(self, loaded, arrays):
+        names = [i.name for i in loaded.get_inputs()]
+        return loaded.run(None, dict(zip(names, arrays)))[0]
+
+
+class OpenVINOEncoder(_GraphEncoder):
+    """OpenVINO IR compiled for the CPU in fp32 (OpenVINO would pick bf16 on CPUs that have it,
+    which moves embeddings by ~3e-3), with torch's thread count."""
+    name, format = "openvino", "openvino"
+
+    def load(self, path):
+        ov = optional("openvino", "engines", "the OpenVINO engine")
+        with _signal_stack_kept():
+            return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                             "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+
+    def infer(self, loaded, arrays):
+        return loaded(arrays)[0]
+
+
+class _SignalStack(ctypes.Structure):  # Linux's stack_t
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _signal_stack_kept():
+    """Give the calling thread its own signal stack back after the block. A compiled OpenVINO model
+    sets the thread's signal stack and, when freed, puts back the one it found: freed in any order
+    but the reverse (as the garbage collector pleases), that left an unmapped stack, and the next
+    signal handled on it (Ctrl-C, a child process's exit) was a segmentation fault."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc, kept = ctypes.CDLL(None, use_errno=True), _SignalStack()
+    libc.sigaltstack(None, ctypes.byref(kept))
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(kept), None)
+
+
+ENCODERS = {"torch": Encoder, "onnxruntime": OnnxRuntimeEncoder, "openvino": OpenVINOEncoder}
+
+
+def make_encoder(model: CLIPModel, engine: str = "auto", folder=None, part: str = "embed") -> Encoder:
+    """The `Encoder` of `engine` for `model` (graphs cached in `folder`; a temporary one if None).
+    A graph engine whose package is missing is torch, with one warning line."""
+    name = resolve(engine, model.device)
+    if name not in ENCODERS:
+        raise ValueError(f"--engine={engine!r}: must be {' | '.join(ENGINES)}")
+    if name != "torch" and importlib.util.find_spec(name) is None:
+        warnings.warn(f"the {name} engine needs the optional package {name}: "
+                      f'pip install "clip-foundation[engines]"; encoding with torch', stacklevel=2)
+        name = "torch"
+    return Encoder(model, part) if name == "torch" else ENCODERS[name](model, part, folder)
+
+
+def use_engine(model: CLIPModel, engine: str = "auto", checkpoint=None) -> Encoder:
+    """Make every embedding of the (loaded, not training) `model` go through `engine`; its graphs
+    are cached in CHECKPOINT/engines/<weights digest> (or the user's cache when that folder cannot
+    be written). -> the Encoder now attached."""
+    folder = None
+    if checkpoint is not None and resolve(engine, model.device) != "torch":
+        folder = engines_folder(checkpoint)  # where `python -m clip_foundation.export` writes them too
+    model._clip_encoder = make_encoder(model, engine, folder)
+    return model._clip_encoder
+
+
+def encoder_of(model: CLIPModel) -> Encoder:
+    """The Encoder attached by `use_engine`, or torch's."""
+    return getattr(model, "_clip_encoder", None) or Encoder(model)
+
+
+def tower_encoder(model: CLIPModel, engine: str, cache_dir, tower: str) -> Encoder:
+    """An Encoder of the towers' own features (frozen-tower training), its graphs cached under
+    CACHE_DIR/engines/TOWER-<digest of its weights> (only that tower is encoded with it)."""
+    module = getattr(model, f"{tower}_encoder")
+    folder = Path(cache_dir) / "engines" / f"{tower}-{weights_digest(module)[:16]}" if cache_dir else None
+    return make_encoder(model, engine, folder, part="features")

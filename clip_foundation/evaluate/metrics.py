@@ -1,0 +1,127 @@
+"""Retrieval evaluation: embed images and captions, then recall@K both ways, every image
+counted once with all its captions (CLIP_benchmark's protocol)."""
+from __future__ import annotations
+
+import torch
+
+from clipModel import CLIPModel
+
+from clip_foundation.data.splits import all_captions, decode_images
+from clip_foundation.engines.registry import encoder_of
+from clip_foundation.common.modes import eval_mode, image_layout  # noqa: F401 - their home before modes.py; callers import them from here
+
+
+class NonFiniteFeatures(ValueError):
+    """Embeddings with NaN or inf: recall computed from them would be meaningless."""
+
+
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
+                      text_to_image: torch.Tensor, ks=(1, 5, 10), chunk: int = 1024) -> dict:
+    """Recall@K (in %) and mean/median rank, text->image and image->text.
+
+    `image_features` (N_img, D) and `text_features` (N_txt, D) are L2-normalised;
+    `text_to_image[t]` is the image index of caption t. A text query hits at k if its image
+    ranks in the top k; an image query hits if any of its captions does (CLIP_benchmark's
+    definition). Ranks are 1-based and a tie counts against the query: an item scoring
+    exactly as high as the true one ranks above it, so a collapsed model (all embeddings
+    equal) scores like chance's worst case, never 100%. Non-finite features raise ValueError.
+    Works in chunks so large galleries fit in memory.
+    """
+    for which, features in (("image", image_features), ("text", text_features)):
+        if not torch.isfinite(features).all():
+            raise NonFiniteFeatures(f"non-finite {which} features (NaN or inf): the model's weights are "
+                             "corrupt or training diverged; recall would be meaningless")
+    n_img = len(image_features)
+    text_to_image = text_to_image.to(image_features.device)
+    t2i_rank = torch.empty(len(text_features), dtype=torch.long)
+    for s in range(0, len(text_features), chunk):
+        sims = text_features[s:s + chunk] @ image_features.T  # (c, N_img)
+        true = sims.gather(1, text_to_image[s:s + chunk, None])  # (c, 1)
+        t2i_rank[s:s + chunk] = (sims >= true).sum(1).cpu()  # the true image itself counts once
+    i2t_rank = torch.empty(n_img, dtype=torch.long)
+    for s in range(0, n_img, chunk):
+        sims = image_features[s:s + chunk] @ text_features.T  # (c, N_txt)
+        own = text_to_image[None, :] == torch.arange(s, s + len(sims), device=sims.device)[:, None]
+        best_own = sims.masked_fill(~own, float("-inf")).max(1, keepdim=True).values  # (c, 1)
+        i2t_rank[s:s + chunk] = ((sims >= best_own) & ~own).sum(1).cpu() + 1  # others tying count
+    metrics = {}
+    for name, rank in (("text_to_image", t2i_rank), ("image_to_text", i2t_rank)):
+        for k in ks:
+            metrics[f"{name}_R@{k}"] = 100.0 * (rank <= k).float().mean().item()
+        metrics[f"{name}_mean_rank"] = rank.float().mean().item()
+        metrics[f"{name}_median_rank"] = rank.float().median().item()
+    metrics["mean_recall"] = sum(metrics[f"{d}_R@{k}"] for d in ("text_to_image", "image_to_text")
+                                 for k in ks) / (2 * len(ks))
+    return metrics
+
+
+def length_order(model: CLIPModel, captions: list[str]) -> list[int]:
+    """Caption indices sorted by token count: batches of similar lengths pad little (Flickr
+    captions run from 8 to 40 tokens; a random batch pads all of them to the longest)."""
+    ids = model.tokenizer(list(captions), truncation=True, max_length=model.config.text.max_length)["input_ids"]
+    return sorted(range(len(captions)), key=lambda i: len(ids[i]))
+
+
+@torch.no_grad()
+def embed_images(model: CLIPModel, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Decoded uint8 images (N, 3, S, S) -> normalised features (N, D), by the model's engine
+    (`engines.use_engine`; torch by default). On a CPU at most 32 are encoded at once: larger
+    batches spend their time in page faults (benchmarks/encode_speed.py)."""
+    return encoder_of(model).encode_images(images, batch_size)
+
+
+def in_length_order(model: CLIPModel, captions: list[str], encode, width: int, batch_size: int,
+                    desc: str | None = None) -> torch.Tensor:
+    """encode(list of captions) -> (b, width) run on batches of similar-length captions; the
+    rows (M, width) come back on the CPU in the captions' order. `desc`: a progress bar."""
+    from tqdm.auto import tqdm
+    order = length_order(model, captions)
+    out = torch.empty(len(captions), width)
+    for s in tqdm(range(0, len(captions), batch_size), desc=desc, disable=desc is None, leave=False):
+        chunk = order[s:s + batch_size]
+        out[chunk] = encode([captions[i] for i in chunk]).float().cpu()  # (b, width)
+    return out
+
+
+@torch.no_grad()
+def embed_texts(model: CLIPModel, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Captions -> normalised features (M, D), in the captions' order, by the model's engine."""
+    encoder = encoder_of(model)
+    return in_length_order(model, captions, lambda batch: encoder.encode_texts(**model.tokenize(batch)),
+                           model.config.projection_dim, batch_size).to(model.device)
+
+
+def records_metrics(image_features: torch.Tensor, text_features: torch.Tensor, records) -> dict:
+    """`retrieval_metrics` for embeddings of `records`' images and (flattened) captions."""
+    text_to_image = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
+    metrics = retrieval_metrics(image_features, text_features, text_to_image)
+    return {**metrics, "images": len(image_features), "captions": len(text_features)}
+
+
+def embed_records(model: CLIPModel, records, images: torch.Tensor | None = None, batch_size: int = 256,
+                  skip_bad: bool = False) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """-> normalised (image embeddings (N, D), caption embeddings (M, D), the records kept) of
+    `records` (decoded here unless `images` are given; with `skip_bad` undecodable images are
+    left out instead of raising DataError)."""
+    with eval_mode(model):
+        if images is None:
+            images, records = decode_images(records, model.config.image.image_size, skip_bad=skip_bad)
+        return embed_images(model, images, batch_size), embed_texts(model, all_captions(records)), records
+
+
+def evaluate_records(model: CLIPModel, records, images: torch.Tensor | None = None,
+                     batch_size: int = 256, skip_bad: bool = False) -> dict:
+    """Recall metrics of `model` on `records` (see `embed_records`)."""
+    return records_metrics(*embed_records(model, records, images, batch_size, skip_bad))
+
+
+def format_metrics(m: dict) -> str:
+    rows = [f"{'':17}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mean r':>8}{'med r':>7}"]
+    for d, label, source in (("text_to_image", "text -> image", m), ("text_to_image", " + querybank", m.get("querybank")),
+                             ("image_to_text", "image -> text", m)):
+        if source is not None:  # querybank normalisation changes text -> image only
+            rows.append(f"{label:17}" + "".join(f"{source[f'{d}_R@{k}']:7.1f}" for k in (1, 5, 10))
+                        + f"{source[f'{d}_mean_rank']:8.1f}{source[f'{d}_median_rank']:7.0f}")
+    return "\n".join(rows) + f"\n({m['images']} images, {m['captions']} captions)"
+
+

@@ -1,0 +1,450 @@
+"""Train a CLIP model. With no arguments: the small from-scratch CLIP on the synthetic set.
+
+    python train.py                                   # offline demo, a few minutes on a CPU
+    python train.py --epochs=30 --batch_size=256      # any config key as --key=value
+    python train.py --help                            # every key, its default and why
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from clip_foundation.common import cli
+from clip_foundation.common import distributed
+from clip_foundation.evaluate import querybank
+from clip_foundation.data import shards
+from clip_foundation.data import stream
+from clip_foundation.training.checkpoint import (STATE_FILE, check_run_name, check_run_name_text, find_resume, hold_run, last_checkpoint,
+                         load_last, new_run_dir, save_last)
+from clip_foundation.data.splits import DataConfig, all_captions, check_captions, decode_images, load_splits, split_manifest, train_sampler
+from clip_foundation.training.step import (PRECISIONS, SCHEDULES, NonFiniteLoss, build_optimizer, build_scheduler,
+                     contrastive_backward, freeze_towers, grad_scaler, optimizer_step, resolve_device,
+                     resolve_precision, rng_state, set_rng_state)
+from clip_foundation.engines.registry import ENGINES
+from clip_foundation.training.inputs import Embedder, Inputs, TrainingInputs, TrainInputs, set_train_mode, split_recall, tower_trains
+from clip_foundation.evaluate.modelcard import write_model_card
+from clip_foundation.training.presets import PRESETS, expand_preset
+from clip_foundation.data.records import DataError, DataWarning, caption_fault
+from clip_foundation.evaluate.metrics import format_metrics
+from clip_foundation.training.runlog import RunLogger, draw_curves, progress_bar
+from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, check,
+                       clip_loss, gathered_clip_loss, read_saved_config, siglip_loss)
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = ""  # the run folder is OUT_DIR/RUN_NAME; empty = a timestamp (made unique)
+    overwrite: bool = False  # allow --run_name of an existing run: its folder is deleted first
+    out_dir: str = "runs"  # where run folders go
+    epochs: int = 16  # passes over the training images (16 x 2,000 synthetic: ~4 min on 2 CPU cores)
+    batch_size: int = 64  # pairs per optimizer step, over all GPUs and micro-batches: the negatives each pair sees
+    captions_per_epoch: int = 1  # captions seen per image per epoch (each in its own round)
+    lr: float = 1e-3  # peak AdamW learning rate of the projection heads and temperature (and towers by default)
+    image_lr: float = 0.0  # image tower's learning rate; 0 = lr (pretrained towers want ~1e-4)
+    text_lr: float = 0.0  # text tower's learning rate; 0 = lr (pretrained towers want ~1e-5)
+    weight_decay: float = 0.1  # AdamW decay on weight matrices (never on biases, norms, temperature)
+    schedule: str = "cosine"  # cosine (warmup, then cosine decay per step) | plateau (x plateau_factor when val recall stalls) | constant
+    warmup_steps: int = 100  # linear warmup steps (cosine and constant schedules)
+    plateau_factor: float = 0.8  # plateau schedule: lr multiplier when val mean recall stops improving
+    plateau_patience: int = 1  # plateau schedule: epochs without improvement before lowering the lr
+    augment: bool = True  # random resized crops (no flips: captions say "left of")
+    freeze_image: bool = False  # keep the image tower fixed; without augment its features are computed once
+    freeze_text: bool = False  # keep the text tower fixed; its caption features are computed once
+    train_image_blocks: int = 0  # with freeze_image: still train the image tower's last N blocks
+    train_text_blocks: int = 0  # with freeze_text: still train the text tower's last N blocks
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    precision: str = "auto"  # auto (bf16 on GPUs with it, else fp16 + grad scaler; fp32 on CPU) | fp32 | bf16 | fp16
+    accum_steps: int = 1  # split each batch into this many micro-batches: same gradients, less memory
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    compile: bool = False  # torch.compile both towers (faster steps on GPUs after a slow first one)
+    images_on_device: str = "auto"  # keep decoded training images on the GPU: auto (if they fit in half its free memory) | on | off
+    seed: int = 0  # seeds model init, sampling and augmentation
+    device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
+    engine: str = "auto"  # encodes frozen towers' features: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
+    log_every: int = 10  # steps between log lines in log.jsonl
+    save_every: int = 0  # steps between last/ checkpoints; 0 = at each epoch end only
+    resume: str = ""  # continue a run: its folder, its last/ folder, or "latest"
+    tensorboard: bool = True  # also log to RUN/tensorboard when the tensorboard package is installed
+    querybank: int = 0  # keep N training captions' embeddings to lower "hub" images' scores at test time (querybank.py); 0 = off
+    queries: tuple[str, ...] = ()  # text queries drawn in matches.png; empty = ones that suit the dataset
+    progress: bool = True  # tqdm progress bars
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line: the key, the value, the allowed range) for a value out of
+        range, so a nonsense value (--lr=-1: gradient ascent) stops the run before any work."""
+        check_run_name_text(self.run_name)
+        check(bool(self.out_dir), "out_dir", self.out_dir, "a folder path")
+        for key in ("epochs", "captions_per_epoch", "accum_steps", "log_every"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
+        check(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2 (each pair needs others as negatives)")
+        check(self.batch_size % self.accum_steps == 0, "accum_steps", self.accum_steps,
+              f"a divisor of --batch_size={self.batch_size} (equal micro-batches)")
+        for key in ("warmup_steps", "plateau_patience", "train_image_blocks", "train_text_blocks", "save_every",
+                    "querybank"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
+        check(0 < self.lr < math.inf, "lr", self.lr, "a finite number > 0")
+        for key in ("image_lr", "text_lr", "weight_decay", "grad_clip"):
+            check(0 <= getattr(self, key) < math.inf, key, getattr(self, key), "a finite number >= 0")
+        check(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "between 0 and 1 (exclusive)")
+        check(self.schedule in SCHEDULES, "schedule", self.schedule, " | ".join(SCHEDULES))
+        check(self.precision in PRECISIONS, "precision", self.precision, " | ".join(PRECISIONS))
+        check(self.images_on_device in ("auto", "on", "off"), "images_on_device", self.images_on_device,
+              "auto | on | off")
+        check(0 <= self.seed < 2**32, "seed", self.seed, "in [0, 2**32)")
+        check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
+        resolve_device(self.device)
+        for query in self.queries:
+            fault = caption_fault(query.strip())
+            check(fault is None, "queries", query, f"captions ({fault and fault[1]})")
+
+
+SYNTHETIC_QUERIES = ("a red circle", "a blue square", "a green triangle", "a small yellow star",
+                     "a red circle above a blue square")
+PHOTO_QUERIES = ("a dog", "a plane", "gloomy weather", "someone dunks on the basket", "a child in the water")
+
+
+@dataclass
+class RunConfig:
+    model: CLIPConfig = field(default_factory=lambda: CLIPConfig(
+        image=ImageEncoderConfig(kind="scratch"), text=TextEncoderConfig(kind="scratch", pooling="mean")))
+    data: DataConfig = field(default_factory=DataConfig)
+    stream: stream.StreamConfig = field(default_factory=stream.StreamConfig)  # used when --data names shards
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Check every model, data, streaming and training value (ConfigError names the first one out of range)."""
+        self.model.validate()
+        self.data.validate()
+        self.stream.validate()
+        self.train.validate()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """The inverse of asdict, as saved in a run's config.json; unknown keys are ignored."""
+        def build(kind, values):
+            known = {f.name: f for f in fields(kind)}
+            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+        return cls(CLIPConfig.from_dict(d["model"]), build(DataConfig, d.get("data", {})),
+                   build(stream.StreamConfig, d.get("stream", {})), build(TrainConfig, d.get("train", {})))
+
+
+def prepare_data(cfg: RunConfig):
+    """Resolve the dataset folder (generating the synthetic set if needed) and split it."""
+    if stream.is_shards(cfg.data.path):  # streamed train set; val/test from their own folders
+        return shards.streamed_splits(cfg.data, cfg.stream)
+    if not cfg.data.path:
+        from clip_foundation.data.synthetic import SyntheticConfig, ensure_synthetic
+        ensure_synthetic(cfg.data.synthetic_dir, SyntheticConfig(), progress=cfg.train.progress)
+        cfg.data.path = cfg.data.synthetic_dir
+    splits = load_splits(cfg.data)
+    if not splits["train"]:
+        raise DataError(f"{cfg.data.path}: the train split is empty")
+    return splits
+
+
+def build_model(cfg: RunConfig, splits, device, resume_from: Path | None):
+    """A fresh model, or the one in the checkpoint being resumed (with its trainer state)."""
+    tc = cfg.train
+    if resume_from is not None:
+        model, state = load_last(resume_from, device)
+    else:
+        model, state = CLIPModel(cfg.model, captions=all_captions(splits["train"])).to(device), None
+    freeze_towers(model, tc.freeze_image, tc.freeze_text, tc.train_image_blocks, tc.train_text_blocks)
+    if tc.grad_checkpointing:
+        for encoder in (model.image_encoder, model.text_encoder):
+            encoder.set_grad_checkpointing(True)  # each tower adapter knows its own API
+    return model, state
+
+
+def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
+    """Train, keep the best model by validation recall, test it; return (model, run dir, metrics).
+
+    on_epoch(history, run_dir), if given, runs after each epoch (e.g. to redraw live curves);
+    history is the list of log entries so far (the lines of log.jsonl). Under torchrun each
+    process trains its share of every batch; only rank 0 logs, evaluates and saves.
+    """
+    with contextlib.ExitStack() as held:  # the run folder's lock (checkpoint.hold_run), released however it ends
+        return _train(cfg, on_epoch, held)
+
+
+def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPModel, Path, dict]:
+    cfg.validate()  # resolve_config did for the command line; Python callers get the same one-line errors
+    cfg.data, cfg.stream = cfg.data.absolute(), cfg.stream.absolute()  # saved so: the run folder works anywhere
+    tc = cfg.train
+    random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+    rank, world, device = distributed.setup(resolve_device(tc.device))
+    main_rank = distributed.is_main()
+    image_trains = tower_trains(tc.freeze_image, tc.train_image_blocks)
+    text_trains = tower_trains(tc.freeze_text, tc.train_text_blocks)
+    # 1. the run to continue, if any, held before any work
+    resume_from = find_resume(tc.resume, tc.out_dir, tc.run_name) if tc.resume else None
+    if resume_from is None:
+        check_run_name(tc.out_dir, tc.run_name, tc.overwrite)
+    elif main_rank:  # before any work: no other run may write in the folder from here on
+        held.enter_context(hold_run(resume_from.parent))
+    # 2. data, model and inputs
+    with distributed.main_first():  # rank 0 generates data and fills the caches; the others read them
+        splits = prepare_data(cfg)
+        model, state = build_model(cfg, splits, device, resume_from)
+        splits = {s: check_captions(recs, model.tokenizer, cfg.data.skip_bad) for s, recs in splits.items()}
+        cfg.model = model.config  # resolved: image size and normalisation filled in
+        inputs = build_inputs(cfg, model, splits, rank, world)
+    train_inputs: TrainingInputs = inputs["train"]
+    if world > 1 and resume_from is None:  # a scratch tokenizer trained in each process numbers tokens its own way
+        model.tokenizer = distributed.broadcast_object(model.tokenizer)
+        train_inputs.refresh_tokens(model)
+    if world > 1:
+        torch.manual_seed(tc.seed + rank)  # different augmentation and dropout on each rank
+    # 3. the run folder
+    if resume_from is not None:
+        run_dir = resume_from.parent
+    else:  # claimed only now, so a run that fails while preparing its data leaves no folder
+        run_dir, lock = new_run_dir(tc.out_dir, tc.run_name, tc.overwrite) if main_rank else (None, None)
+        if lock is not None:
+            held.enter_context(lock)
+        run_dir = distributed.broadcast_object(run_dir)
+    if main_rank:
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (run_dir / "split.json").write_text(json.dumps({**split_manifest(splits), "train": train_inputs.manifest()}))
+    # 4. optimization: optimizer, schedule, precision, and where a resumed run left them
+    train_inputs.move_rows(device, tc.images_on_device)
+    if (tc.batch_size // world) % tc.accum_steps:
+        raise ValueError(f"batch_size {tc.batch_size} does not split into {world} x {tc.accum_steps} equal micro-batches")
+    total_steps = tc.epochs * len(train_inputs)
+    precision = resolve_precision(tc.precision, device)
+    optimizer = build_optimizer(model, device, tc.lr, tc.weight_decay, tc.image_lr, tc.text_lr)
+    scheduler = build_scheduler(optimizer, tc.schedule, total_steps, tc.warmup_steps, tc.plateau_factor,
+                                tc.plateau_patience)
+    scaler = grad_scaler(precision, device)
+    position = {"epoch": 0, "batch": 0, "step": 0, "best": -1.0, "history": []}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"], device)
+        position = {k: state[k] for k in position}
+        train_inputs.restore(state.get("stream"))
+    if tc.compile:
+        model.image_encoder.compile()
+        model.text_encoder.compile()
+    step_module = Embedder(model, train_inputs, tc.augment)
+    if world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    if model.config.loss == "siglip":
+        if world > 1:
+            raise ValueError("--loss=siglip trains on one process for now; use the default clip loss with torchrun")
+        loss_fn = lambda image_f, text_f, scale: siglip_loss(image_f, text_f, scale, model.logit_bias)  # noqa: E731
+    else:
+        loss_fn = gathered_clip_loss if world > 1 else clip_loss
+    no_sync = getattr(step_module, "no_sync", contextlib.nullcontext)
+    extra = {"data": asdict(cfg.data), "stream": asdict(cfg.stream), "train": asdict(tc)}
+    logger = RunLogger(run_dir, position["history"], tc.tensorboard) if main_rank else None
+    if main_rank:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"training on {device}{f' x {world} processes' if world > 1 else ''} ({precision}): "
+              f"{len(splits['train'])} images, {total_steps} steps, {trainable / 1e6:.1f}M of "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters trained -> {run_dir}"
+              + (f" (resumed at epoch {position['epoch'] + 1}, step {position['step']})" if state else ""))
+
+    def checkpoint(epoch, batch, stream_state=None):
+        state = {"stream": stream_state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": rng_state(device), "epoch": epoch, "batch": batch,
+                 "step": step, "best": best, "history": history}
+        save_last(run_dir, model, state, extra)
+
+    # 5. the epochs: steps, logs, checkpoints, validation, the best model kept
+    history, step, best = position["history"], position["step"], position["best"]
+    for epoch in range(position["epoch"], tc.epochs):
+        set_train_mode(model, image_trains, text_trains)
+        start = position["batch"] if epoch == position["epoch"] else 0
+        train_inputs.set_epoch(epoch, start)
+        bar = progress_bar(train_inputs.batches(device),
+                        tc.progress and main_rank, f"epoch {epoch + 1}/{tc.epochs}", len(train_inputs), start)
+        tick, pairs = time.perf_counter(), 0
+        for batch, (rows, caption_index) in enumerate(bar, start=start + 1):
+            rows = rows.to(device, non_blocking=True)
+            micro = list(zip(rows.chunk(tc.accum_steps), caption_index.chunk(tc.accum_steps)))
+            try:
+                loss = contrastive_backward(step_module, micro, model.scale, loss_fn, precision, device, no_sync)
+                grad_norm = optimizer_step(model, optimizer, scaler, tc.grad_clip)
+            except NonFiniteLoss as e:
+                last = last_checkpoint(run_dir)
+                raise NonFiniteLoss(
+                    f"{e} at step {step + 1} (epoch {epoch + 1}): training stopped. "
+                    + (f"The last good checkpoint is {last} (step {torch.load(last / STATE_FILE, weights_only=True)['step']}); "
+                       f"resume with a lower learning rate: python train.py --resume={run_dir} --lr={tc.lr / 3:.1e}"
+                       if last else "No checkpoint was saved yet; restart with a lower --lr.")) from None
+            if tc.schedule != "plateau":
+                scheduler.step()
+            step, pairs = step + 1, pairs + len(rows) * world
+            if step % tc.log_every == 0 or batch == len(train_inputs):
+                loss_value = distributed.mean(loss).item()  # a collective: every rank joins
+                if main_rank:
+                    rate = pairs / (time.perf_counter() - tick)
+                    entry = {"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                             "temperature": 1 / model.scale().item(), "grad_norm": grad_norm, "pairs_per_s": rate}
+                    history.append(entry)
+                    logger.log(entry)
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{entry['lr']:.1e}", pairs_s=f"{rate:.0f}")
+                    tick, pairs = time.perf_counter(), 0
+            if tc.save_every and step % tc.save_every == 0 and batch < len(train_inputs):
+                stream_state = train_inputs.state()  # a collective: every rank joins
+                if main_rank:
+                    checkpoint(epoch, batch, stream_state)
+                distributed.barrier()
+        entry = {"epoch": epoch + 1, "step": step, "epoch_end": True}
+        if main_rank and "val" in inputs:
+            val = split_recall(model, inputs["val"])
+            entry.update({f"val_{k}": v for k, v in val.items()})
+            print(f"epoch {epoch + 1}: val text->image R@1 {val['text_to_image_R@1']:.1f} "
+                  f"R@5 {val['text_to_image_R@5']:.1f}, mean recall {val['mean_recall']:.1f}")
+        score = distributed.broadcast_float(entry.get("val_mean_recall", float(epoch)))  # no val split: keep the latest
+        if tc.schedule == "plateau":
+            scheduler.step(score)
+        stream_state = train_inputs.state()  # a collective: every rank joins
+        if main_rank:
+            history.append(entry)
+            logger.log(entry)
+            if score > best:
+                model.save_pretrained(run_dir, extra_config=extra)
+                write_model_card(run_dir)  # README.md: what the saved model is, its validation recall so far
+            best = max(best, score)
+            checkpoint(epoch + 1, 0, stream_state)
+            draw_curves(history, run_dir / "curves.png")
+            if on_epoch is not None:
+                on_epoch(history, run_dir)
+        distributed.barrier()
+    if (skips := train_inputs.report()) and main_rank:  # a collective: every rank joins
+        warnings.warn(skips, DataWarning)
+    if not main_rank:
+        return model, run_dir, {}
+    logger.close()
+    # 6. the best model, tested
+    return _finish(cfg, model, run_dir, splits, inputs, device)
+
+
+def build_inputs(cfg: RunConfig, model: CLIPModel, splits, rank: int = 0, world: int = 1) -> dict:
+    """Each split ready for the model: "train" as `TrainingInputs` (streamed from shards, or decoded
+    images / cached tower features drawn by the unique-image sampler), val and test (rank 0 only)
+    decoded once, with frozen towers' features computed once."""
+    tc, main_rank = cfg.train, distributed.is_main()
+    kinds = dict(image_trains=tower_trains(tc.freeze_image, tc.train_image_blocks),
+                 text_trains=tower_trains(tc.freeze_text, tc.train_text_blocks),
+                 augment=tc.augment, cache_dir=cfg.data.cache_dir, progress=tc.progress, engine=tc.engine)
+    inputs = {}
+    if stream.is_shards(cfg.data.path):  # no decoded cache of the train set: batches stream from its shards
+        inputs["train"] = stream.StreamInputs(model, cfg.data.path, cfg.stream, tc.batch_size, tc.seed, rank, world)
+    for s in [s for s in splits if splits[s] and (s == "train" or main_rank) and s not in inputs]:
+        images, splits[s] = decode_images(splits[s], model.config.image.image_size, cfg.data.cache_dir,
+                                          cfg.data.skip_bad, tc.progress and main_rank)
+        if s == "train":
+            sampler = train_sampler(splits[s], tc.batch_size, tc.captions_per_epoch, tc.seed, rank, world)
+            inputs[s] = TrainInputs(model, splits[s], images, sampler, **kinds)
+        else:
+            inputs[s] = Inputs(model, splits[s], images, **kinds)
+    return inputs
+
+
+def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, device):
+    """Reload the best model, test it, draw retrieval grids, write metrics.json."""
+    model = CLIPModel.from_pretrained(run_dir, device=device)
+    split = "test" if splits["test"] else "val"
+    (run_dir / querybank.FILE).unlink(missing_ok=True)  # a resumed run's bank described its earlier model
+    if cfg.train.querybank and not isinstance(inputs["train"], Inputs):
+        warnings.warn("--querybank needs the training captions at hand; a streamed run keeps none, "
+                      "so no querybank was saved")
+    elif cfg.train.querybank:
+        querybank.save_bank(run_dir, querybank.caption_bank(model, inputs["train"], cfg.train.querybank,
+                                                            cfg.train.seed), querybank.ALPHA, querybank.BETA)
+    bank = querybank.load_bank(run_dir)  # as saved (float16), so evaluate.py reproduces these figures
+    metrics = {"split": split, **split_recall(model, inputs[split], querybank=bank)}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"{split} split:\n{format_metrics(metrics)}")
+    from clip_foundation.search.gallery import find_matches, load_or_build_index
+    from clip_foundation.evaluate.plots import query_grids
+    index = load_or_build_index(model, run_dir, splits[split], images=inputs[split].images,
+                                tower_features=inputs[split].image_features)  # frozen tower: no re-encoding
+    synthetic = (Path(cfg.data.path) / "synthetic.json").is_file()
+    queries = cfg.train.queries or (SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES)
+    results = {q: find_matches(model, index, q, n=6) for q in queries}
+    query_grids(results, path=run_dir / "matches.png")
+    write_model_card(run_dir)  # now with the test metrics and the figures
+    print(f"saved model, config, metrics.json, log.jsonl, curves.png and matches.png in {run_dir}")
+    return model, run_dir, metrics
+
+
+USAGE = ("usage: python train.py [--preset=NAME] [--key=value ...]   (e.g. --epochs=5 --data=DIR --image.kind=timm)\n"
+         f"presets: {', '.join(PRESETS)}")
+
+
+def resolve_config(argv: list[str]) -> RunConfig:
+    """--key=value options (after any --preset) applied to the defaults or, with --resume, to
+    the resumed run's saved config, so `--resume=runs/x --epochs=30` extends run x."""
+    argv = expand_preset(argv)
+    cfg = cli.apply_overrides(RunConfig(), argv, aliases=ALIASES)
+    if not cfg.train.resume:
+        cfg.validate()
+        return cfg
+    folder = find_resume(cfg.train.resume, cfg.train.out_dir, cfg.train.run_name)
+    saved = read_run_config(folder)
+    before = cli.leaves_values(saved.model)
+    cli.apply_overrides(saved, argv, aliases=ALIASES)
+    after = cli.leaves_values(saved.model)
+    changed = [f"model.{k}: {before[k]!r} -> {after[k]!r}" for k in before if after[k] != before[k]]
+    if changed:  # the checkpoint's weights have the saved shape: the change would be ignored
+        raise cli.ConfigError("--resume cannot change the model (" + "; ".join(changed) + "); training "
+                              "and data options may change. Start a new run for another model.")
+    saved.train.resume = str(folder)
+    saved.validate()
+    return saved
+
+
+def read_run_config(folder: Path) -> RunConfig:
+    """The RunConfig saved in FOLDER/config.json; a broken file is an error naming it."""
+    saved = read_saved_config(folder)  # CheckpointError for invalid JSON or no "model" entry
+    try:
+        return RunConfig.from_dict(saved)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise cli.ConfigError(f"{Path(folder) / 'config.json'}: invalid run config ({e})") from None
+
+
+ALIASES = {"data": "data.path"}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(cli.help_text(RunConfig(), USAGE))
+        return None
+    try:
+        cfg = resolve_config(argv)
+    except (cli.ConfigError, CheckpointError, OSError) as e:
+        sys.exit(f"error: {e}\n{USAGE}")
+    try:
+        with cli.reported_warnings(DataWarning) as data_issues:
+            result = train(cfg)
+        if data_issues and distributed.is_main():
+            print("data issues in this run (skipped items are counted here):")
+            print("\n".join(f"  - {issue}" for issue in data_issues))
+        return result
+    except (NonFiniteLoss, DataError, OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        distributed.teardown()
+
+
+if __name__ == "__main__":
+    from clip_foundation.commands import run
+    raise SystemExit(run("train", main))  # this module's main, not a second copy of it

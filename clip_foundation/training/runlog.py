@@ -1,0 +1,52 @@
+"""What a training run shows and writes as it goes: log.jsonl (and TensorBoard scalars when it is
+installed), progress bars, and the loss / recall curves redrawn every epoch."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class RunLogger:
+    """One JSON line per entry in log.jsonl, and TensorBoard scalars when it is installed.
+
+    A resumed run starts from the checkpoint's history: lines logged after that checkpoint
+    are dropped from both, since those steps are about to be run again."""
+
+    def __init__(self, run_dir: Path, history: list[dict], tensorboard: bool):
+        self.file = open(run_dir / "log.jsonl", "w")
+        self.file.writelines(json.dumps(entry) + "\n" for entry in history)
+        self.board = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                step = max((e["step"] for e in history), default=0)
+                self.board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if history else None)
+            except ImportError:  # tensorboard is optional
+                pass
+
+    def log(self, entry: dict):
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for key, value in entry.items():
+                if key not in ("step", "epoch", "epoch_end") and isinstance(value, (int, float)):
+                    self.board.add_scalar(key.replace("val_", "val/"), value, entry["step"])
+
+    def close(self):
+        self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def progress_bar(iterable, enabled: bool, desc: str, total: int, initial: int = 0):
+    """`iterable` behind a tqdm bar (with rate and time left), or as it is when not `enabled`."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, leave=False, total=total, initial=initial)
+
+
+def draw_curves(history, path):
+    """Loss, learning rate, temperature and val recall of `history` (log.jsonl's entries) -> `path`."""
+    from clip_foundation.evaluate.plots import training_curves
+    training_curves(history, path)
