@@ -4,8 +4,8 @@
     python train.py --epochs=30 --batch_size=256      # any config key as --key=value
     python train.py --help                            # every key, its default and why
 
-The command line of `clip_foundation.training.loop`, installed as `clip-train` too."""
+The command line of `clip_foundation.training.command`, installed as `clip-train` too."""
 from clip_foundation.commands import run
 
 if __name__ == "__main__":
-    raise SystemExit(run("train"))  # clip_foundation.training.loop.main, its warnings and exit status as clip-train's
+    raise SystemExit(run("train"))  # clip_foundation.training.command.main, its warnings and exit status as clip-train's

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from clip_foundation.training import loop as train  # noqa: E402
+from clip_foundation import training as train  # noqa: E402
 from clip_foundation.data.splits import all_captions, decode_images  # noqa: E402
 from clip_foundation.training.features import text_tower_features  # noqa: E402
 from clip_foundation.evaluate.metrics import records_metrics  # noqa: E402

@@ -59,7 +59,7 @@ def cached_rate(images: torch.Tensor, batch: int) -> float:
 def training_rates(tmp: Path, train_images: int, workers: int, rounds: int) -> dict[str, list[float]]:
     """Median pairs/s of train.py's logged steps (the first, which holds start-up, left out)
     training one epoch from the decoded cache and streamed from shards, per round."""
-    from clip_foundation.training import loop as train
+    from clip_foundation import training as train
     from clip_foundation.data.shards import ShardsConfig, convert
     from clip_foundation.data.synthetic import SyntheticConfig, generate
     data = generate(tmp / "synthetic", SyntheticConfig(n_train=train_images, n_val=64, n_test=0), progress=False)

@@ -32,7 +32,7 @@ TINY_MODEL = ["--image.image_size=32", "--image.patch_size=8", "--image.width=64
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A small CLIP trained once per test session on a tiny synthetic set: (data dir, run dir, test metrics)."""
-    from clip_foundation.training import loop as train
+    from clip_foundation import training as train
     from clip_foundation.data.synthetic import SyntheticConfig, generate
     root = tmp_path_factory.mktemp("e2e")
     data = generate(root / "synthetic", SyntheticConfig(n_train=400, n_val=40, n_test=60), progress=False)

@@ -4,7 +4,7 @@
 """
 import pytest
 
-from clip_foundation.training import loop as train
+from clip_foundation import training as train
 from benchmarks.synthetic_queries import main as query_benchmark
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_foundation.training import loop as train
+from clip_foundation import training as train
+from clip_foundation.training import loop
 from clip_foundation.training.checkpoint import find_resume, last_checkpoint, load_last, save_last
 from clipModel import CLIPModel
 from conftest import TINY_MODEL
@@ -62,14 +63,14 @@ class Killed(Exception):
 
 def kill_at(monkeypatch, step):
     """Make train.py's optimizer step raise on its `step`-th call, like a kill mid-epoch."""
-    real, calls = train.optimizer_step, []
+    real, calls = loop.optimizer_step, []
 
     def step_or_die(*a, **kw):
         calls.append(1)
         if len(calls) == step:
             raise Killed
         return real(*a, **kw)
-    monkeypatch.setattr(train, "optimizer_step", step_or_die)
+    monkeypatch.setattr(loop, "optimizer_step", step_or_die)
 
 
 def model_state(folder):
@@ -124,12 +125,12 @@ def test_resume_errors_are_clear(tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, monkeypatch):
-    real, calls = train.clip_loss, []
+    real, calls = loop.clip_loss, []
 
     def loss_turning_nan(*a):
         calls.append(1)
         return real(*a) * (float("nan") if len(calls) >= 8 else 1.0)
-    monkeypatch.setattr(train, "clip_loss", loss_turning_nan)
+    monkeypatch.setattr(loop, "clip_loss", loss_turning_nan)
     with pytest.raises(SystemExit) as stop:
         train.main(args(tiny_data, "nan", "--save_every=3"))
     message = str(stop.value)

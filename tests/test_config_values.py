@@ -2,7 +2,7 @@
 naming the key, the value and what it may be (issue #24: nonsense values used to train with exit 0)."""
 import pytest
 
-from clip_foundation.training import loop as train
+from clip_foundation import training as train
 from clip_foundation.data.splits import DataConfig, split_by_image
 from clip_foundation.data.records import Record
 from clipModel import ConfigError

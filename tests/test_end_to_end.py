@@ -10,7 +10,7 @@ import torch
 from clip_foundation.evaluate import command as evaluate
 from clip_foundation.search import command as search
 from clip_foundation.search import gallery
-from clip_foundation.training import loop as train
+from clip_foundation import training as train
 from conftest import TINY_MODEL
 from clip_foundation.data.synthetic import SyntheticConfig, generate
 

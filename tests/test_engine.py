@@ -57,7 +57,7 @@ def test_param_groups_lrs_and_decay_exclusions(image_lr, text_lr):
 
 
 def test_tutorial_preset_gives_three_learning_rates():
-    from clip_foundation.training import loop as train
+    from clip_foundation import training as train
     cfg = train.resolve_config(["--preset=tutorial"])
     assert (cfg.train.lr, cfg.train.image_lr, cfg.train.text_lr) == (1e-3, 1e-4, 1e-5)
     assert cfg.train.schedule == "plateau"

@@ -77,7 +77,7 @@ def test_conversion_refuses_a_state_dict_that_does_not_fit(tmp_path):
 
 
 def test_pretrained_preset_reads_nothing_outside_the_environment():
-    from clip_foundation.training import loop as train
+    from clip_foundation import training as train
     from clip_foundation.training.presets import expand_preset
     options = expand_preset(["--preset=flickr8k-pretrained"])
     assert "--image.name=tf_efficientnet_lite2" in options and not any("weights_file" in o for o in options)

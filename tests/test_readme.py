@@ -11,7 +11,7 @@ from clip_foundation.app import command as app
 from clip_foundation.data import download
 from clip_foundation.evaluate import command as evaluate
 from clip_foundation.search import command as search
-from clip_foundation.training import loop as train
+from clip_foundation import training as train
 from clip_foundation.common import cli
 from clip_foundation.training.presets import PRESETS
 from clip_foundation.data.synthetic import SyntheticCommand

@@ -10,7 +10,7 @@ import pytest
 from clip_foundation.evaluate import command as evaluate
 from clip_foundation.search import command as search
 from clip_foundation.search import gallery
-from clip_foundation.training import loop as train
+from clip_foundation import training as train
 from conftest import TINY_MODEL
 
 
@@ -99,7 +99,7 @@ def test_evaluate_prints_the_metrics_even_when_it_cannot_write_them(run_copy, mo
 # ---------------------------------------------------------------- train.py: run folders
 
 def _train_in_process(argv):
-    from clip_foundation.training import loop as entry
+    from clip_foundation import training as entry
     _, run_dir, _ = entry.main(argv)
     return str(run_dir)
 
@@ -144,7 +144,7 @@ def test_a_run_folder_in_use_is_never_taken_over(small_data):
             refused.append(str(exc.value))
 
     args = run_args(small_data, "--run_name=busy", "--epochs=2")
-    _, run_dir, metrics = train.train(train.resolve_config(args), on_epoch=second_run)
+    _, run_dir, metrics = train.run(train.resolve_config(args), on_epoch=second_run)
     assert len(refused) == 3 and metrics["text_to_image_R@1"] >= 0  # the first run finished whole
     for message in refused:
         assert message.count("\n") == 0 and str(run_dir) in message and "another run" in message, message

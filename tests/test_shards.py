@@ -132,7 +132,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
 
 @pytest.mark.parametrize("listing", ["file", "brace"])
 def test_a_missing_shard_is_one_error_naming_it(shard_set, tmp_path, listing, capsys):
-    from clip_foundation.training import loop as train
+    from clip_foundation import training as train
     folder = shard_set[1] / "train"
     missing = folder / "00042.tar"
     if listing == "file":
@@ -172,7 +172,7 @@ def run_args(data, out, name, *extra):
 
 @pytest.mark.slow
 def test_streamed_run_reports_skips_and_resumes_from_its_positions(tmp_path, shard_set, capsys):
-    from clip_foundation.training import loop as train
+    from clip_foundation import training as train
     urls = bad_shards(tmp_path / "bad") + stream.shard_urls(str(shard_set[1] / "train"))[:2]
     (tmp_path / "list.txt").write_text("\n".join(urls))
     common = run_args(tmp_path / "list.txt", tmp_path / "runs", "bad", f"--val_data={shard_set[1] / 'val'}",
@@ -191,7 +191,7 @@ def test_streamed_run_reports_skips_and_resumes_from_its_positions(tmp_path, sha
 @pytest.mark.slow
 def test_streamed_training_reaches_the_folder_recall(tiny_run, tmp_path):
     """The tiny_run fixture's data and recipe, streamed from shards instead of the decoded cache."""
-    from clip_foundation.training import loop as train
+    from clip_foundation import training as train
     data, _, folder_metrics = tiny_run
     shards.main([str(data), str(tmp_path / "shards"), "--shard_size=50", "--progress=false"])
     with pytest.warns(UserWarning, match="a streamed run keeps none, so no querybank was saved"):
@@ -238,7 +238,7 @@ def test_the_converter_refuses_an_out_folder_holding_files_it_did_not_write(shar
 @pytest.mark.parametrize("earlier", [None, 20])
 def test_an_interrupted_conversion_is_refused_until_converted_again(shard_set, tmp_path, monkeypatch, earlier,
                                                                     capsys):
-    from clip_foundation.training import loop as train
+    from clip_foundation import training as train
     src, convert = shard_set[0], [str(shard_set[0]), str(tmp_path), "--shard_size=5", "--progress=false"]
     if earlier:  # a whole earlier conversion into the same OUT, with other shard sizes
         shards.main([str(src), str(tmp_path), f"--shard_size={earlier}", "--progress=false"])

@@ -18,7 +18,7 @@ from clip_foundation.common import cli
 from clip_foundation.data import download
 from clip_foundation.evaluate import command as evaluate
 from clip_foundation.search import gallery
-from clip_foundation.training import loop as train
+from clip_foundation import training as train
 from clip_foundation.evaluate import zeroshot
 from clip_foundation.data.splits import DataConfig, load_splits
 from clip_foundation.data.sources import detect_layout, load_records, load_records_with_report

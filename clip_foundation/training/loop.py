@@ -1,140 +1,35 @@
-"""Train a CLIP model. With no arguments: the small from-scratch CLIP on the synthetic set.
-
-    python train.py                                   # offline demo, a few minutes on a CPU
-    python train.py --epochs=30 --batch_size=256      # any config key as --key=value
-    python train.py --help                            # every key, its default and why
+"""The training loop: data, model and inputs prepared, the epochs (steps, logs, checkpoints, validation,
+the best model kept), and the best model tested. The command line around it: `training.command`.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
-import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from clip_foundation.common import cli
 from clip_foundation.common import distributed
+from clip_foundation.data import shards, stream
+from clip_foundation.data.records import DataError, DataWarning
+from clip_foundation.data.splits import all_captions, check_captions, decode_images, load_splits, split_manifest, train_sampler
 from clip_foundation.evaluate import querybank
-from clip_foundation.data import shards
-from clip_foundation.data import stream
-from clip_foundation.training.checkpoint import (STATE_FILE, check_run_name, check_run_name_text, find_resume, hold_run, last_checkpoint,
-                         load_last, new_run_dir, save_last)
-from clip_foundation.data.splits import DataConfig, all_captions, check_captions, decode_images, load_splits, split_manifest, train_sampler
-from clip_foundation.training.step import (PRECISIONS, SCHEDULES, NonFiniteLoss, build_optimizer, build_scheduler,
-                     contrastive_backward, freeze_towers, grad_scaler, optimizer_step, resolve_device,
-                     resolve_precision, rng_state, set_rng_state)
-from clip_foundation.engines.registry import ENGINES
-from clip_foundation.training.inputs import Embedder, Inputs, TrainingInputs, TrainInputs, set_train_mode, split_recall, tower_trains
-from clip_foundation.evaluate.modelcard import write_model_card
-from clip_foundation.training.presets import PRESETS, expand_preset
-from clip_foundation.data.records import DataError, DataWarning, caption_fault
 from clip_foundation.evaluate.metrics import format_metrics
+from clip_foundation.evaluate.modelcard import write_model_card
+from clip_foundation.training.checkpoint import (STATE_FILE, check_run_name, find_resume, hold_run, last_checkpoint,
+                                                 load_last, new_run_dir, save_last)
+from clip_foundation.training.config import RunConfig
+from clip_foundation.training.inputs import (Embedder, Inputs, TrainingInputs, TrainInputs, set_train_mode,
+                                             split_recall, tower_trains)
 from clip_foundation.training.runlog import RunLogger, draw_curves, progress_bar
-from clipModel import (CheckpointError, CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, check,
-                       clip_loss, gathered_clip_loss, read_saved_config, siglip_loss)
-
-
-@dataclass
-class TrainConfig:
-    run_name: str = ""  # the run folder is OUT_DIR/RUN_NAME; empty = a timestamp (made unique)
-    overwrite: bool = False  # allow --run_name of an existing run: its folder is deleted first
-    out_dir: str = "runs"  # where run folders go
-    epochs: int = 16  # passes over the training images (16 x 2,000 synthetic: ~4 min on 2 CPU cores)
-    batch_size: int = 64  # pairs per optimizer step, over all GPUs and micro-batches: the negatives each pair sees
-    captions_per_epoch: int = 1  # captions seen per image per epoch (each in its own round)
-    lr: float = 1e-3  # peak AdamW learning rate of the projection heads and temperature (and towers by default)
-    image_lr: float = 0.0  # image tower's learning rate; 0 = lr (pretrained towers want ~1e-4)
-    text_lr: float = 0.0  # text tower's learning rate; 0 = lr (pretrained towers want ~1e-5)
-    weight_decay: float = 0.1  # AdamW decay on weight matrices (never on biases, norms, temperature)
-    schedule: str = "cosine"  # cosine (warmup, then cosine decay per step) | plateau (x plateau_factor when val recall stalls) | constant
-    warmup_steps: int = 100  # linear warmup steps (cosine and constant schedules)
-    plateau_factor: float = 0.8  # plateau schedule: lr multiplier when val mean recall stops improving
-    plateau_patience: int = 1  # plateau schedule: epochs without improvement before lowering the lr
-    augment: bool = True  # random resized crops (no flips: captions say "left of")
-    freeze_image: bool = False  # keep the image tower fixed; without augment its features are computed once
-    freeze_text: bool = False  # keep the text tower fixed; its caption features are computed once
-    train_image_blocks: int = 0  # with freeze_image: still train the image tower's last N blocks
-    train_text_blocks: int = 0  # with freeze_text: still train the text tower's last N blocks
-    grad_clip: float = 1.0  # max gradient norm; 0 disables
-    precision: str = "auto"  # auto (bf16 on GPUs with it, else fp16 + grad scaler; fp32 on CPU) | fp32 | bf16 | fp16
-    accum_steps: int = 1  # split each batch into this many micro-batches: same gradients, less memory
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    compile: bool = False  # torch.compile both towers (faster steps on GPUs after a slow first one)
-    images_on_device: str = "auto"  # keep decoded training images on the GPU: auto (if they fit in half its free memory) | on | off
-    seed: int = 0  # seeds model init, sampling and augmentation
-    device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
-    engine: str = "auto"  # encodes frozen towers' features: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
-    log_every: int = 10  # steps between log lines in log.jsonl
-    save_every: int = 0  # steps between last/ checkpoints; 0 = at each epoch end only
-    resume: str = ""  # continue a run: its folder, its last/ folder, or "latest"
-    tensorboard: bool = True  # also log to RUN/tensorboard when the tensorboard package is installed
-    querybank: int = 0  # keep N training captions' embeddings to lower "hub" images' scores at test time (querybank.py); 0 = off
-    queries: tuple[str, ...] = ()  # text queries drawn in matches.png; empty = ones that suit the dataset
-    progress: bool = True  # tqdm progress bars
-
-    def validate(self) -> None:
-        """Raise ConfigError (one line: the key, the value, the allowed range) for a value out of
-        range, so a nonsense value (--lr=-1: gradient ascent) stops the run before any work."""
-        check_run_name_text(self.run_name)
-        check(bool(self.out_dir), "out_dir", self.out_dir, "a folder path")
-        for key in ("epochs", "captions_per_epoch", "accum_steps", "log_every"):
-            check(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
-        check(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2 (each pair needs others as negatives)")
-        check(self.batch_size % self.accum_steps == 0, "accum_steps", self.accum_steps,
-              f"a divisor of --batch_size={self.batch_size} (equal micro-batches)")
-        for key in ("warmup_steps", "plateau_patience", "train_image_blocks", "train_text_blocks", "save_every",
-                    "querybank"):
-            check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
-        check(0 < self.lr < math.inf, "lr", self.lr, "a finite number > 0")
-        for key in ("image_lr", "text_lr", "weight_decay", "grad_clip"):
-            check(0 <= getattr(self, key) < math.inf, key, getattr(self, key), "a finite number >= 0")
-        check(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "between 0 and 1 (exclusive)")
-        check(self.schedule in SCHEDULES, "schedule", self.schedule, " | ".join(SCHEDULES))
-        check(self.precision in PRECISIONS, "precision", self.precision, " | ".join(PRECISIONS))
-        check(self.images_on_device in ("auto", "on", "off"), "images_on_device", self.images_on_device,
-              "auto | on | off")
-        check(0 <= self.seed < 2**32, "seed", self.seed, "in [0, 2**32)")
-        check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
-        resolve_device(self.device)
-        for query in self.queries:
-            fault = caption_fault(query.strip())
-            check(fault is None, "queries", query, f"captions ({fault and fault[1]})")
-
-
-SYNTHETIC_QUERIES = ("a red circle", "a blue square", "a green triangle", "a small yellow star",
-                     "a red circle above a blue square")
-PHOTO_QUERIES = ("a dog", "a plane", "gloomy weather", "someone dunks on the basket", "a child in the water")
-
-
-@dataclass
-class RunConfig:
-    model: CLIPConfig = field(default_factory=lambda: CLIPConfig(
-        image=ImageEncoderConfig(kind="scratch"), text=TextEncoderConfig(kind="scratch", pooling="mean")))
-    data: DataConfig = field(default_factory=DataConfig)
-    stream: stream.StreamConfig = field(default_factory=stream.StreamConfig)  # used when --data names shards
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def validate(self) -> None:
-        """Check every model, data, streaming and training value (ConfigError names the first one out of range)."""
-        self.model.validate()
-        self.data.validate()
-        self.stream.validate()
-        self.train.validate()
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        """The inverse of asdict, as saved in a run's config.json; unknown keys are ignored."""
-        def build(kind, values):
-            known = {f.name: f for f in fields(kind)}
-            return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
-        return cls(CLIPConfig.from_dict(d["model"]), build(DataConfig, d.get("data", {})),
-                   build(stream.StreamConfig, d.get("stream", {})), build(TrainConfig, d.get("train", {})))
+from clip_foundation.training.step import (NonFiniteLoss, build_optimizer, build_scheduler, contrastive_backward,
+                                           freeze_towers, grad_scaler, optimizer_step, resolve_device,
+                                           resolve_precision, rng_state, set_rng_state)
+from clipModel import CLIPModel, clip_loss, gathered_clip_loss, siglip_loss
 
 
 def prepare_data(cfg: RunConfig):
@@ -165,18 +60,20 @@ def build_model(cfg: RunConfig, splits, device, resume_from: Path | None):
     return model, state
 
 
-def train(cfg: RunConfig, on_epoch=None) -> tuple[CLIPModel, Path, dict]:
+def train(cfg: RunConfig, on_epoch=None, on_tested=None) -> tuple[CLIPModel, Path, dict]:
     """Train, keep the best model by validation recall, test it; return (model, run dir, metrics).
 
     on_epoch(history, run_dir), if given, runs after each epoch (e.g. to redraw live curves);
-    history is the list of log entries so far (the lines of log.jsonl). Under torchrun each
-    process trains its share of every batch; only rank 0 logs, evaluates and saves.
+    history is the list of log entries so far (the lines of log.jsonl). on_tested(model, run_dir,
+    records, inputs), if given, runs once the best model is tested, with the tested split's records
+    and decoded inputs (what `python train.py` indexes and draws: `training.command.present`).
+    Under torchrun each process trains its share of every batch; only rank 0 logs, evaluates and saves.
     """
     with contextlib.ExitStack() as held:  # the run folder's lock (checkpoint.hold_run), released however it ends
-        return _train(cfg, on_epoch, held)
+        return _train(cfg, on_epoch, on_tested, held)
 
 
-def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPModel, Path, dict]:
+def _train(cfg: RunConfig, on_epoch, on_tested, held: contextlib.ExitStack) -> tuple[CLIPModel, Path, dict]:
     cfg.validate()  # resolve_config did for the command line; Python callers get the same one-line errors
     cfg.data, cfg.stream = cfg.data.absolute(), cfg.stream.absolute()  # saved so: the run folder works anywhere
     tc = cfg.train
@@ -331,8 +228,11 @@ def _train(cfg: RunConfig, on_epoch, held: contextlib.ExitStack) -> tuple[CLIPMo
     if not main_rank:
         return model, run_dir, {}
     logger.close()
-    # 6. the best model, tested
-    return _finish(cfg, model, run_dir, splits, inputs, device)
+    # 6. the best model, tested (and handed to the caller's next step while its inputs are at hand)
+    model, split, metrics = test_best(cfg, model, run_dir, splits, inputs, device)
+    if on_tested is not None:
+        on_tested(model, run_dir, splits[split], inputs[split])
+    return model, run_dir, metrics
 
 
 def build_inputs(cfg: RunConfig, model: CLIPModel, splits, rank: int = 0, world: int = 1) -> dict:
@@ -357,8 +257,8 @@ def build_inputs(cfg: RunConfig, model: CLIPModel, splits, rank: int = 0, world:
     return inputs
 
 
-def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, device):
-    """Reload the best model, test it, draw retrieval grids, write metrics.json."""
+def test_best(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, device):
+    """Reload the best model, save its querybank, test it and write metrics.json and the model card."""
     model = CLIPModel.from_pretrained(run_dir, device=device)
     split = "test" if splits["test"] else "val"
     (run_dir / querybank.FILE).unlink(missing_ok=True)  # a resumed run's bank described its earlier model
@@ -372,79 +272,7 @@ def _finish(cfg: RunConfig, model: CLIPModel, run_dir: Path, splits, inputs, dev
     metrics = {"split": split, **split_recall(model, inputs[split], querybank=bank)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"{split} split:\n{format_metrics(metrics)}")
-    from clip_foundation.search.gallery import find_matches, load_or_build_index
-    from clip_foundation.evaluate.plots import query_grids
-    index = load_or_build_index(model, run_dir, splits[split], images=inputs[split].images,
-                                tower_features=inputs[split].image_features)  # frozen tower: no re-encoding
-    synthetic = (Path(cfg.data.path) / "synthetic.json").is_file()
-    queries = cfg.train.queries or (SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES)
-    results = {q: find_matches(model, index, q, n=6) for q in queries}
-    query_grids(results, path=run_dir / "matches.png")
-    write_model_card(run_dir)  # now with the test metrics and the figures
-    print(f"saved model, config, metrics.json, log.jsonl, curves.png and matches.png in {run_dir}")
-    return model, run_dir, metrics
+    write_model_card(run_dir)  # now with the test metrics
+    return model, split, metrics
 
 
-USAGE = ("usage: python train.py [--preset=NAME] [--key=value ...]   (e.g. --epochs=5 --data=DIR --image.kind=timm)\n"
-         f"presets: {', '.join(PRESETS)}")
-
-
-def resolve_config(argv: list[str]) -> RunConfig:
-    """--key=value options (after any --preset) applied to the defaults or, with --resume, to
-    the resumed run's saved config, so `--resume=runs/x --epochs=30` extends run x."""
-    argv = expand_preset(argv)
-    cfg = cli.apply_overrides(RunConfig(), argv, aliases=ALIASES)
-    if not cfg.train.resume:
-        cfg.validate()
-        return cfg
-    folder = find_resume(cfg.train.resume, cfg.train.out_dir, cfg.train.run_name)
-    saved = read_run_config(folder)
-    before = cli.leaves_values(saved.model)
-    cli.apply_overrides(saved, argv, aliases=ALIASES)
-    after = cli.leaves_values(saved.model)
-    changed = [f"model.{k}: {before[k]!r} -> {after[k]!r}" for k in before if after[k] != before[k]]
-    if changed:  # the checkpoint's weights have the saved shape: the change would be ignored
-        raise cli.ConfigError("--resume cannot change the model (" + "; ".join(changed) + "); training "
-                              "and data options may change. Start a new run for another model.")
-    saved.train.resume = str(folder)
-    saved.validate()
-    return saved
-
-
-def read_run_config(folder: Path) -> RunConfig:
-    """The RunConfig saved in FOLDER/config.json; a broken file is an error naming it."""
-    saved = read_saved_config(folder)  # CheckpointError for invalid JSON or no "model" entry
-    try:
-        return RunConfig.from_dict(saved)
-    except (TypeError, ValueError, AttributeError) as e:
-        raise cli.ConfigError(f"{Path(folder) / 'config.json'}: invalid run config ({e})") from None
-
-
-ALIASES = {"data": "data.path"}
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(cli.help_text(RunConfig(), USAGE))
-        return None
-    try:
-        cfg = resolve_config(argv)
-    except (cli.ConfigError, CheckpointError, OSError) as e:
-        sys.exit(f"error: {e}\n{USAGE}")
-    try:
-        with cli.reported_warnings(DataWarning) as data_issues:
-            result = train(cfg)
-        if data_issues and distributed.is_main():
-            print("data issues in this run (skipped items are counted here):")
-            print("\n".join(f"  - {issue}" for issue in data_issues))
-        return result
-    except (NonFiniteLoss, DataError, OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        distributed.teardown()
-
-
-if __name__ == "__main__":
-    from clip_foundation.commands import run
-    raise SystemExit(run("train", main))  # this module's main, not a second copy of it
