@@ -2,6 +2,9 @@
 counted once with all its captions (CLIP_benchmark's protocol)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from clipModel import CLIPModel
@@ -11,13 +14,42 @@ from clip_foundation.engines.registry import encoder_of
 from clip_foundation.common.modes import eval_mode, image_layout  # noqa: F401 - their home before modes.py; callers import them from here
 
 
+RECALL_AT = (1, 5, 10)  # the field's recall@K, both ways; "mean_recall" is their mean
+DIRECTIONS = {"text_to_image": "text -> image", "image_to_text": "image -> text"}  # the key's head -> words
+
+
+@dataclass(frozen=True)
+class RankMetric:
+    """A figure computed from one direction's ranks (1-based, a tie counted against the query): it
+    lands in metrics.json as `<direction>_<name>`, and in every table that reads the metrics."""
+    name: str  # the key's tail, e.g. "median_rank" -> text_to_image_median_rank
+    of_ranks: Callable[[torch.Tensor], float]  # (N,) long ranks -> the figure
+    column: str  # its heading in format_metrics and the model card
+    fmt: str = "8.1f"  # format_metrics' cell format (its width fits the heading)
+
+
+METRICS: dict[str, RankMetric] = {}  # the one table of rank metrics beside recall@K, in column order
+
+
+def register_metric(metric: RankMetric) -> RankMetric:
+    """Add a rank metric: every evaluation computes it and every writer (format_metrics, the model card)
+    shows it. Recall@K is built in (RECALL_AT)."""
+    METRICS[metric.name] = metric
+    return metric
+
+
+register_metric(RankMetric("mean_rank", lambda rank: rank.float().mean().item(), "mean r"))
+register_metric(RankMetric("median_rank", lambda rank: rank.float().median().item(), "med r", "7.0f"))
+
+
 class NonFiniteFeatures(ValueError):
     """Embeddings with NaN or inf: recall computed from them would be meaningless."""
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
-                      text_to_image: torch.Tensor, ks=(1, 5, 10), chunk: int = 1024) -> dict:
-    """Recall@K (in %) and mean/median rank, text->image and image->text.
+                      text_to_image: torch.Tensor, ks=RECALL_AT, chunk: int = 1024) -> dict:
+    """Recall@K (in %) and every registered rank metric (METRICS: mean/median rank), text->image
+    and image->text.
 
     `image_features` (N_img, D) and `text_features` (N_txt, D) are L2-normalised;
     `text_to_image[t]` is the image index of caption t. A text query hits at k if its image
@@ -48,10 +80,9 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     for name, rank in (("text_to_image", t2i_rank), ("image_to_text", i2t_rank)):
         for k in ks:
             metrics[f"{name}_R@{k}"] = 100.0 * (rank <= k).float().mean().item()
-        metrics[f"{name}_mean_rank"] = rank.float().mean().item()
-        metrics[f"{name}_median_rank"] = rank.float().median().item()
-    metrics["mean_recall"] = sum(metrics[f"{d}_R@{k}"] for d in ("text_to_image", "image_to_text")
-                                 for k in ks) / (2 * len(ks))
+        for metric in METRICS.values():
+            metrics[f"{name}_{metric.name}"] = metric.of_ranks(rank)
+    metrics["mean_recall"] = sum(metrics[f"{d}_R@{k}"] for d in DIRECTIONS for k in ks) / (2 * len(ks))
     return metrics
 
 
@@ -116,12 +147,17 @@ def evaluate_records(model: CLIPModel, records, images: torch.Tensor | None = No
 
 
 def format_metrics(m: dict) -> str:
-    rows = [f"{'':17}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mean r':>8}{'med r':>7}"]
-    for d, label, source in (("text_to_image", "text -> image", m), ("text_to_image", " + querybank", m.get("querybank")),
-                             ("image_to_text", "image -> text", m)):
+    """The metrics as a table people read: a row per direction (and the querybank's text -> image),
+    recall@K then each registered rank metric the metrics hold."""
+    extra = [metric for metric in METRICS.values() if f"text_to_image_{metric.name}" in m]
+    rows = [f"{'':17}" + "".join(f"{f'R@{k}':>7}" for k in RECALL_AT)
+            + "".join(f"{metric.column:>{metric.fmt.split('.')[0]}}" for metric in extra)]
+    for d, label, source in (("text_to_image", DIRECTIONS["text_to_image"], m),
+                             ("text_to_image", " + querybank", m.get("querybank")),
+                             ("image_to_text", DIRECTIONS["image_to_text"], m)):
         if source is not None:  # querybank normalisation changes text -> image only
-            rows.append(f"{label:17}" + "".join(f"{source[f'{d}_R@{k}']:7.1f}" for k in (1, 5, 10))
-                        + f"{source[f'{d}_mean_rank']:8.1f}{source[f'{d}_median_rank']:7.0f}")
+            rows.append(f"{label:17}" + "".join(f"{source[f'{d}_R@{k}']:7.1f}" for k in RECALL_AT)
+                        + "".join(f"{source[f'{d}_{metric.name}']:{metric.fmt}}" for metric in extra))
     return "\n".join(rows) + f"\n({m['images']} images, {m['captions']} captions)"
 
 
