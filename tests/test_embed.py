@@ -84,7 +84,7 @@ def test_embeddings_equal_encode_image_and_the_format_is_clip_retrievals(checkpo
     on_disk = json.loads((out / "embed.json").read_text())
     assert on_disk["version"] == 2 and on_disk["dim"] == 16 and on_disk["rows_per_shard"] == 4
     assert [p["rows"] for p in on_disk["parts"]] == [4, 4, 3]  # each part's record, vouching for its files
-    from clip_foundation.search.index import model_digest
+    from clip_foundation.common.files import model_digest
     assert on_disk["model"] == model_digest(checkpoint)
     embeddings, meta = all_rows(out)
     assert embeddings.dtype == np.float16 and embeddings.shape == (N_IMAGES, 16)
@@ -199,7 +199,7 @@ def test_the_clip_embed_command_exits_0_when_main_returns(monkeypatch):
 @pytest.fixture(scope="module")
 def shard_set(photos, tmp_path_factory):
     """The photos as 3 WebDataset shards (4, 4, 3 samples) written by the project's converter."""
-    from clip_foundation.search.gallery import image_folder_records
+    from clip_foundation.data.splits import image_folder_records
     from clip_foundation.data.records import Record
     from clip_foundation.data.shards import write_shards
     records = [Record(r.image, [f"caption {i}"]) for i, r in enumerate(image_folder_records(photos))]

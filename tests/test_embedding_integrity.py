@@ -18,7 +18,8 @@ from clip_foundation.embed import format as fmt
 from clip_foundation.search import command as search
 from clip_foundation.search.mmap_index import INDEX_FILE, INFO_FILE, METADATA_FILE, build_big_index
 from clip_foundation.search.budget import choose_index, parse_size, plans
-from clip_foundation.search.index import BadIndexError, faiss_module, model_digest
+from clip_foundation.search.index import BadIndexError, faiss_module
+from clip_foundation.common.files import model_digest
 from clip_foundation.data.records import DataError
 from clipModel import CLIPModel, ConfigError
 from test_embed import IMAGES, N_IMAGES, checkpoint, photos, run, shard_set  # noqa: F401 (fixtures)
@@ -229,7 +230,7 @@ def test_an_index_is_read_whole_only_when_its_files_were_written_since_the_build
     # is trusted; a file whose time moved is hashed, and opens if its bytes are still the built ones
     import os
     from clip_foundation.search import mmap_index as bigindex
-    from clip_foundation.search import index
+    from clip_foundation.common import files as index
     folder = copy_of(big_gallery[0], tmp_path)  # copy2 keeps the files' times
     hashed, real = [], index.file_digest
     monkeypatch.setattr(index, "file_digest", lambda path, *a: (Path(path).parent == folder and hashed.append(

@@ -9,6 +9,7 @@ import torch
 
 from clip_foundation.evaluate import command as evaluate
 from clip_foundation.search import command as search
+from clip_foundation.data.splits import gallery_records
 from clip_foundation.search import gallery
 from clip_foundation import training as train
 from conftest import TINY_MODEL
@@ -68,7 +69,7 @@ def test_search_cli_finds_what_was_asked_and_caches_the_gallery(tiny_run, tmp_pa
 def test_search_index_is_rebuilt_when_the_model_changes(tiny_run, tmp_path):
     from clipModel import CLIPModel
     data, run_dir, _ = tiny_run
-    records = gallery.gallery_records(run_dir, str(data), "test")
+    records = gallery_records(run_dir, str(data), "test")
     model = CLIPModel.from_pretrained(run_dir)
     first = gallery.load_or_build_index(model, run_dir, records)
     copy = tmp_path / "copy"

@@ -70,7 +70,7 @@ def test_openvino_ir_gives_torchs_outputs(tmp_path):
 
 def test_export_command_writes_each_graph_once_beside_the_run(tmp_path, capsys):
     from clip_foundation.engines.export import main, run_engines_folder
-    from clip_foundation.search.index import model_digest
+    from clip_foundation.common.files import model_digest
     run = tiny_model("scratch").save_pretrained(tmp_path / "run")
     paths = main([str(run)])
     assert sorted(p.name for p in paths) == ["image.onnx", "image_tower.onnx", "text.onnx", "text_tower.onnx"]

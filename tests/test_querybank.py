@@ -49,13 +49,14 @@ def test_bank_round_trips_through_the_run_folder(tmp_path):
 def test_search_ranks_by_the_corrected_score_and_a_plain_run_keeps_cosines(tiny_run, tmp_path):
     import shutil
 
+    from clip_foundation.data.splits import gallery_records
     from clip_foundation.search import gallery
     from clip_foundation.data.splits import decode_images
     from clip_foundation.evaluate.metrics import embed_images
     from clipModel import CLIPModel
     data, run_dir, _ = tiny_run  # trained with --querybank=200
     model = CLIPModel.from_pretrained(run_dir).eval()
-    records = gallery.gallery_records(run_dir, str(data), "test")
+    records = gallery_records(run_dir, str(data), "test")
     images, records = decode_images(records, model.config.image.image_size, progress=False)
     with torch.no_grad():
         image_f, query = embed_images(model, images), model.encode_text(["a red circle"])

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from clip_foundation.search import command as search
+from clip_foundation.data.splits import gallery_records, image_folder_records
 from clip_foundation.search import gallery
 from clip_foundation.data.records import DataError
 from clip_foundation.search.index import GalleryIndex, build_faiss, exact_topk, faiss_module, load_index, recall_at_k, save_index
@@ -125,7 +126,7 @@ def test_build_index_in_chunks_equals_one_pass(tiny_run):
     from clipModel import CLIPModel
     data, run_dir, _ = tiny_run
     model = CLIPModel.from_pretrained(run_dir)
-    records = gallery.gallery_records(run_dir, str(data), "test")[:20]
+    records = gallery_records(run_dir, str(data), "test")[:20]
     one = gallery.build_index(model, records, progress=False)
     chunked = gallery.build_index(model, records, batch_size=3, chunk=7, progress=False)
     assert one.paths == chunked.paths == [str(r.image) for r in records]
@@ -138,7 +139,7 @@ def test_index_from_cached_tower_features_equals_encoding_the_images(tiny_run):
     from clipModel import CLIPModel
     data, run_dir, _ = tiny_run
     model = CLIPModel.from_pretrained(run_dir)
-    records = gallery.gallery_records(run_dir, str(data), "test")[:20]
+    records = gallery_records(run_dir, str(data), "test")[:20]
     images, records = decode_images(records, model.config.image.image_size, progress=False)
     features = image_tower_features(model, records, images, cache_dir=None, progress=False)
     encoded = gallery.build_index(model, records, images=images, progress=False)
@@ -151,7 +152,7 @@ def test_cache_is_reused_then_rebuilt_when_a_gallery_file_or_the_model_changes(t
     from clipModel import CLIPModel
     data, _, _ = tiny_run
     model = CLIPModel.from_pretrained(checkpoint)
-    records = gallery.gallery_records(checkpoint, str(data), "test")[:12]
+    records = gallery_records(checkpoint, str(data), "test")[:12]
     first = gallery.load_or_build_index(model, checkpoint, records)
     meta = next((checkpoint / "index").glob("images-*.json"))
     stamp = meta.stat().st_mtime_ns
@@ -177,7 +178,7 @@ def test_caption_index_is_rebuilt_when_a_caption_changes(tiny_run, checkpoint):
     from clipModel import CLIPModel
     data, _, _ = tiny_run
     model = CLIPModel.from_pretrained(checkpoint)
-    records = gallery.gallery_records(checkpoint, str(data), "test")[:5]
+    records = gallery_records(checkpoint, str(data), "test")[:5]
     first = gallery.load_or_build_caption_index(model, checkpoint, records)
     assert len(first) == sum(len(r.captions) for r in records) and first.captions[0] == records[0].captions[0]
     assert first.paths[0] == str(records[0].image)
@@ -206,15 +207,15 @@ def photo_folder(tiny_run, tmp_path):
 
 def test_a_plain_image_folder_is_a_gallery(tiny_run, photo_folder):
     _, run_dir, _ = tiny_run
-    records = gallery.gallery_records(run_dir, str(photo_folder), "test")
+    records = gallery_records(run_dir, str(photo_folder), "test")
     assert len(records) == 6 and all(r.captions == [] for r in records)
     assert all(".thumbs" not in str(r.image) for r in records)
-    assert gallery.image_folder_records(photo_folder) == records
+    assert image_folder_records(photo_folder) == records
     (photo_folder / "empty").mkdir()
     with pytest.raises(DataError, match="no image files"):
-        gallery.image_folder_records(photo_folder / "empty")
+        image_folder_records(photo_folder / "empty")
     with pytest.raises(DataError, match="not found"):
-        gallery.image_folder_records(photo_folder / "missing")
+        image_folder_records(photo_folder / "missing")
 
 
 def test_embed_image_accepts_a_path_a_pil_image_and_tensors(tiny_run):
@@ -222,7 +223,7 @@ def test_embed_image_accepts_a_path_a_pil_image_and_tensors(tiny_run):
     from clip_foundation.data.records import open_rgb
     data, run_dir, _ = tiny_run
     model = CLIPModel.from_pretrained(run_dir)
-    records = gallery.gallery_records(run_dir, str(data), "test")[:4]
+    records = gallery_records(run_dir, str(data), "test")[:4]
     index = gallery.build_index(model, records, progress=False)
     path = records[2].image
     from_path = gallery.embed_image(model, path)
@@ -242,7 +243,7 @@ def test_find_captions_names_the_colour_of_single_shape_images(tiny_run):
     from clip_foundation.data.synthetic import COLORS
     data, run_dir, _ = tiny_run
     model = CLIPModel.from_pretrained(run_dir)
-    records = gallery.gallery_records(run_dir, str(data), "test")
+    records = gallery_records(run_dir, str(data), "test")
     captions = gallery.build_caption_index(model, records, progress=False)
     singles = [r for r in records if r.extra["n_shapes"] == "1"][:20]
     hits = 0
@@ -364,7 +365,7 @@ def test_gallery_object_matches_the_functions(tiny_run, checkpoint, tmp_path):
     from clipModel import CLIPModel
     data, _, _ = tiny_run
     g = gallery.Gallery.from_run(checkpoint, str(data))  # loads the model itself
-    records = gallery.gallery_records(checkpoint, str(data), "test")
+    records = gallery_records(checkpoint, str(data), "test")
     model = CLIPModel.from_pretrained(checkpoint)
     index = gallery.load_or_build_index(model, checkpoint, records)
     assert len(g) == len(records)
@@ -467,7 +468,7 @@ def test_an_index_file_changed_since_it_was_built_is_never_searched(checkpoint, 
     assert message.startswith(f"error: {out / f'images.{suffix}'}: ") and "--build-index" in message
     assert "\n" not in message
     model = CLIPModel.from_pretrained(checkpoint)  # a cache: rebuilt, the same results as before
-    records = gallery.gallery_records(checkpoint, str(photo_folder), "test")
+    records = gallery_records(checkpoint, str(photo_folder), "test")
     first = gallery.load_or_build_index(model, checkpoint, records, backend="faiss")
     stem = next((checkpoint / "index").glob("images-*.json")).with_suffix("")
     _zero_vectors(stem.with_suffix(f".{suffix}"))

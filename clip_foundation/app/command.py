@@ -158,7 +158,8 @@ def main(argv=None):
         if not gallery:
             use_engine(model, args.engine, args.checkpoint)
         if args.gallery:
-            from clip_foundation.search.gallery import Gallery, image_folder_records
+            from clip_foundation.data.splits import image_folder_records
+            from clip_foundation.search.gallery import Gallery
             gallery = Gallery.from_run(args.checkpoint, records=image_folder_records(args.gallery), model=model,
                                        backend=args.backend)
         page = SearchPage.from_run(args.checkpoint, args.data or None, args.split, captions=args.captions,

@@ -1,22 +1,22 @@
-"""Files written whole or not at all: the one atomic-write helper every module uses (defined
-with the model, which saves checkpoints with it, and shared from here by the library); and the
-checks of a folder a command is about to write into."""
+"""Files written whole or not at all (`atomic_write`), the checks of a folder a command is about to
+write into, and digests: of a file, of the files a description vouches for (embed.json, index.json), of a
+saved model, of a gallery's images."""
+import hashlib
 import re
 from pathlib import Path
 
 from clipModel import atomic_write
 
-from clip_foundation.data.records import DataError
-
-__all__ = ["atomic_write", "folder_to_write", "unlisted"]
+__all__ = ["atomic_write", "folder_to_write", "unlisted", "file_digest", "file_entries", "changed_file",
+           "model_digest", "gallery_digest"]
 
 
 def folder_to_write(path, option: str) -> Path:
-    """`path` as a folder a command writes into; DataError (one line naming `--option`) when it
-    is an existing file, which mkdir would only answer with "[Errno 17] File exists"."""
+    """`path` as a folder a command writes into; NotADirectoryError (one line naming `--option`) when
+    it is an existing file, which mkdir would only answer with "[Errno 17] File exists"."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise DataError(f"--{option}={path} is a file: it must be a folder (a new one, or one this command wrote)")
+        raise NotADirectoryError(f"--{option}={path} is a file: it must be a folder (a new one, or one this command wrote)")
     return path
 
 
@@ -26,3 +26,62 @@ def unlisted(folder: Path, listed) -> list[Path]:
     writes there did not write."""
     return [e for e in sorted(Path(folder).iterdir())
             if re.sub(r"^\.|\.tmp\d*$", "", e.name) not in listed or not e.is_file()]
+
+
+def file_digest(path, chunk: int = 1 << 20) -> str:
+    """sha256 of the file at `path`, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entries(folder, names, stamped: bool = False) -> dict:
+    """{name: {"bytes", "sha256"}} of the files `names` in `folder`: what a description written
+    beside them (embed.json, index.json) vouches for; `changed_file` checks them. `stamped` adds each
+    file's modification time, so a later check reads the bytes only of a file written since (a
+    description meant to be reproduced byte for byte, embed.json, carries none)."""
+    out = {}
+    for name in names:
+        st = (Path(folder) / name).stat()
+        out[name] = {"bytes": st.st_size, "sha256": file_digest(Path(folder) / name)}
+        if stamped:
+            out[name]["mtime_ns"] = st.st_mtime_ns
+    return out
+
+
+def changed_file(folder, files: dict, verify: bool = True) -> str | None:
+    """The first of `files` (as `file_entries` wrote them) that is missing from `folder` or no
+    longer the file recorded: another size, or with `verify` other bytes (a file changed in
+    place keeps its size); None when every one is as recorded. A stamped file whose size and
+    modification time are still the recorded ones was not written since, so its bytes are read only
+    when the time differs (a copied folder, a file rewritten in place): opening a 5 GB index stays cheap."""
+    for name, entry in files.items():
+        path = Path(folder) / name
+        if not (isinstance(entry, dict) and path.is_file()):
+            return name
+        st = path.stat()
+        if st.st_size != entry.get("bytes"):
+            return name
+        if verify and st.st_mtime_ns != entry.get("mtime_ns") and file_digest(path) != entry.get("sha256"):
+            return name
+    return None
+
+
+def model_digest(checkpoint) -> str:
+    """The identity of a saved model: sha256 of its weights file."""
+    path = Path(checkpoint) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a saved CLIPModel folder "
+                                "(expected config.json and model.safetensors)")
+    return file_digest(path)
+
+
+def gallery_digest(paths: list[str]) -> str:
+    """Changes when an image is added, removed, or rewritten (size or mtime)."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = Path(p).stat()
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()

@@ -14,7 +14,7 @@ from torch.utils.data import Sampler
 from clipModel import check, read_saved_config
 
 from clip_foundation.data.cache import load_images
-from clip_foundation.data.records import DataError, DataWarning, Record, SkippableError
+from clip_foundation.data.records import IMAGE_SUFFIXES, DataError, DataWarning, Record, SkippableError, image_files
 from clip_foundation.data.sources import LAYOUTS, detect_layout, load_records
 
 SPLITS = ("train", "val", "test")
@@ -291,3 +291,41 @@ def train_sampler(records: list[Record], batch_size: int, captions_per_epoch: in
         raise DataError(f"only {len(records)} training images: lower --batch_size below that")
     return UniqueImageBatchSampler([len(r.captions) for r in records], batch_size, captions_per_epoch,
                                    seed, rank=rank, world_size=world_size)
+
+
+# ---------------------------------------------------------------- galleries
+
+def gallery_records(checkpoint, data: str | None, split: str, layout: str = "auto",
+                    skip_bad: bool = False) -> list[Record]:
+    """The records of `split` exactly as the model's training run split them, or "all": every
+    record of the folder, unsplit (`skip_bad`: bad rows left out). A plain folder of images
+    (`layout="images"`, or any folder that has images but no dataset layout) gives every image
+    in it, with no captions."""
+    if data and (layout == "images" or (layout == "auto" and _plain_image_folder(data))):
+        return image_folder_records(data)
+    try:
+        return load_split(run_data_config(checkpoint, data, layout, skip_bad), split)
+    except DataError:
+        # nested photo folders look like class folders; if they don't load as those, take the images
+        if data and layout == "auto" and detect_layout(data) == "classes":
+            return image_folder_records(data)
+        raise
+
+
+def _plain_image_folder(path) -> bool:
+    try:
+        detect_layout(path)
+        return False
+    except DataError:  # no dataset layout: a folder of images is still a gallery
+        return Path(path).is_dir() and bool(image_files(Path(path), recursive=True))
+
+
+def image_folder_records(folder) -> list[Record]:
+    """Every image under `folder` (recursively, hidden files skipped) as a Record with no captions."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found")
+    records = [Record(p.resolve(), []) for p in image_files(folder, recursive=True)]
+    if not records:
+        raise DataError(f"{folder}: no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) in it or below")
+    return records

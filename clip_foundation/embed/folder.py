@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from clip_foundation.embed.format import COLUMNS, INFO, VERSION as EMBED_VERSION, parquet  # the writer's side of the format
-from clip_foundation.search.index import changed_file
+from clip_foundation.common.files import changed_file
 from clip_foundation.data.records import DataError
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from clip_foundation.common.extras import optional
 from clip_foundation.common.files import atomic_write
-from clip_foundation.search.index import changed_file, file_entries
+from clip_foundation.common.files import changed_file, file_entries
 
 VERSION = 2  # 2: parts are vouched for by records (parts/, and embed.json's "parts")
 INFO = "embed.json"

@@ -43,9 +43,9 @@ from clip_foundation.common import cli
 from clip_foundation.embed import format as fmt
 from clip_foundation.engines.registry import ENGINES, encoder_of, use_engine
 from clip_foundation.common.extras import optional
-from clip_foundation.search.gallery import gallery_records
+from clip_foundation.data.splits import gallery_records
 from clip_foundation.common.files import folder_to_write
-from clip_foundation.search.index import gallery_digest, model_digest
+from clip_foundation.common.files import gallery_digest, model_digest
 from clip_foundation.common.modes import eval_mode
 from clip_foundation.data.records import DataError, open_rgb
 from clip_foundation.data.stream import IMAGE_EXTS, REMOTE, SampleCounter, decode_captions, is_shards, shard_urls

@@ -34,7 +34,7 @@ from clip_foundation.common import cli
 from clip_foundation.data.cache import process_alive
 from clip_foundation.common.extras import optional
 from clip_foundation.common.files import atomic_write
-from clip_foundation.search.index import file_digest, model_digest
+from clip_foundation.common.files import file_digest, model_digest
 from clip_foundation.common.modes import eval_mode  # dropout off while tracing; each module's own mode after
 from clipModel import CLIPModel, ConfigError, check, model_folder
 

@@ -23,11 +23,10 @@ from clipModel import CLIPModel, check, model_folder
 
 from clip_foundation.evaluate import querybank
 from clip_foundation.search.mmap_index import BigIndex, open_index
-from clip_foundation.data.splits import decode_images, load_split, run_data_config
-from clip_foundation.search.index import (INDEX_VERSION, RECALL_QUERIES, GalleryIndex, ensure_faiss, gallery_digest, load_index,
-                    file_digest, model_digest, save_index)
-from clip_foundation.data.records import IMAGE_SUFFIXES, DataError, Record, caption_fault, image_files, open_rgb
-from clip_foundation.data.sources import detect_layout
+from clip_foundation.data.splits import decode_images, gallery_records
+from clip_foundation.search.index import (INDEX_VERSION, RECALL_QUERIES, GalleryIndex, ensure_faiss, load_index, save_index)
+from clip_foundation.common.files import gallery_digest, file_digest, model_digest
+from clip_foundation.data.records import DataError, Record, caption_fault, open_rgb
 from clip_foundation.engines.registry import encoder_of, use_engine
 from clip_foundation.evaluate.metrics import embed_images, embed_texts, eval_mode
 
@@ -67,44 +66,6 @@ class CaptionMatch:
     caption: str
     score: float  # cosine similarity between the image and the caption
     image_path: str | None = None  # the gallery image this caption was written for
-
-
-# ---------------------------------------------------------------- galleries
-
-def gallery_records(checkpoint, data: str | None, split: str, layout: str = "auto",
-                    skip_bad: bool = False) -> list[Record]:
-    """The records of `split` exactly as the model's training run split them, or "all": every
-    record of the folder, unsplit (`skip_bad`: bad rows left out). A plain folder of images
-    (`layout="images"`, or any folder that has images but no dataset layout) gives every image
-    in it, with no captions."""
-    if data and (layout == "images" or (layout == "auto" and _plain_image_folder(data))):
-        return image_folder_records(data)
-    try:
-        return load_split(run_data_config(checkpoint, data, layout, skip_bad), split)
-    except DataError:
-        # nested photo folders look like class folders; if they don't load as those, take the images
-        if data and layout == "auto" and detect_layout(data) == "classes":
-            return image_folder_records(data)
-        raise
-
-
-def _plain_image_folder(path) -> bool:
-    try:
-        detect_layout(path)
-        return False
-    except DataError:  # no dataset layout: a folder of images is still a gallery
-        return Path(path).is_dir() and bool(image_files(Path(path), recursive=True))
-
-
-def image_folder_records(folder) -> list[Record]:
-    """Every image under `folder` (recursively, hidden files skipped) as a Record with no captions."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: image folder not found")
-    records = [Record(p.resolve(), []) for p in image_files(folder, recursive=True)]
-    if not records:
-        raise DataError(f"{folder}: no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) in it or below")
-    return records
 
 
 # ---------------------------------------------------------------- building indexes

@@ -17,7 +17,6 @@ whose nprobe is tuned at build time until its recall against exact search is hig
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from clip_foundation.common.files import atomic_write
+from clip_foundation.common.files import atomic_write, file_digest, model_digest
 
 INDEX_VERSION = 3  # bump when the index format changes, so old caches are rebuilt
 EXACT_CHUNK = 65_536  # gallery rows scored at once for a batch of 64 queries (16 MB of float32 scores)
@@ -260,64 +259,6 @@ def ensure_faiss(index: GalleryIndex, backend: str, stem=None, queries=None,
 
 
 # ---------------------------------------------------------------- files
-
-def file_digest(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_entries(folder, names, stamped: bool = False) -> dict:
-    """{name: {"bytes", "sha256"}} of the files `names` in `folder`: what a description written
-    beside them (embed.json, index.json) vouches for; `changed_file` checks them. `stamped` adds each
-    file's modification time, so a later check reads the bytes only of a file written since (a
-    description meant to be reproduced byte for byte, embed.json, carries none)."""
-    out = {}
-    for name in names:
-        st = (Path(folder) / name).stat()
-        out[name] = {"bytes": st.st_size, "sha256": file_digest(Path(folder) / name)}
-        if stamped:
-            out[name]["mtime_ns"] = st.st_mtime_ns
-    return out
-
-
-def changed_file(folder, files: dict, verify: bool = True) -> str | None:
-    """The first of `files` (as `file_entries` wrote them) that is missing from `folder` or no
-    longer the file recorded: another size, or with `verify` other bytes (a file changed in
-    place keeps its size); None when every one is as recorded. A stamped file whose size and
-    modification time are still the recorded ones was not written since, so its bytes are read only
-    when the time differs (a copied folder, a file rewritten in place): opening a 5 GB index stays cheap."""
-    for name, entry in files.items():
-        path = Path(folder) / name
-        if not (isinstance(entry, dict) and path.is_file()):
-            return name
-        st = path.stat()
-        if st.st_size != entry.get("bytes"):
-            return name
-        if verify and st.st_mtime_ns != entry.get("mtime_ns") and file_digest(path) != entry.get("sha256"):
-            return name
-    return None
-
-
-def model_digest(checkpoint) -> str:
-    """The identity of a saved model: sha256 of its weights file."""
-    path = Path(checkpoint) / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a saved CLIPModel folder "
-                                "(expected config.json and model.safetensors)")
-    return file_digest(path)
-
-
-def gallery_digest(paths: list[str]) -> str:
-    """Changes when an image is added, removed, or rewritten (size or mtime)."""
-    h = hashlib.sha256()
-    for p in paths:
-        st = Path(p).stat()
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
 
 def _write_meta(index: GalleryIndex, stem: Path) -> None:
     # last, once the other files are in place: their digests are checked on every load

@@ -40,8 +40,8 @@ from clipModel import ConfigError
 from clip_foundation.search.budget import choose_index, format_size
 from clip_foundation.embed.folder import EmbeddingFolder
 from clip_foundation.common.files import atomic_write, folder_to_write, unlisted
-from clip_foundation.search.index import (MIN_POINTS_PER_CELL, TARGET_RECALL, TRAIN_PER_CELL, BadIndexError, RunningTopK, changed_file,
-                    check_model, faiss_module, file_entries, open_prebuilt, recall_at_k)
+from clip_foundation.search.index import (MIN_POINTS_PER_CELL, TARGET_RECALL, TRAIN_PER_CELL, BadIndexError, RunningTopK, check_model, faiss_module, open_prebuilt, recall_at_k)
+from clip_foundation.common.files import changed_file, file_entries
 from clip_foundation.data.records import DataError
 
 BIG_VERSION = 1  # bump when the folder's format changes
