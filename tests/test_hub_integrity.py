@@ -18,7 +18,7 @@ from clip_foundation.evaluate import command as evaluate
 from clip_foundation.engines import export
 from clip_foundation import hub
 from clip_foundation.search import command as search
-from clip_foundation.training import loop as train
+from clip_foundation import training as train
 from clip_foundation.training.checkpoint import new_run_dir
 from clip_foundation.search.gallery import Gallery
 from clip_foundation.evaluate.modelcard import CARD, write_model_card

@@ -24,8 +24,9 @@ class RankMetric:
     lands in metrics.json as `<direction>_<name>`, and in every table that reads the metrics."""
     name: str  # the key's tail, e.g. "median_rank" -> text_to_image_median_rank
     of_ranks: Callable[[torch.Tensor], float]  # (N,) long ranks -> the figure
-    column: str  # its heading in format_metrics and the model card
+    column: str  # its heading in format_metrics' table
     fmt: str = "8.1f"  # format_metrics' cell format (its width fits the heading)
+    title: str = ""  # its heading in the model card; empty = the name in words
 
 
 METRICS: dict[str, RankMetric] = {}  # the one table of rank metrics beside recall@K, in column order
@@ -40,6 +41,15 @@ def register_metric(metric: RankMetric) -> RankMetric:
 
 register_metric(RankMetric("mean_rank", lambda rank: rank.float().mean().item(), "mean r"))
 register_metric(RankMetric("median_rank", lambda rank: rank.float().median().item(), "med r", "7.0f"))
+
+
+def metric_keys(metrics: dict) -> list[tuple[str, str]]:
+    """(key tail, heading) of every figure of a direction that `metrics` holds: recall@K, then each
+    registered rank metric, in the table's column order."""
+    keys = [(f"R@{k}", f"R@{k}") for k in RECALL_AT]
+    keys += [(m.name, m.title or m.name.replace("_", " ")) for m in METRICS.values()
+             if f"text_to_image_{m.name}" in metrics]
+    return keys
 
 
 class NonFiniteFeatures(ValueError):

@@ -27,6 +27,7 @@ from clipModel import IMAGE_ENCODERS, TEXT_ENCODERS, public_path
 
 from clip_foundation import REPO_URL
 from clip_foundation.common.files import atomic_write
+from clip_foundation.evaluate.metrics import DIRECTIONS as METRIC_DIRECTIONS, METRICS, RECALL_AT, metric_keys
 from clip_foundation.pretrained import PACKAGES
 
 CARD = "README.md"
@@ -44,8 +45,16 @@ RECIPE = ("epochs", "batch_size", "captions_per_epoch", "lr", "image_lr", "text_
           "warmup_steps", "augment", "freeze_image", "freeze_text", "train_image_blocks", "train_text_blocks",
           "grad_clip", "precision", "accum_steps", "seed", "querybank")  # the TrainConfig keys a card lists
 FIGURES = ("curves.png", "matches.png")  # drawn by train.py; shown on the card when present
-DIRECTIONS = {"text_to_image": "text → image", "image_to_text": "image → text"}
-SCORES = re.compile(r"(text_to_image|image_to_text)_(R@\d+|median_rank)|mean_recall")  # metrics.json's numbers
+DIRECTIONS = {key: words.replace("->", "→") for key, words in METRIC_DIRECTIONS.items()}
+
+
+def _scores() -> re.Pattern:
+    """The numbers of metrics.json the card shows: recall@K and each registered rank metric, either
+    way, and the mean recall."""
+    names = "|".join(re.escape(name) for name in METRICS)
+    return re.compile(rf"({'|'.join(DIRECTIONS)})_(R@\d+|{names})|mean_recall")
+
+
 STAMP = "<!-- written by clip-foundation: {} -->"  # the card's last line: sha256 of everything above it
 
 
@@ -149,7 +158,7 @@ def _checked_metrics(path: Path) -> dict | None:
     if not isinstance(metrics, dict):
         warnings.warn(f"{path} holds no JSON object of metrics: the card leaves its metrics out", stacklevel=3)
         return None
-    bad = [key for key, value in metrics.items() if SCORES.fullmatch(key) and not _finite(value)]
+    bad = [key for key, value in metrics.items() if _scores().fullmatch(key) and not _finite(value)]
     if bad:
         warnings.warn(f"{path}: {', '.join(bad)} not a finite number: left out of the card", stacklevel=3)
     return {key: value for key, value in metrics.items() if key not in bad}
@@ -179,18 +188,24 @@ def _eval_results(metrics: dict, dataset: tuple[str, str]):
                        dataset_split=_line(metrics["split"]) if "split" in metrics else None,
                        metric_type=f"recall@{k}", metric_name=f"{words} R@{k}",
                        metric_value=round(metrics[f"{direction}_R@{k}"], 2))
-            for direction, words in DIRECTIONS.items() for k in (1, 5, 10) if f"{direction}_R@{k}" in metrics]
+            for direction, words in DIRECTIONS.items() for k in RECALL_AT if f"{direction}_R@{k}" in metrics]
+
+
+def _cell(key: str, value: float) -> str:
+    """Recall in % to one decimal; ranks as short as they are (a median rank of 3, a mean of 12.4)."""
+    return f"{value:.1f}" if key.startswith("R@") else f"{value:.1f}".removesuffix(".0")
 
 
 def _metrics_text(metrics: dict | None, best: dict | None, querybank: int) -> str:
     lines = []
     if metrics:
+        columns = metric_keys(metrics)
         lines += [f"Recall@K in %, on the {_md(metrics.get('split', 'test'))} split ({_md(metrics.get('images', '?'))} "
                   f"images, {_md(metrics.get('captions', '?'))} captions; every image counted once with all its "
                   "captions):", "",
-                  "| direction | R@1 | R@5 | R@10 | median rank |", "|---|---|---|---|---|"]
-        lines += [f"| {words} | " + " | ".join(f"{metrics.get(f'{d}_R@{k}', float('nan')):.1f}" for k in (1, 5, 10))
-                  + f" | {metrics.get(f'{d}_median_rank', float('nan')):g} |" for d, words in DIRECTIONS.items()]
+                  "| direction | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {words} | " + " | ".join(_cell(key, metrics.get(f"{d}_{key}", math.nan)) for key, _ in columns)
+                  + " |" for d, words in DIRECTIONS.items()]
         lines += ["", f"Mean recall: {metrics.get('mean_recall', float('nan')):.1f}."]
         if querybank:
             lines += ["", f"Text → image scores use querybank normalisation over {querybank:,} training captions "
