@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from clip_foundation.search import command as search
-from clip_foundation.search.mmap_index import INDEX_FILE, INFO_FILE, BigIndex, build_big_index, open_index
+from clip_foundation.search.kinds import open_index
+from clip_foundation.search.mmap_index import INDEX_FILE, INFO_FILE, BigIndex, build_big_index
 from clip_foundation.search.budget import parse_size, plans
 from clip_foundation.embed.folder import EmbeddingFolder
 from clip_foundation.search.index import BadIndexError, exact_topk, faiss_module, model_digest, recall_at_k
