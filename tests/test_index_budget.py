@@ -202,7 +202,8 @@ def test_a_link_is_returned_not_fetched(big_gallery, tmp_path, capsys):
 
 def test_the_page_finds_the_image(big_gallery):
     from clip_foundation.search.gallery import Gallery
-    from clip_foundation.app.page import SearchPage, describe_run
+    from clip_foundation.app.loading import describe_run
+    from clip_foundation.app.page import SearchPage
     folder, checkpoint, target = big_gallery
     gallery = Gallery.from_index(folder, engine="torch")
     assert gallery.checkpoint == str(checkpoint) and len(gallery) == 4000
