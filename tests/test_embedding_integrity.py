@@ -229,20 +229,20 @@ def test_an_index_is_read_whole_only_when_its_files_were_written_since_the_build
     # opening a 5 GB index must not hash 5 GB each time: an untouched file (size and time as built)
     # is trusted; a file whose time moved is hashed, and opens if its bytes are still the built ones
     import os
-    from clip_foundation.search import mmap_index as bigindex
     from clip_foundation.common import files as index
+    from clip_foundation.search.kinds import open_index
     folder = copy_of(big_gallery[0], tmp_path)  # copy2 keeps the files' times
     hashed, real = [], index.file_digest
     monkeypatch.setattr(index, "file_digest", lambda path, *a: (Path(path).parent == folder and hashed.append(
         Path(path).name)) or real(path))  # the index's own files (the model's weights are hashed apart)
-    bigindex.open_index(folder)
+    open_index(folder)
     assert hashed == []
     os.utime(folder / INDEX_FILE)  # touched: same bytes, a new time
-    bigindex.open_index(folder)
+    open_index(folder)
     assert hashed == [INDEX_FILE]
     _overwrite_a_row(folder)
     with pytest.raises(BadIndexError, match="its contents differ"):
-        bigindex.open_index(folder)
+        open_index(folder)
 
 
 @needs_faiss

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from clip_foundation.search import command as search
-from clip_foundation.search.mmap_index import INDEX_FILE, INFO_FILE, BigIndex, build_big_index, open_index
+from clip_foundation.search.kinds import open_index
+from clip_foundation.search.mmap_index import INDEX_FILE, INFO_FILE, BigIndex, build_big_index
 from clip_foundation.search.budget import parse_size, plans
 from clip_foundation.embed.folder import EmbeddingFolder
 from clip_foundation.search.index import BadIndexError, exact_topk, faiss_module, recall_at_k
@@ -202,7 +203,8 @@ def test_a_link_is_returned_not_fetched(big_gallery, tmp_path, capsys):
 
 def test_the_page_finds_the_image(big_gallery):
     from clip_foundation.search.gallery import Gallery
-    from clip_foundation.app.page import SearchPage, describe_run
+    from clip_foundation.app.loading import describe_run
+    from clip_foundation.app.page import SearchPage
     folder, checkpoint, target = big_gallery
     gallery = Gallery.from_index(folder, engine="torch")
     assert gallery.checkpoint == str(checkpoint) and len(gallery) == 4000

@@ -9,7 +9,8 @@ drop in a photo and see the captions and labels that fit it, and what is loaded.
 reused by every query: a text query costs one text-tower forward (one torch thread, see
 `launch`) plus the index lookup; thumbnails are made the first time an image is shown. Its
 `on_query` / `on_image` are the page's handlers as plain functions (tests and the latency
-benchmark call them directly); `build` lays them out with Gradio, imported only there.
+benchmark call them directly); `build` lays them out with Gradio, imported only there. What it
+loads and shows as loaded (its caption index, examples, the run's description): `loading.py`.
 
 Safe by default: the server binds 127.0.0.1 (and warns when it listens wider with no login);
 the page's thumbnails live in its own temporary folder (removed by `close` and at exit) and
@@ -27,7 +28,6 @@ from __future__ import annotations
 import atexit
 import hashlib
 import ipaddress
-import json
 import math
 import os
 import shutil
@@ -43,10 +43,11 @@ from clipModel import CLIPModel
 
 from clip_foundation.common.extras import optional
 from clip_foundation.common.files import atomic_write
+from clip_foundation.app.loading import caption_index, describe_run, is_synthetic, synthetic_labels
 from clip_foundation.search.mmap_index import is_link
-from clip_foundation.search.gallery import Gallery, Match, find_captions, gallery_records, load_or_build_caption_index
-from clip_foundation.search.index import GalleryIndex
-from clip_foundation.data.records import MAX_CAPTION_CHARS, DataError, Record, open_rgb
+from clip_foundation.search.gallery import Gallery, Match, find_captions
+from clip_foundation.search.kinds import Index
+from clip_foundation.data.records import MAX_CAPTION_CHARS, DataError, open_rgb
 from clip_foundation.evaluate.zeroshot import TEMPLATES, classify
 
 SYNTHETIC_QUERIES = ("a red circle", "a small blue square", "a yellow star on the left",
@@ -87,7 +88,7 @@ def too_large(size: int, limit: int | None) -> str | None:
 class SearchPage:
     """A `Gallery` (model + image index) with a caption index, as the handlers of one web page."""
     gallery: Gallery
-    captions: GalleryIndex | None  # image -> text candidates; None: no captions found
+    captions: Index | None  # image -> text candidates; None: no captions found
     info: dict  # what is loaded, shown in the page (see `summary`)
     examples: tuple[str, ...] = PHOTO_QUERIES
     labels: str = PHOTO_LABELS  # default zero-shot labels, comma-separated
@@ -117,11 +118,11 @@ class SearchPage:
         `captions` are the image -> text candidates: "train" (the run's training captions),
         "gallery" (the gallery's own) or a text file with one caption per line."""
         gallery = gallery or Gallery.from_run(checkpoint, data, split, model=model, backend=backend, device=device)
-        caption_index, caption_note = _caption_index(gallery, captions, data, backend)
-        synthetic = _is_synthetic(checkpoint, data)
-        info = describe_run(gallery, caption_index, caption_note, data or "the run's data", split)
-        return cls(gallery, caption_index, info, SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES,
-                   _synthetic_labels() if synthetic else PHOTO_LABELS, None if synthetic else TEMPLATES)
+        captions_found, caption_note = caption_index(gallery, captions, data, backend)
+        synthetic = is_synthetic(checkpoint, data)
+        info = describe_run(gallery, captions_found, caption_note, data or "the run's data", split)
+        return cls(gallery, captions_found, info, SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES,
+                   synthetic_labels() if synthetic else PHOTO_LABELS, None if synthetic else TEMPLATES)
 
     # ------------------------------------------------------------ handlers (no Gradio here)
 
@@ -256,73 +257,6 @@ class SearchPage:
         self._thumbs.clear()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- loading
-
-def _caption_index(gallery: Gallery, source: str, data, backend: str) -> tuple[GalleryIndex | None, str]:
-    """The caption index named by `source` -> (index or None, a line saying where it came from)."""
-    try:
-        if source == "gallery":
-            records, what = gallery.records, "the gallery's captions"
-        elif source == "train":
-            records, what = gallery_records(gallery.checkpoint, data, "train"), "the run's training captions"
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise DataError(f"{path}: caption file not found")
-            lines = [t.strip() for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
-            records, what = [Record(path.resolve(), lines)], f"{path.name}"
-        if not any(r.captions for r in records):
-            raise DataError(f"{what}: none")
-        index = load_or_build_caption_index(gallery.model, gallery.checkpoint, records, backend=backend)
-        return index, f"{len(index)} from {what}"
-    except (OSError, DataError, UnicodeDecodeError) as e:
-        return None, f"none ({e}); pass --captions=FILE, one caption per line"
-
-
-def _is_synthetic(checkpoint, data) -> bool:
-    """Whether the gallery is the built-in synthetic set (its example queries are about shapes)."""
-    from clip_foundation.data.splits import run_data_config
-    try:
-        folder = Path(data) if data else Path(run_data_config(checkpoint).path)
-    except (OSError, ValueError):
-        return False
-    return (folder / "synthetic.json").is_file()
-
-
-def _synthetic_labels() -> str:
-    from clip_foundation.data.synthetic import COLORS
-    return ", ".join(f"a {colour} shape" for colour in COLORS)
-
-
-def describe_run(gallery: Gallery, captions: GalleryIndex | None, caption_note: str, data, split) -> dict:
-    """What the page shows as loaded: model, towers, gallery, index kind, the run's test recall."""
-    cfg, folder = gallery.model.config, Path(gallery.checkpoint)
-    model = gallery.model
-    towers = [model.image_encoder.describe(cfg.image), model.text_encoder.describe(cfg.text)]
-    faiss = gallery.images.meta.get("faiss")
-    index = "exact (matrix product + top-k)" if not faiss else faiss["type"] + "".join(
-        f", {k} {v}" for k, v in faiss.items() if k in ("nlist", "nprobe") or k.startswith("recall@"))
-    info = {"model": folder.resolve().name,
-            "towers": f"image: {towers[0]}, {cfg.image.image_size} px; text: {towers[1]}; "
-                      f"{cfg.projection_dim}-d embeddings",
-            "gallery": f"{len(gallery):,} images (the index {gallery.index_folder})" if gallery.index_folder
-                       else f"{len(gallery):,} images ({split} split of {data})" if not _is_folder(gallery)
-                       else f"{len(gallery):,} images under {Path(os.path.commonpath(gallery.images.paths))}",
-            "index": index, "captions": caption_note}
-    try:
-        m = json.loads((folder / "metrics.json").read_text())
-        info["test recall"] = (f"text -> image R@1/5/10 {m['text_to_image_R@1']:.1f} / {m['text_to_image_R@5']:.1f}"
-                               f" / {m['text_to_image_R@10']:.1f} on {m.get('images', '?')} {m.get('split', '')}"
-                               " images")
-    except (OSError, ValueError, KeyError, TypeError):
-        info["test recall"] = "not measured (no metrics.json in the checkpoint folder)"
-    return info
-
-
-def _is_folder(gallery: Gallery) -> bool:  # a plain folder of photos: no captions anywhere
-    return bool(gallery.records) and not any(r.captions for r in gallery.records)
 
 
 # ---------------------------------------------------------------- the page in Gradio (imported only here)

@@ -1,2 +1,3 @@
-"""Search: the exact and FAISS indexes, the index under a memory budget (memory-mapped), `Gallery`
-and `find_matches`, the `search` command."""
+"""Search: the exact and FAISS indexes, the index under a memory budget (memory-mapped), the index
+kinds a prebuilt folder may be (`kinds.open_index`, the `Index` protocol), `Gallery` and
+`find_matches`, the `search` command."""

@@ -30,9 +30,10 @@ from clip_foundation.search.gallery import (GRID_CELLS, check_n, clean_query, fi
                                      load_or_build_caption_index, load_or_build_index)
 from clip_foundation.data.splits import SPLITS
 from clip_foundation.engines.registry import ENGINES, use_engine
-from clip_foundation.search.mmap_index import BigIndex, build_big_index, is_big_index, is_link, open_index
+from clip_foundation.search.mmap_index import BigIndex, build_big_index, is_link
 from clip_foundation.search.budget import parse_size
-from clip_foundation.search.index import NON_FINITE_SCORES, GalleryIndex, ensure_faiss, mark_missing
+from clip_foundation.search.index import NON_FINITE_SCORES
+from clip_foundation.search.kinds import open_index
 from clip_foundation.data.records import DataError
 from clipModel import CLIPModel, check, model_folder
 
@@ -132,8 +133,7 @@ def main(argv=None):
         if args.index:
             index = open_index(args.index, kind, args.checkpoint)
             args.checkpoint = args.checkpoint or index.meta["checkpoint"]
-            if isinstance(index, GalleryIndex):
-                ensure_faiss(index, args.backend, Path(args.index) / kind)
+            index.prepare(args.backend, args.index, device)  # before the model: a FAISS problem is said first
         model = CLIPModel.from_pretrained(args.checkpoint, device=device)
         use_engine(model, args.engine, args.checkpoint)
         if not args.index:
@@ -146,18 +146,17 @@ def main(argv=None):
                      if args.image else load_or_build_index(model, args.checkpoint, records,
                                                             args.batch_size, backend=args.backend,
                                                             skip_bad=args.skip_bad))
-        if device.type == "cuda" and isinstance(index, GalleryIndex):
-            index.embeddings = index.embeddings.to(device)  # exact search on the GPU
+            index.prepare(args.backend, None, device)  # on a GPU, exact search runs there
         if args.image:
             results = find_captions(model, index, args.image, args.n or 5, args.backend)
         else:
             results = find_matches(model, index, args.query, args.n or 9, args.backend)
     except (FileNotFoundError, DataError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    return _report(args, results)
+    return _report(args, results, index)
 
 
-def _report(args, results):
+def _report(args, results, index=None):
     """Print the results first, then draw the best GRID_CELLS of them (nothing for --json, whose
     reader wants the answer): a missing image or an unwritable folder must not cost the answer.
     Images gone since a prebuilt index was built are named, and the index is marked stale."""
@@ -185,8 +184,8 @@ def _report(args, results):
     if missing:
         print(f"warning: {len(missing)} of these images no longer exist (moved or deleted since the "
               f"index was built): {', '.join(missing)}; rebuild the index", file=sys.stderr)
-        if args.index and not is_big_index(args.index):
-            mark_missing(Path(args.index) / "images", missing)
+        if args.index and index is not None:  # a prebuilt index: its kind records it (or not)
+            index.mark_missing(args.index, missing)
     if args.json:  # its reader wants the answer, not a figure
         return results
     shown = results if args.image else [m for m in results if m.path not in missing and not is_link(m.path)]

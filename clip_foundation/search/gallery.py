@@ -22,9 +22,9 @@ import torch
 from clipModel import CLIPModel, check, model_folder
 
 from clip_foundation.evaluate import querybank
-from clip_foundation.search.mmap_index import BigIndex, open_index
+from clip_foundation.search.kinds import Index, open_index
 from clip_foundation.data.splits import decode_images, gallery_records
-from clip_foundation.search.index import (INDEX_VERSION, RECALL_QUERIES, GalleryIndex, ensure_faiss, load_index, save_index)
+from clip_foundation.search.index import INDEX_VERSION, RECALL_QUERIES, GalleryIndex, ensure_faiss, load_index, save_index
 from clip_foundation.common.files import gallery_digest, file_digest, model_digest
 from clip_foundation.data.records import DataError, Record, caption_fault, open_rgb
 from clip_foundation.engines.registry import encoder_of, use_engine
@@ -253,7 +253,7 @@ def clean_query(query: str) -> str:
     return query
 
 
-def find_matches(model: CLIPModel, index: GalleryIndex | BigIndex, query: str, n: int = 9,
+def find_matches(model: CLIPModel, index: Index, query: str, n: int = 9,
                  backend: str = "auto") -> Matches:
     """The `n` gallery images most similar to the text `query`, best first, as `Matches` (a list
     of `Match(path, score)` that Jupyter draws as a grid); ValueError for a query `clean_query`
@@ -266,7 +266,7 @@ def find_matches(model: CLIPModel, index: GalleryIndex | BigIndex, query: str, n
     return Matches(nearest_images(index, text, n, backend), query)
 
 
-def nearest_images(index: GalleryIndex | BigIndex, embedding: torch.Tensor, n: int, backend: str = "auto") -> list[Match]:
+def nearest_images(index: Index, embedding: torch.Tensor, n: int, backend: str = "auto") -> list[Match]:
     """The `n` gallery images nearest the normalised (1, D) `embedding`, best first, with their
     cosines. On an index with a querybank, a (1, D + 1) text embedding from
     `querybank.normalised_texts` ranks and scores by cosine minus each image's hub bias."""
@@ -276,7 +276,7 @@ def nearest_images(index: GalleryIndex | BigIndex, embedding: torch.Tensor, n: i
     return [Match(index.paths[i], s) for s, i in zip(scores[0].tolist(), rows[0].tolist()) if i >= 0]
 
 
-def find_captions(model: CLIPModel, captions_index: GalleryIndex, image, n: int = 5,
+def find_captions(model: CLIPModel, captions_index: Index, image, n: int = 5,
                   backend: str = "auto", distinct: bool = True) -> list[CaptionMatch]:
     """The `n` gallery captions that best describe `image` (a PIL image, a path or a tensor,
     see `embed_image`), best first; with `distinct`, a caption text is listed once."""
@@ -309,10 +309,10 @@ class Gallery:
     index is cached beside the checkpoint); the caption index is built on the first
     `find_captions`."""
     model: CLIPModel
-    images: GalleryIndex
+    images: Index
     records: list[Record]
     checkpoint: str
-    captions: GalleryIndex | None = None
+    captions: Index | None = None
     index_folder: str | None = None  # the prebuilt index folder it was opened from (`from_index`)
 
     @classmethod
@@ -344,8 +344,7 @@ class Gallery:
         checkpoint = checkpoint and model_folder(checkpoint)  # a Hub id: its snapshot in the Hub cache
         index = open_index(folder, "images", checkpoint)
         checkpoint = checkpoint or index.meta["checkpoint"]
-        if isinstance(index, GalleryIndex):
-            ensure_faiss(index, backend, Path(folder) / "images")
+        index.prepare(backend, folder)
         if model is None:
             model = CLIPModel.from_pretrained(checkpoint, device=device)
             use_engine(model, engine, checkpoint)

@@ -49,6 +49,7 @@ class BadIndexError(ValueError):
 
 @dataclass
 class GalleryIndex:
+    """An `Index` (kinds.py) held in memory: float16 rows, searched exactly or by its FAISS index."""
     embeddings: torch.Tensor  # (N, D) float16, L2-normalised
     paths: list[str]  # the image of each row
     identity: str  # hash of the model weights + gallery; a mismatch means rebuild
@@ -79,6 +80,25 @@ class GalleryIndex:
             gallery = self._scoring
         scores, indices = exact_topk(queries.to(gallery.device), gallery, k, chunk)
         return _finite(scores.cpu(), indices.cpu())
+
+    def prepare(self, backend: str = "auto", folder=None, device=None) -> None:
+        """Ready it for `backend`: its FAISS index when `backend` wants one (`ensure_faiss`: built
+        now if missing, and saved beside its files in the prebuilt `folder` when given), and its
+        rows on `device` when that is a GPU, where exact search then runs."""
+        ensure_faiss(self, backend, folder and Path(folder) / self.meta.get("kind", "images"))
+        if device is not None and torch.device(device).type == "cuda":
+            self.embeddings = self.embeddings.to(device)
+
+    def mark_missing(self, folder, missing: list[str]) -> None:
+        """Record in the prebuilt `folder`'s JSON of this index that these gallery images no
+        longer exist (best effort), so later searches warn that the index is stale."""
+        path = Path(folder) / f"{self.meta.get('kind', 'images')}.json"
+        try:
+            meta = json.loads(path.read_text())
+            meta["missing"] = sorted(set(meta.get("missing", [])) | set(missing))
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(meta)))
+        except (OSError, ValueError):
+            pass
 
 
 def _finite(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +190,7 @@ def wants_faiss(backend: str, n: int) -> bool:
 
 def faiss_search(faiss_index, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     scores, indices = faiss_index.search(queries.detach().float().cpu().contiguous().numpy(), k)
-    scores, indices = torch.from_numpy(scores), torch.from_numpy(indices)
-    return scores, indices  # IVF may leave -1 (no row) at the end when few cells are probed
+    return torch.from_numpy(scores), torch.from_numpy(indices)  # IVF may leave -1 (no row) when few cells are probed
 
 
 def build_faiss(embeddings: torch.Tensor, kind: str = "auto", queries: torch.Tensor | None = None,
@@ -370,76 +389,3 @@ def _check_digest(path: Path, meta: dict, meta_file: Path) -> None:
     if current != (meta.get("sha256") or {}).get(path.suffix[1:]):
         raise BadIndexError(f"{path}: its contents differ from the sha256 recorded in {meta_file.name} "
                             "when it was built (truncated, damaged or changed since)")
-
-
-def _read_json(path) -> dict:
-    """An index's JSON as a dict; {} when it cannot be read (the caller decides what that means)."""
-    try:
-        meta = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def mark_missing(stem, missing: list[str]) -> None:
-    """Record in <stem>.json that these gallery images no longer exist (best effort), so later
-    searches warn that the index is stale."""
-    path = Path(stem).with_suffix(".json")
-    try:
-        meta = json.loads(path.read_text())
-        meta["missing"] = sorted(set(meta.get("missing", [])) | set(missing))
-        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(meta)))
-    except (OSError, ValueError):
-        pass
-
-
-def open_prebuilt(folder, kind: str = "images", checkpoint=None) -> GalleryIndex:
-    """The `kind` index ("images" or "captions") of a folder written by --build-index, checked
-    against `checkpoint` (default: the checkpoint it was built from) -> GalleryIndex."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BadIndexError(f"{folder}: index folder not found (build one with --build-index)")
-    if kind == "captions" and not (folder / "captions.json").is_file() and (folder / "images.json").is_file():
-        images = _read_json(folder / "images.json")
-        if images.get("captioned") is False:
-            raise BadIndexError(f"{folder} has no caption index: its gallery had no captions "
-                                "(image -> text search needs a captioned dataset)")
-        # the build writes the image index first: one killed in between leaves only that
-        raise BadIndexError(f"{folder} is incomplete: its caption index (captions.json) is missing, so its "
-                            "build was interrupted; rebuild it with python search.py --build-index "
-                            f"--checkpoint {images.get('checkpoint', 'RUN')} --data DIR --out {folder}")
-    if not (folder / f"{kind}.json").is_file():
-        what = "image" if kind == "images" else "caption"
-        raise BadIndexError(f"{folder}: no complete {what} index ({kind}.json + {kind}.safetensors, "
-                            f"format v{INDEX_VERSION}); build one with --build-index")
-    try:
-        index = load_index(folder / kind, strict=True)
-    except BadIndexError as e:  # its images may be gone: only a new build can mend it
-        raise BadIndexError(f"{e}; rebuild it with --build-index") from None
-    if index.meta.get("missing"):
-        print(f"warning: {folder} is stale: {len(index.meta['missing'])} of its images were missing when "
-              f"it was last searched (first: {index.meta['missing'][0]}); rebuild it with --build-index",
-              file=sys.stderr)
-    check_model(folder, index.meta, checkpoint)
-    return index
-
-
-def check_model(folder, meta: dict, checkpoint=None,
-                rebuild: str = "rebuild it with --build-index --checkpoint {checkpoint}") -> None:
-    """BadIndexError unless `checkpoint` (default: meta's "checkpoint") holds the model whose
-    weights' sha256 is meta's "model": an index is searched with the model that embedded it.
-    `rebuild`: how to build the index again for `checkpoint` (the index kind's own command)."""
-    saved = meta.get("checkpoint")
-    if not checkpoint and not (isinstance(saved, str) and saved):
-        raise BadIndexError(f"{folder}: its index names no checkpoint ({saved!r}): pass --checkpoint=DIR, "
-                            "the model it was built with")
-    if not checkpoint and not (Path(saved) / "model.safetensors").is_file():
-        raise BadIndexError(f"{folder} was built with the checkpoint {saved}, which is not there (moved or "
-                            "deleted?): pass --checkpoint=DIR where that model is now")
-    checkpoint = Path(checkpoint or saved)
-    current = model_digest(checkpoint)
-    if current != meta.get("model"):
-        raise BadIndexError(f"{folder} was built with another model (checkpoint "
-                            f"{meta.get('checkpoint')}, weights {str(meta.get('model'))[:12]}) "
-                            f"than {checkpoint} (weights {current[:12]}); search it with --checkpoint=DIR "
-                            f"of that model, or {rebuild.format(checkpoint=checkpoint, folder=folder)}")

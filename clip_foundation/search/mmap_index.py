@@ -40,7 +40,8 @@ from clipModel import ConfigError
 from clip_foundation.search.budget import choose_index, format_size
 from clip_foundation.embed.folder import EmbeddingFolder
 from clip_foundation.common.files import atomic_write, folder_to_write, unlisted
-from clip_foundation.search.index import (MIN_POINTS_PER_CELL, TARGET_RECALL, TRAIN_PER_CELL, BadIndexError, RunningTopK, check_model, faiss_module, open_prebuilt, recall_at_k)
+from clip_foundation.search.index import (MIN_POINTS_PER_CELL, TARGET_RECALL, TRAIN_PER_CELL, BadIndexError, RunningTopK,
+                                          faiss_module, recall_at_k)
 from clip_foundation.common.files import changed_file, file_entries
 from clip_foundation.data.records import DataError
 
@@ -216,7 +217,7 @@ class Column:
 @dataclass
 class BigIndex:
     """A folder written by `build_big_index`, opened: the FAISS index (memory-mapped where FAISS
-    can) and the metadata table (memory-mapped). `search` and `paths` work as GalleryIndex's."""
+    can) and the metadata table (memory-mapped): an `Index` (kinds.py), as GalleryIndex is."""
     folder: Path
     faiss_index: object
     table: object  # pyarrow.Table over metadata.arrow
@@ -288,12 +289,12 @@ class BigIndex:
         scores, indices = self.faiss_index.search(queries.detach().float().cpu().contiguous().numpy(), k)
         return torch.from_numpy(scores), torch.from_numpy(indices)
 
-    def check_model(self, checkpoint=None) -> None:
-        """BadIndexError unless `checkpoint` (default: the one the embeddings came from) holds
-        the model whose weights embedded this gallery."""
-        check_model(self.folder, self.meta, checkpoint,
-                    "embed the gallery with it (python -m clip_foundation.embed --checkpoint={checkpoint} "
-                    "--data=GALLERY --out=EMB) and " + REBUILD)
+    def prepare(self, backend: str = "auto", folder=None, device=None) -> None:
+        """Nothing to ready: the FAISS index is searched on the CPU as opened (memory-mapped)."""
+
+    def mark_missing(self, folder, missing: list[str]) -> None:
+        """Nothing is recorded: index.json is the build's own record (search.py names the images
+        gone on each search)."""
 
 
 def read_info(folder) -> dict:
@@ -334,20 +335,6 @@ def _check_info(meta: dict, folder: Path) -> None:
 def is_big_index(folder) -> bool:
     """Whether `folder` is (or was being written as) a large-gallery index folder."""
     return any((Path(folder) / name).is_file() for name in (INDEX_FILE, INFO_FILE, METADATA_FILE))
-
-
-def open_index(folder, kind: str = "images", checkpoint=None) -> "GalleryIndex | BigIndex":
-    """A prebuilt index folder of either kind, checked against `checkpoint` (default: the one
-    it was built from): `search.py --build_index --out=DIR` (a GalleryIndex; `kind` "images" or
-    "captions") or `--build_index --embeddings=EMB --index=DIR` (a BigIndex, images only)."""
-    if not is_big_index(folder):
-        return open_prebuilt(folder, kind, checkpoint)
-    if kind != "images":
-        raise BadIndexError(f"{folder} indexes images only (built from an embedding folder): "
-                            "image -> text search needs a caption index (--build_index --data=DIR)")
-    index = BigIndex.open(folder, verify=True)  # every open: a file changed in place keeps its size
-    index.check_model(checkpoint)
-    return index
 
 
 def is_link(path: str) -> bool:
