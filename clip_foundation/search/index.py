@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from clip_foundation.common.files import atomic_write, file_digest, model_digest
+from clip_foundation.common.files import atomic_write, file_digest
 
 INDEX_VERSION = 3  # bump when the index format changes, so old caches are rebuilt
 EXACT_CHUNK = 65_536  # gallery rows scored at once for a batch of 64 queries (16 MB of float32 scores)

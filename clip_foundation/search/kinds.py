@@ -22,7 +22,8 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from clip_foundation.search.index import INDEX_VERSION, BadIndexError, load_index, model_digest
+from clip_foundation.common.files import model_digest
+from clip_foundation.search.index import INDEX_VERSION, BadIndexError, load_index
 from clip_foundation.search.mmap_index import REBUILD, BigIndex, is_big_index
 
 
