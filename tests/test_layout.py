@@ -210,3 +210,27 @@ def test_an_installed_command_exits_0_when_its_main_returns_results(command, mon
     from clip_foundation import commands
     monkeypatch.setattr(importlib.import_module(commands.MODULES[command]), "main", lambda: {"R@1": 50.0})
     assert getattr(commands, command)() == 0
+
+
+def test_the_public_api_is_the_readmes_and_each_name_is_documented():
+    # what a notebook writes: `from clip_foundation import Gallery`; the README's API section lists it
+    import subprocess
+    import sys
+
+    import clip_foundation
+    api = (ROOT / "README.md").read_text().split("## API", 1)[1].split("\n## ", 1)[0]
+    for name in clip_foundation.__all__:
+        assert re.search(rf"\b{name}\b", api), f"{name} is missing from the README's API section"
+        assert getattr(clip_foundation, name).__doc__, f"clip_foundation.{name} has no docstring"
+    # importing the package imports no training, search or page code: each name is loaded on first use
+    loaded = subprocess.run([sys.executable, "-c", "import sys, clip_foundation; print(' '.join(sys.modules))"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert not [m for m in loaded if m.startswith(("clip_foundation.training", "clip_foundation.search",
+                                                   "clip_foundation.app", "gradio"))]
+
+
+def test_training_imports_search_only_in_the_step_its_command_composes():
+    # train() ends at the tested run folder; indexing and query grids are the command's next step
+    for name, targets in graph().items():
+        if subpackage(name) == "training" and name != f"{PACKAGE}.training.command":
+            assert not [t for t in targets if subpackage(t) == "search"], f"{name} imports search"
