@@ -20,9 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CLIPModel", "CLIPConfig", "ImageEncoderConfig", "TextEncoderConfig", "ProjectionHead",
-           "CheckpointError", "clip_loss", "gathered_clip_loss", "siglip_loss", "image_transform", "resize_crop",
-           "to_model_input", "default_device", "ConfigError"]
+__all__ = ["CLIPModel", "CLIPConfig", "ImageEncoderConfig", "TextEncoderConfig", "ProjectionHead", "tower_adapter",
+           "CheckpointError", "ConfigError", "clip_loss", "gathered_clip_loss", "siglip_loss", "image_transform",
+           "resize_crop", "to_model_input", "default_device", "model_folder",
+           # helpers the model itself uses, which the library shares rather than copies
+           "check", "atomic_write", "public_path"]
 
 OFFLINE_HINT = ("Offline options: a local folder saved with save_pretrained (--{tower}.name=PATH), "
                 "--{tower}.pretrained=false to build from a local config with random weights, "
@@ -30,13 +32,8 @@ OFFLINE_HINT = ("Offline options: a local folder saved with save_pretrained (--{
 SCRATCH_IMAGE_SIZE = 64  # the scratch ViT's input side when image_size is left at 0
 # timm model name -> a function giving a local weights file for it (or None): pretrained timm
 # towers load from it instead of the hub. clip_foundation.pretrained registers the ImageNet
-# weights shipped in pip packages; `register_offline_weights` adds others.
+# weights shipped in pip packages through `TimmImageEncoder.register_offline_weights`.
 OFFLINE_WEIGHTS: dict = {}
-
-
-def register_offline_weights(name: str, weights_file) -> None:
-    """Make pretrained timm model `name` load from `weights_file()` (a path, or None to download)."""
-    OFFLINE_WEIGHTS[name] = weights_file
 
 
 def atomic_write(path, write) -> Path:
@@ -126,6 +123,18 @@ class CLIPConfig:
         _adapter(IMAGE_ENCODERS, image, "image").check_config(image)
         _adapter(TEXT_ENCODERS, text, "text").check_config(text)
         return self
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "CLIPConfig":
+        """The config saved in FOLDER/config.json (by `CLIPModel.save_pretrained`), or CheckpointError
+        naming the file: no weights are read."""
+        return _read_model_config(folder)
+
+    @staticmethod
+    def saved(folder) -> dict:
+        """FOLDER/config.json whole: the model's config under "model", a run's data and training
+        configs beside it; CheckpointError naming the file when it is not one save_pretrained wrote."""
+        return _read_saved_config(folder)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CLIPConfig":
@@ -385,6 +394,15 @@ class TextEncoder(Tower):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+def tower_adapter(tower: str, kind: str) -> type:
+    """The adapter class of tower kind `kind` ("hf", "timm", "scratch") for `tower` ("image" or "text"):
+    what the library asks of a kind without building one (where its weights came from, for a card)."""
+    kinds = IMAGE_ENCODERS if tower == "image" else TEXT_ENCODERS
+    if kind not in kinds:
+        raise ConfigError(f"--{tower}.kind={kind!r}: must be one of {', '.join(kinds)}")
+    return kinds[kind]
+
+
 def _adapter(kinds: dict, cfg, tower: str):
     check(cfg.kind in kinds, f"{tower}.kind", cfg.kind, "one of " + ", ".join(kinds))
     return kinds[cfg.kind]
@@ -440,6 +458,11 @@ class TimmImageEncoder(ImageEncoder):
     """Any timm model, classifier removed; with `pool_blocks`, its last blocks' pooled outputs too."""
     kind = "timm"
     memory_format = torch.channels_last  # convolutional towers: ~1.5x faster on a CPU (measured)
+
+    @classmethod
+    def register_offline_weights(cls, name: str, weights_file) -> None:
+        """Make pretrained timm model `name` load from `weights_file()` (a path, or None to download)."""
+        OFFLINE_WEIGHTS[name] = weights_file
 
     @classmethod
     def weights_origin(cls, cfg: dict) -> dict:
@@ -849,7 +872,7 @@ class CLIPModel(nn.Module):
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise FileNotFoundError(f"{folder} is not a saved CLIPModel folder "
                                     "(expected config.json and model.safetensors)")
-        config = read_model_config(folder)
+        config = _read_model_config(folder)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
             with torch.device("meta"):  # shapes only, nothing allocated: a config.json is as untrusted as the weights
@@ -893,7 +916,7 @@ def _brief(e: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def read_saved_config(folder) -> dict:
+def _read_saved_config(folder) -> dict:
     """FOLDER/config.json as written by save_pretrained (the model's config under "model", a
     run's data and training configs beside it), or CheckpointError naming the file."""
     path = Path(folder) / "config.json"
@@ -906,9 +929,9 @@ def read_saved_config(folder) -> dict:
     return saved
 
 
-def read_model_config(folder) -> CLIPConfig:
+def _read_model_config(folder) -> CLIPConfig:
     """The `CLIPConfig` in FOLDER/config.json, or CheckpointError naming the file."""
-    saved = read_saved_config(folder)
+    saved = _read_saved_config(folder)
     try:
         return CLIPConfig.from_dict(saved["model"])
     except (TypeError, ValueError, AttributeError) as e:

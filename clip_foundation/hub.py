@@ -34,7 +34,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipModel import CheckpointError, CLIPModel, public_path, read_model_config
+from clipModel import CheckpointError, CLIPConfig, CLIPModel, public_path
 
 from clip_foundation.common import cli
 from clip_foundation.common.files import atomic_write
@@ -120,7 +120,7 @@ def push_to_hub(model_or_run_dir, repo_id: str, *, private: bool = False, token:
     run_dir = Path(model_or_run_dir)
     if not (run_dir / "model.safetensors").is_file() or not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir}: nothing to push (a model folder has config.json and model.safetensors)")
-    read_model_config(run_dir)  # CheckpointError for a config.json that no load would accept
+    CLIPConfig.from_pretrained(run_dir)  # CheckpointError for a config.json that no load would accept
     if card is None and (run_dir / CARD).is_file() and not written_here(run_dir / CARD):
         warnings.warn(f"{run_dir / CARD} is not the card clip-foundation wrote (or it was edited): sent as it is; "
                       "--card=true replaces it", stacklevel=2)

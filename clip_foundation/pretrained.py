@@ -18,7 +18,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from clipModel import register_offline_weights
+from clipModel import tower_adapter
 
 from clip_foundation.common.files import atomic_write
 
@@ -101,7 +101,7 @@ def _package_weights(name: str):
 
 
 for _name in PACKAGES:  # pretrained timm towers of these names load offline when the package is installed
-    register_offline_weights(_name, _package_weights(_name))
+    tower_adapter("image", "timm").register_offline_weights(_name, _package_weights(_name))
 
 
 def text_model_folder(name: str = "all-MiniLM-L6-v2") -> str:

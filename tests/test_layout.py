@@ -127,7 +127,7 @@ def test_the_package_is_rooms_of_readable_size():
 def test_clip_model_exports_a_small_api():
     import clipModel
     assert "torch" not in clipModel.__all__ and "json" not in clipModel.__all__
-    assert len(clipModel.__all__) <= 15
+    assert len(clipModel.__all__) <= 20
     for name in clipModel.__all__:
         assert getattr(clipModel, name).__doc__, f"clipModel.{name} has no docstring"
 
@@ -144,6 +144,17 @@ def test_eval_mode_restores_every_module_even_after_an_exception(start_training)
             assert not any(m.training for m in model.modules())
             raise KeyboardInterrupt  # a notebook user interrupting an embedding cell
     assert [m.training for m in model.modules()] == before
+
+
+def test_the_library_uses_only_the_models_public_names():
+    # the model file's private parts (its registries, loaders, readers) stay free to change
+    import clipModel
+    for name, path in modules().items():
+        if name.startswith(PACKAGE) or name in SCRIPTS:
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module == "clipModel":
+                    private = {a.name for a in node.names} - set(clipModel.__all__)
+                    assert not private, f"{name} imports clipModel's non-public {sorted(private)}"
 
 
 def test_the_model_floor_imports_nothing_of_the_library():

@@ -414,11 +414,11 @@ BAD_BANKS = {  # case -> (write it at path for a model of `dim`, a word the erro
 @pytest.mark.parametrize("case", list(BAD_BANKS))
 def test_a_bad_querybank_is_one_line_naming_the_file(tiny_run, checkpoint, tool, case):
     from clip_foundation.evaluate import command as evaluate
-    from clipModel import read_model_config
+    from clipModel import CLIPConfig
     data, _, _ = tiny_run
     write, fault = BAD_BANKS[case]
     bank = checkpoint / "querybank.safetensors"
-    write(bank, read_model_config(checkpoint).projection_dim)
+    write(bank, CLIPConfig.from_pretrained(checkpoint).projection_dim)
     args = ["--checkpoint", str(checkpoint), "--data", str(data)]
     with pytest.raises(SystemExit) as exc:
         evaluate.main(args) if tool == "evaluate" else search.main(["a red circle", *args])

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 
-from clipModel import check, read_saved_config
+from clipModel import CLIPConfig, check
 
 from clip_foundation.data.cache import load_images
 from clip_foundation.data.records import IMAGE_SUFFIXES, DataError, DataWarning, Record, SkippableError, image_files
@@ -161,7 +161,7 @@ def run_data_config(run_dir, path: str | None = None, layout: str = "auto", skip
     `path` points it at another copy of the data (its split settings are kept), `skip_bad` skips
     bad rows and images of it (as the run may have). A saved dataset folder that is no longer
     there is a DataError naming it and the `--data=` way out."""
-    saved = read_saved_config(run_dir).get("data", {}) if (Path(run_dir) / "config.json").is_file() else {}
+    saved = CLIPConfig.saved(run_dir).get("data", {}) if (Path(run_dir) / "config.json").is_file() else {}
     cfg = DataConfig(**{k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__})
     cfg.skip_bad = cfg.skip_bad or skip_bad
     if path:

@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipModel import IMAGE_ENCODERS, TEXT_ENCODERS, public_path
+from clipModel import ConfigError, public_path, tower_adapter
 
 from clip_foundation import REPO_URL
 from clip_foundation.common.files import atomic_write
@@ -86,7 +86,10 @@ def tower_weights(cfg: dict, tower: str = "image") -> Weights:
     """The provenance of one tower from its saved config (the "image" or "text" entry of
     config.json): its adapter's `weights_origin`, with what only the library knows added (the
     weights shipped in pip packages, and the licences of the default Hugging Face towers)."""
-    adapter = (IMAGE_ENCODERS if tower == "image" else TEXT_ENCODERS).get(cfg.get("kind"))
+    try:
+        adapter = tower_adapter(tower, cfg.get("kind"))
+    except ConfigError:  # a kind this version does not know: the card still says what it can
+        adapter = None
     origin = (adapter.weights_origin(cfg) if adapter else
               {"tower": f"{cfg.get('kind')} {cfg.get('name', '')}", "source": "see the tower's own documentation"})
     weights = Weights(origin["tower"], origin["source"], origin.get("licence"), origin.get("base_model"),

@@ -14,7 +14,7 @@ from clip_foundation.engines.registry import ENGINES
 from clip_foundation.training.presets import PRESETS, expand_preset
 from clip_foundation.training.step import PRECISIONS, SCHEDULES, resolve_device
 from clip_foundation.training.checkpoint import check_run_name_text, find_resume
-from clipModel import CLIPConfig, ImageEncoderConfig, TextEncoderConfig, check, read_saved_config
+from clipModel import CLIPConfig, ImageEncoderConfig, TextEncoderConfig, check
 
 
 @dataclass
@@ -142,7 +142,7 @@ def resolve_config(argv: list[str]) -> RunConfig:
 
 def read_run_config(folder: Path) -> RunConfig:
     """The RunConfig saved in FOLDER/config.json; a broken file is an error naming it."""
-    saved = read_saved_config(folder)  # CheckpointError for invalid JSON or no "model" entry
+    saved = CLIPConfig.saved(folder)  # CheckpointError for invalid JSON or no "model" entry
     try:
         return RunConfig.from_dict(saved)
     except (TypeError, ValueError, AttributeError) as e:
