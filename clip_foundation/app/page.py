@@ -43,16 +43,14 @@ from clipModel import CLIPModel
 
 from clip_foundation.common.extras import optional
 from clip_foundation.common.files import atomic_write
-from clip_foundation.app.loading import caption_index, describe_run, is_synthetic, synthetic_labels
+from clip_foundation.app.loading import caption_index, describe_run, gallery_is_synthetic, synthetic_labels
+from clip_foundation.data.synthetic import PHOTO_QUERIES, SYNTHETIC_QUERIES
 from clip_foundation.search.mmap_index import is_link
 from clip_foundation.search.gallery import Gallery, Match, find_captions
 from clip_foundation.search.kinds import Index
 from clip_foundation.data.records import MAX_CAPTION_CHARS, DataError, open_rgb
 from clip_foundation.evaluate.zeroshot import TEMPLATES, classify
 
-SYNTHETIC_QUERIES = ("a red circle", "a small blue square", "a yellow star on the left",
-                     "a green triangle above a purple circle")
-PHOTO_QUERIES = ("dog", "plane", "Gloomy weather", "someone dunks on the basket")  # the seed tutorial's
 PHOTO_LABELS = "dog, cat, horse, bicycle, car, boat, child, crowd"
 THUMB_SIDE = 384  # thumbnails shown (and served) instead of the gallery files themselves
 MAX_RESULTS = 48  # the n slider's top
@@ -119,7 +117,7 @@ class SearchPage:
         "gallery" (the gallery's own) or a text file with one caption per line."""
         gallery = gallery or Gallery.from_run(checkpoint, data, split, model=model, backend=backend, device=device)
         captions_found, caption_note = caption_index(gallery, captions, data, backend)
-        synthetic = is_synthetic(checkpoint, data)
+        synthetic = gallery_is_synthetic(checkpoint, data)
         info = describe_run(gallery, captions_found, caption_note, data or "the run's data", split)
         return cls(gallery, captions_found, info, SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES,
                    synthetic_labels() if synthetic else PHOTO_LABELS, None if synthetic else TEMPLATES)

@@ -2,13 +2,20 @@
 write into, and digests: of a file, of the files a description vouches for (embed.json, index.json), of a
 saved model, of a gallery's images."""
 import hashlib
+import os
 import re
 from pathlib import Path
 
 from clipModel import atomic_write
 
-__all__ = ["atomic_write", "folder_to_write", "unlisted", "file_digest", "file_entries", "changed_file",
+__all__ = ["atomic_write", "user_cache", "folder_to_write", "unlisted", "file_digest", "file_entries", "changed_file",
            "model_digest", "gallery_digest"]
+
+
+def user_cache(*parts: str) -> Path:
+    """This user's cache folder of the project, $XDG_CACHE_HOME (or ~/.cache)/clip-foundation/PARTS...:
+    where converted weights, indexes and engine graphs go when a run folder cannot hold them."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "clip-foundation", *parts)
 
 
 def folder_to_write(path, option: str) -> Path:

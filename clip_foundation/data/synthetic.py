@@ -188,7 +188,7 @@ def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig(),
         raise ValueError(f"bad synthetic config: {c}")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    (out_dir / "synthetic.json").unlink(missing_ok=True)  # until complete, the folder is invalid
+    (out_dir / MARKER).unlink(missing_ok=True)  # until complete, the folder is invalid
     splits = ["train"] * c.n_train + ["val"] * c.n_val + ["test"] * c.n_test
     indices = range(len(splits))
     try:
@@ -213,7 +213,7 @@ def generate(out_dir: str | Path, config: SyntheticConfig = SyntheticConfig(),
         writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    (out_dir / "synthetic.json").write_text(json.dumps(asdict(c), indent=2) + "\n")
+    (out_dir / MARKER).write_text(json.dumps(asdict(c), indent=2) + "\n")
     return out_dir
 
 
@@ -222,7 +222,7 @@ def ensure_synthetic(out_dir: str | Path, config: SyntheticConfig = SyntheticCon
     """Generate the dataset in out_dir unless a complete one with this config is there."""
     out_dir = Path(out_dir)
     try:
-        existing = json.loads((out_dir / "synthetic.json").read_text())
+        existing = json.loads((out_dir / MARKER).read_text())
     except (OSError, ValueError):
         existing = None
     if existing != asdict(config) or not (out_dir / "captions.csv").is_file():
@@ -252,6 +252,22 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+MARKER = "synthetic.json"  # written last by `generate`: a folder holding it is the complete synthetic set
+SYNTHETIC_QUERIES = ("a red circle", "a blue square", "a green triangle", "a small yellow star",
+                     "a red circle above a blue square")  # what the shapes model is shown asking (grids, the page)
+PHOTO_QUERIES = ("a dog", "a plane", "gloomy weather", "someone dunks on the basket", "a child in the water")
+
+
+def is_synthetic(folder) -> bool:
+    """Whether `folder` is the built-in synthetic set (its example queries are about shapes)."""
+    return bool(folder) and (Path(folder) / MARKER).is_file()
+
+
+def example_queries(folder) -> tuple[str, ...]:
+    """Queries that suit the dataset in `folder`: shapes for the synthetic set, everyday scenes otherwise."""
+    return SYNTHETIC_QUERIES if is_synthetic(folder) else PHOTO_QUERIES
 
 
 def contains(attributes: dict, color: str, shape: str) -> bool:

@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from clip_foundation.common import cli
 from clip_foundation.data.cache import process_alive
 from clip_foundation.common.extras import optional
-from clip_foundation.common.files import atomic_write
-from clip_foundation.common.files import file_digest, model_digest
+from clip_foundation.common.files import atomic_write, file_digest, model_digest, user_cache
 from clip_foundation.common.modes import eval_mode  # dropout off while tracing; each module's own mode after
 from clipModel import CLIPModel, ConfigError, check, model_folder
 
@@ -198,7 +197,7 @@ def engines_folder(checkpoint) -> Path:
         tempfile.TemporaryFile(dir=folder).close()  # a folder that exists may still refuse writes
         return folder
     except OSError:
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clip-foundation" / "engines" / folder.name
+        return user_cache("engines", folder.name)
 
 
 def export_run(checkpoint, format: str = "onnx", model: CLIPModel | None = None) -> list[Path]:

@@ -27,6 +27,7 @@ from clipModel import ConfigError, public_path, tower_adapter
 
 from clip_foundation import REPO_URL
 from clip_foundation.common.files import atomic_write
+from clip_foundation.data.synthetic import is_synthetic
 from clip_foundation.evaluate.metrics import DIRECTIONS as METRIC_DIRECTIONS, METRICS, RECALL_AT, metric_keys
 from clip_foundation.pretrained import PACKAGES
 
@@ -135,7 +136,7 @@ def dataset_of(data: dict) -> tuple[str, str]:
     path = str(data.get("path", ""))
     if path.startswith("hf:"):
         return path[3:], f"{path[3:]} (Hugging Face datasets)"
-    if not path or (Path(path) / "synthetic.json").is_file():
+    if not path or is_synthetic(path):
         return "synthetic-shapes", "synthetic shapes (clip_foundation.data.synthetic)"
     folder = Path(path.split("{")[0].rstrip("/")) if "{" in path else Path(path)  # a shard pattern's folder
     return folder.name, folder.name

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import random
 import sys
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from clip_foundation.evaluate import querybank
 from clip_foundation.search.kinds import Index, open_index
 from clip_foundation.data.splits import decode_images, gallery_records
 from clip_foundation.search.index import INDEX_VERSION, RECALL_QUERIES, GalleryIndex, ensure_faiss, load_index, save_index
-from clip_foundation.common.files import gallery_digest, file_digest, model_digest
+from clip_foundation.common.files import file_digest, gallery_digest, model_digest, user_cache
 from clip_foundation.data.records import DataError, Record, caption_fault, open_rgb
 from clip_foundation.engines.registry import encoder_of, use_engine
 from clip_foundation.evaluate.metrics import embed_images, embed_texts, eval_mode
@@ -187,7 +186,7 @@ def user_index_dir(checkpoint) -> Path:
     """Where indexes of `checkpoint` go when its own folder cannot be written (read-only, full):
     a folder per checkpoint under the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
     key = hashlib.sha256(str(Path(checkpoint).resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clip-foundation" / "index" / key
+    return user_cache("index", key)
 
 
 def _load_or_build(stems, checkpoint, gallery: str, backend: str, queries, build) -> GalleryIndex:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from clip_foundation.common import cli, distributed
 from clip_foundation.data.records import DataError, DataWarning
-from clip_foundation.training.config import PHOTO_QUERIES, SYNTHETIC_QUERIES, USAGE, RunConfig, resolve_config
+from clip_foundation.data.synthetic import example_queries
+from clip_foundation.training.config import USAGE, RunConfig, resolve_config
 from clip_foundation.training.loop import train
 from clip_foundation.training.step import NonFiniteLoss
 from clipModel import CheckpointError, CLIPModel
@@ -32,8 +33,7 @@ def present(cfg: RunConfig, model: CLIPModel, run_dir: Path, records, inputs) ->
     from clip_foundation.evaluate.plots import query_grids
     from clip_foundation.search.gallery import find_matches, load_or_build_index
     index = load_or_build_index(model, run_dir, records, images=inputs.images, tower_features=inputs.image_features)
-    synthetic = (Path(cfg.data.path) / "synthetic.json").is_file()
-    queries = cfg.train.queries or (SYNTHETIC_QUERIES if synthetic else PHOTO_QUERIES)
+    queries = cfg.train.queries or example_queries(cfg.data.path)
     query_grids({q: find_matches(model, index, q, n=6) for q in queries}, path=run_dir / "matches.png")
     write_model_card(run_dir)  # now with the figures
     print(f"saved model, config, metrics.json, log.jsonl, curves.png and matches.png in {run_dir}")

@@ -84,10 +84,6 @@ class TrainConfig:
             check(fault is None, "queries", query, f"captions ({fault and fault[1]})")
 
 
-SYNTHETIC_QUERIES = ("a red circle", "a blue square", "a green triangle", "a small yellow star",
-                     "a red circle above a blue square")
-PHOTO_QUERIES = ("a dog", "a plane", "gloomy weather", "someone dunks on the basket", "a child in the water")
-
 
 @dataclass
 class RunConfig:
