@@ -66,23 +66,29 @@ def test_library_never_imports_a_script():
             assert not targets & SCRIPTS, f"{name} imports the script(s) {targets & SCRIPTS}"
 
 
-def test_no_import_cycles():
-    edges = graph()
+def first_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A path a -> ... -> a through `edges` (node -> the nodes it imports), or None."""
     state: dict[str, int] = {}
 
     def visit(node, path):
         state[node] = 1
-        for nxt in sorted(edges[node]):
+        for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt]
-                pytest.fail("import cycle: " + " -> ".join(cycle))
-            if nxt not in state:
-                visit(nxt, path + [nxt])
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
         state[node] = 2
+        return None
 
     for node in sorted(edges):
-        if node not in state:
-            visit(node, [node])
+        if node not in state and (cycle := visit(node, [node])):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = first_cycle(graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_no_cycles_between_subpackages():
@@ -92,22 +98,8 @@ def test_no_cycles_between_subpackages():
         here = subpackage(name)
         if here:
             edges.setdefault(here, set()).update(t for t in map(subpackage, targets) if t and t != here)
-    for a, targets in edges.items():
-        for b in targets:
-            assert a not in edges.get(b, set()), f"subpackages {a} and {b} import each other"
-    state: dict[str, int] = {}
-
-    def visit(node, path):
-        state[node] = 1
-        for nxt in sorted(edges.get(node, ())):
-            assert state.get(nxt) != 1, "subpackage cycle: " + " -> ".join(path[path.index(nxt):] + [nxt])
-            if nxt not in state:
-                visit(nxt, path + [nxt])
-        state[node] = 2
-
-    for node in sorted(edges):
-        if node not in state:
-            visit(node, [node])
+    cycle = first_cycle(edges)
+    assert cycle is None, "subpackages import each other: " + " -> ".join(cycle)
 
 
 def test_the_package_is_rooms_of_readable_size():
