@@ -23,7 +23,7 @@ SPLITS = ("train", "val", "test")
 @dataclass
 class DataConfig:
     path: str = ""  # dataset folder; empty = the built-in synthetic set (generated on first use)
-    layout: str = "auto"  # auto, or a reader layout name (see readers.load_records)
+    layout: str = "auto"  # auto (detected), or a layout of data/sources.py's SOURCES (an unknown one is refused, listing them)
     image_column: str = ""  # csv / hf layouts: the image column; empty = the layout's default
     caption_column: str = ""  # csv / hf layouts: the caption column; empty = the layout's default
     synthetic_dir: str = "data/synthetic"  # where the synthetic set lives when path is empty

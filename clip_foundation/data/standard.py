@@ -14,7 +14,7 @@ Fei-Fei (CVPR 2015), published as `dataset_flickr8k.json`, `dataset_flickr30k.js
 {"images": [{"id", "file_name", ...}], "annotations": [{"image_id", "id", "caption"}]}.
 
 Both are JSON, so bad input is named by its place in the file (`FILE:images[12]`) instead of a
-line; otherwise it follows readers.py: a `DataError`, or with `skip_bad` skipped and counted in
+line; otherwise it follows sources.py: a `DataError`, or with `skip_bad` skipped and counted in
 the `LoadReport`.
 """
 from __future__ import annotations
