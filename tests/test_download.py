@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from clip_foundation.data import download  # noqa: E402
+from clip_foundation.data import archive, download  # noqa: E402
 from clip_foundation.data.download import DownloadError  # noqa: E402
 
 KEY = "k3y-s3cr3t-0123456789abcdef"
@@ -192,7 +192,7 @@ def caption_text(n_rows):
 @pytest.mark.parametrize("data, refused", [
     pytest.param(b"\0" * (2 << 20), True, id="bomb"),  # 2 MB from ~2 KB
     pytest.param(b"\0" * (512 << 10), False, id="small"),  # as compressible, but too small to matter
-    pytest.param(random.Random(0).randbytes(download.RATIO_MIN_SIZE + 1), False, id="jpeg"),  # 1:1
+    pytest.param(random.Random(0).randbytes(archive.RATIO_MIN_SIZE + 1), False, id="jpeg"),  # 1:1
     pytest.param(caption_text(16_000), False, id="captions"),  # 4:1, 1.1 MB
 ])
 def test_zip_bomb_member_is_refused_but_real_ratios_pass(tmp_path, creds, data, refused):
@@ -235,7 +235,7 @@ def disk_full(m):
         if "w" in mode:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return open(path, mode, *args, **kwargs)
-    m.setattr(download, "open", open_, raising=False)
+    m.setattr(archive, "open", open_, raising=False)  # extract writes there
 
 
 @pytest.mark.parametrize("failure, message", [

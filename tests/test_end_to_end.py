@@ -211,7 +211,7 @@ def test_a_run_whose_dataset_is_gone_names_it_and_the_data_option(tiny_run, tmp_
 
 def test_a_run_saves_its_local_data_paths_absolute(tmp_path, monkeypatch):
     from clip_foundation.data.splits import DataConfig
-    from clip_foundation.data.stream import StreamConfig
+    from clip_foundation.training.streaming import StreamConfig
     monkeypatch.chdir(tmp_path)
     saved = DataConfig(path="data/photos", cache_dir="~/cache").absolute()
     assert saved.path == str(tmp_path / "data" / "photos") and saved.synthetic_dir == str(tmp_path / "data" / "synthetic")

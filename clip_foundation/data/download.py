@@ -7,8 +7,8 @@ own sites, into the layouts the loaders read.
     python download.py coco      [--dest=data]   # 2017 captions + images (19 GB)
 
 Kaggle datasets use the `kaggle` package's Python API; the others are plain HTTP downloads
-(resumed after an interruption). Each zip is unpacked safely (no member may land outside the
-destination, nor unpack to more than the free space or MAX_RATIO times its packed size), the
+(resumed after an interruption). Each zip is unpacked safely (archive.py: no member may land outside
+the destination, nor unpack to more than the free space or MAX_RATIO times its packed size), the
 image and caption counts are checked, and only then is the folder moved into place. A dataset
 folder that already has the expected counts is not downloaded again, nor is a zip that an
 earlier run downloaded but could not unpack (no space, Ctrl-C).
@@ -22,23 +22,13 @@ import stat
 import sys
 import tempfile
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from clip_foundation.common import cli
+from clip_foundation.data.archive import BadArchive, DownloadError, extract
 from clip_foundation.data.webfetch import explain, url_fetch
-
-
-class DownloadError(RuntimeError):
-    """A credential, network or archive problem; the message says what to do about it."""
-
-
-class BadArchive(DownloadError):
-    """The archive itself is unusable (corrupt, refused, wrong content): never reuse it."""
 
 
 @dataclass(frozen=True)
@@ -78,11 +68,6 @@ DATASETS = {
                  then="the standard test is Karpathy's 5,000 images: put dataset_coco.json (download.py "
                       "karpathy) in {target}"),
 }
-
-# Zip bomb limits, checked against the archive's listing before anything is written.
-MAX_RATIO = 200                  # JPEGs compress ~1:1 and caption files ~4:1; bombs reach ~1000:1
-RATIO_MIN_SIZE = 1 << 20         # a smaller member cannot fill a disk, whatever its ratio
-FREE_SPACE_MARGIN = 250 * 10**6  # left free after unpacking: block rounding of ~32k files, other writers
 
 NO_CREDENTIALS = ("No Kaggle credentials found: put kaggle.json in ~/.kaggle/ (mode 600), set "
                   "KAGGLE_USERNAME and KAGGLE_KEY, or pass --kaggle-json PATH "
@@ -221,82 +206,6 @@ def _scrub(text: str, creds: Credentials) -> str:
     for secret in (creds.key, os.environ.get("KAGGLE_API_TOKEN")):
         text = text.replace(secret, "***") if secret else text
     return text
-
-
-def _inside(path: Path, out: Path) -> bool:
-    path = os.path.normpath(path)
-    return path == str(out) or path.startswith(str(out) + os.sep)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
-def _check_member(zf: zipfile.ZipFile, m: zipfile.ZipInfo, out: Path) -> None:
-    name = m.filename
-    parts = name.replace("\\", "/").split("/")
-    if name.startswith(("/", "\\")) or name[1:2] == ":" or ".." in parts or not _inside(out / name, out):
-        raise BadArchive(f"refusing archive member {name!r}: an absolute path or '..' "
-                         f"would write outside {out}")
-    if stat.S_ISLNK(m.external_attr >> 16):
-        link = zf.read(m).decode("utf-8", "replace")
-        escapes = link.startswith("/") or not _inside((out / name).parent / link, out)
-        # The Kaggle archives hold no links; refusing all of them keeps extraction simple.
-        raise BadArchive(f"refusing archive member {name!r}: it is a symlink to {link!r}"
-                         + (f", outside {out}" if escapes else ""))
-    ratio = m.file_size / max(m.compress_size, 1)
-    if m.file_size > RATIO_MIN_SIZE and ratio > MAX_RATIO:
-        raise BadArchive(f"refusing archive member {name!r}: it would unpack from {m.compress_size:,} "
-                         f"bytes to {_mb(m.file_size)}, {ratio:,.0f} times its size (the limit is "
-                         f"{MAX_RATIO}), like a zip bomb")
-
-
-def extract(archive: str | Path, out: str | Path, skip: tuple[str, ...] = ()) -> None:
-    """Unpack zip `archive` into folder `out`, refusing members that would land outside it.
-
-    Every member is checked before anything is written: its path, symlinks, its compression
-    ratio (MAX_RATIO) and the free space for all of them; members starting with a `skip`
-    prefix are left out. A corrupt or truncated archive (bad zip, CRC error) is deleted
-    and reported, so it is never half-used. Raises BadArchive for a corrupt or refused
-    archive, DownloadError when `out` lacks the space.
-    """
-    archive, out = Path(archive), Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            members = zf.infolist()
-            for m in members:
-                _check_member(zf, m, out)
-            members = [m for m in members if not m.filename.startswith(skip)]
-            total, free = sum(m.file_size for m in members), shutil.disk_usage(out).free
-            if total + FREE_SPACE_MARGIN > free:
-                raise DownloadError(f"not enough space to extract {archive.name}: it unpacks to "
-                                    f"{_mb(total)} (plus a {_mb(FREE_SPACE_MARGIN)} margin) but "
-                                    f"only {_mb(free)} is free in {out.parent}")
-            with tqdm(total=total, unit="B", unit_scale=True,
-                      desc=f"extracting {archive.name}") as bar:
-                for m in members:
-                    path = out / m.filename
-                    if m.is_dir():
-                        path.mkdir(parents=True, exist_ok=True)
-                        continue
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    # The checks above trust the declared size: never write past it (zipfile
-                    # itself stops there, so this only guards against a reader that does not).
-                    written = 0
-                    with zf.open(m) as src, open(path, "wb") as dst:  # src checks the CRC at EOF
-                        while chunk := src.read(1 << 20):
-                            written += len(chunk)
-                            if written > m.file_size:
-                                raise BadArchive(f"refusing archive member {m.filename!r}: it "
-                                                 f"unpacks to more than the {m.file_size:,} bytes "
-                                                 "its header declares")
-                            dst.write(chunk)
-                            bar.update(len(chunk))
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        archive.unlink(missing_ok=True)
-        raise BadArchive(f"the downloaded archive {archive.name} is corrupt or truncated ({e}): "
-                         "removed it; run the download again") from None
 
 
 def verify(name: str, root: str | Path, where: str | None = None) -> tuple[int, int]:

@@ -13,10 +13,11 @@ import shutil
 from pathlib import Path
 
 from clip_foundation.common.files import atomic_write
-from clip_foundation.data.records import SPLIT_ALIASES, DataError, DatasetFolders, LoadReport, Record
+from clip_foundation.data.records import SPLIT_ALIASES, DataError, DatasetFolders, LoadReport, Record, Source
 
 CAPTION_COLUMNS = ("caption", "captions", "text", "sentences")
 MANIFEST = "records.json"
+HF_LAYOUT = "'hf:NAME' (Hugging Face hub), a datasets save_to_disk folder, or *.parquet files"
 
 
 def _datasets():
@@ -204,3 +205,19 @@ def read_hf(source: str | Path, *, image_column: str | None = None,
          "extra": r.extra} for r in records]})
     atomic_write(manifest, lambda tmp: tmp.write_text(text))  # written last: a crash leaves no manifest
     return records
+
+
+def is_hf(path: str | Path) -> bool:
+    """Whether `path` names a Hugging Face dataset: `hf:NAME`, a .parquet file, or a folder holding a
+    `save_to_disk` dataset or parquet files (in it or in data/)."""
+    if str(path).startswith("hf:"):
+        return True
+    path = Path(path)
+    if path.is_file():
+        return path.suffix == ".parquet"
+    return path.is_dir() and (path.suffix == ".parquet" or (path / "dataset_info.json").is_file()
+                              or (path / "dataset_dict.json").is_file() or any(path.glob("*.parquet"))
+                              or any(path.glob("data/*.parquet")))
+
+
+HF = Source("hf", HF_LAYOUT, is_hf, read_hf, options=("image_column", "caption_column"))  # registered by sources.py

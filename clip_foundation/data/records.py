@@ -1,7 +1,8 @@
 """What every reader produces and what every part of the project shares about input data:
 `Record` (one image and all its captions), the `DataError`/`DataWarning` of bad input, the
-`LoadReport` of what a load skipped, the image files of a folder, the `DatasetFolders` its entries
-may name images in, and `open_rgb`, the one safe image decode (EXIF rotation, alpha, 16-bit and
+`LoadReport` of what a load skipped, the `Source` each dataset layout is declared as (registered in
+sources.SOURCES), the image files of a folder, the `DatasetFolders` its entries may name images in,
+the `RowGrouper` that turns the line-based readers' caption rows into records, and `open_rgb`, the one safe image decode (EXIF rotation, alpha, 16-bit and
 float grey, size cap).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 import unicodedata
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +100,19 @@ class LoadReport:
         return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class Source:
+    """One dataset layout: how to recognise it and how to read it. Declared beside its reader (here
+    so that standard.py, hf.py and stream.py need not import sources.py, which imports them) and
+    registered in `sources.SOURCES` (`sources.register_source`), whose order is the detection order."""
+    name: str  # what --layout names it
+    description: str  # one line on its files, for --layout's errors and the undetected folder's
+    detect: Callable[[str | Path], bool]  # whether a --data path is in this layout (False when it does not exist)
+    read: Callable[..., list[Record]] | None = None  # read(path, report=LoadReport, **options) -> records; None if streamed
+    options: tuple[str, ...] = ()  # the data config's keys `read` takes as keywords (image_column, restval, ...)
+    streams: bool = False  # training streams it (WebDataset shards) instead of reading it into records
+
+
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 # The largest photos people caption are ~50 MP, and every decode thread holds one full image:
@@ -138,6 +153,84 @@ class DatasetFolders:
             return None
         return (f"image {name!r} leads outside the dataset folder {self.root} (to {real}): "
                 "only images inside it are read")
+
+
+def spans_lines(line: int, text: str) -> str:
+    """"spans lines A-B: an unclosed quote?" when `text`, read from line `line`, has line breaks; else "".
+    (csv lets a quoted field run over line ends: one stray quote eats the rows after it.)"""
+    breaks = len(re.findall(r"\r\n|\r|\n", text.rstrip()))  # a trailing one ends the file
+    return f"spans lines {line}-{line + breaks}: an unclosed quote?" if breaks else ""
+
+
+class RowGrouper:
+    """Collects the caption rows of a line-based reader (csv, flickr30k, flickr8k) into records, one
+    per image file, reporting every kind of bad row the same way (`LoadReport.bad`)."""
+
+    def __init__(self, report: LoadReport, resolve, folders: DatasetFolders, allow_duplicates: bool = False):
+        self.report, self.resolve = report, resolve  # resolve(name) -> Path | None if missing
+        self.folders = folders  # where the names may lead
+        self.allow_duplicates = allow_duplicates
+        self.numbers: set[tuple[Path, str]] = set()  # (image, caption number) where numbered
+        self.paths: dict[str, Path | None] = {}  # every image name met -> its file
+        self.records: dict[Path, Record] = {}    # keyed by file: two spellings, one image
+        self.seen: set[tuple[Path, str]] = set()
+
+    def add(self, where: str, line: int, name: str, caption: str,
+            split: str | None = None, extra: dict | None = None, number: str | None = None):
+        """One row: image `name`'s `caption` (caption #`number` where the file numbers them), or its fault reported."""
+        if not name.strip():
+            return self.report.bad("empty image name", where, "no image name")
+        if name not in self.paths:
+            self.paths[name] = self.resolve(name)
+            if self.paths[name] is None:
+                return self.report.bad("missing image", where, f"image file not found: {name}")
+            if outside := self.folders.outside(self.paths[name], name):
+                self.paths[name] = None  # its later rows are skipped too
+                return self.report.bad("outside the dataset", where, outside)
+        path, caption = self.paths[name], caption.strip()
+        if path is None:
+            return  # the missing image was reported on its first row
+        if spans := spans_lines(line, caption):  # says which lines, so before the shared rule
+            return self.report.bad("multi-line caption", where, f"caption {spans}")
+        if fault := caption_fault(caption):
+            kind, message = fault
+            return self.report.bad(kind, where, f"{message} for {name!r}" if kind == "empty caption" else message)
+        if number is not None:
+            if (path, number) in self.numbers:
+                return self.report.bad("duplicate row", where,
+                                       f"duplicate row: caption #{number} of {name!r} again")
+            self.numbers.add((path, number))
+        if (path, caption) in self.seen:
+            if not self.allow_duplicates:
+                return self.report.bad("duplicate row", where,
+                                       f"duplicate row: {name!r} already has caption {caption!r}")
+            # Published datasets repeat some captions verbatim (9 in Flickr8k): keep, but say so.
+            self.report.note("identical caption kept", where, f"{name!r}: {caption!r}")
+        self.seen.add((path, caption))
+        if path not in self.records:
+            self.records[path] = Record(path, [], split, line, extra or {})
+        self.records[path].captions.append(caption)
+
+    def result(self, source: Path) -> list[Record]:
+        """The records, in file order; DataError when `source` gave none."""
+        if not self.records:
+            raise DataError(f"{source}: no usable rows")
+        return list(self.records.values())
+
+
+def file_resolver(folder: Path):
+    """name (relative to `folder`, or absolute) -> its file, or None when there is none."""
+    def resolve(name: str) -> Path | None:
+        path = (folder / name).resolve()
+        return path if path.is_file() else None
+    return resolve
+
+
+def dir_resolver(folder: Path):
+    """name -> its file in the flat `folder`, or None: the folder is listed once (fast on 30k images)."""
+    names = set(os.listdir(folder)) if folder.is_dir() else set()
+    folder = folder.resolve()
+    return lambda name: folder / name if name in names else None
 
 
 def _to_8bit(im: Image.Image) -> float:

@@ -31,7 +31,8 @@ from clip_foundation.data.splits import SPLITS, DataConfig, load_all
 from clip_foundation.common.extras import optional
 from clip_foundation.common.files import atomic_write, unlisted
 from clip_foundation.data.records import DataError, DataWarning, Record
-from clip_foundation.data.stream import INDEX_FILE, SampleCounter, check_sample, decode_captions, is_shards, read_json, shard_urls
+from clip_foundation.data.sources import source_of
+from clip_foundation.data.stream import INDEX_FILE, SampleCounter, check_sample, decode_captions, read_json, shard_urls
 
 
 @dataclass
@@ -223,7 +224,7 @@ def extract(urls: list[str], cache_root: str | Path) -> list[Record]:
 def streamed_splits(cfg: DataConfig, streaming) -> dict[str, list[Record]]:
     """A streamed run's splits: "train" holds a caption sample (the first shards' captions, up
     to 10,000 samples, for a scratch tokenizer); val/test are `streaming.val_data` / `.test_data`
-    (a stream.StreamConfig), dataset folders or shard sets (extracted once under `cfg.cache_dir`)."""
+    (a training.streaming.StreamConfig), dataset folders or shard sets (extracted once under `cfg.cache_dir`)."""
     wds = optional("webdataset", "shards", "WebDataset shards")
     if not (streaming.val_data or streaming.test_data):
         raise DataError("streaming from shards needs --val_data or --test_data (a dataset folder or shard set) "
@@ -239,7 +240,7 @@ def streamed_splits(cfg: DataConfig, streaming) -> dict[str, list[Record]]:
     for split, source in (("val", streaming.val_data), ("test", streaming.test_data)):
         if not source:
             splits[split] = []
-        elif is_shards(source):
+        elif source_of(source).streams:
             splits[split] = extract(shard_urls(source), Path(cfg.cache_dir or "data/cache") / "shards")
         else:
             splits[split] = load_all(DataConfig(path=source, skip_bad=cfg.skip_bad))

@@ -1,44 +1,41 @@
 """Dataset layouts on disk -> a list of `Record`s (one per image, all its captions).
 
 Every reader returns the same record type, so everything downstream (splits, the image
-cache, training, evaluation, search) is layout-agnostic. Layouts: a caption CSV of your own
-photos, Flickr30k and Flickr8k (Kaggle and original files), labelled class folders, Karpathy's
-standard split files and the MS-COCO captions (in readers_standard.py), and Hugging Face
-`datasets` (in readers_hf.py). Bad input raises `DataError` naming file:line,
-or with `skip_bad=True` is skipped, counted in a `LoadReport` and warned about once.
+cache, training, evaluation, search) is layout-agnostic. Each layout is one `Source` in
+`SOURCES`, the one registry `detect_layout`, `load_records` and the layouts' error text read:
+WebDataset shards (stream.py; streamed, never read here), Karpathy's standard split files and the
+MS-COCO captions (standard.py), Flickr30k and Flickr8k (Kaggle and original files), a caption CSV of
+your own photos, Hugging Face `datasets` (hf.py) and labelled class folders. A new layout is one
+`register_source(Source(...))`. Bad input raises `DataError` naming file:line, or with
+`skip_bad=True` is skipped, counted in a `LoadReport` and warned about once.
 """
 from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from clip_foundation.data.hf import HF
 from clip_foundation.data.records import (MAX_CAPTION_CHARS, SPLIT_ALIASES, DataError, DataWarning, DatasetFolders,  # noqa: F401
-                      LoadReport, Record, caption_fault, image_files)
-from clip_foundation.data.standard import (COCO_LAYOUT, KARPATHY_LAYOUT, coco_caption_files, find_karpathy_file,
-                               read_coco, read_karpathy)
+                                          LoadReport, Record, RowGrouper, Source, dir_resolver, file_resolver,
+                                          image_files, spans_lines)
+from clip_foundation.data.standard import COCO, KARPATHY
+from clip_foundation.data.stream import SHARDS
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
                      "a photo of the small {}.", "a photo of the large {}.")
-LAYOUTS = {
-    "karpathy": KARPATHY_LAYOUT,  # detected first: the standard split wins over any other
-    "coco": COCO_LAYOUT,
-    "csv": "captions.csv (or one *.csv) with image and caption columns; image paths "
-           "relative to the CSV's folder, to image_dir, or absolute (inside those folders)",
-    "flickr30k": "flickr30k_images/results.csv ('image_name| comment_number| comment') and "
-                 "flickr30k_images/flickr30k_images/*.jpg (or ROOT = the inner flickr30k_images)",
-    "flickr8k": "captions.txt (image,caption) or Flickr8k.token.txt (name.jpg#N<TAB>caption), "
-                "images in Images/ or Flicker8k_Dataset/, optional splits/{train,dev,test}.txt "
-                "or Flickr_8k.{train,dev,test}Images.txt",
-    "classes": "one folder of images per class (<class>/*.jpg|png), optionally under "
-               "train/, val/, test/",
-    "hf": "'hf:NAME' (Hugging Face hub), a datasets save_to_disk folder, or *.parquet files",
-}
+CSV_LAYOUT = ("captions.csv (or one *.csv) with image and caption columns; image paths "
+              "relative to the CSV's folder, to image_dir, or absolute (inside those folders)")
+FLICKR30K_LAYOUT = ("flickr30k_images/results.csv ('image_name| comment_number| comment') and "
+                    "flickr30k_images/flickr30k_images/*.jpg (or ROOT = the inner flickr30k_images)")
+FLICKR8K_LAYOUT = ("captions.txt (image,caption) or Flickr8k.token.txt (name.jpg#N<TAB>caption), "
+                   "images in Images/ or Flicker8k_Dataset/, optional splits/{train,dev,test}.txt "
+                   "or Flickr_8k.{train,dev,test}Images.txt")
+CLASSES_LAYOUT = "one folder of images per class (<class>/*.jpg|png), optionally under train/, val/, test/"
 
 
 def _read_text(path: Path) -> tuple[str, bool]:
@@ -71,16 +68,10 @@ def _csv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
         csv.field_size_limit(limit)
 
 
-def _spans_lines(line: int, text: str) -> str:
-    # csv lets a quoted field run over line ends: one stray quote eats the rows after it
-    breaks = len(re.findall(r"\r\n|\r|\n", text.rstrip()))  # a trailing one ends the file
-    return f"spans lines {line}-{line + breaks}: an unclosed quote?" if breaks else ""
-
-
 def _row_ok(report: LoadReport, line: int, where: str, row: list[str], expected: list[str],
             dirty: bool) -> bool:
     if len(row) != len(expected):
-        spans = _spans_lines(line, ",".join(row))
+        spans = spans_lines(line, ",".join(row))
         report.bad("wrong field count", where, f"expected {len(expected)} fields {expected}, "
                    f"got {len(row)}" + (f"; the row {spans}" if spans else ""))
     elif dirty and (bad := _not_utf8(row)):
@@ -88,72 +79,6 @@ def _row_ok(report: LoadReport, line: int, where: str, row: list[str], expected:
     else:
         return True
     return False
-
-
-class _Grouper:
-    # Collects caption rows into records, reporting every kind of bad row the same way.
-
-    def __init__(self, report: LoadReport, resolve, folders: DatasetFolders, allow_duplicates: bool = False):
-        self.report, self.resolve = report, resolve  # resolve(name) -> Path | None if missing
-        self.folders = folders  # where the names may lead
-        self.allow_duplicates = allow_duplicates
-        self.numbers: set[tuple[Path, str]] = set()  # (image, caption number) where numbered
-        self.paths: dict[str, Path | None] = {}  # every image name met -> its file
-        self.records: dict[Path, Record] = {}    # keyed by file: two spellings, one image
-        self.seen: set[tuple[Path, str]] = set()
-
-    def add(self, where: str, line: int, name: str, caption: str,
-            split: str | None = None, extra: dict | None = None, number: str | None = None):
-        if not name.strip():
-            return self.report.bad("empty image name", where, "no image name")
-        if name not in self.paths:
-            self.paths[name] = self.resolve(name)
-            if self.paths[name] is None:
-                return self.report.bad("missing image", where, f"image file not found: {name}")
-            if outside := self.folders.outside(self.paths[name], name):
-                self.paths[name] = None  # its later rows are skipped too
-                return self.report.bad("outside the dataset", where, outside)
-        path, caption = self.paths[name], caption.strip()
-        if path is None:
-            return  # the missing image was reported on its first row
-        if spans := _spans_lines(line, caption):  # says which lines, so before the shared rule
-            return self.report.bad("multi-line caption", where, f"caption {spans}")
-        if fault := caption_fault(caption):
-            kind, message = fault
-            return self.report.bad(kind, where, f"{message} for {name!r}" if kind == "empty caption" else message)
-        if number is not None:
-            if (path, number) in self.numbers:
-                return self.report.bad("duplicate row", where,
-                                       f"duplicate row: caption #{number} of {name!r} again")
-            self.numbers.add((path, number))
-        if (path, caption) in self.seen:
-            if not self.allow_duplicates:
-                return self.report.bad("duplicate row", where,
-                                       f"duplicate row: {name!r} already has caption {caption!r}")
-            # Published datasets repeat some captions verbatim (9 in Flickr8k): keep, but say so.
-            self.report.note("identical caption kept", where, f"{name!r}: {caption!r}")
-        self.seen.add((path, caption))
-        if path not in self.records:
-            self.records[path] = Record(path, [], split, line, extra or {})
-        self.records[path].captions.append(caption)
-
-    def result(self, source: Path) -> list[Record]:  # records in file order
-        if not self.records:
-            raise DataError(f"{source}: no usable rows")
-        return list(self.records.values())
-
-
-def _file_resolver(folder: Path):  # name (relative to folder, or absolute) -> file | None
-    def resolve(name: str) -> Path | None:
-        path = (folder / name).resolve()
-        return path if path.is_file() else None
-    return resolve
-
-
-def _dir_resolver(folder: Path):  # the same for a flat folder, listed once (fast)
-    names = set(os.listdir(folder)) if folder.is_dir() else set()
-    folder = folder.resolve()
-    return lambda name: folder / name if name in names else None
 
 
 def read_caption_csv(root: str | Path, csv_name: str = "captions.csv",
@@ -186,7 +111,7 @@ def read_caption_csv(root: str | Path, csv_name: str = "captions.csv",
     missing = {image_column, caption_column} - set(header)
     if missing:
         raise DataError(f"{csv_path}:1: missing column(s) {sorted(missing)}; found {header}")
-    grouper = _Grouper(report, _file_resolver(csv_path.parent / image_dir),
+    grouper = RowGrouper(report, file_resolver(csv_path.parent / image_dir),
                        DatasetFolders(csv_path.parent, csv_path.parent / image_dir), allow_duplicates)
     for line, row in rows:
         if not _row_ok(report, line, f"{csv_path}:{line}", row, header, dirty):
@@ -212,10 +137,10 @@ def read_flickr30k(root: str | Path, *, allow_duplicates: bool = True, skip_bad:
     csv_path = next((p for p in (root / "flickr30k_images" / "results.csv",
                                  root / "results.csv") if p.is_file()), None)
     if csv_path is None:
-        raise DataError(f"{root}: no results.csv (expected {LAYOUTS['flickr30k']})")
+        raise DataError(f"{root}: no results.csv (expected {FLICKR30K_LAYOUT})")
     image_dir = csv_path.parent / "flickr30k_images"
     image_dir = image_dir if image_dir.is_dir() else csv_path.parent
-    grouper = _Grouper(report, _dir_resolver(image_dir), DatasetFolders(root, image_dir), allow_duplicates)
+    grouper = RowGrouper(report, dir_resolver(image_dir), DatasetFolders(root, image_dir), allow_duplicates)
     text, dirty = _read_text(csv_path)
     for line, raw in enumerate(io.StringIO(text, newline=""), start=1):
         where, raw = f"{csv_path}:{line}", raw.rstrip("\r\n")
@@ -273,15 +198,15 @@ def read_flickr8k(root: str | Path, *, allow_duplicates: bool = True, skip_bad: 
     root = Path(root)
     image_dir = next((root / d for d in ("Images", "Flicker8k_Dataset", "Flickr8k_Dataset")
                       if (root / d).is_dir()), root / "Images")
-    on_disk = _dir_resolver(image_dir)
+    on_disk = dir_resolver(image_dir)
     splits = _flickr8k_splits(root, report)
-    grouper, dropped = _Grouper(report, on_disk, DatasetFolders(root, image_dir), allow_duplicates), set()
+    grouper, dropped = RowGrouper(report, on_disk, DatasetFolders(root, image_dir), allow_duplicates), set()
     caption_path = next((p for p in (root / "captions.txt", root / "Flickr8k.token.txt",
                                      root / "Flickr8k_text" / "Flickr8k.token.txt")
                          if p.is_file()), None)
     if caption_path is None:
         raise DataError(f"{root}: no captions.txt or Flickr8k.token.txt "
-                        f"(expected {LAYOUTS['flickr8k']})")
+                        f"(expected {FLICKR8K_LAYOUT})")
     text, dirty = _read_text(caption_path)
     token_format = caption_path.name.endswith("token.txt")
     if token_format:  # name.jpg#N<TAB>caption, no header
@@ -352,71 +277,101 @@ def read_class_folders(root: str | Path, templates=DEFAULT_TEMPLATES, *,
             records += [Record(p.resolve(), [t.format(prompt) for t in templates], split, None,
                                {"label": d.name}) for p in images]
     if not records:
-        raise DataError(f"{root}: no class folders with images (expected {LAYOUTS['classes']})")
+        raise DataError(f"{root}: no class folders with images (expected {CLASSES_LAYOUT})")
     return records, sorted(classes)
 
 
-def _is_hf(path: Path) -> bool:
-    return (path.suffix == ".parquet" or (path / "dataset_info.json").is_file()
-            or (path / "dataset_dict.json").is_file() or any(path.glob("*.parquet"))
-            or any(path.glob("data/*.parquet")))
-
-
-def detect_layout(path: str | Path) -> str:
-    """Name the layout of a dataset folder (see LAYOUTS), or raise DataError listing them."""
-    if str(path).startswith("hf:"):
-        return "hf"
+def _is_flickr30k(path) -> bool:
     path = Path(path)
-    if find_karpathy_file(path):  # a split file beside a Kaggle copy gives it the standard split
-        return "karpathy"
+    return (path / "flickr30k_images" / "results.csv").is_file() or (
+        (path / "results.csv").is_file() and (path / "flickr30k_images").is_dir())
+
+
+def _is_flickr8k(path) -> bool:
+    return any((Path(path) / n).is_file() for n in ("captions.txt", "Flickr8k.token.txt",
+                                                     "Flickr8k_text/Flickr8k.token.txt"))
+
+
+def _is_csv(path) -> bool:
+    path = Path(path)
     if path.is_file():
-        if path.suffix == ".parquet":
-            return "hf"
-        if path.suffix == ".csv":
-            return "csv"
-    elif path.is_dir():
-        if coco_caption_files(path):
-            return "coco"
-        if (path / "flickr30k_images" / "results.csv").is_file() or (
-                (path / "results.csv").is_file() and (path / "flickr30k_images").is_dir()):
-            return "flickr30k"
-        if any((path / n).is_file() for n in ("captions.txt", "Flickr8k.token.txt",
-                                               "Flickr8k_text/Flickr8k.token.txt")):
-            return "flickr8k"
-        if (path / "captions.csv").is_file() or len(list(path.glob("*.csv"))) == 1:
-            return "csv"
-        if _is_hf(path):
-            return "hf"
-        if any(image_files(d) for _, f in _class_roots(path) for d in f.iterdir() if d.is_dir()):
-            return "classes"
-    else:
+        return path.suffix == ".csv"
+    return (path / "captions.csv").is_file() or len(list(path.glob("*.csv"))) == 1
+
+
+def _is_classes(path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any(image_files(d) for _, f in _class_roots(path) for d in f.iterdir() if d.is_dir())
+
+
+FLICKR30K = Source("flickr30k", FLICKR30K_LAYOUT, _is_flickr30k, read_flickr30k)
+FLICKR8K = Source("flickr8k", FLICKR8K_LAYOUT, _is_flickr8k, read_flickr8k)
+CSV = Source("csv", CSV_LAYOUT, _is_csv, read_caption_csv, options=("image_column", "caption_column"))
+CLASSES = Source("classes", CLASSES_LAYOUT, _is_classes, lambda path, **options: read_class_folders(path, **options)[0])
+
+# name -> Source, in detection order: the first whose `detect` holds names a path's layout
+SOURCES: dict[str, Source] = {}
+
+
+def register_source(source: Source, before: str | None = None) -> Source:
+    """Add (or move) `source` in `SOURCES`: detected just before the layout named `before`, or after
+    every other; `load_records`, `detect_layout`, --layout and their errors know it from then on."""
+    entries = [(name, s) for name, s in SOURCES.items() if name != source.name]
+    at = len(entries) if before is None else [name for name, _ in entries].index(before)  # ValueError: unknown
+    entries.insert(at, (source.name, source))
+    SOURCES.clear()
+    SOURCES.update(entries)
+    return source
+
+
+# shards first (training streams a folder of .tar files whatever else it holds); then the standard split
+# file, which wins over the Kaggle copy it sits beside; classes last, as any folder of folders looks like it
+for _source in (SHARDS, KARPATHY, COCO, FLICKR30K, FLICKR8K, CSV, HF, CLASSES):
+    register_source(_source)
+
+
+def layout_names(taking: str | None = None) -> tuple[str, ...]:
+    """The registered layouts' names, in detection order (what --layout takes besides auto); with
+    `taking`, only those whose reader takes that option of the data config."""
+    return tuple(name for name, source in SOURCES.items() if taking is None or taking in source.options)
+
+
+def source_of(path: str | Path, layout: str = "auto") -> Source:
+    """The source that reads `path`: the one named `layout`, or with "auto" the first whose `detect`
+    holds. DataError for an unknown name, a missing path or a folder no layout detects (listing them)."""
+    if layout != "auto":
+        if layout not in SOURCES:
+            raise DataError(f"unknown layout {layout!r}; known: auto, {', '.join(SOURCES)}")
+        return SOURCES[layout]
+    found = next((source for source in SOURCES.values() if source.detect(path)), None)
+    if found is not None:
+        return found
+    if not Path(path).exists():
         raise DataError(f"{path}: dataset folder not found")
-    expected = "\n".join(f"  {name}: {what}" for name, what in LAYOUTS.items())
+    expected = "\n".join(f"  {source.name}: {source.description}" for source in SOURCES.values())
     raise DataError(f"{path}: no known dataset layout; expected one of:\n{expected}")
 
 
-READERS = {"csv": read_caption_csv, "flickr30k": read_flickr30k, "flickr8k": read_flickr8k,
-           "classes": read_class_folders, "karpathy": read_karpathy, "coco": read_coco}
+def detect_layout(path: str | Path) -> str:
+    """Name the layout of a dataset folder (see SOURCES), or raise DataError listing them."""
+    return source_of(path).name
 
 
 def load_records_with_report(path: str | Path, layout: str = "auto", *, skip_bad: bool = False,
                              **options) -> tuple[list[Record], LoadReport]:
     """Like `load_records`, but returns the `LoadReport` instead of warning with it."""
-    layout = detect_layout(path) if layout == "auto" else layout
-    report = LoadReport(skip_bad, layout)
-    if layout == "hf":
-        from clip_foundation.data.hf import read_hf  # imports the optional `datasets` lazily
-        return read_hf(path, report=report, **options), report
-    if layout not in READERS:
-        raise DataError(f"unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}")
-    if not Path(path).exists():
+    source = source_of(path, layout)
+    if source.streams:
+        raise DataError(f"{path}: {source.name} are streamed while training, never read into records: "
+                        "pass a dataset folder")
+    if not Path(path).exists() and not source.detect(path):  # a name the source resolves itself (hf:NAME) passes
         raise DataError(f"{path}: dataset folder not found")
-    records = READERS[layout](path, report=report, **options)
-    return (records[0] if layout == "classes" else records), report
+    report = LoadReport(skip_bad, source.name)
+    return source.read(path, report=report, **options), report
 
 
 def load_records(path: str | Path, layout: str = "auto", **options) -> list[Record]:
-    """Read any supported dataset (see LAYOUTS) into records; `layout="auto"` detects it.
+    """Read any supported dataset (see SOURCES) into records; `layout="auto"` detects it.
     Bad input raises DataError (file:line); with `skip_bad=True` it is skipped and one
     DataWarning summarizes the counts. Repairs and rule-based drops are warned about too."""
     records, report = load_records_with_report(path, layout, **options)

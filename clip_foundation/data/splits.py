@@ -15,7 +15,7 @@ from clipModel import CLIPConfig, check
 
 from clip_foundation.data.cache import load_images
 from clip_foundation.data.records import IMAGE_SUFFIXES, DataError, DataWarning, Record, SkippableError, image_files
-from clip_foundation.data.sources import LAYOUTS, detect_layout, load_records
+from clip_foundation.data.sources import detect_layout, layout_names, load_records, source_of
 
 SPLITS = ("train", "val", "test")
 
@@ -23,7 +23,7 @@ SPLITS = ("train", "val", "test")
 @dataclass
 class DataConfig:
     path: str = ""  # dataset folder; empty = the built-in synthetic set (generated on first use)
-    layout: str = "auto"  # auto, or a reader layout name (see readers.load_records)
+    layout: str = "auto"  # auto (detected), or a layout of data/sources.py's SOURCES (an unknown one is refused, listing them)
     image_column: str = ""  # csv / hf layouts: the image column; empty = the layout's default
     caption_column: str = ""  # csv / hf layouts: the caption column; empty = the layout's default
     synthetic_dir: str = "data/synthetic"  # where the synthetic set lives when path is empty
@@ -37,7 +37,7 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ConfigError (one line: the key, the value, the allowed range) for a value out of range."""
-        check(self.layout in ("auto", *LAYOUTS), "layout", self.layout, "auto | " + " | ".join(LAYOUTS))
+        check(self.layout in ("auto", *layout_names()), "layout", self.layout, " | ".join(("auto", *layout_names())))
         check(bool(self.synthetic_dir), "synthetic_dir", self.synthetic_dir, "a folder path")
         # negative sizes would slice the shuffled order from its end: splits that overlap
         for key in ("val_images", "test_images", "val_from_train"):
@@ -78,13 +78,13 @@ def split_by_image(records: list[Record], val_images: int, test_images: int,
 
 def load_all(cfg: DataConfig) -> list[Record]:
     """Every record of the dataset at `cfg.path`, unsplit."""
-    columns = {k: v for k, v in (("image_column", cfg.image_column),
-                                 ("caption_column", cfg.caption_column)) if v}
-    layout = detect_layout(cfg.path) if cfg.layout == "auto" else cfg.layout
-    if columns and layout not in ("csv", "hf"):
-        raise DataError(f"--image_column/--caption_column apply to csv and hf datasets, not {layout}")
-    options = {"restval": cfg.restval} if layout == "karpathy" else {}
-    return load_records(cfg.path, layout, skip_bad=cfg.skip_bad, **columns, **options)
+    source = source_of(cfg.path, cfg.layout)
+    if any(getattr(cfg, k) and k not in source.options for k in ("image_column", "caption_column")):
+        raise DataError(f"--image_column/--caption_column apply to {' and '.join(layout_names('image_column'))} "
+                        f"datasets, not {source.name}")
+    # the options its reader takes; an empty column name is the layout's default
+    options = {k: getattr(cfg, k) for k in source.options if getattr(cfg, k) != ""}
+    return load_records(cfg.path, source.name, skip_bad=cfg.skip_bad, **options)
 
 
 def load_splits(cfg: DataConfig) -> dict[str, list[Record]]:

@@ -14,7 +14,7 @@ Fei-Fei (CVPR 2015), published as `dataset_flickr8k.json`, `dataset_flickr30k.js
 {"images": [{"id", "file_name", ...}], "annotations": [{"image_id", "id", "caption"}]}.
 
 Both are JSON, so bad input is named by its place in the file (`FILE:images[12]`) instead of a
-line; otherwise it follows readers.py: a `DataError`, or with `skip_bad` skipped and counted in
+line; otherwise it follows sources.py: a `DataError`, or with `skip_bad` skipped and counted in
 the `LoadReport`.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import os
 import re
 from pathlib import Path
 
-from clip_foundation.data.records import DataError, DatasetFolders, LoadReport, Record, caption_fault
+from clip_foundation.data.records import DataError, DatasetFolders, LoadReport, Record, Source, caption_fault
 
 KARPATHY_FILES = ("dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json")
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -240,3 +240,10 @@ def read_coco(root: str | Path, *, allow_duplicates: bool = True, skip_bad: bool
     if not records:
         raise DataError(f"{root}: no usable images in {', '.join(p.name for p in files.values())}")
     return records
+
+
+# The two layouts, registered by sources.py: karpathy is detected before every other layout of a folder
+# (a split file beside a Kaggle copy gives it the standard split), coco first among the folder layouts.
+KARPATHY = Source("karpathy", KARPATHY_LAYOUT, lambda path: find_karpathy_file(path) is not None, read_karpathy,
+                  options=("restval",))
+COCO = Source("coco", COCO_LAYOUT, lambda path: Path(path).is_dir() and bool(coco_caption_files(path)), read_coco)

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from clip_foundation.common import cli
-from clip_foundation.data import stream
 from clip_foundation.data.records import caption_fault
 from clip_foundation.data.splits import DataConfig
 from clip_foundation.engines.registry import ENGINES
 from clip_foundation.training.presets import PRESETS, expand_preset
+from clip_foundation.training.streaming import StreamConfig
 from clip_foundation.training.step import PRECISIONS, SCHEDULES, resolve_device
 from clip_foundation.training.checkpoint import check_run_name_text, find_resume
 from clipModel import CLIPConfig, ImageEncoderConfig, TextEncoderConfig, check
@@ -90,7 +90,7 @@ class RunConfig:
     model: CLIPConfig = field(default_factory=lambda: CLIPConfig(
         image=ImageEncoderConfig(kind="scratch"), text=TextEncoderConfig(kind="scratch", pooling="mean")))
     data: DataConfig = field(default_factory=DataConfig)
-    stream: stream.StreamConfig = field(default_factory=stream.StreamConfig)  # used when --data names shards
+    stream: StreamConfig = field(default_factory=StreamConfig)  # used when --data names shards
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
@@ -107,7 +107,7 @@ class RunConfig:
             known = {f.name: f for f in fields(kind)}
             return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
         return cls(CLIPConfig.from_dict(d["model"]), build(DataConfig, d.get("data", {})),
-                   build(stream.StreamConfig, d.get("stream", {})), build(TrainConfig, d.get("train", {})))
+                   build(StreamConfig, d.get("stream", {})), build(TrainConfig, d.get("train", {})))
 
 
 USAGE = ("usage: python train.py [--preset=NAME] [--key=value ...]   (e.g. --epochs=5 --data=DIR --image.kind=timm)\n"

@@ -2,7 +2,7 @@
 features, and its pre-tokenized captions or a frozen text tower's cached features.
 
 The training loop reads its training inputs only through `TrainingInputs`, which the cached
-path (`TrainInputs` here) and the streamed path (`stream.StreamInputs`) both implement."""
+path (`TrainInputs` here) and the streamed path (`streaming.StreamInputs`) both implement."""
 from __future__ import annotations
 
 from collections.abc import Iterator

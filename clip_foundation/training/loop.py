@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from clip_foundation.common import distributed
-from clip_foundation.data import shards, stream
+from clip_foundation.data import shards
 from clip_foundation.data.records import DataError, DataWarning
+from clip_foundation.data.sources import source_of
 from clip_foundation.data.splits import all_captions, check_captions, decode_images, load_splits, split_manifest, train_sampler
 from clip_foundation.evaluate import querybank
 from clip_foundation.evaluate.metrics import format_metrics
@@ -26,15 +27,21 @@ from clip_foundation.training.config import RunConfig
 from clip_foundation.training.inputs import (Embedder, Inputs, TrainingInputs, TrainInputs, set_train_mode,
                                              split_recall, tower_trains)
 from clip_foundation.training.runlog import RunLogger, draw_curves, progress_bar
+from clip_foundation.training.streaming import StreamInputs
 from clip_foundation.training.step import (NonFiniteLoss, build_optimizer, build_scheduler, contrastive_backward,
                                            freeze_towers, grad_scaler, optimizer_step, resolve_device,
                                            resolve_precision, rng_state, set_rng_state)
 from clipModel import CLIPModel, clip_loss, gathered_clip_loss, siglip_loss
 
 
+def _streamed(cfg: RunConfig) -> bool:
+    # the training set's source streams it (WebDataset shards) rather than reading it into records
+    return bool(cfg.data.path) and source_of(cfg.data.path, cfg.data.layout).streams
+
+
 def prepare_data(cfg: RunConfig):
     """Resolve the dataset folder (generating the synthetic set if needed) and split it."""
-    if stream.is_shards(cfg.data.path):  # streamed train set; val/test from their own folders
+    if _streamed(cfg):  # streamed train set; val/test from their own folders
         return shards.streamed_splits(cfg.data, cfg.stream)
     if not cfg.data.path:
         from clip_foundation.data.synthetic import SyntheticConfig, ensure_synthetic
@@ -244,8 +251,8 @@ def build_inputs(cfg: RunConfig, model: CLIPModel, splits, rank: int = 0, world:
                  text_trains=tower_trains(tc.freeze_text, tc.train_text_blocks),
                  augment=tc.augment, cache_dir=cfg.data.cache_dir, progress=tc.progress, engine=tc.engine)
     inputs = {}
-    if stream.is_shards(cfg.data.path):  # no decoded cache of the train set: batches stream from its shards
-        inputs["train"] = stream.StreamInputs(model, cfg.data.path, cfg.stream, tc.batch_size, tc.seed, rank, world)
+    if _streamed(cfg):  # no decoded cache of the train set: batches stream from its shards
+        inputs["train"] = StreamInputs(model, cfg.data.path, cfg.stream, tc.batch_size, tc.seed, rank, world)
     for s in [s for s in splits if splits[s] and (s == "train" or main_rank) and s not in inputs]:
         images, splits[s] = decode_images(splits[s], model.config.image.image_size, cfg.data.cache_dir,
                                           cfg.data.skip_bad, tc.progress and main_rank)
