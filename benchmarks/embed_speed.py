@@ -18,7 +18,6 @@ of the machine: the first line prints its load average.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import tempfile
@@ -31,7 +30,7 @@ import torch
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, resize_crop
 from clip_foundation.embed import writer as embed
 from clip_foundation.embed import format as fmt
-from clip_foundation.engines.registry import use_engine
+from clip_foundation.engines.registry import installed, use_engine
 from clip_foundation.data.splits import image_folder_records
 from clip_foundation.data.stream import SampleCounter
 
@@ -123,7 +122,7 @@ def main(argv=None):
                 row(name, "(decode + resize only)", workers,
                     [rate_of_decoding(records, size, workers) for _ in range(args.repeats)])
                 for engine in args.engines.split(","):
-                    if engine != "torch" and importlib.util.find_spec(engine) is None:
+                    if not installed(engine):
                         print(f"{name:8s}{engine + ' (not installed)':26s}")
                         continue
                     out = Path(tmp) / f"emb-{name}-{engine}-{workers}"

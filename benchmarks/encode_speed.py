@@ -119,9 +119,8 @@ def torch_paths(args, model, images, row):
 
 def engine_rows(args, model):
     """images/s (with page faults per image) and captions/s per installed engine, same inputs."""
-    import importlib.util
     import tempfile
-    from clip_foundation.engines.registry import make_encoder
+    from clip_foundation.engines.registry import installed, make_encoder
     S, n, B = model.config.image.image_size, args.small_batch, args.engine_caption_batch
     uint8 = torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8)
     captions = mixed_captions(args.captions)
@@ -131,7 +130,7 @@ def engine_rows(args, model):
           f"(images: batch {n}; captions: sorted by length, batch {B})")
     with tempfile.TemporaryDirectory(prefix="encode-speed-") as folder:
         for name in args.engines.split(","):
-            if name != "torch" and importlib.util.find_spec(name) is None:
+            if not installed(name):
                 print(f"{name:14s}  not installed")
                 continue
             encoder = make_encoder(model, name, folder)

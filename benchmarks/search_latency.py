@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 
-from clip_foundation.engines.registry import resolve  # noqa: E402
+from clip_foundation.engines.registry import engine_help, resolve  # noqa: E402
 from clip_foundation.search.index import (GalleryIndex, RunningTopK, build_faiss, ensure_faiss, exact_topk,  # noqa: E402
                                    faiss_module, recall_at_k)
 from clip_foundation.evaluate.metrics import embed_texts  # noqa: E402
@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
     p.add_argument("--app", action="store_true", help="time the search page's query handler instead")
     p.add_argument("--ann", action="store_true", help="a compressed FAISS index over a large gallery")
     p.add_argument("--text", default="scratch", help="--app: text towers, comma-separated: scratch, minilm")
-    p.add_argument("--engine", default="auto", help="--app: encodes the queries: auto | torch | openvino | onnxruntime")
+    p.add_argument("--engine", default="auto", help=engine_help("--app: encodes the queries"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default; --app: 1)")
     p.add_argument("--rows", default="100000", help="gallery size (--app: comma-separated sizes)")
     p.add_argument("--dim", type=int, default=256)

@@ -13,7 +13,7 @@ MODULES = {  # each command -> the module whose `main` it runs
     "train": "clip_foundation.training.command", "evaluate": "clip_foundation.evaluate.command",
     "search": "clip_foundation.search.command", "app": "clip_foundation.app.command",
     "download": "clip_foundation.data.download", "hub": "clip_foundation.hub", "embed": "clip_foundation.embed.writer",
-    "export": "clip_foundation.engines.export", "shards": "clip_foundation.data.shards",
+    "export": "clip_foundation.engines.command", "shards": "clip_foundation.data.shards",
     "synthetic": "clip_foundation.data.synthetic",
 }
 

@@ -1,5 +1,5 @@
-"""Export each tower's ONNX / OpenVINO graph: `python -m clip_foundation.export` runs `clip_foundation.engines.export`'s command line."""
-from clip_foundation.engines.export import main
+"""Export each tower's ONNX / OpenVINO graph: `python -m clip_foundation.export` runs `clip_foundation.engines.command`'s command line."""
+from clip_foundation.engines.command import main
 
 if __name__ == "__main__":
     from clip_foundation.commands import run

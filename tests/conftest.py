@@ -17,13 +17,13 @@ import clip_foundation.engines.registry as _engines  # noqa: E402
 # Tests run `--engine=auto` on torch: on a CPU it would export and compile OpenVINO graphs for every
 # tiny model (seconds each, most of it in the kernel). The engines' own tests (test_engines.py,
 # test_export.py) put the real choice back with the `real_engines` fixture.
-REAL_FASTEST_FIRST, _engines.FASTEST_FIRST = _engines.FASTEST_FIRST, ()
+REAL_AUTO_ORDER, _engines.auto_order = _engines.auto_order, lambda: []
 
 
 @pytest.fixture
 def real_engines(monkeypatch):
     """`auto` picks the fastest installed engine again, as it does outside the tests."""
-    monkeypatch.setattr(_engines, "FASTEST_FIRST", REAL_FASTEST_FIRST)
+    monkeypatch.setattr(_engines, "auto_order", REAL_AUTO_ORDER)
 
 TINY_MODEL = ["--image.image_size=32", "--image.patch_size=8", "--image.width=64", "--image.depth=2",
               "--text.width=64", "--text.depth=2", "--projection_dim=64"]

@@ -15,6 +15,7 @@ import torch
 
 from clip_foundation.common import cli
 from clip_foundation.engines import registry as engines
+from clip_foundation.engines import command as export_command
 from clip_foundation.engines import export
 from clip_foundation.evaluate.metrics import embed_texts
 from conftest import TINY_CAPTIONS
@@ -83,12 +84,12 @@ def test_a_changed_cached_graph_is_exported_again_with_one_warning(engine, how, 
 
 @pytest.mark.slow
 def test_the_export_command_exports_a_truncated_graph_again(run, capsys):
-    paths = export.main([str(run)])
+    paths = export_command.main([str(run)])
     image = paths[0]
     image.write_bytes(image.read_bytes()[:1000])
     stamps = {p: p.stat().st_mtime_ns for p in paths[1:]}
     with pytest.warns(UserWarning, match="image.onnx: does not match the digest"):
-        assert export.main([str(run)]) == paths
+        assert export_command.main([str(run)]) == paths
     assert export.intact(image) and image.stat().st_size > 1000
     assert {p: p.stat().st_mtime_ns for p in paths[1:]} == stamps  # the intact ones are kept
 
@@ -117,7 +118,7 @@ def _dead_pid() -> int:
 @pytest.mark.slow  # exports the graphs
 def test_an_export_sweeps_what_dead_exports_left(run):
     folder = export.run_engines_folder(run)
-    paths = export.main([str(run)])
+    paths = export_command.main([str(run)])
     dead, alive = _dead_pid(), os.getppid()
     (folder / f".ov{dead}-k2j1x9").mkdir()
     (folder / f".ov{dead}-k2j1x9" / "text.bin").write_bytes(b"\0" * 100)
@@ -125,7 +126,7 @@ def test_an_export_sweeps_what_dead_exports_left(run):
     (folder / f".text.onnx.sha256.json.tmp{dead}").write_bytes(b"{")
     (folder / f".image.onnx.tmp{alive}").write_bytes(b"another export, still running")
     (folder / "notes.txt").write_text("the user's")
-    assert export.main([str(run)]) == paths
+    assert export_command.main([str(run)]) == paths
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == [f".image.onnx.tmp{alive}"]
     assert (folder / "notes.txt").is_file()
 
@@ -140,8 +141,8 @@ def killed(*args, **kwargs):  # the temporary file is written, then the process 
     os.kill(os.getpid(), signal.SIGKILL)
 
 tool.{function} = killed
-from clip_foundation.engines import export
-export.main([{run!r}, "--format={format}"])
+from clip_foundation.engines import command
+command.main([{run!r}, "--format={format}"])
 """
 
 
@@ -167,7 +168,7 @@ def test_ctrl_c_during_an_export_is_one_line_and_status_130(run, monkeypatch, ca
         raise KeyboardInterrupt
     monkeypatch.setattr(export, "export_onnx", interrupted)
     try:
-        export.main([str(run)])
+        export_command.main([str(run)])
     except BaseException as e:  # noqa: BLE001 - a KeyboardInterrupt let through would stop the whole session
         raised = e
     assert isinstance(raised, SystemExit) and raised.code == 130
@@ -184,7 +185,7 @@ def test_a_read_only_run_exports_into_the_user_cache_the_engines_read(run, tmp_p
             raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
         return real_mkdir(path, *args, **kwargs)
     monkeypatch.setattr(Path, "mkdir", read_only)
-    paths = export.main([str(run)])
+    paths = export_command.main([str(run)])
     folder = tmp_path / "cache" / "clip-foundation" / "engines" / export.run_engines_folder(run).name
     assert {p.parent for p in paths} == {folder} and all(export.intact(p) for p in paths)
     out = capsys.readouterr()

@@ -69,7 +69,8 @@ def test_openvino_ir_gives_torchs_outputs(tmp_path):
 
 
 def test_export_command_writes_each_graph_once_beside_the_run(tmp_path, capsys):
-    from clip_foundation.engines.export import main, run_engines_folder
+    from clip_foundation.engines.command import main
+    from clip_foundation.engines.export import run_engines_folder
     from clip_foundation.common.files import model_digest
     run = tiny_model("scratch").save_pretrained(tmp_path / "run")
     paths = main([str(run)])
@@ -81,7 +82,7 @@ def test_export_command_writes_each_graph_once_beside_the_run(tmp_path, capsys):
 
 
 def test_export_command_refuses_an_unknown_format(tmp_path, capsys):
-    from clip_foundation.engines.export import main
+    from clip_foundation.engines.command import main
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--format=tensorrt"])
     assert "--format='tensorrt': must be onnx | openvino" in capsys.readouterr().err

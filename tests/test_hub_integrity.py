@@ -15,7 +15,7 @@ import torch
 
 from clip_foundation.embed import writer as embed
 from clip_foundation.evaluate import command as evaluate
-from clip_foundation.engines import export
+from clip_foundation.engines import command as export_command
 from clip_foundation import hub
 from clip_foundation.search import command as search
 from clip_foundation import training as train
@@ -116,7 +116,7 @@ HUB_COMMANDS = {  # what -> a call with the Hub id as the checkpoint
                                                           f"--data={_images(run, tmp)}", f"--out={tmp / 'ix'}"]),
     "embed": lambda run, tmp: embed.main(["--checkpoint=user/tiny-clip", f"--data={_images(run, tmp)}",
                                           f"--out={tmp / 'emb'}", "--progress=false", "--engine=torch"]),
-    "export": lambda run, tmp: export.main(["user/tiny-clip"]),
+    "export": lambda run, tmp: export_command.main(["user/tiny-clip"]),
     "Gallery.from_run": lambda run, tmp: Gallery.from_run("user/tiny-clip").find_matches("a red circle", n=3),
 }
 

@@ -68,7 +68,7 @@ def check(args: list[str]):
         from clip_foundation.data.shards import ShardsConfig
         assert cli.parse(ShardsConfig(), args, "", positional=("src", "out")).out
     elif script == "clip_foundation.export":
-        from clip_foundation.engines.export import ExportConfig, USAGE
+        from clip_foundation.engines.command import ExportConfig, USAGE
         cli.parse(ExportConfig(), args, USAGE, positional=("checkpoint",)).validate()
     elif script == "clip_foundation.embed":
         from clip_foundation.embed.writer import USAGE, EmbedConfig

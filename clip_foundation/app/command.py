@@ -28,14 +28,14 @@ from pathlib import Path
 
 from clip_foundation.common import cli
 from clip_foundation.data.splits import SPLITS
-from clip_foundation.engines.registry import ENGINES, use_engine
+from clip_foundation.engines.options import ModelOptions, checked_device
+from clip_foundation.engines.registry import use_engine
 from clip_foundation.data.records import DataError
 from clipModel import CLIPModel, check, model_folder
 
 
 @dataclass
-class AppConfig:
-    checkpoint: str = ""  # the run folder written by train.py (any save_pretrained folder)
+class AppConfig(ModelOptions):  # --checkpoint, --device, --engine
     gallery: str = ""  # a folder of images to search (every image in it); instead of --data/--split
     index: str = ""  # a prebuilt index folder (search.py --build_index, of any size) to search instead; --checkpoint defaults to its own
     data: str = ""  # dataset folder; empty = the one the run trained on
@@ -47,15 +47,13 @@ class AppConfig:
     share: bool = False  # also make a public gradio.live link (needs the internet)
     max_upload_mb: float = 10.0  # larger uploads are refused
     auth: str = ""  # a file of user:password lines (chmod 600) the page asks to log in with; or set CLIP_APP_AUTH
-    device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
-    engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
     threads: int = 1  # threads per query: 1 on a shared CPU (2 were up to 70x slower under load); the cores of an idle server are faster (docs/search.md)
 
     def validate(self) -> None:
         """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range;
-        `cli.checked_device` runs it and then checks --device as every command does."""
-        check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
+        --engine and --device as every command checks them (`ModelOptions`)."""
         check(self.threads >= 1, "threads", self.threads, ">= 1")
+        super().validate()
 
 
 USAGE = ("usage: python app.py --checkpoint=RUN [--gallery=DIR | --data=DIR --split=test] "
@@ -139,7 +137,7 @@ def main(argv=None):
     if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0) or not 0 <= args.port < 65536:
         cli.usage_error(f"--max_upload_mb must be a positive number of MB (got {args.max_upload_mb}) "
                         f"and --port 0-65535 (got {args.port})", USAGE)
-    device = cli.checked_device(args, USAGE)  # --engine, --threads and --device, as the other commands check them
+    device = checked_device(args, USAGE)  # --engine, --threads and --device, as the other commands check them
     check_address(args.host, args.port)
     try:
         auth = read_auth(args.auth)

@@ -2,7 +2,8 @@
 
 Keys are dotted paths (`--model.image.kind=timm`); any unique tail of a path may be used
 instead (`--image.kind=timm`, `--epochs=3`). `--key value` and bare `--flag` (for
-booleans) work too. Each field's help text is the `# comment` on its line in the source.
+booleans) work too. Each field's help text is the `# comment` on its line in the source (or in
+a base class's), or its metadata's "help".
 """
 from __future__ import annotations
 
@@ -145,31 +146,31 @@ def usage_error(message: str, usage: str):
     raise SystemExit(2)
 
 
-def checked_device(args, usage: str):
-    """`args.validate()` (every option in its range), then the torch device `args.device` names,
-    one this machine has; a usage error (exit 2) naming the option otherwise."""
-    from clip_foundation.training.step import resolve_device
-    try:
-        args.validate()
-        return resolve_device(args.device)  # cuda:7 on a one-GPU machine is refused here
-    except ConfigError as e:
-        usage_error(str(e), usage)
-
-
 def field_comments(cls) -> dict[str, str]:
-    """The trailing `# comment` of each field line in a dataclass's source."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return {m.group(1): m.group(2).strip()
-            for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.MULTILINE)}
+    """The trailing `# comment` of each field line in a dataclass's source and its bases' (a field
+    inherited from a shared options class keeps its help; a subclass's own comment wins)."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # object, builtins, classes made at run time
+            continue
+        comments.update({m.group(1): m.group(2).strip()
+                         for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", source, re.MULTILINE)})
+    return comments
+
+
+def field_help(owner, f: dataclasses.Field) -> str:
+    """A field's help: its metadata's "help" (a string, or a function called now: help that lists
+    what is registered when --help is shown), else its `# comment`."""
+    doc = f.metadata.get("help") or field_comments(type(owner)).get(f.name, "")
+    return doc() if callable(doc) else doc
 
 
 def help_text(cfg, usage: str) -> str:
     lines = [usage, "", "options (--key=value; a unique tail of a key is enough, e.g. --image.kind):"]
     for path, (owner, f) in leaves(cfg).items():
-        doc = field_comments(type(owner)).get(f.name, "")
+        doc = field_help(owner, f)
         lines.append(f"  --{path}={getattr(owner, f.name)!r}".ljust(46) + f"  {doc}")
     return "\n".join(lines)
 

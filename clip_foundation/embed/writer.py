@@ -41,7 +41,8 @@ from clipModel import CLIPModel, check, model_folder, resize_crop
 
 from clip_foundation.common import cli
 from clip_foundation.embed import format as fmt
-from clip_foundation.engines.registry import ENGINES, encoder_of, use_engine
+from clip_foundation.engines.options import ModelOptions, checked_device
+from clip_foundation.engines.registry import encoder_of, use_engine
 from clip_foundation.common.extras import optional
 from clip_foundation.data.splits import gallery_records
 from clip_foundation.common.files import folder_to_write
@@ -56,8 +57,7 @@ class UnreadPart(DataError):
 
 
 @dataclass
-class EmbedConfig:
-    checkpoint: str = ""  # the run folder written by train.py (any save_pretrained folder)
+class EmbedConfig(ModelOptions):  # --checkpoint, --device, --engine
     data: str = ""  # dataset folder (any layout, all splits), folder of images, or WebDataset shards (pattern, folder, list, URL, pipe:)
     out: str = ""  # the embedding folder (img_emb/, metadata/, embed.json); an unfinished one is resumed
     layout: str = "auto"  # dataset layout of --data; images = a plain image folder
@@ -65,8 +65,6 @@ class EmbedConfig:
     batch_size: int = 256  # images decoded ahead and embedded together (a CPU engine encodes 32 at a time)
     workers: int = 0  # image decoding threads; 0 = this process's share of the machine's cores
     threads: int = 0  # threads of the encoding engine; 0 = torch's default (torchrun sets 1 per rank)
-    engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
-    device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name; under torchrun each GPU rank takes cuda:LOCAL_RANK
     progress: bool = True  # progress bar with images/s (rank 0's)
 
     def validate(self) -> None:
@@ -75,11 +73,11 @@ class EmbedConfig:
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check(self.workers >= 0, "workers", self.workers, ">= 0 (0 = this process's share of the cores)")
         check(self.threads >= 0, "threads", self.threads, ">= 0 (0 = torch's default)")
-        check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
+        super().validate()
 
 
 USAGE = ("usage: python -m clip_foundation.embed --checkpoint=RUN --data=SRC --out=EMB "
-         "[--rows_per_shard=10000] [--batch_size=256] [--engine=auto]  (or under torchrun)")
+         "[--rows_per_shard=10000] [--batch_size=256] [--engine=auto]  (or under torchrun: each GPU rank on cuda:LOCAL_RANK)")
 
 
 # ---------------------------------------------------------------- inputs cut into parts
@@ -334,7 +332,7 @@ def main(argv=None) -> dict:
     cfg = cli.parse(EmbedConfig(), argv, USAGE)
     if not (cfg.checkpoint and cfg.data and cfg.out):
         cli.usage_error("--checkpoint, --data and --out are required", USAGE)
-    device = cli.checked_device(cfg, USAGE)
+    device = checked_device(cfg, USAGE)
     rank = rank_and_world()[0]
     try:
         info = embed(cfg, device)

@@ -1,7 +1,9 @@
-"""Export a CLIP's towers as ONNX or OpenVINO graphs, for the faster CPU engines of `engines.py`.
+"""Export a CLIP's towers as ONNX or OpenVINO graphs, for the faster CPU engines of `registry.py`.
 
     python -m clip_foundation.export runs/NAME                    # RUN/engines/<digest>/*.onnx
     python -m clip_foundation.export runs/NAME --format=openvino  # the same as OpenVINO IR (.xml + .bin)
+
+(that command line is `command.py`'s; this module writes and finds the graphs)
 
 Each tower is written twice: with its projection head (`image.onnx`, `text.onnx`: normalised
 embeddings, what search and evaluation use) and alone (`image_tower.onnx`, `text_tower.onnx`: the
@@ -20,25 +22,21 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip_foundation.common import cli
 from clip_foundation.data.cache import process_alive
 from clip_foundation.common.extras import optional
 from clip_foundation.common.files import atomic_write, file_digest, model_digest, user_cache
 from clip_foundation.common.modes import eval_mode  # dropout off while tracing; each module's own mode after
-from clipModel import CLIPModel, ConfigError, check, model_folder
+from clipModel import CLIPModel, model_folder
 
 OPSET = 17
-FORMATS = ("onnx", "openvino")
 TOWERS = ("image", "text")
 PARTS = ("embed", "features")  # with the projection head (normalised) | the tower alone
 
@@ -207,44 +205,3 @@ def export_run(checkpoint, format: str = "onnx", model: CLIPModel | None = None)
     model = model or CLIPModel.from_pretrained(checkpoint)
     folder = engines_folder(checkpoint)
     return [cached_graph(model, tower, part, folder, format) for tower in TOWERS for part in PARTS]
-
-
-@dataclass
-class ExportConfig:
-    checkpoint: str = ""  # the run folder written by train.py (any save_pretrained folder)
-    format: str = "onnx"  # onnx (ONNX Runtime, and OpenVINO reads it too) | openvino (IR: .xml + .bin)
-
-    def validate(self) -> None:
-        """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range."""
-        check(self.format in FORMATS, "format", self.format, " | ".join(FORMATS))
-
-
-USAGE = "usage: python -m clip_foundation.export runs/NAME [--format=onnx|openvino]"
-
-
-def main(argv=None) -> list[Path]:
-    """Export every graph of a run and print where they are."""
-    args = cli.parse(ExportConfig(), argv, USAGE, positional=("checkpoint",))
-    if not args.checkpoint:
-        cli.usage_error("a run folder is required", USAGE)
-    try:
-        args.validate()
-    except ConfigError as e:
-        cli.usage_error(str(e), USAGE)
-    try:
-        paths = export_run(args.checkpoint, args.format)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
-        sys.exit(f"error: {args.checkpoint}: cannot export ({' '.join(str(e).split())[:400]})")
-    except KeyboardInterrupt:  # Ctrl-C: every graph is written whole or not at all, nothing to report
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    if not paths[0].is_relative_to(args.checkpoint):
-        print(f"{args.checkpoint} cannot be written: the graphs are in the user cache, {paths[0].parent}", file=sys.stderr)
-    for path in paths:
-        print(path)
-    return paths
-
-
-if __name__ == "__main__":
-    with cli.reported_warnings():
-        main()

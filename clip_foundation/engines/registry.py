@@ -4,9 +4,11 @@ On a CPU the exported graphs of `export.py` encode 3-4x faster than torch (bench
 docs/results.md). Every embedding path asks `encoder_of(model)` for its `Encoder`: evaluation, index
 building, zero-shot, the gallery and the page through `retrieval.embed_images` / `embed_texts`, and
 training's frozen-tower features through `features.py` (`tower_encoder`). A command line picks the
-engine with `--engine=auto|torch|openvino|onnxruntime`; `use_engine(model, engine, folder)` attaches
-it to a loaded model. `auto` is torch on a GPU and the fastest engine installed on a CPU (OpenVINO,
-then ONNX Runtime), torch when neither is. A graph is served only as exported (its digest, see
+engine with `--engine=NAME` (`engine_names()`); `use_engine(model, engine, folder)` attaches it to a
+loaded model. Each engine is one `Encoder` class in `ENCODERS`, added by `register_engine` and looked up
+only in `engine_class`: its name, the graph format it runs, the package it needs and its rank for
+`auto`. `auto` is torch on a GPU and the best-ranked installed graph engine on a CPU (OpenVINO, then
+ONNX Runtime), torch when none is. A graph is served only as exported (its digest, see
 `export.py`) and is checked against torch on the adapter's example inputs when first loaded; an
 export or a check that fails falls back to torch with one warning line.
 Training steps always run in torch: only inference on fixed weights uses another engine.
@@ -29,30 +31,80 @@ from clip_foundation.engines.export import cached_graph, engines_folder, graph, 
 from clip_foundation.common.extras import optional
 from clip_foundation.common.modes import eval_mode, image_layout
 
-ENGINES = ("auto", "torch", "openvino", "onnxruntime")
-FASTEST_FIRST = ("openvino", "onnxruntime")  # Lite2 on 2 cores: 24.1, 16.9 and torch 5.6 images/s
 TOLERANCE = 1e-4  # an engine's outputs on the example inputs must match torch's within this
 CPU_IMAGE_BATCH = 32  # Lite0 on 2 cores: 8,841 minor page faults per image at 32, 12,278 at 128 (channels-last)
+
+ENCODERS: dict[str, type[Encoder]] = {}  # --engine NAME -> its Encoder class, in the order they were registered
+
+
+def register_engine(cls: type[Encoder]) -> type[Encoder]:
+    """Add the Encoder subclass `cls` as `--engine=cls.name` (a class decorator): every command's
+    --engine, its help and `auto` (with a `rank`) then know it."""
+    ENCODERS[cls.name] = cls
+    return cls
+
+
+def engine_names() -> tuple[str, ...]:
+    """What --engine accepts: auto, then every registered engine."""
+    return ("auto", *ENCODERS)
+
+
+def engine_class(name: str) -> type[Encoder]:
+    """The Encoder class of the registered engine `name` (the one place an engine is looked up);
+    ValueError naming the engines there are otherwise."""
+    if name not in ENCODERS:
+        raise ValueError(f"--engine={name!r}: must be {' | '.join(engine_names())}")
+    return ENCODERS[name]
+
+
+def installed(name: str) -> bool:
+    """Whether the package the engine `name` needs can be imported here."""
+    package = engine_class(name).package
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def auto_order() -> list[str]:
+    """The engines `auto` tries on a CPU, best first (those with a `rank`)."""
+    return sorted((name for name, cls in ENCODERS.items() if cls.rank is not None), key=lambda name: ENCODERS[name].rank)
 
 
 def resolve(engine: str, device) -> str:
     """The engine `engine` ("auto" or a name) means on `device`: auto is torch off the CPU and the
-    first of FASTEST_FIRST installed on it (torch when none is)."""
+    first of `auto_order()` installed on it (torch when none is)."""
     if engine != "auto":
         return engine
     if torch.device(device).type != "cpu":
-        return "torch"
-    return next((name for name in FASTEST_FIRST if importlib.util.find_spec(name)), "torch")
+        return Encoder.name
+    return next((name for name in auto_order() if installed(name)), Encoder.name)
 
 
+def engine_help(purpose: str = "encodes") -> str:
+    """--engine's help line, listing the engines registered now."""
+    cpu = ", then ".join(auto_order())
+    auto = f"auto ({cpu} on a CPU; torch on a GPU)" if cpu else "auto (torch)"
+    return f"{purpose}: {' | '.join((auto, *ENCODERS))}"
+
+
+def export_formats() -> tuple[str, ...]:
+    """The graph formats the registered engines run: what `python -m clip_foundation.export --format` writes."""
+    return tuple(sorted({cls.format for cls in ENCODERS.values() if cls.format}))
+
+
+@register_engine
 class Encoder:
     """Encodes with the torch model: `encode_images(uint8 or normalised images (N, 3, S, S))` and
     `encode_texts(input_ids, attention_mask)` -> (N, D) normalised embeddings (`part="embed"`) or the
-    towers' own features (`part="features"`), float32 on the model's device."""
-    name = "torch"
+    towers' own features (`part="features"`), float32 on the model's device.
 
-    def __init__(self, model: CLIPModel, part: str = "embed"):
-        self.model, self.part = model, part
+    An engine is a subclass registered with `register_engine`; its class attributes say what differs."""
+    name = "torch"  # --engine=NAME
+    format = None  # the exported graph it runs (export.cached_graph: onnx | openvino); None: the torch model
+    package = None  # the module it imports, checked before use (None: nothing beyond torch)
+    extra = None  # the clip-foundation extra that installs `package`
+    rank = None  # auto's order on a CPU, lowest first; None: auto never picks it
+
+    def __init__(self, model: CLIPModel, part: str = "embed", folder=None):
+        self.model, self.part = model, part  # `folder` (where graphs are cached) is for graph engines
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
@@ -85,13 +137,14 @@ class Encoder:
         return project(module(*inputs))
 
 
-class _GraphEncoder(Encoder):
+class GraphEncoder(Encoder):
     """An exported graph per tower, loaded (exported first if need be) on first use and checked
-    against torch; a tower whose export, load or check fails is encoded by torch, with a warning."""
-    format = "onnx"
+    against torch; a tower whose export, load or check fails is encoded by torch, with a warning.
+    A graph engine sets `format` and implements `load` and `infer`."""
+    format, extra = "onnx", "engines"
 
     def __init__(self, model: CLIPModel, part: str = "embed", folder=None):
-        super().__init__(model, part)
+        super().__init__(model, part, folder)
         self.folder = Path(folder) if folder else _temporary_folder()
         self.graphs: dict[str, object] = {}  # tower -> a loaded graph, or None: torch for that tower
 
@@ -140,9 +193,28 @@ def _temporary_folder() -> Path:
     return Path(folder)
 
 
-class OnnxRuntimeEncoder(_GraphEncoder):
+@register_engine
+class OpenVINOEncoder(GraphEncoder):
+    """OpenVINO IR compiled for the CPU in fp32 (OpenVINO would pick bf16 on CPUs that have it,
+    which moves embeddings by ~3e-3), with torch's thread count."""
+    name, format, package = "openvino", "openvino", "openvino"
+    rank = 1  # Lite2 on 2 cores: 24.1 images/s, the fastest (torch 5.6)
+
+    def load(self, path):
+        ov = optional("openvino", "engines", "the OpenVINO engine")
+        with _signal_stack_kept():
+            return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                             "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+
+    def infer(self, loaded, arrays):
+        return loaded(arrays)[0]
+
+
+@register_engine
+class OnnxRuntimeEncoder(GraphEncoder):
     """ONNX graphs run by ONNX Runtime on the CPU, with torch's thread count."""
-    name, format = "onnxruntime", "onnx"
+    name, format, package = "onnxruntime", "onnx", "onnxruntime"
+    rank = 2  # Lite2 on 2 cores: 16.9 images/s (torch 5.6)
 
     def load(self, path):
         ort = optional("onnxruntime", "engines", "the ONNX Runtime engine")
@@ -154,21 +226,6 @@ class OnnxRuntimeEncoder(_GraphEncoder):
     def infer(self, loaded, arrays):
         names = [i.name for i in loaded.get_inputs()]
         return loaded.run(None, dict(zip(names, arrays)))[0]
-
-
-class OpenVINOEncoder(_GraphEncoder):
-    """OpenVINO IR compiled for the CPU in fp32 (OpenVINO would pick bf16 on CPUs that have it,
-    which moves embeddings by ~3e-3), with torch's thread count."""
-    name, format = "openvino", "openvino"
-
-    def load(self, path):
-        ov = optional("openvino", "engines", "the OpenVINO engine")
-        with _signal_stack_kept():
-            return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                             "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-
-    def infer(self, loaded, arrays):
-        return loaded(arrays)[0]
 
 
 class _SignalStack(ctypes.Structure):  # Linux's stack_t
@@ -192,20 +249,17 @@ def _signal_stack_kept():
         libc.sigaltstack(ctypes.byref(kept), None)
 
 
-ENCODERS = {"torch": Encoder, "onnxruntime": OnnxRuntimeEncoder, "openvino": OpenVINOEncoder}
-
-
 def make_encoder(model: CLIPModel, engine: str = "auto", folder=None, part: str = "embed") -> Encoder:
     """The `Encoder` of `engine` for `model` (graphs cached in `folder`; a temporary one if None).
-    A graph engine whose package is missing is torch, with one warning line."""
+    An engine whose package is missing is torch, with one warning line."""
     name = resolve(engine, model.device)
-    if name not in ENCODERS:
-        raise ValueError(f"--engine={engine!r}: must be {' | '.join(ENGINES)}")
-    if name != "torch" and importlib.util.find_spec(name) is None:
-        warnings.warn(f"the {name} engine needs the optional package {name}: "
-                      f'pip install "clip-foundation[engines]"; encoding with torch', stacklevel=2)
-        name = "torch"
-    return Encoder(model, part) if name == "torch" else ENCODERS[name](model, part, folder)
+    cls = engine_class(name)
+    if not installed(name):
+        how = f'"clip-foundation[{cls.extra}]"' if cls.extra else cls.package
+        warnings.warn(f"the {name} engine needs the optional package {cls.package}: "
+                      f"pip install {how}; encoding with torch", stacklevel=2)
+        cls = Encoder
+    return cls(model, part, folder)
 
 
 def use_engine(model: CLIPModel, engine: str = "auto", checkpoint=None) -> Encoder:
@@ -213,7 +267,7 @@ def use_engine(model: CLIPModel, engine: str = "auto", checkpoint=None) -> Encod
     are cached in CHECKPOINT/engines/<weights digest> (or the user's cache when that folder cannot
     be written). -> the Encoder now attached."""
     folder = None
-    if checkpoint is not None and resolve(engine, model.device) != "torch":
+    if checkpoint is not None and engine_class(resolve(engine, model.device)).format:
         folder = engines_folder(checkpoint)  # where `python -m clip_foundation.export` writes them too
     model._clip_encoder = make_encoder(model, engine, folder)
     return model._clip_encoder

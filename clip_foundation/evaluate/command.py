@@ -19,7 +19,8 @@ from clip_foundation.common import cli
 from clip_foundation.evaluate import querybank
 from clip_foundation.evaluate import zeroshot
 from clip_foundation.data.splits import SPLITS, load_split, run_data_config
-from clip_foundation.engines.registry import ENGINES, use_engine
+from clip_foundation.engines.options import ModelOptions, checked_device
+from clip_foundation.engines.registry import use_engine
 from clip_foundation.common.files import atomic_write
 from clip_foundation.data.records import DataError, SkippableError
 from clip_foundation.evaluate.modelcard import published_name
@@ -30,8 +31,7 @@ FORMATS = ("clip_foundation", "clip_benchmark")  # the JSON evaluate writes; the
 
 
 @dataclass
-class EvalConfig:
-    checkpoint: str = ""  # the run folder written by train.py (any save_pretrained folder)
+class EvalConfig(ModelOptions):  # --checkpoint, --device, --engine
     data: str = ""  # dataset folder to score; empty = the one the run trained on
     split: str = "test"  # train | val | test as the run split the data, or all (every record, any folder)
     layout: str = "auto"  # dataset layout; auto = detect
@@ -39,8 +39,6 @@ class EvalConfig:
     templates: str = ""  # zero-shot prompt templates file, one per line with {} for the class; empty = built-in
     batch_size: int = 256  # images embedded at once (at most 32 on a CPU, where larger batches are slower)
     skip_bad: bool = False  # leave out bad rows, captions and images (reported) instead of stopping
-    device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
-    engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
     format: str = "clip_foundation"  # JSON written: clip_foundation (%, ranks, querybank) | clip_benchmark (CLIP_benchmark's keys, fractions)
     out: str = ""  # JSON path; empty = CHECKPOINT/eval_SPLIT.json (or zeroshot_NAME.json + a confusion PNG), *_clip_benchmark.json in that format
 
@@ -48,8 +46,8 @@ class EvalConfig:
         """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range."""
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check(self.split in (*SPLITS, "all"), "split", self.split, "train | val | test | all")
-        check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
         check(self.format in FORMATS, "format", self.format, " | ".join(FORMATS))
+        super().validate()
 
 
 USAGE = "usage: python evaluate.py --checkpoint=RUN [--data=DIR] [--split=test|val|train|all] [--zeroshot=DIR]"
@@ -59,7 +57,7 @@ def main(argv=None) -> dict:
     args = cli.parse(EvalConfig(), argv, USAGE)
     if not args.checkpoint:
         cli.usage_error("--checkpoint is required", USAGE)
-    device = cli.checked_device(args, USAGE)
+    device = checked_device(args, USAGE)
     try:
         folder = model_folder(args.checkpoint)  # a Hub id's snapshot in the Hub cache: results go beside it
         model = CLIPModel.from_pretrained(folder, device=device)

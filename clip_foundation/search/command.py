@@ -29,7 +29,8 @@ from clip_foundation.common import cli
 from clip_foundation.search.gallery import (GRID_CELLS, check_n, clean_query, find_captions, find_matches, gallery_records,
                                      load_or_build_caption_index, load_or_build_index)
 from clip_foundation.data.splits import SPLITS
-from clip_foundation.engines.registry import ENGINES, use_engine
+from clip_foundation.engines.options import ModelOptions, checked_device
+from clip_foundation.engines.registry import use_engine
 from clip_foundation.search.mmap_index import BigIndex, build_big_index, is_link
 from clip_foundation.search.budget import parse_size
 from clip_foundation.search.index import NON_FINITE_SCORES
@@ -39,14 +40,13 @@ from clipModel import CLIPModel, check, model_folder
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(ModelOptions):  # --checkpoint, --device, --engine
     query: str | None = None  # text to search for (the first bare argument), e.g. "a red circle"
     image: str = ""  # instead: an image file; prints the gallery captions that best describe it
     build_index: bool = False  # instead: embed the gallery and save its index in --out (default CHECKPOINT/index/)
     index: str = ""  # search a folder written by --build_index (the checkpoint defaults to its own); with --embeddings, the folder to write
     embeddings: str = ""  # with --build_index: an embedding folder (img_emb/, metadata/, embed.json) to index within --max_index_memory
     max_index_memory: str = "auto"  # with --embeddings: the index's size limit, e.g. 2G or 500M (K/M/G/T); auto = half this machine's memory
-    checkpoint: str = ""  # the run folder written by train.py (any save_pretrained folder)
     data: str = ""  # dataset folder or plain folder of images; empty = the one the run trained on
     split: str = "test"  # train | val | test as the run split the data, or all
     layout: str = "auto"  # dataset layout; images = a plain image folder
@@ -56,8 +56,6 @@ class SearchConfig:
     out: str = ""  # figure path (default CHECKPOINT/search_QUERY.png); with --build_index the index folder
     batch_size: int = 256  # images embedded at once (at most 32 on a CPU, where larger batches are slower)
     skip_bad: bool = False  # leave out bad rows, captions and images (reported) instead of stopping
-    device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
-    engine: str = "auto"  # encodes: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
 
     def validate(self) -> None:
         """Raise ConfigError (one line: the option, its value, the allowed range) for a value out of range."""
@@ -65,8 +63,8 @@ class SearchConfig:
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check(self.split in (*SPLITS, "all"), "split", self.split, "train | val | test | all")
         check(self.backend in ("auto", "exact", "faiss"), "backend", self.backend, "auto | exact | faiss")
-        check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
         parse_size(self.max_index_memory)
+        super().validate()
 
 
 USAGE = ('usage: python search.py "QUERY" --checkpoint=RUN [-n 9]  |  --image=FILE --checkpoint=RUN  |  '
@@ -116,7 +114,7 @@ def main(argv=None):
     args = cli.parse(SearchConfig(), argv, USAGE, positional=("query",))
     if (args.query is not None) + bool(args.image) + args.build_index != 1:
         cli.usage_error("give exactly one of: a text query, --image=PATH, --build_index", USAGE)
-    device = cli.checked_device(args, USAGE)
+    device = checked_device(args, USAGE)
     if args.embeddings:
         return _build_from_embeddings(args)
     if not (args.checkpoint or args.index):

@@ -9,10 +9,10 @@ from pathlib import Path
 from clip_foundation.common import cli
 from clip_foundation.data.records import caption_fault
 from clip_foundation.data.splits import DataConfig
-from clip_foundation.engines.registry import ENGINES
+from clip_foundation.engines.options import check_model_options, engine_field
 from clip_foundation.training.presets import PRESETS, expand_preset
 from clip_foundation.training.streaming import StreamConfig
-from clip_foundation.training.step import PRECISIONS, SCHEDULES, resolve_device
+from clip_foundation.training.step import PRECISIONS, SCHEDULES
 from clip_foundation.training.checkpoint import check_run_name_text, find_resume
 from clipModel import CLIPConfig, ImageEncoderConfig, TextEncoderConfig, check
 
@@ -46,7 +46,7 @@ class TrainConfig:
     images_on_device: str = "auto"  # keep decoded training images on the GPU: auto (if they fit in half its free memory) | on | off
     seed: int = 0  # seeds model init, sampling and augmentation
     device: str = "auto"  # auto (cuda, then mps, then cpu), or a torch device name
-    engine: str = "auto"  # encodes frozen towers' features: auto (openvino, then onnxruntime on a CPU; torch on a GPU) | torch | openvino | onnxruntime
+    engine: str = engine_field("encodes frozen towers' features")
     log_every: int = 10  # steps between log lines in log.jsonl
     save_every: int = 0  # steps between last/ checkpoints; 0 = at each epoch end only
     resume: str = ""  # continue a run: its folder, its last/ folder, or "latest"
@@ -77,8 +77,7 @@ class TrainConfig:
         check(self.images_on_device in ("auto", "on", "off"), "images_on_device", self.images_on_device,
               "auto | on | off")
         check(0 <= self.seed < 2**32, "seed", self.seed, "in [0, 2**32)")
-        check(self.engine in ENGINES, "engine", self.engine, " | ".join(ENGINES))
-        resolve_device(self.device)
+        check_model_options(self)  # --engine and --device, as every command checks them
         for query in self.queries:
             fault = caption_fault(query.strip())
             check(fault is None, "queries", query, f"captions ({fault and fault[1]})")

@@ -18,6 +18,7 @@ from clip_foundation.data import shards
 from clip_foundation.data.records import DataError, DataWarning
 from clip_foundation.data.sources import source_of
 from clip_foundation.data.splits import all_captions, check_captions, decode_images, load_splits, split_manifest, train_sampler
+from clip_foundation.engines.options import resolve_device
 from clip_foundation.evaluate import querybank
 from clip_foundation.evaluate.metrics import format_metrics
 from clip_foundation.evaluate.modelcard import write_model_card
@@ -29,8 +30,8 @@ from clip_foundation.training.inputs import (Embedder, Inputs, TrainingInputs, T
 from clip_foundation.training.runlog import RunLogger, draw_curves, progress_bar
 from clip_foundation.training.streaming import StreamInputs
 from clip_foundation.training.step import (NonFiniteLoss, build_optimizer, build_scheduler, contrastive_backward,
-                                           freeze_towers, grad_scaler, optimizer_step, resolve_device,
-                                           resolve_precision, rng_state, set_rng_state)
+                                           freeze_towers, grad_scaler, optimizer_step, resolve_precision,
+                                           rng_state, set_rng_state)
 from clipModel import CLIPModel, clip_loss, gathered_clip_loss, siglip_loss
 
 

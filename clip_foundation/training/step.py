@@ -8,7 +8,7 @@ import random
 
 import torch
 
-from clipModel import CLIPModel, check, default_device
+from clipModel import CLIPModel, check
 
 SCHEDULES = ("cosine", "plateau", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -96,25 +96,6 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     check(name in PRECISIONS, "precision", name, " | ".join(PRECISIONS))
     return name
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device=NAME -> the device: "auto" picks one (clipModel.default_device); any other name
-    must exist on this machine (cuda:7 with one GPU is a ConfigError, not a crash mid-run)."""
-    if name == "auto":
-        return default_device()
-    gpus = torch.cuda.device_count()
-    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):  # not a device name at all
-        device = torch.device("meta")
-    exists = ((device.type == "cpu" and not device.index)  # one CPU device: cpu:5 is none of this machine's
-              or (device.type == "cuda" and (device.index or 0) < gpus)
-              or (device.type == "mps" and mps and not device.index))
-    check(exists, "device", name, "auto, cpu" + (f", cuda:0 to cuda:{gpus - 1}" if gpus else "")
-          + (", mps" if mps else "") + " (the devices this machine has)")
-    return device
 
 
 def autocast(precision: str, device: torch.device):
