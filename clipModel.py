@@ -1,13 +1,13 @@
 """CLIP model: image encoder + text encoder + projection heads + learnable temperature.
 
 Encoders are chosen by config: Hugging Face models (ViT / DistilBERT by default, any
-`AutoModel`), any `timm` image model, or small from-scratch transformers that need no
-downloaded weights. `CLIPModel.save_pretrained` / `from_pretrained` round-trip a model
+`AutoModel`; their adapters in hf_towers.py), any `timm` image model (timm_towers.py), or the
+small from-scratch transformers below, which need no downloaded weights. `CLIPModel.save_pretrained` / `from_pretrained` round-trip a model
 through a folder (config JSON + safetensors + tokenizer) with no network and no pickle.
 """
 from __future__ import annotations
 
-import inspect
+import importlib
 import json
 import math
 import os
@@ -30,10 +30,6 @@ OFFLINE_HINT = ("Offline options: a local folder saved with save_pretrained (--{
                 "--{tower}.pretrained=false to build from a local config with random weights, "
                 "or the from-scratch encoder (--{tower}.kind=scratch).")
 SCRATCH_IMAGE_SIZE = 64  # the scratch ViT's input side when image_size is left at 0
-# timm model name -> a function giving a local weights file for it (or None): pretrained timm
-# towers load from it instead of the hub. clip_foundation.pretrained registers the ImageNet
-# weights shipped in pip packages through `TimmImageEncoder.register_offline_weights`.
-OFFLINE_WEIGHTS: dict = {}
 
 
 def atomic_write(path, write) -> Path:
@@ -247,7 +243,8 @@ class ScratchTextTransformer(nn.Module):
 # What differs between tower kinds lives in one class per kind, as open_clip's timm_model.py and
 # hf_model.py do: build and load, forward to features, output width, preprocessing defaults,
 # trainable blocks, gradient checkpointing, memory format and the files a save needs. A new kind
-# is one subclass added to IMAGE_ENCODERS or TEXT_ENCODERS. Every adapter keeps its network in
+# is one subclass added to IMAGE_ENCODERS or TEXT_ENCODERS (by "module:Class" when it lives in a
+# file of its own, as the transformers and timm wrappers do: imported only when a model asks for it). Every adapter keeps its network in
 # `self.model`, so the weights' names (`image_encoder.model.*`) are the same for every kind.
 
 def public_path(name: str) -> str:
@@ -400,12 +397,14 @@ def tower_adapter(tower: str, kind: str) -> type:
     kinds = IMAGE_ENCODERS if tower == "image" else TEXT_ENCODERS
     if kind not in kinds:
         raise ConfigError(f"--{tower}.kind={kind!r}: must be one of {', '.join(kinds)}")
+    if isinstance(kinds[kind], str):  # an adapter in its own file: imported once, on first use
+        module, name = kinds[kind].split(":")
+        kinds[kind] = getattr(importlib.import_module(module), name)
     return kinds[kind]
 
 
 def _adapter(kinds: dict, cfg, tower: str):
-    check(cfg.kind in kinds, f"{tower}.kind", cfg.kind, "one of " + ", ".join(kinds))
-    return kinds[cfg.kind]
+    return tower_adapter(tower, cfg.kind)
 
 
 class _ScratchTower:
@@ -454,139 +453,6 @@ class ScratchImageEncoder(_ScratchTower, ImageEncoder):
         return self.model(images)
 
 
-class TimmImageEncoder(ImageEncoder):
-    """Any timm model, classifier removed; with `pool_blocks`, its last blocks' pooled outputs too."""
-    kind = "timm"
-    memory_format = torch.channels_last  # convolutional towers: ~1.5x faster on a CPU (measured)
-
-    @classmethod
-    def register_offline_weights(cls, name: str, weights_file) -> None:
-        """Make pretrained timm model `name` load from `weights_file()` (a path, or None to download)."""
-        OFFLINE_WEIGHTS[name] = weights_file
-
-    @classmethod
-    def weights_origin(cls, cfg: dict) -> dict:
-        name = cfg["name"]
-        if cfg.get("weights_file"):
-            return _origin(f"timm {name}", f"a local weights file ({Path(cfg['weights_file']).name})")
-        if not cfg["pretrained"]:
-            return super().weights_origin(cfg)
-        from timm.models import get_pretrained_cfg
-        registry = get_pretrained_cfg(name)  # timm's registry knows each model's weights and licence
-        hub_id, licence = (registry.hf_hub_id, registry.license) if registry else (None, None)
-        return _origin(f"timm {name}", f"{name}'s default pretrained weights in timm" + (f" ({hub_id})" if hub_id else ""),
-                       licence, hub_id)
-
-    def __init__(self, cfg: ImageEncoderConfig):
-        super().__init__()
-        self.model = _load_timm(cfg)
-        self.pool_blocks = cfg.pool_blocks
-        self.out_dim = self._multiscale_dim(cfg) if cfg.pool_blocks else self.model.num_features
-
-    @classmethod
-    def check_config(cls, cfg: ImageEncoderConfig) -> None:
-        check(cfg.pool_blocks >= 0, "image.pool_blocks", cfg.pool_blocks, ">= 0")  # the top: when built
-
-    def preprocessing(self, cfg):
-        import timm.data
-        data_cfg = timm.data.resolve_model_data_config(self.model)
-        return data_cfg["input_size"][-1], data_cfg["mean"], data_cfg["std"]
-
-    def blocks(self):
-        from timm.models import group_parameters  # timm knows its own stages/blocks
-        groups = group_parameters(self.model, self.model.group_matcher(coarse=True))  # 0: stem; norm joins the last
-        named = dict(self.model.named_parameters())
-        return [[named[n] for n in groups[k]] for k in sorted(groups) if k > 0], []
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.model.set_grad_checkpointing(enable)
-
-    def forward(self, images):
-        return self._multiscale(images) if self.pool_blocks else self.model(images)
-
-    def _multiscale(self, images):
-        # The last blocks keep what the ImageNet head discards (colour, texture, counts, layout):
-        # their pooled outputs beside the head's add ~2 text->image R@1 for frozen Lite0 on Flickr8k.
-        extra = {"extra_blocks": True} if "extra_blocks" in inspect.signature(
-            self.model.forward_intermediates).parameters else {}  # every block, not only stage ends
-        final, blocks = self.model.forward_intermediates(images, indices=self.pool_blocks, **extra)
-        pooled = [self.model.forward_head(final)] + [b.mean((2, 3)) for b in blocks]  # (B, C_i) each
-        return torch.cat(pooled, 1)  # (B, out_dim)
-
-    @torch.no_grad()
-    def _multiscale_dim(self, cfg: ImageEncoderConfig) -> int:
-        check(hasattr(self.model, "forward_intermediates"), "image.pool_blocks", cfg.pool_blocks,
-              f"0 for {cfg.name} (a timm model without forward_intermediates)")
-        size = self.preprocessing(cfg)[0] if not cfg.image_size else cfg.image_size
-        was_training = self.model.training
-        self.model.eval()  # BatchNorm statistics must not see the probe image
-        try:
-            return self._multiscale(torch.zeros(1, 3, size, size)).shape[1]  # (1, out_dim)
-        except AssertionError as e:  # timm: "last-n (99) is out of range (1 to 5)"
-            raise ConfigError(f"--image.pool_blocks={cfg.pool_blocks}: must be within {cfg.name}'s "
-                              f"blocks ({e})") from None
-        finally:
-            self.model.train(was_training)
-
-
-class _HFTower:
-    """Shared by both Hugging Face adapters: checkpointing, and the saved architecture config."""
-    kind = "hf"
-
-    @classmethod
-    def weights_origin(cls, cfg: dict) -> dict:
-        name = cfg["name"]
-        if not cfg["pretrained"]:
-            return super().weights_origin(cfg)
-        if Path(name).is_absolute() or Path(name).exists():
-            return _origin(f"hf {Path(name).name}", f"a local folder ({Path(name).name})")
-        return _origin(f"hf {name}", f"{name} (Hugging Face Hub)", base_model=name)
-
-    @classmethod
-    def offline_config(cls, cfg, folder: Path):
-        return replace(super().offline_config(cfg, folder), name=str(folder / f"{cls.tower}_encoder"))
-
-    def save_config(self, folder: Path) -> None:
-        self.model.config.save_pretrained(folder / f"{self.tower}_encoder")  # rebuilt offline from it
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        model = self.model
-        new_api = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.2x renamed it
-        if not enable:
-            (model.activation_checkpointing_disable if new_api else model.gradient_checkpointing_disable)()
-        elif new_api:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-class HFImageEncoder(_HFTower, ImageEncoder):
-    """A transformers AutoModel image tower (ViT by default): the CLS token, or the pooled output
-    of convolutional models."""
-
-    def __init__(self, cfg: ImageEncoderConfig):
-        super().__init__()
-        self.model = _load_hf(cfg.name, cfg.pretrained, "image")
-        self.out_dim = self.model.config.hidden_size
-
-    def preprocessing(self, cfg):
-        mean = std = (0.5, 0.5, 0.5)
-        if not (cfg.mean and cfg.std):  # given, or saved with a checkpoint: no lookup needed
-            try:
-                from transformers import AutoImageProcessor
-                proc = AutoImageProcessor.from_pretrained(cfg.name, trust_remote_code=False)
-                mean, std = proc.image_mean, proc.image_std
-            except (OSError, ValueError):
-                warnings.warn(f"no image processor for {cfg.name!r}; normalising with mean=std=0.5")
-        return self.model.config.image_size, mean, std
-
-    def forward(self, images):
-        out = self.model(pixel_values=images)
-        if out.last_hidden_state.dim() == 3:
-            return out.last_hidden_state[:, 0]  # CLS token, as the seed design does
-        return out.pooler_output.flatten(1)  # convolutional HF models
-
-
 class ScratchTextEncoder(_ScratchTower, TextEncoder):
     """The small from-scratch text transformer over a WordPiece vocabulary trained on the captions."""
 
@@ -611,72 +477,11 @@ class ScratchTextEncoder(_ScratchTower, TextEncoder):
         return self.model(input_ids, attention_mask)
 
 
-class HFTextEncoder(_HFTower, TextEncoder):
-    """A transformers AutoModel text tower (DistilBERT by default, MiniLM in the preset)."""
-
-    def __init__(self, cfg: TextEncoderConfig, vocab_size: int):
-        super().__init__(cfg)
-        self.model = _load_hf(cfg.name, cfg.pretrained, "text")
-        self.out_dim = self.model.config.hidden_size
-
-    @classmethod
-    def build_tokenizer(cls, cfg: TextEncoderConfig, captions=None):
-        from transformers import AutoTokenizer
-        try:
-            return AutoTokenizer.from_pretrained(cfg.name, trust_remote_code=False)
-        except OSError as e:
-            raise OSError(f"Could not load the tokenizer of {cfg.name!r}: not a local folder and the "
-                          "Hugging Face Hub is unreachable. " + OFFLINE_HINT.format(tower="text")) from e
-
-    def hidden_states(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-IMAGE_ENCODERS = {c.kind: c for c in (HFImageEncoder, TimmImageEncoder, ScratchImageEncoder)}
-TEXT_ENCODERS = {c.kind: c for c in (HFTextEncoder, ScratchTextEncoder)}
-
-
-def _load_hf(name: str, pretrained: bool, tower: str):
-    from transformers import AutoConfig, AutoModel
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=False)  # a folder's .py never runs
-        extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}  # unused pooler
-        for attention in ("sdpa", None):  # fused attention kernels where the architecture has them
-            kwargs = {**extra, "attn_implementation": attention} if attention else extra
-            try:
-                if pretrained:
-                    return AutoModel.from_pretrained(name, trust_remote_code=False, **kwargs)
-                return AutoModel.from_config(config, trust_remote_code=False, **kwargs)
-            except ValueError as e:
-                if attention is None or "sdpa" not in str(e).lower():
-                    raise
-    except OSError as e:
-        what = "weights" if pretrained else "config"
-        raise OSError(f"Could not load the {tower} encoder {what} for {name!r}: it is not a local "
-                      f"folder and the Hugging Face Hub is unreachable or has no such model. "
-                      + OFFLINE_HINT.format(tower=tower)) from e
-
-
-def _load_timm(cfg: ImageEncoderConfig):
-    import timm
-    kwargs = {"num_classes": 0}  # drop the classifier: pooled features out
-    weights_file = cfg.weights_file
-    if cfg.pretrained and not weights_file and cfg.name in OFFLINE_WEIGHTS:  # e.g. from a pip package
-        weights_file = str(OFFLINE_WEIGHTS[cfg.name]() or "")
-    if weights_file:
-        if not Path(weights_file).is_file():
-            raise FileNotFoundError(f"timm weights file not found: {weights_file}")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_file))
-    try:
-        return timm.create_model(cfg.name, pretrained=cfg.pretrained or bool(weights_file), **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ValueError(f"timm has no model {cfg.name!r} (see timm.list_models())") from e
-        raise
-    except Exception as e:  # hub download failures come in many exception types
-        raise OSError(f"Could not download timm weights for {cfg.name!r} ({type(e).__name__}). "
-                      "Offline options: --image.weights_file=PATH to a local weights file, "
-                      + OFFLINE_HINT.format(tower="image")) from e
+# The registry of tower kinds: kind -> its adapter class, or "module:Class" of an adapter kept in a file of
+# its own beside this one (the wrappers of transformers and timm), imported when first asked for.
+IMAGE_ENCODERS: dict = {"hf": "hf_towers:HFImageEncoder", "timm": "timm_towers:TimmImageEncoder",
+                        "scratch": ScratchImageEncoder}
+TEXT_ENCODERS: dict = {"hf": "hf_towers:HFTextEncoder", "scratch": ScratchTextEncoder}
 
 
 # ---------------------------------------------------------------- tokenizer and transforms
