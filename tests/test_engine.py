@@ -1,4 +1,4 @@
-"""engine.py: parameter groups, freezing, precision, accumulation, checkpointing of activations."""
+"""training/step.py: parameter groups, freezing, precision, accumulation, checkpointing of activations."""
 import re
 
 import pytest

@@ -1,5 +1,5 @@
 """Large galleries: an index built from an embedding folder under a memory budget (budget.py,
-embfolder.py, bigindex.py), searched by search.py, Gallery and the search page."""
+embed/folder.py, search/mmap_index.py), searched by search.py, Gallery and the search page."""
 import json
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""readers.py: every layout, auto-detect, bad input (strict and skip_bad), open_rgb."""
+"""data/sources.py: every layout, auto-detect, bad input (strict and skip_bad), open_rgb."""
 import io
 import re
 import struct

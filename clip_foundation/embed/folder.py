@@ -1,5 +1,5 @@
 """An embedding folder: a gallery's image embeddings in shards, with their metadata (the
-clip-retrieval layout), read without holding it in memory. `embed_format.py` writes it; this
+clip-retrieval layout), read without holding it in memory. `embed/format.py` writes it; this
 reads a folder in the layout whose embed.json vouches for its parts (clip-retrieval's own output
 has none: `embed_format.vouch` records a part's files).
 

@@ -13,7 +13,7 @@ talk to each other (no process group: a rank that finishes early just exits; ran
 separate jobs that set RANK and WORLD_SIZE). OUT must be one folder every rank sees.
 
 Each part is written whole or not at all, with a record of the model and inputs it was made from
-(see embed_format.py); a rerun skips the parts whose record vouches for them and redoes the rest
+(see embed/format.py); a rerun skips the parts whose record vouches for them and redoes the rest
 (parts cut short, left by another run, or whose images changed since), so a killed run is resumed
 by running the same command again. A shard that cannot be read to the end (a failed download, a
 truncated file) leaves its part unwritten, for a rerun to try again. The run that finds every part
