@@ -119,6 +119,7 @@ def drawn_cells(monkeypatch) -> list[int]:
     return counts
 
 
+@pytest.mark.slow  # draws a grid of 100 images
 def test_the_grid_draws_at_most_the_best_cells(tiny_run, tmp_path, monkeypatch, capsys):
     data, run_dir, _ = tiny_run
     counts = drawn_cells(monkeypatch)

@@ -244,6 +244,7 @@ def test_a_split_file_over_the_limit_is_refused_in_one_line(tmp_path, monkeypatc
     assert len(load_records(path)) == 4  # at the limit: read
 
 
+@pytest.mark.slow  # writes and parses a 20 MB split file, measuring the memory it takes
 def test_a_split_file_is_read_in_a_few_times_its_size(tmp_path):
     # Karpathy's files carry tokens, ids and a sentence object per caption that nobody reads: a
     # 148 MB dataset_coco.json took 975 MB to parse whole (200 MB: 2.2 GB, the report)

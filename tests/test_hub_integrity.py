@@ -121,6 +121,7 @@ HUB_COMMANDS = {  # what -> a call with the Hub id as the checkpoint
 }
 
 
+@pytest.mark.slow  # loads the model in every command, export and embed included
 @pytest.mark.parametrize("what", sorted(HUB_COMMANDS))
 def test_a_hub_id_loads_everywhere_and_writes_nothing_into_the_working_directory(what, hub_repo, tiny_run, tmp_path):
     for _ in range(2):  # the second run would find a ./user/tiny-clip the first one left

@@ -1,6 +1,7 @@
 """The project's shape: scripts at the root over one library package, imports pointing one way,
 no cycles, a small public API, and `eval_mode` restoring every module's own mode."""
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ SCRIPTS = {"train", "evaluate", "search", "download", "app"}  # entry points
 MODEL = {"clipModel", "hf_towers", "timm_towers"}  # the model file, and the tower kinds wrapping transformers and timm
 
 
+@functools.cache
 def modules() -> dict[str, Path]:
     """Every project module by dotted name: the root's scripts and model, and the package tree (a
     subpackage's `__init__.py` is the subpackage itself)."""
@@ -43,6 +45,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return out
 
 
+@functools.cache
 def graph() -> dict[str, set[str]]:
     mods = modules()
     return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
@@ -218,6 +221,7 @@ def test_an_installed_command_exits_0_when_its_main_returns_results(command, mon
     assert getattr(commands, command)() == 0
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_the_public_api_is_the_readmes_and_each_name_is_documented():
     # what a notebook writes: `from clip_foundation import Gallery`; the README's API section lists it
     import subprocess
