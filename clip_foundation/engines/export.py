@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from clip_foundation.data.cache import process_alive
 from clip_foundation.common.extras import optional
-from clip_foundation.common.files import atomic_write, file_digest, model_digest, user_cache
+from clip_foundation.common.files import atomic_write, changed_file, file_entries, model_digest, user_cache
 from clip_foundation.common.modes import eval_mode  # dropout off while tracing; each module's own mode after
 from clipModel import CLIPModel, model_folder
 
@@ -119,23 +119,23 @@ def digest_file(path) -> Path:
     return Path(path).with_name(f"{Path(path).name}.sha256.json")
 
 
-def _digests(path) -> dict[str, str]:
-    return {f.name: file_digest(f) for f in graph_files(path)}
-
-
 def _seal(path: Path) -> Path:
     # last, once the graph's files are in place: only a whole graph has a digest that matches
-    atomic_write(digest_file(path), lambda tmp: tmp.write_text(json.dumps(_digests(path))))
+    entries = file_entries(path.parent, [f.name for f in graph_files(path)])  # what embed.json and index.json vouch with
+    atomic_write(digest_file(path), lambda tmp: tmp.write_text(json.dumps(entries)))
     return path
 
 
 def intact(path) -> bool:
-    """Whether the graph at `path` is there as it was exported: its files' sha256 match the digest
-    written beside it (not when edited, truncated, unfinished or exported without a digest)."""
+    """Whether the graph at `path` is there as it was exported: its files' sizes and sha256 match the
+    digest written beside it (not when edited, truncated, unfinished or exported without a digest)."""
+    path = Path(path)
     try:
-        return json.loads(digest_file(path).read_text()) == _digests(path)
+        entries = json.loads(digest_file(path).read_text())
     except (OSError, ValueError):
         return False
+    return (isinstance(entries, dict) and set(entries) == {f.name for f in graph_files(path)}
+            and changed_file(path.parent, entries) is None)
 
 
 def _exported(path: Path, write) -> Path:
