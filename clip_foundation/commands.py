@@ -19,11 +19,10 @@ MODULES = {  # each command -> the module whose `main` it runs
 
 
 def run(command: str, main=None) -> int:
-    """Run the `main` of `command`'s module (MODULES) (or `main`, given by that module run as __main__)
+    """Run the `main` of `command`'s module (MODULES), or `main` when that module runs as __main__,
     with its warnings (data, page, engine: every UserWarning) printed as one plain line each -> the
-    exit status: a `main`
-    returning an int (download) exits with it, one returning results exits 0. A failure inside
-    `main` is a SystemExit already (one error line, status 1; usage mistakes 2)."""
+    exit status: a `main` returning an int (download) exits with it, one returning results exits 0.
+    A failure inside `main` is a SystemExit already (one error line, status 1; usage mistakes 2)."""
     main = main or importlib.import_module(MODULES[command]).main
     with cli.reported_warnings():
         result = main()
