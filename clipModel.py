@@ -2,8 +2,9 @@
 
 Encoders are chosen by config: Hugging Face models (ViT / DistilBERT by default, any
 `AutoModel`; their adapters in hf_towers.py), any `timm` image model (timm_towers.py), or the
-small from-scratch transformers below, which need no downloaded weights. `CLIPModel.save_pretrained` / `from_pretrained` round-trip a model
-through a folder (config JSON + safetensors + tokenizer) with no network and no pickle.
+small from-scratch transformers (scratch_towers.py), which need no downloaded weights. Each kind is
+one adapter class in the registry below. `CLIPModel.save_pretrained` / `from_pretrained` round-trip a
+model through a folder (config JSON + safetensors + tokenizer) with no network and no pickle.
 """
 from __future__ import annotations
 
@@ -157,86 +158,6 @@ def default_device() -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-# ---------------------------------------------------------------- from-scratch transformers
-
-class Block(nn.Module):
-    """Pre-norm transformer block using fused scaled-dot-product attention."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-
-    def forward(self, x, attn_mask=None):
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, C/H)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return x + self.mlp(self.ln2(x))
-
-
-def conv_stem(width: int, patch_size: int) -> nn.Sequential:
-    """Stride-2 3x3 convolutions down to one vector per patch (Xiao et al., 2021: "Early
-    convolutions help transformers see better"): far better shape features from little data."""
-    layers, channels = [], 3
-    for i in range(int(math.log2(patch_size))):
-        out = width // 2 ** (int(math.log2(patch_size)) - i)
-        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
-                   nn.BatchNorm2d(out), nn.GELU()]
-        channels = out
-    return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
-
-
-def run_blocks(blocks, x, checkpointing: bool, **kwargs):
-    """Apply blocks in turn; with checkpointing, recompute their activations in backward."""
-    from torch.utils.checkpoint import checkpoint
-    for block in blocks:
-        x = checkpoint(block, x, use_reentrant=False, **kwargs) if checkpointing else block(x, **kwargs)
-    return x
-
-
-class ScratchViT(nn.Module):
-    """A small ViT: patch embedding, CLS token, learned positions, pre-norm blocks."""
-
-    def __init__(self, cfg: ImageEncoderConfig):
-        super().__init__()
-        size = cfg.image_size or SCRATCH_IMAGE_SIZE
-        n_patches = (size // cfg.patch_size) ** 2
-        self.patch_embed = conv_stem(cfg.width, cfg.patch_size) if cfg.stem == "conv" else \
-            nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, cfg.width) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
-        self.ln = nn.LayerNorm(cfg.width)
-        self.out_dim, self.checkpointing = cfg.width, False
-
-    def forward(self, images):
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # shape[0]: traceable
-        x = run_blocks(self.blocks, x, self.checkpointing and self.training)
-        return self.ln(x[:, 0])
-
-
-class ScratchTextTransformer(nn.Module):
-    """A small bidirectional text transformer over the WordPiece ids of `train_tokenizer`."""
-
-    def __init__(self, cfg: TextEncoderConfig, vocab_size: int):
-        super().__init__()
-        self.token_embed = nn.Embedding(vocab_size, cfg.width)
-        self.pos_embed = nn.Parameter(torch.randn(1, cfg.max_length, cfg.width) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
-        self.ln = nn.LayerNorm(cfg.width)
-        self.out_dim, self.checkpointing = cfg.width, False
-
-    def forward(self, input_ids, attention_mask):
-        x = self.token_embed(input_ids) + self.pos_embed[:, : input_ids.shape[1]]
-        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): padding is never attended to
-        x = run_blocks(self.blocks, x, self.checkpointing and self.training, attn_mask=keep)
-        return self.ln(x)  # (B, T, C)
 
 
 # ---------------------------------------------------------------- tower adapters
@@ -407,81 +328,12 @@ def _adapter(kinds: dict, cfg, tower: str):
     return tower_adapter(tower, cfg.kind)
 
 
-class _ScratchTower:
-    """Shared by both scratch adapters: the width/depth/heads a transformer can be built with."""
-    kind = "scratch"
-
-    def describe(self, cfg) -> str:
-        return "scratch (trained from nothing)"
-
-    @classmethod
-    def weights_origin(cls, cfg: dict) -> dict:
-        return _origin(f"scratch transformer ({cfg['depth']} blocks × {cfg['width']} wide)",
-                       "none: initialised at random and trained in this run", trained_here=True)
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        super().check_config(cfg)
-        for key in ("width", "depth", "heads"):
-            check(getattr(cfg, key) >= 1, f"{cls.tower}.{key}", getattr(cfg, key), ">= 1")
-        check(cfg.width % cfg.heads == 0, f"{cls.tower}.heads", cfg.heads,
-              f"a divisor of {cls.tower}.width={cfg.width} (each head takes width/heads channels)")
-
-
-class ScratchImageEncoder(_ScratchTower, ImageEncoder):
-    """The small from-scratch ViT: needs no downloaded weights."""
-
-    def __init__(self, cfg: ImageEncoderConfig):
-        super().__init__()
-        self.model = ScratchViT(cfg)
-        self.out_dim = self.model.out_dim
-
-    @classmethod
-    def check_config(cls, cfg: ImageEncoderConfig) -> None:
-        super().check_config(cfg)
-        check(cfg.stem in ("conv", "linear"), "image.stem", cfg.stem, "conv or linear")
-        p = cfg.patch_size
-        if cfg.stem == "conv":  # stride-2 convolutions halve the side down to one pixel per patch
-            check(p >= 2 and not p & (p - 1), "image.patch_size", p, "a power of two >= 2 with --image.stem=conv")
-            check(cfg.width >= p, "image.width", cfg.width, f">= image.patch_size={p} (the conv stem's "
-                  "first layer has width/patch_size channels)")
-        check(p >= 1, "image.patch_size", p, ">= 1")
-        size = cfg.image_size or SCRATCH_IMAGE_SIZE
-        check(size % p == 0, "image.patch_size", p, f"a divisor of the image side {size}")
-
-    def forward(self, images):
-        return self.model(images)
-
-
-class ScratchTextEncoder(_ScratchTower, TextEncoder):
-    """The small from-scratch text transformer over a WordPiece vocabulary trained on the captions."""
-
-    def __init__(self, cfg: TextEncoderConfig, vocab_size: int):
-        super().__init__(cfg)
-        self.model = ScratchTextTransformer(cfg, vocab_size)
-        self.out_dim = self.model.out_dim
-
-    @classmethod
-    def check_config(cls, cfg: TextEncoderConfig) -> None:
-        super().check_config(cfg)
-        check(cfg.vocab_size >= 32, "text.vocab_size", cfg.vocab_size,
-              ">= 32 (4 special tokens, then the captions' characters and word pieces)")
-
-    @classmethod
-    def build_tokenizer(cls, cfg: TextEncoderConfig, captions=None):
-        if captions is None:
-            raise ValueError("the scratch text encoder trains its tokenizer on captions: pass captions=")
-        return train_tokenizer(captions, cfg.vocab_size, cfg.max_length)
-
-    def hidden_states(self, input_ids, attention_mask):
-        return self.model(input_ids, attention_mask)
-
-
 # The registry of tower kinds: kind -> its adapter class, or "module:Class" of an adapter kept in a file of
-# its own beside this one (the wrappers of transformers and timm), imported when first asked for.
+# its own beside this one (the wrappers of transformers and timm, the from-scratch transformers), imported when
+# first asked for.
 IMAGE_ENCODERS: dict = {"hf": "hf_towers:HFImageEncoder", "timm": "timm_towers:TimmImageEncoder",
-                        "scratch": ScratchImageEncoder}
-TEXT_ENCODERS: dict = {"hf": "hf_towers:HFTextEncoder", "scratch": ScratchTextEncoder}
+                        "scratch": "scratch_towers:ScratchImageEncoder"}
+TEXT_ENCODERS: dict = {"hf": "hf_towers:HFTextEncoder", "scratch": "scratch_towers:ScratchTextEncoder"}
 
 
 # ---------------------------------------------------------------- tokenizer and transforms

@@ -52,7 +52,7 @@ def installed(tmp_path_factory):
 
 def test_the_wheel_imports_from_outside_the_repository(installed):
     python, _, tmp = installed
-    out = subprocess.run([str(python), "-c", "import clipModel, hf_towers, timm_towers, clip_foundation, clip_foundation.training.command; "
+    out = subprocess.run([str(python), "-c", "import clipModel, hf_towers, timm_towers, scratch_towers, clip_foundation, clip_foundation.training.command; "
                           "print(clipModel.__file__); print(clip_foundation.__file__)"],
                          capture_output=True, text=True, cwd=tmp, env=OUTSIDE)
     assert out.returncode == 0, out.stderr

@@ -11,7 +11,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "clip_foundation"
 SCRIPTS = {"train", "evaluate", "search", "download", "app"}  # entry points
-MODEL = {"clipModel", "hf_towers", "timm_towers"}  # the model file, and the tower kinds wrapping transformers and timm
+MODEL = {"clipModel", "hf_towers", "timm_towers", "scratch_towers"}  # the model file, and its tower kinds
 
 
 @functools.cache
@@ -156,7 +156,7 @@ def test_the_library_uses_only_the_models_public_names():
 def test_the_model_floor_imports_nothing_of_the_library():
     for name in MODEL:
         assert not {t for t in graph()[name] if t.startswith(PACKAGE)}, f"{name}.py must stand without the library"
-    assert len((ROOT / "clipModel.py").read_text().splitlines()) <= 850, "clipModel.py is the file a learner opens"
+    assert len((ROOT / "clipModel.py").read_text().splitlines()) <= 700, "clipModel.py is the file a learner opens"
 
 
 def test_root_scripts_are_command_lines_over_their_library_module():

@@ -354,9 +354,9 @@ def test_every_tower_kind_is_one_adapter_with_the_same_interface():
     from clipModel import IMAGE_ENCODERS, TEXT_ENCODERS, ImageEncoder, TextEncoder, tower_adapter
     assert set(IMAGE_ENCODERS) == {"hf", "timm", "scratch"} and set(TEXT_ENCODERS) == {"hf", "scratch"}
     for tower, kinds, base in (("image", IMAGE_ENCODERS, ImageEncoder), ("text", TEXT_ENCODERS, TextEncoder)):
-        for kind in list(kinds):  # an adapter in its own file (hf_towers, timm_towers) is imported when asked for
+        for kind in list(kinds):  # an adapter in its own file (hf_towers, timm_towers, scratch_towers) is imported when asked for
             adapter = tower_adapter(tower, kind)
             assert issubclass(adapter, base) and adapter.kind == kind and kinds[kind] is adapter
-    for name in ("clipModel", "hf_towers", "timm_towers"):
+    for name in ("clipModel", "hf_towers", "timm_towers", "scratch_towers"):
         source = (Path(clipModel.__file__).parent / f"{name}.py").read_text()
         assert not re.search(r"\bkind\s*(==|!=)", source), name
