@@ -1,12 +1,17 @@
 """The timm tower kind: any timm image model as CLIP's image encoder (`--image.kind=timm`), classifier
-removed; with `pool_blocks`, its last blocks' pooled outputs too. An adapter of `clipModel`'s registry
-(IMAGE_ENCODERS["timm"]), kept in its own file as open_clip keeps timm_model.py."""
+removed; with `pool_blocks`, its last blocks' pooled outputs too. Several models joined by "+"
+(`--image.name=tf_efficientnet_lite2+tf_efficientnet_lite0`) run side by side on the same image, each
+at its own input size, their features concatenated: different networks miss different things. An
+adapter of `clipModel`'s registry (IMAGE_ENCODERS["timm"]), kept in its own file as open_clip keeps
+timm_model.py."""
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from clipModel import OFFLINE_HINT, ConfigError, ImageEncoder, ImageEncoderConfig, _origin, check
 
@@ -41,54 +46,113 @@ class TimmImageEncoder(ImageEncoder):
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
-        self.model = _load_timm(cfg)
+        names = cfg.name.split("+")
+        if len(names) == 1:  # one model: its weights stay `image_encoder.model.*`, as saved runs have them
+            self.model = _load_timm(cfg)
+        else:
+            self.model = SideBySide([_load_timm(replace(cfg, name=n)) for n in names])
         self.pool_blocks = cfg.pool_blocks
-        self.out_dim = self._multiscale_dim(cfg) if cfg.pool_blocks else self.model.num_features
+        self.out_dim = self._features_dim(cfg)
 
     @classmethod
     def check_config(cls, cfg: ImageEncoderConfig) -> None:
         check(cfg.pool_blocks >= 0, "image.pool_blocks", cfg.pool_blocks, ">= 0")  # the top: when built
+        names = cfg.name.split("+")
+        check(all(names), "image.name", cfg.name, "timm model names, several joined by '+'")
+        check(len(names) == 1 or not cfg.weights_file, "image.weights_file", cfg.weights_file,
+              "empty when --image.name joins several models (each loads its own weights)")
+
+    def _nets(self) -> list:
+        return list(self.model.nets) if isinstance(self.model, SideBySide) else [self.model]
 
     def preprocessing(self, cfg):
-        import timm.data
-        data_cfg = timm.data.resolve_model_data_config(self.model)
+        import timm.data  # the first model's input: later ones get it resized to their own
+        data_cfg = timm.data.resolve_model_data_config(self._nets()[0])
         return data_cfg["input_size"][-1], data_cfg["mean"], data_cfg["std"]
+
+    def resolve_config(self, cfg: ImageEncoderConfig) -> ImageEncoderConfig:
+        cfg = super().resolve_config(cfg)
+        if isinstance(self.model, SideBySide):
+            self.model.set_input(cfg.mean, cfg.std)
+        return cfg
 
     def blocks(self):
         from timm.models import group_parameters  # timm knows its own stages/blocks
+        if isinstance(self.model, SideBySide):
+            raise ConfigError("--train_image_blocks needs one timm model, not several side by side")
         groups = group_parameters(self.model, self.model.group_matcher(coarse=True))  # 0: stem; norm joins the last
         named = dict(self.model.named_parameters())
         return [[named[n] for n in groups[k]] for k in sorted(groups) if k > 0], []
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.model.set_grad_checkpointing(enable)
+        for net in self._nets():
+            net.set_grad_checkpointing(enable)
 
     def forward(self, images):
-        return self._multiscale(images) if self.pool_blocks else self.model(images)
-
-    def _multiscale(self, images):
-        # The last blocks keep what the ImageNet head discards (colour, texture, counts, layout):
-        # their pooled outputs beside the head's add ~2 text->image R@1 for frozen Lite0 on Flickr8k.
-        extra = {"extra_blocks": True} if "extra_blocks" in inspect.signature(
-            self.model.forward_intermediates).parameters else {}  # every block, not only stage ends
-        final, blocks = self.model.forward_intermediates(images, indices=self.pool_blocks, **extra)
-        pooled = [self.model.forward_head(final)] + [b.mean((2, 3)) for b in blocks]  # (B, C_i) each
-        return torch.cat(pooled, 1)  # (B, out_dim)
+        if isinstance(self.model, SideBySide):
+            return self.model(images, lambda net, x: multiscale(net, x, self.pool_blocks))
+        return multiscale(self.model, images, self.pool_blocks)
 
     @torch.no_grad()
-    def _multiscale_dim(self, cfg: ImageEncoderConfig) -> int:
-        check(hasattr(self.model, "forward_intermediates"), "image.pool_blocks", cfg.pool_blocks,
-              f"0 for {cfg.name} (a timm model without forward_intermediates)")
+    def _features_dim(self, cfg: ImageEncoderConfig) -> int:
+        if not cfg.pool_blocks and not isinstance(self.model, SideBySide):
+            return self.model.num_features
+        for net in self._nets():
+            check(not cfg.pool_blocks or hasattr(net, "forward_intermediates"), "image.pool_blocks", cfg.pool_blocks,
+                  f"0 for {cfg.name} (a timm model without forward_intermediates)")
         size = self.preprocessing(cfg)[0] if not cfg.image_size else cfg.image_size
         was_training = self.model.training
         self.model.eval()  # BatchNorm statistics must not see the probe image
         try:
-            return self._multiscale(torch.zeros(1, 3, size, size)).shape[1]  # (1, out_dim)
+            return self(torch.zeros(1, 3, size, size)).shape[1]  # (1, out_dim)
         except AssertionError as e:  # timm: "last-n (99) is out of range (1 to 5)"
             raise ConfigError(f"--image.pool_blocks={cfg.pool_blocks}: must be within {cfg.name}'s "
                               f"blocks ({e})") from None
         finally:
             self.model.train(was_training)
+
+
+def multiscale(net, images, pool_blocks: int) -> torch.Tensor:
+    """(B, features) of timm model `net`: its pooled head, and with `pool_blocks` its last blocks'
+    pooled outputs beside it. They keep what the ImageNet head discards (colour, texture, counts,
+    layout): +2 text->image R@1 for frozen Lite0 on Flickr8k."""
+    if not pool_blocks:
+        return net(images)
+    extra = {"extra_blocks": True} if "extra_blocks" in inspect.signature(
+        net.forward_intermediates).parameters else {}  # every block, not only stage ends
+    final, blocks = net.forward_intermediates(images, indices=pool_blocks, **extra)
+    pooled = [net.forward_head(final)] + [b.mean((2, 3)) for b in blocks]  # (B, C_i) each
+    return torch.cat(pooled, 1)  # (B, out_dim)
+
+
+class SideBySide(torch.nn.Module):
+    """Several timm models on one image, each at its own input size and normalisation, their
+    features concatenated (B, sum of each one's features)."""
+
+    def __init__(self, nets: list):
+        super().__init__()
+        import timm.data
+        self.nets = torch.nn.ModuleList(nets)
+        configs = [timm.data.resolve_model_data_config(n) for n in nets]
+        self.sizes = [c["input_size"][-1] for c in configs]
+        for i, c in enumerate(configs):  # each model's own normalisation, as buffers: traced into an export
+            self.register_buffer(f"mean{i}", torch.tensor(c["mean"]).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer(f"std{i}", torch.tensor(c["std"]).view(1, 3, 1, 1), persistent=False)
+        self.set_input(configs[0]["mean"], configs[0]["std"])
+
+    def set_input(self, mean, std) -> None:
+        """The normalisation the images arrive in (the tower's config)."""
+        self.register_buffer("in_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("in_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images, features) -> torch.Tensor:
+        pixels = images * self.in_std + self.in_mean  # (B, 3, S, S) back to [0, 1]
+        out = []
+        for i, (net, size) in enumerate(zip(self.nets, self.sizes)):
+            x = pixels if size == images.shape[-1] else F.interpolate(pixels, size=(size, size), mode="bilinear",
+                                                                      align_corners=False)
+            out.append(features(net, (x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}")))
+        return torch.cat(out, 1)
 
 
 def _load_timm(cfg: ImageEncoderConfig):

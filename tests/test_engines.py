@@ -31,6 +31,42 @@ def timm_run(tmp_path_factory):
     return run, images, expected
 
 
+def assert_images_close(got, expected, engine):
+    """fp32 engines: within 1e-4 of torch; OpenVINO's bf16 image tower (CPUs with bf16 units): each
+    embedding of a photo within a cosine of 0.99 of torch's (0.9976 at worst measured, through
+    untrained heads; what bf16 must keep, dev recall, is measured in docs/results.md)."""
+    if engines.engine_class(engine).precision("image") == "fp32":
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    else:
+        cosine = torch.nn.functional.cosine_similarity(got, expected)
+        assert cosine.min() >= 0.99 and not torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("has_bf16, env, image, text", [(True, None, "bf16", "fp32"), (False, None, "fp32", "fp32"),
+                                                         (True, "fp32", "fp32", "fp32")])
+def test_openvino_picks_bf16_for_the_image_tower_only_where_the_cpu_has_it(has_bf16, env, image, text, monkeypatch):
+    pytest.importorskip("openvino", reason="needs the engines extra")
+    monkeypatch.setattr(engines, "_BF16", has_bf16)
+    if env:
+        monkeypatch.setenv(engines.PRECISION_ENV, env)
+    cls = engines.engine_class("openvino")
+    assert (cls.precision("image"), cls.precision("text")) == (image, text)
+    assert engines.engine_class("onnxruntime").precision("image") == engines.Encoder.precision("image") == "fp32"
+
+
+@pytest.mark.slow
+def test_openvino_in_fp32_embeds_as_torch_does_on_any_cpu(timm_run, monkeypatch):
+    pytest.importorskip("openvino", reason="needs the engines extra")
+    from clipModel import CLIPModel
+    monkeypatch.setenv(engines.PRECISION_ENV, "fp32")
+    run, images, (image_ref, _) = timm_run
+    model = CLIPModel.from_pretrained(run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to torch
+        engines.use_engine(model, "openvino", run)
+        torch.testing.assert_close(embed_images(model, images, batch_size=2), image_ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", GRAPH_ENGINES)
 def test_every_engine_embeds_as_torch_does(engine, timm_run):
@@ -43,7 +79,7 @@ def test_every_engine_embeds_as_torch_does(engine, timm_run):
         got_images, got_texts = embed_images(model, images, batch_size=2), embed_texts(model, CAPTIONS, batch_size=2)
     assert encoder.name == engine and engines.encoder_of(model) is encoder
     assert set(encoder.graphs) == {"image", "text"} and None not in encoder.graphs.values()
-    torch.testing.assert_close(got_images, image_ref, atol=1e-4, rtol=1e-4)
+    assert_images_close(got_images, image_ref, engine)
     torch.testing.assert_close(got_texts, text_ref, atol=1e-4, rtol=1e-4)
     assert encoder.folder.parent == run / "engines"  # cached beside the run, by the weights' digest
 
@@ -124,7 +160,7 @@ def test_the_presets_towers_embed_real_photos_as_torch_does(engine, tmp_path):
     with torch.no_grad():
         expected = embed_images(model, images), embed_texts(model, captions)
     engines.use_engine(model, engine, model.save_pretrained(tmp_path / "run"))
-    torch.testing.assert_close(embed_images(model, images), expected[0], atol=1e-4, rtol=1e-4)
+    assert_images_close(embed_images(model, images), expected[0], engine)
     torch.testing.assert_close(embed_texts(model, captions), expected[1], atol=1e-4, rtol=1e-4)
 
 

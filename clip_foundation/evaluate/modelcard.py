@@ -78,6 +78,7 @@ class Weights:
     licence: str | None  # the weights' licence (a Hub licence id); None: unknown, or no weights to license
     base_model: str | None = None  # Hub id of the weights, when they are a Hub model
     trained_here: bool = False  # True: random initialisation, so no one else's weights are in the tower
+    parts: tuple = ()  # the Weights of each model of a tower that runs several side by side ("a+b")
 
     def licence_text(self) -> str:
         return self.licence or ("none (no pretrained weights)" if self.trained_here else "unknown: check its source")
@@ -91,6 +92,12 @@ def tower_weights(cfg: dict, tower: str = "image") -> Weights:
         adapter = tower_adapter(tower, cfg.get("kind"))
     except ConfigError:  # a kind this version does not know: the card still says what it can
         adapter = None
+    if "+" in str(cfg.get("name", "")):  # several models side by side: each one's weights
+        parts = tuple(tower_weights({**cfg, "name": n}, tower) for n in cfg["name"].split("+"))
+        licences = {w.licence for w in parts}
+        return Weights(" + ".join(w.tower for w in parts), "; ".join(w.source for w in parts),
+                       licences.pop() if len(licences) == 1 else None, parts[0].base_model,
+                       all(w.trained_here for w in parts), parts)
     origin = (adapter.weights_origin(cfg) if adapter else
               {"tower": f"{cfg.get('kind')} {cfg.get('name', '')}", "source": "see the tower's own documentation"})
     weights = Weights(origin["tower"], origin["source"], origin.get("licence"), origin.get("base_model"),
@@ -265,7 +272,7 @@ def model_card(run_dir, repo_id: str | None = None, license: str | None = None):
         pipeline_tag="zero-shot-image-classification",
         tags=["clip", "image-text-retrieval", "contrastive-learning", "pytorch", "safetensors"],
         datasets=[_line(dataset[0])] if dataset else None,
-        base_model=[_line(w.base_model) for w in towers.values() if w.base_model] or None,
+        base_model=[_line(p.base_model) for w in towers.values() for p in (w.parts or [w]) if p.base_model] or None,
         metrics=["recall"] if metrics else None, model_name=_line(name) if scored else None,
         eval_results=_eval_results(metrics, dataset) if scored else None)
     sections = [

@@ -4,9 +4,10 @@ When a tower is frozen its outputs never change, so training only the projection
 the other tower) needs each image and caption encoded once, not once per epoch. The cache
 key covers the tower's config (its name, weights file, pooling, input size) and the exact
 inputs (image files with sizes and mtimes, or caption texts), so a change to either
-computes fresh features. The engine that encodes (`--engine`, see engines.py) is not part of the
-key: an ONNX Runtime or OpenVINO graph is used only once its outputs match torch's within 1e-4
-(engines.TOLERANCE), so every engine's features are torch's within that.
+computes fresh features. The engine that encodes (`--engine`, see engines/registry.py) is not part
+of the key: an ONNX Runtime or OpenVINO graph is used only once its outputs match torch's within
+1e-4 (registry.TOLERANCE), so every engine's features are torch's within that. Its precision is:
+the bf16 image features OpenVINO makes on CPUs with bf16 units are kept apart from fp32 ones.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from clipModel import CLIPModel
 
 from clip_foundation.data.cache import cache_key
-from clip_foundation.engines.registry import tower_encoder
+from clip_foundation.engines.registry import engine_class, resolve, tower_encoder
 from clip_foundation.common.files import atomic_write
 from clip_foundation.evaluate.metrics import eval_mode, in_length_order
 
@@ -53,7 +54,9 @@ def image_tower_features(model: CLIPModel, records, images: torch.Tensor, cache_
     """Image-encoder outputs (N, d_image) of the decoded uint8 `images` of `records`, encoded by
     `engine` (see `engines`; its graph of the tower is cached under CACHE_DIR/engines)."""
     cfg = model.config.image
-    key = hashlib.sha256((_tower_id(cfg) + cache_key(records, cfg.image_size)).encode()).hexdigest()[:24]
+    precision = engine_class(resolve(engine, model.device)).precision("image")
+    key = hashlib.sha256((_tower_id(cfg) + cache_key(records, cfg.image_size)
+                          + ("" if precision == "fp32" else precision)).encode()).hexdigest()[:24]
     path = Path(cache_dir) / "features" / f"image-{key}.safetensors" if cache_dir else None
 
     def compute():
