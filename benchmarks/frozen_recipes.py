@@ -38,11 +38,11 @@ TOWERS = {"lite0": "tf_efficientnet_lite0", "lite1": "tf_efficientnet_lite1", "l
 
 # ---------------------------------------------------------------- features
 
-def preset_features(data: str, tower: str = "lite2", flip: bool = False) -> dict:
+def preset_features(data: str, tower: str = "lite2", flip: bool = False, size: int = 0) -> dict:
     """{split: (image features (N, d), text features (M, 384), records)} for train/val/test, as
     the preset's run caches them; `flip`: the image features of the mirrored images."""
     argv = expand_preset(["--preset=flickr8k-pretrained", f"--data={data}", f"--image.name={TOWERS[tower]}",
-                          "--engine=auto"])
+                          "--engine=auto", f"--image.image_size={size}"])
     cfg = resolve_config(argv)
     splits = prepare_data(cfg)
     model, _ = build_model(cfg, splits, torch.device("cpu"), None)
@@ -110,7 +110,8 @@ def fit(feats: dict, recipe: dict, seed: int = 0) -> dict:
     (xi, xt, records), (vi, vt, vrec) = feats["train"], feats["val"]
     flips = feats.get("flip")
     epochs, batch = recipe.get("epochs", 8), recipe.get("batch", 2048)
-    heads = Heads(xi.shape[1], xt.shape[1], recipe.get("dim", 512), recipe.get("dropout", 0.3))
+    heads = Heads(xi.shape[1], xt.shape[1], recipe.get("dim", 512), recipe.get("dropout", 0.3),
+                  recipe.get("init_temperature", 0.07))
     decay = [p for n, p in heads.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in heads.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.get("wd", 0.1)},
@@ -127,7 +128,7 @@ def fit(feats: dict, recipe: dict, seed: int = 0) -> dict:
             x_image, x_text = xi[image_index].float(), xt[caption_index].float()
             if flips is not None and recipe.get("flip_aug"):  # each image mirrored with probability 1/2
                 mirrored = torch.rand(len(image_index)) < 0.5
-                x_image = torch.where(mirrored[:, None], flips[0][image_index].float(), x_image)
+                x_image = torch.where(mirrored[:, None], flips["train"][image_index].float(), x_image)
             if recipe.get("fusemix"):  # mixup of the pairs in the towers' feature spaces (FuseMix)
                 lam = torch.distributions.Beta(recipe["fusemix"], recipe["fusemix"]).sample((len(x_image), 1))
                 perm = torch.randperm(len(x_image))
@@ -151,10 +152,14 @@ def fit(feats: dict, recipe: dict, seed: int = 0) -> dict:
             optimizer.step()
             scheduler.step()
             step += 1
+        if flips is not None and recipe.get("flip_tta"):  # test-time: the mean of both views' features
+            vi = (feats["val"][0] + flips["val"]) / 2
         score = evaluate(heads, vi, vt, vrec)["mean_recall"]
         if score > best:
             best, best_state, best_epoch = score, copy.deepcopy(heads.state_dict()), epoch + 1
     heads.load_state_dict(best_state)
+    if flips is not None and recipe.get("flip_tta"):
+        feats = {**feats, "test": ((feats["test"][0] + flips["test"]) / 2, *feats["test"][1:])}
     return {"epoch": best_epoch, "heads": heads, **test_metrics(heads, feats)}
 
 
@@ -204,12 +209,18 @@ RECIPES = {
     "hardneg0.2": {"hardneg": 0.2},
     "noise": {"feature_noise": 0.3},
     "flip_aug": {"flip_aug": True},
+    "flip_tta": {"flip_tta": True},
+    "flip_aug+tta": {"flip_aug": True, "flip_tta": True},
     "temp0.05": {"temperature": 0.05},
     "temp0.03": {"temperature": 0.03},
     "batch1024": {"batch": 1024},
     "epochs16": {"epochs": 16},
     "lr1e-3x16": {"lr": 1e-3, "epochs": 16},
     "dim1024": {"dim": 1024},
+    "dim256": {"dim": 256},
+    "init0.05": {"init_temperature": 0.05},
+    "init0.04": {"init_temperature": 0.04},
+    "dim256+temp0.05": {"dim": 256, "temperature": 0.05},
     "dropout0.5": {"dropout": 0.5},
     "allcaps": {"allcaps": True, "captions": 1, "epochs": 16},
     "allcaps5": {"allcaps": True, "captions": 5, "epochs": 8},
@@ -229,17 +240,18 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True)
     p.add_argument("--towers", default="lite2", help="comma-separated: their features side by side (lite0, lite1, lite2)")
+    p.add_argument("--size", type=int, default=0, help="every tower's input side (0: each one's own)")
     p.add_argument("--flip", action="store_true", help="encode mirrored images too (flip_aug and test-time averaging)")
     p.add_argument("--recipes", default="base", help=f"comma-separated, of: {', '.join(RECIPES)}")
     p.add_argument("--seeds", default="0")
     p.add_argument("--ensemble", type=int, default=0, help="also: the first N seeds' heads as one model")
     args = p.parse_args(argv)
     towers = args.towers.split(",")
-    parts = [preset_features(args.data, t) for t in towers]
+    parts = [preset_features(args.data, t, size=args.size) for t in towers]
     feats = {s: (torch.cat([f[s][0].float() for f in parts], 1), parts[0][s][1], parts[0][s][2]) for s in parts[0]}
     if args.flip:
-        flipped = [preset_features(args.data, t, flip=True) for t in towers]
-        feats["flip"] = (torch.cat([f["train"][0].float() for f in flipped], 1),)
+        flipped = [preset_features(args.data, t, flip=True, size=args.size) for t in towers]
+        feats["flip"] = {s: torch.cat([f[s][0].float() for f in flipped], 1) for s in flipped[0]}
     print(f"features: image {feats['train'][0].shape[1]}-d ({'+'.join(towers)}), text {feats['train'][1].shape[1]}-d; "
           f"{len(feats['train'][2])} train / {len(feats['val'][2])} val / {len(feats['test'][2])} test images")
     print("| recipe | epoch | t→i R@1 | R@5 | R@10 | + querybank R@1 | i→t R@1 | R@5 | time |")

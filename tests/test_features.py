@@ -83,3 +83,23 @@ def test_bf16_image_features_are_cached_apart_from_fp32_ones(scratch_model, tmp_
         image_tower_features(scratch_model, records, images, str(tmp_path / "cache"), progress=False)
         made.append({p.name for p in (tmp_path / "cache" / "features").iterdir()})
     assert len(made[0]) == 1 and len(made[1]) == 2 and made[2] == made[1]  # fp32's file found again
+
+
+def test_a_frozen_towers_graph_is_cached_per_input_size_not_only_per_weights(tmp_path):
+    # the same weights at another --image.image_size (or text pooling) trace another graph: the cached
+    # one of the first size would not run, and encoding fell back to torch
+    from dataclasses import replace
+
+    from clip_foundation.engines.registry import tower_encoder
+    torch.manual_seed(0)
+    config = CLIPConfig(image=ImageEncoderConfig(kind="timm", name="test_efficientnet", pretrained=False, image_size=64),
+                        text=TextEncoderConfig(kind="scratch", width=32, depth=1, pooling="mean"))
+    small = CLIPModel(config, captions=CAPTIONS).eval()
+    large = CLIPModel(replace(config, image=replace(config.image, image_size=96), text=replace(config.text, pooling="cls")),
+                      captions=CAPTIONS).eval()
+    large.load_state_dict(small.state_dict())
+    for tower in ("image", "text"):
+        folders = {tower_encoder(m, "openvino", tmp_path, tower).folder for m in (small, large)}
+        assert len(folders) == 2, tower
+        again = tower_encoder(small, "openvino", tmp_path, tower).folder
+        assert again == tower_encoder(small, "openvino", tmp_path, tower).folder  # and found again

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import importlib.util
+import json
 import sys
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -315,7 +318,10 @@ def encoder_of(model: CLIPModel) -> Encoder:
 
 def tower_encoder(model: CLIPModel, engine: str, cache_dir, tower: str) -> Encoder:
     """An Encoder of the towers' own features (frozen-tower training), its graphs cached under
-    CACHE_DIR/engines/TOWER-<digest of its weights> (only that tower is encoded with it)."""
+    CACHE_DIR/engines/TOWER-<digest of its weights and config> (only that tower is encoded with it):
+    the same weights at another input size or pooling trace another graph."""
     module = getattr(model, f"{tower}_encoder")
-    folder = Path(cache_dir) / "engines" / f"{tower}-{weights_digest(module)[:16]}" if cache_dir else None
+    config = json.dumps(asdict(getattr(model.config, tower)), sort_keys=True)
+    digest = hashlib.sha256((weights_digest(module) + config).encode()).hexdigest()
+    folder = Path(cache_dir) / "engines" / f"{tower}-{digest[:16]}" if cache_dir else None
     return make_encoder(model, engine, folder, part="features")
