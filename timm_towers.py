@@ -1,7 +1,7 @@
 """The timm tower kind: any timm image model as CLIP's image encoder (`--image.kind=timm`), classifier
 removed; with `pool_blocks`, its last blocks' pooled outputs too. Several models joined by "+"
-(`--image.name=tf_efficientnet_lite2+tf_efficientnet_lite0`) run side by side on the same image, each
-at its own input size, their features concatenated: different networks miss different things. An
+(`--image.name=tf_efficientnet_lite2+tf_efficientnet_lite0`) run side by side on the same image, at the
+first one's input size, their features concatenated: different networks miss different things. An
 adapter of `clipModel`'s registry (IMAGE_ENCODERS["timm"]), kept in its own file as open_clip keeps
 timm_model.py."""
 from __future__ import annotations
@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from clipModel import OFFLINE_HINT, ConfigError, ImageEncoder, ImageEncoderConfig, _origin, check
 
@@ -126,15 +125,16 @@ def multiscale(net, images, pool_blocks: int) -> torch.Tensor:
 
 
 class SideBySide(torch.nn.Module):
-    """Several timm models on one image, each at its own input size and normalisation, their
-    features concatenated (B, sum of each one's features)."""
+    """Several timm models on one image, each in its own normalisation, their features concatenated
+    (B, sum of each one's features). They all see the image at the tower's input size (the first
+    model's): CNNs take any size, and resizing inside the graph is worse either way (bilinear without
+    antialiasing cost the Lites 1.5 dev R@1; with it, the graph does not export)."""
 
     def __init__(self, nets: list):
         super().__init__()
         import timm.data
         self.nets = torch.nn.ModuleList(nets)
         configs = [timm.data.resolve_model_data_config(n) for n in nets]
-        self.sizes = [c["input_size"][-1] for c in configs]
         for i, c in enumerate(configs):  # each model's own normalisation, as buffers: traced into an export
             self.register_buffer(f"mean{i}", torch.tensor(c["mean"]).view(1, 3, 1, 1), persistent=False)
             self.register_buffer(f"std{i}", torch.tensor(c["std"]).view(1, 3, 1, 1), persistent=False)
@@ -147,12 +147,8 @@ class SideBySide(torch.nn.Module):
 
     def forward(self, images, features) -> torch.Tensor:
         pixels = images * self.in_std + self.in_mean  # (B, 3, S, S) back to [0, 1]
-        out = []
-        for i, (net, size) in enumerate(zip(self.nets, self.sizes)):
-            x = pixels if size == images.shape[-1] else F.interpolate(pixels, size=(size, size), mode="bilinear",
-                                                                      align_corners=False)
-            out.append(features(net, (x - getattr(self, f"mean{i}")) / getattr(self, f"std{i}")))
-        return torch.cat(out, 1)
+        return torch.cat([features(net, (pixels - getattr(self, f"mean{i}")) / getattr(self, f"std{i}"))
+                          for i, net in enumerate(self.nets)], 1)
 
 
 def _load_timm(cfg: ImageEncoderConfig):
