@@ -117,26 +117,44 @@ def torch_paths(args, model, images, row):
             print(f"{f'captions fp32, {label}, batch {B}':40s}{speed:8.1f}/s {padded(ordered):8.1f} tokens per caption")
 
 
+def cpu_units() -> str:
+    """The CPU's vector units that decide precision: avx2, avx512, bf16 (avx512_bf16 / amx_bf16), vnni."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "unknown"
+    found = [unit for unit, names in (("avx2", {"avx2"}), ("avx512", {"avx512f"}), ("bf16", {"avx512_bf16", "amx_bf16"}),
+                                      ("vnni", {"avx512_vnni", "avx_vnni"})) if flags & names]
+    return "+".join(found) or "none of avx2/avx512/bf16/vnni"
+
+
 def engine_rows(args, model):
-    """images/s (with page faults per image) and captions/s per installed engine, same inputs."""
+    """images/s (with page faults per image) and captions/s per installed engine, same inputs; an
+    engine that runs the image tower in bf16 here is timed in fp32 too (CLIP_ENGINE_PRECISION=fp32)."""
+    import os
     import tempfile
-    from clip_foundation.engines.registry import installed, make_encoder
+    from clip_foundation.engines.registry import PRECISION_ENV, engine_class, installed, make_encoder
     S, n, B = model.config.image.image_size, args.small_batch, args.engine_caption_batch
     uint8 = torch.randint(0, 256, (n, 3, S, S), dtype=torch.uint8)
     captions = mixed_captions(args.captions)
     ordered = [captions[i] for i in length_order(model, captions)]
     batches = [model.tokenize(ordered[s:s + B]) for s in range(0, len(ordered), B)]
-    print(f"{'engine':14s}{'images/s':>10s}{'faults/image':>14s}{'captions/s':>12s}  "
+    print(f"CPU units: {cpu_units()}")
+    print(f"{'engine':24s}{'images/s':>10s}{'faults/image':>14s}{'captions/s':>12s}  "
           f"(images: batch {n}; captions: sorted by length, batch {B})")
     with tempfile.TemporaryDirectory(prefix="encode-speed-") as folder:
         for name in args.engines.split(","):
             if not installed(name):
-                print(f"{name:14s}  not installed")
+                print(f"{name:24s}  not installed")
                 continue
-            encoder = make_encoder(model, name, folder)
-            image_speed, faults = rate(lambda: encoder.encode_images(uint8, n), n, args.batches)
-            text_speed = rate(lambda: [encoder.encode_texts(**b) for b in batches], len(captions), args.batches)[0]
-            print(f"{encoder.name:14s}{image_speed:10.1f}{faults:14.0f}{text_speed:12.1f}")
+            picked = engine_class(name).precision("image")
+            for precision in dict.fromkeys([picked, "fp32"]):  # what it picks here, then fp32 beside it
+                os.environ[PRECISION_ENV] = "fp32" if precision == "fp32" else "auto"
+                encoder = make_encoder(model, name, folder)
+                image_speed, faults = rate(lambda: encoder.encode_images(uint8, n), n, args.batches)
+                text_speed = rate(lambda: [encoder.encode_texts(**b) for b in batches], len(captions), args.batches)[0]
+                print(f"{f'{encoder.name} (image {precision})':24s}{image_speed:10.1f}{faults:14.0f}{text_speed:12.1f}")
+            os.environ.pop(PRECISION_ENV, None)
 
 
 if __name__ == "__main__":

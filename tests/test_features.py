@@ -63,8 +63,12 @@ def test_encode_speed_benchmark_prints_every_path(capsys):
                        "--engine_caption_batch=3"])
     out = capsys.readouterr().out
     assert "channels-last, batch 1" in out and "bf16" in out
-    engine_rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-3:]}
-    assert "torch" in engine_rows and all(len(v) == 3 or v == ["not", "installed"] for v in engine_rows.values())
+    assert "CPU units: " in out
+    engine_rows = {line.split(")")[0] + ")": line.split(")")[1].split() for line in out.splitlines() if "(image " in line}
+    assert "torch (image fp32)" in engine_rows and all(len(v) == 3 for v in engine_rows.values())
+    from clip_foundation.engines.registry import engine_class, installed
+    if installed("openvino") and engine_class("openvino").precision("image") == "bf16":  # timed both ways here
+        assert {"openvino (image bf16)", "openvino (image fp32)"} <= set(engine_rows)
     tokens = {label: float(line.split()[-4]) for line in out.splitlines()
               for label in ("mixed lengths", "length-sorted") if label in line}
     assert tokens["length-sorted"] < tokens["mixed lengths"]  # sorting cuts the padding
