@@ -80,8 +80,10 @@ def test_pretrained_preset_reads_nothing_outside_the_environment():
     from clip_foundation import training as train
     from clip_foundation.training.presets import expand_preset
     options = expand_preset(["--preset=flickr8k-pretrained"])
-    assert "--image.name=tf_efficientnet_lite2" in options and not any("weights_file" in o for o in options)
+    lites = "tf_efficientnet_lite2+tf_efficientnet_lite1+tf_efficientnet_lite0"  # each from its pip package
+    assert f"--image.name={lites}" in options and not any("weights_file" in o for o in options)
     text = next(o.split("=", 1)[1] for o in options if o.startswith("--text.name="))
     assert "site-packages" in text or "dist-packages" in text  # the installed package's folder
     cfg = train.resolve_config(["--preset=flickr8k-pretrained", "--data=somewhere"])
-    assert cfg.model.image.name == "tf_efficientnet_lite2" and cfg.train.freeze_image
+    assert cfg.model.image.name == lites and cfg.train.freeze_image
+    assert all(name in pretrained.PACKAGES for name in lites.split("+"))
