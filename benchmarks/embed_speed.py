@@ -6,7 +6,7 @@ written parts, per model and engine, on this machine.
     python benchmarks/embed_speed.py --workers=1,2                     # decoding threads
 
 Models: `tiny`, the scratch ViT of the tests' TINY_MODEL (32 px, 64 wide, 2 blocks), and `preset`, the
-towers of train.py's flickr8k-pretrained preset (EfficientNet-Lite2 at 260 px with 2 pooled blocks,
+towers of train.py's earlier flickr8k-pretrained preset (EfficientNet-Lite2 alone at 260 px with 2 pooled blocks,
 MiniLM; weights from the pip packages of the `pretrained` extra, so nothing is downloaded; the heads
 are untrained, which costs the same). Each is saved as a checkpoint in a temporary folder. A row is
 one pass of `embed.embed_part` + `embed_format.write_part` over `--n` photos (decode on a thread pool,
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_config(name: str) -> CLIPConfig:
-    """`tiny`: the tests' scratch towers; `preset`: the flickr8k-pretrained preset's towers."""
+    """`tiny`: the tests' scratch towers; `preset`: the earlier flickr8k-pretrained preset's towers (Lite2 alone)."""
     if name == "tiny":
         return CLIPConfig(image=ImageEncoderConfig(kind="scratch", image_size=32, patch_size=8, width=64, depth=2),
                           text=TextEncoderConfig(kind="scratch", width=64, depth=2), projection_dim=64)
