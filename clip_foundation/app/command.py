@@ -29,9 +29,10 @@ from pathlib import Path
 from clip_foundation.common import cli
 from clip_foundation.data.splits import SPLITS
 from clip_foundation.engines.options import ModelOptions, checked_device
+from clip_foundation.engines.lazy import load_model
 from clip_foundation.engines.registry import use_engine
 from clip_foundation.data.records import DataError
-from clipModel import CLIPModel, check, model_folder
+from clipModel import check, model_folder
 
 
 @dataclass
@@ -152,7 +153,7 @@ def main(argv=None):
             gallery = Gallery.from_index(args.index, args.checkpoint or None, backend=args.backend, device=device,
                                          engine=args.engine)
             args.checkpoint = gallery.checkpoint
-        model = gallery.model if gallery else CLIPModel.from_pretrained(args.checkpoint, device=device)
+        model = gallery.model if gallery else load_model(args.checkpoint, device)  # towers read when first used
         if not gallery:
             use_engine(model, args.engine, args.checkpoint)
         if args.gallery:

@@ -14,7 +14,9 @@ A gallery is a dataset split (as the model's training run split it; `--split=all
 image) or any plain folder of images. Its embeddings are cached in CHECKPOINT/index/ (or the
 user's cache folder when that is not writable) and rebuilt when the model or a gallery file
 changes; `--build_index --out=DIR` saves the same files in DIR to search later. Results are printed; a
-figure of them is drawn only when asked (`--grid`, or `--out=PATH`). A gallery of
+figure of them is drawn only when asked (`--grid`, or `--out=PATH`). A query reads only what it needs:
+the text tower for a text, the image tower for an image (`engines.lazy`), or neither where an engine
+graph already checked against the weights serves it. A gallery of
 millions, already embedded into an embedding folder (img_emb/*.npy + metadata/*.parquet +
 embed.json), is indexed with `--embeddings=EMB --index=DIR` into a compressed FAISS index that
 fits `--max_index_memory` (clip_foundation/search/mmap_index.py); `--index=DIR` searches either kind.
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from clip_foundation.common import cli
+from clip_foundation.common.files import digests_held
 from clip_foundation.search.gallery import (GRID_CELLS, check_n, clean_query, find_captions, find_matches, gallery_records,
                                      load_or_build_caption_index, load_or_build_index)
 from clip_foundation.data.splits import SPLITS
@@ -38,7 +41,8 @@ from clip_foundation.search.budget import parse_size
 from clip_foundation.search.index import NON_FINITE_SCORES
 from clip_foundation.search.kinds import open_index
 from clip_foundation.data.records import DataError
-from clipModel import CLIPModel, check, model_folder
+from clip_foundation.engines.lazy import load_model
+from clipModel import check, model_folder
 
 
 @dataclass
@@ -113,6 +117,7 @@ def _build_from_embeddings(args) -> BigIndex:
     return index
 
 
+@digests_held()  # the weights file is hashed once per command, for its engines' folder and for its index
 def main(argv=None):
     args = cli.parse(SearchConfig(), argv, USAGE, positional=("query",))
     if (args.query is not None) + bool(args.image) + args.build_index != 1:
@@ -135,7 +140,7 @@ def main(argv=None):
             index = open_index(args.index, kind, args.checkpoint)
             args.checkpoint = args.checkpoint or index.meta["checkpoint"]
             index.prepare(args.backend, args.index, device)  # before the model: a FAISS problem is said first
-        model = CLIPModel.from_pretrained(args.checkpoint, device=device)
+        model = load_model(args.checkpoint, device)  # each tower is read when a query first needs it
         use_engine(model, args.engine, args.checkpoint)
         if not args.index:
             records = gallery_records(args.checkpoint, args.data, args.split, args.layout, args.skip_bad)
