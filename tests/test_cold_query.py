@@ -3,7 +3,7 @@ model (engines/lazy.py) ranks as the whole model does, reads one tower for one k
 transformers does without importing it, and is refused a tower once its weights file changed; an engine graph
 checked against the run's own weights serves later processes with no tower read, and a tower in memory is
 still checked; search.py draws a figure only when asked; `import clip_foundation` and a text query import
-no plotting, timm, transformers, training code or image tower."""
+no plotting, timm, transformers, training code or image tower; benchmarks/cold_query.py prints its figures."""
 import importlib.util
 import json
 import os
@@ -309,3 +309,19 @@ def test_a_text_query_imports_no_plotting_timm_training_code_or_image_tower(timm
     # timm imported would mean the image tower was built; torch reads the text tower (transformers), a checked graph not
     assert offending(modules, FORBIDDEN + (TRANSFORMERS if engine != "torch" else ())) == []
     assert "clip_foundation.search.command" in modules
+
+
+# ---------------------------------------------------------------- the benchmark
+
+@pytest.mark.slow  # fresh interpreters, one search each
+def test_the_cold_query_benchmark_prints_its_figures(checkpoint, capsys):
+    from benchmarks import cold_query
+    result = cold_query.main([f"--checkpoint={checkpoint}", "--repeats=1", "--query=a red circle", "--engine=torch"])
+    out = capsys.readouterr().out
+    for line in ("CPU: ", "load average", "first query", "query, fresh process, start to exit: median",
+                 "import clip_foundation (in a fresh interpreter)", "import clipModel", "import clip_foundation.search.command",
+                 "python -c pass"):
+        assert line in out, line
+    assert len(result["query_s"]) == 1 and result["query_median_s"] > 0 and set(result["imports_s"]) == {
+        "import clip_foundation", "import clipModel", "import clip_foundation.search.command"}
+    assert json.loads(out.strip().splitlines()[-1])["query_s"] == result["query_s"]
