@@ -77,10 +77,13 @@ class LazyModel(CLIPModel):
 
     def tokenize(self, texts) -> dict[str, torch.Tensor]:
         """`CLIPModel.tokenize`; before transformers' tokenizer is loaded, by the saved tokenizer.json alone."""
-        saved = vars(self).get("tokenizer_json")
-        if "tokenizer" in vars(self) or saved is None:
+        if "tokenizer" in vars(self) or "folder" not in vars(self):
             return super().tokenize(texts)
-        encoded = saved.encode_batch([texts] if isinstance(texts, str) else list(texts))
+        if "tokenizer_json" not in vars(self):  # read with the first text (an image query reads none)
+            self.tokenizer_json = saved_tokenizer(self.folder, self.config.text.max_length)
+        if self.tokenizer_json is None:
+            return super().tokenize(texts)  # no fast tokenizer saved: transformers' (__getattr__)
+        encoded = self.tokenizer_json.encode_batch([texts] if isinstance(texts, str) else list(texts))
         return {"input_ids": torch.tensor([e.ids for e in encoded], dtype=torch.long),
                 "attention_mask": torch.tensor([e.attention_mask for e in encoded], dtype=torch.long)}
 
@@ -100,7 +103,6 @@ def load_model(checkpoint, device=None, towers=()) -> LazyModel:
     model.folder, model.stamp = folder, stamp
     if model.tokenizer is None:  # read when asked for: __getattr__
         del model.tokenizer
-    model.tokenizer_json = saved_tokenizer(folder, model.config.text.max_length)  # what `tokenize` reads until then
     return model
 
 
