@@ -216,9 +216,11 @@ class Tower(nn.Module):
                            trained_here=True)
         return _origin(f"{cls.kind} {name}", "see the tower's own documentation")
 
-    def describe(self, cfg) -> str:
-        """What this tower is, in a few words for people (the search page shows it)."""
-        return f"{self.kind} {cfg.name}"
+    @classmethod
+    def describe(cls, cfg) -> str:
+        """What a tower of this kind and config is, in a few words for people (the search page shows it;
+        a class method, so no tower is loaded to say it)."""
+        return f"{cls.kind} {cfg.name}"
 
     def blocks(self) -> tuple[list[list[nn.Parameter]], list[nn.Parameter]]:
         """-> (the tower's blocks in order, each a list of its parameters; the parameters after
@@ -434,21 +436,25 @@ class CLIPModel(nn.Module):
     tokenizer); `CLIPModel.from_pretrained(folder)` loads a saved one offline.
     """
 
-    def __init__(self, config: CLIPConfig, tokenizer=None, captions=None, *, _saved_folder=None):
+    def __init__(self, config: CLIPConfig, tokenizer=None, captions=None, *, _saved_folder=None,
+                 _towers=("image", "text")):  # from_pretrained(towers=...): the others are None, no tokenizer without text
         super().__init__()
         config.validate()
-        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(config.text, captions)
+        self.tokenizer = (tokenizer if tokenizer is not None or "text" not in _towers
+                          else build_tokenizer(config.text, captions))
         build = config
         if _saved_folder is not None:  # architectures from the folder; weights from its safetensors
             build = replace(config, image=_adapter(IMAGE_ENCODERS, config.image, "image").offline_config(
                 config.image, Path(_saved_folder)), text=_adapter(TEXT_ENCODERS, config.text, "text").offline_config(
                 config.text, Path(_saved_folder)))
-        self.image_encoder = ImageEncoder.build(build.image)
-        self.text_encoder = TextEncoder.build(build.text, len(self.tokenizer))
-        self.config = replace(config, image=self.image_encoder.resolve_config(config.image))
+        image = ImageEncoder.build(build.image) if "image" in _towers else None
+        text = TextEncoder.build(build.text, len(self.tokenizer)) if "text" in _towers else None
+        self.add_module("image_encoder", image)  # a tower left out is a submodule None (nn.Module skips those)
+        self.add_module("text_encoder", text)
+        self.config = replace(config, image=image.resolve_config(config.image)) if image is not None else config
         dim, dropout = config.projection_dim, config.dropout
-        self.image_projection = ProjectionHead(self.image_encoder.out_dim, dim, dropout)
-        self.text_projection = ProjectionHead(self.text_encoder.out_dim, dim, dropout)
+        self.add_module("image_projection", None if image is None else ProjectionHead(image.out_dim, dim, dropout))
+        self.add_module("text_projection", None if text is None else ProjectionHead(text.out_dim, dim, dropout))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
         if config.loss == "siglip":  # SigLIP's bias starts at -10: most pairs in a batch are negatives
             self.logit_bias = nn.Parameter(torch.tensor(-10.0))
@@ -515,30 +521,35 @@ class CLIPModel(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder, device=None, *, revision: str | None = None, cache_dir=None) -> "CLIPModel":
+    def from_pretrained(cls, folder, device=None, *, towers=("image", "text"), revision: str | None = None,
+                        cache_dir=None) -> "CLIPModel":
         """Load a folder written by `save_pretrained` (no pickle, no code from the folder), or a
-        Hugging Face Hub repo holding one: `from_pretrained("user/repo", revision="v1")`.
+        Hugging Face Hub repo holding one: `from_pretrained("user/repo", revision="v1")`. Only `towers` are
+        built and read (`towers=("text",)`: image_encoder and image_projection are None; without text, the tokenizer).
 
         A local folder is always tried first. A repo id goes through `huggingface_hub`'s cache
         (`cache_dir`, default HF_HUB_CACHE): downloaded once, then read offline, and never asked
         for when HF_HUB_OFFLINE=1. A damaged folder raises `CheckpointError` naming the file and
         what is wrong: invalid config.json, a weights file that is truncated, corrupt or holds
         NaN/inf, or a config that no longer matches the weights."""
-        from transformers import AutoTokenizer
+        check(set(towers) <= {"image", "text"}, "towers", towers, "a tuple of image and/or text")
         folder = model_folder(folder, revision, cache_dir)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise FileNotFoundError(f"{folder} is not a saved CLIPModel folder "
                                     "(expected config.json and model.safetensors)")
         config = _read_model_config(folder)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            tokenizer = None
+            if "text" in towers:  # transformers' AutoTokenizer: imported for it alone
+                from transformers import AutoTokenizer
+                tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
             with torch.device("meta"):  # shapes only, nothing allocated: a config.json is as untrusted as the weights
-                skeleton = cls(config, tokenizer=tokenizer, _saved_folder=folder)
+                skeleton = cls(config, tokenizer=tokenizer, _saved_folder=folder, _towers=towers)
         except (OSError, ValueError, TypeError, KeyError, RuntimeError, OverflowError) as e:
             raise CheckpointError(f"{folder}: config.json and the saved files do not make a model "
                                   f"({_brief(e)})") from None
         _check_shapes(skeleton, folder / "model.safetensors")  # before the real model takes any memory
-        model = cls(config, tokenizer=tokenizer, _saved_folder=folder)
+        model = cls(config, tokenizer=tokenizer, _saved_folder=folder, _towers=towers)
         _load_weights(model, folder / "model.safetensors", device)
         return model.to(device or "cpu").eval()
 
@@ -617,7 +628,9 @@ def _check_shapes(skeleton: CLIPModel, path: Path) -> None:
               for tensor, names in tied.values() for name in names
               if name in saved and saved[name] != tuple(tensor.shape)][:3]
     missing = [names[0] for _, names in tied.values() if not set(names) & set(saved)]
-    unexpected = sorted(set(saved) - {name for _, names in tied.values() for name in names})
+    left_out = tuple(f"{name}." for name, module in skeleton._modules.items() if module is None)  # towers not read
+    unexpected = sorted(name for name in set(saved) - {n for _, names in tied.values() for n in names}
+                        if not name.startswith(left_out))
     if missing:
         faults.append("not in the file: " + ", ".join(missing[:5]))
     if unexpected:
@@ -627,13 +640,14 @@ def _check_shapes(skeleton: CLIPModel, path: Path) -> None:
 
 
 def _load_weights(model: CLIPModel, path: Path, device) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-    try:
-        load_model(model, str(path), device=str(device or "cpu"))
+    from safetensors import SafetensorError, safe_open
+    try:  # the tensors of the towers built, each shared one read under the name saved (_check_shapes vouched for them)
+        with safe_open(str(path), "pt", device=str(device or "cpu")) as f:
+            saved = set(f.keys())
+            model.load_state_dict({name: f.get_tensor(name) for name in model.state_dict() if name in saved}, strict=False)
     except SafetensorError as e:
         raise CheckpointError(f"{path}: corrupt or truncated weights file ({e})") from None
-    except RuntimeError as e:  # missing/unexpected keys or shape mismatches
+    except RuntimeError as e:  # shape mismatches
         raise _mismatch(path, str(e)) from None
     for name, tensor in model.state_dict().items():  # a same-size overwrite shows up as NaN/inf
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():

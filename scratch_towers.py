@@ -100,7 +100,8 @@ class _ScratchTower:
     """Shared by both scratch adapters: the width/depth/heads a transformer can be built with."""
     kind = "scratch"
 
-    def describe(self, cfg) -> str:
+    @classmethod
+    def describe(cls, cfg) -> str:
         return "scratch (trained from nothing)"
 
     @classmethod

@@ -4,6 +4,8 @@
 metrics) for Python callers and tests; `run` turns that into the exit status."""
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 
 from clip_foundation.common import cli
@@ -24,6 +26,11 @@ def run(command: str, main=None) -> int:
     exit status: a `main` returning an int (download) exits with it, one returning results exits 0.
     A failure inside `main` is a SystemExit already (one error line, status 1; usage mistakes 2)."""
     main = main or importlib.import_module(MODULES[command]).main
+    # At exit the interpreter searches every object left for cycles to collect: after torch is imported that
+    # took 0.6 s of a query's 3.4 s (shared cores). What is left at exit is freed with the process; frozen, it
+    # is not searched (Python never promised __del__ for objects alive at exit). Registered here, it runs only
+    # when the process ends, after the atexit work registered later (temporary folders, the page's uploads).
+    atexit.register(gc.freeze)
     with cli.reported_warnings():
         result = main()
     return result if isinstance(result, int) and not isinstance(result, bool) else 0

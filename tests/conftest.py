@@ -43,6 +43,20 @@ def tiny_run(tmp_path_factory):
     return data, run_dir, metrics
 
 
+@pytest.fixture
+def checkpoint(tiny_run, tmp_path):
+    """A private copy of the tiny run's model (scratch towers, a querybank), so index caches and engine
+    graphs written here touch nothing shared."""
+    import shutil
+    _, run_dir, _ = tiny_run
+    dest = tmp_path / "ckpt"
+    dest.mkdir()
+    for f in run_dir.iterdir():
+        if f.is_file() and f.suffix in (".json", ".safetensors") and f.name != "metrics.json":
+            shutil.copy2(f, dest / f.name)
+    return dest
+
+
 def wordpiece_tokenizer(words):
     """A DistilBERT tokenizer over a fixed vocabulary ([PAD] [UNK] [CLS] [SEP] [MASK] + words), built
     from a `tokenizers` object: transformers 4 needs vocab_file= and 5 ignores it, both take this."""

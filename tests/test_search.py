@@ -29,18 +29,6 @@ def clustered(n, d=64, clusters=200, seed=0):
     return F.normalize(points, dim=1)
 
 
-@pytest.fixture
-def checkpoint(tiny_run, tmp_path):
-    """A private copy of the tiny run's model, so index caches written here touch nothing shared."""
-    _, run_dir, _ = tiny_run
-    dest = tmp_path / "ckpt"
-    dest.mkdir()
-    for f in run_dir.iterdir():
-        if f.is_file() and f.suffix in (".json", ".safetensors") and f.name != "metrics.json":
-            shutil.copy2(f, dest / f.name)
-    return dest
-
-
 # ---------------------------------------------------------------- top-k
 
 @pytest.mark.parametrize("chunk", [1, 7, 100, 999, 10_000])

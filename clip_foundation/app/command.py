@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clip_foundation.common import cli
+from clip_foundation.common.files import digests_held
 from clip_foundation.data.splits import SPLITS
 from clip_foundation.engines.options import ModelOptions, checked_device
+from clip_foundation.engines.lazy import load_model
 from clip_foundation.engines.registry import use_engine
 from clip_foundation.data.records import DataError
-from clipModel import CLIPModel, check, model_folder
+from clipModel import check, model_folder
 
 
 @dataclass
@@ -123,6 +125,30 @@ def ends_on_sigterm(command):
     return wrapped
 
 
+@digests_held()  # the weights file is hashed once for the engines' folder and each index
+def _page(args, device):
+    """The page over what the command line names: its model (each tower read when a query first needs it,
+    `engines.lazy`), its gallery and caption indexes."""
+    from clip_foundation.app.page import SearchPage
+    gallery = None
+    args.checkpoint = args.checkpoint and str(model_folder(args.checkpoint))  # a Hub id: its snapshot
+    if args.index:
+        from clip_foundation.search.gallery import Gallery
+        gallery = Gallery.from_index(args.index, args.checkpoint or None, backend=args.backend, device=device,
+                                     engine=args.engine)
+        args.checkpoint = gallery.checkpoint
+    model = gallery.model if gallery else load_model(args.checkpoint, device)
+    if not gallery:
+        use_engine(model, args.engine, args.checkpoint)
+    if args.gallery:
+        from clip_foundation.data.splits import image_folder_records
+        from clip_foundation.search.gallery import Gallery
+        gallery = Gallery.from_run(args.checkpoint, records=image_folder_records(args.gallery), model=model,
+                                   backend=args.backend)
+    return SearchPage.from_run(args.checkpoint, args.data or None, args.split, captions=args.captions,
+                               gallery=gallery, model=model, backend=args.backend)
+
+
 @ends_on_sigterm
 def main(argv=None):
     args = cli.parse(AppConfig(), argv, USAGE)
@@ -143,25 +169,8 @@ def main(argv=None):
         auth = read_auth(args.auth)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    from clip_foundation.app.page import SearchPage
     try:
-        gallery = None
-        args.checkpoint = args.checkpoint and str(model_folder(args.checkpoint))  # a Hub id: its snapshot
-        if args.index:
-            from clip_foundation.search.gallery import Gallery
-            gallery = Gallery.from_index(args.index, args.checkpoint or None, backend=args.backend, device=device,
-                                         engine=args.engine)
-            args.checkpoint = gallery.checkpoint
-        model = gallery.model if gallery else CLIPModel.from_pretrained(args.checkpoint, device=device)
-        if not gallery:
-            use_engine(model, args.engine, args.checkpoint)
-        if args.gallery:
-            from clip_foundation.data.splits import image_folder_records
-            from clip_foundation.search.gallery import Gallery
-            gallery = Gallery.from_run(args.checkpoint, records=image_folder_records(args.gallery), model=model,
-                                       backend=args.backend)
-        page = SearchPage.from_run(args.checkpoint, args.data or None, args.split, captions=args.captions,
-                                   gallery=gallery, model=model, backend=args.backend)
+        page = _page(args, device)
     except (FileNotFoundError, DataError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     page.threads = args.threads  # set in each query's thread, before its first forward (and an engine's compile)

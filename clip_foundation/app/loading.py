@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from clipModel import tower_adapter
+
 from clip_foundation.data.synthetic import is_synthetic
 from clip_foundation.data.records import DataError, Record
 from clip_foundation.search.gallery import Gallery, gallery_records, load_or_build_caption_index
@@ -53,8 +55,8 @@ def synthetic_labels() -> str:
 def describe_run(gallery: Gallery, captions: Index | None, caption_note: str, data, split) -> dict:
     """What the page shows as loaded: model, towers, gallery, index kind, the run's test recall."""
     cfg, folder = gallery.model.config, Path(gallery.checkpoint)
-    model = gallery.model
-    towers = [model.image_encoder.describe(cfg.image), model.text_encoder.describe(cfg.text)]
+    towers = [tower_adapter("image", cfg.image.kind).describe(cfg.image),  # from the config: no tower is read
+              tower_adapter("text", cfg.text.kind).describe(cfg.text)]
     faiss = gallery.images.meta.get("faiss")
     index = "exact (matrix product + top-k)" if not faiss else faiss["type"] + "".join(
         f", {k} {v}" for k, v in faiss.items() if k in ("nlist", "nprobe") or k.startswith("recall@"))

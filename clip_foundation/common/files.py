@@ -1,6 +1,8 @@
 """Files written whole or not at all (`atomic_write`), the checks of a folder a command is about to
 write into, and digests: of a file, of the files a description vouches for (embed.json, index.json), of a
 saved model, of a gallery's images."""
+import contextlib
+import contextvars
 import hashlib
 import os
 import re
@@ -8,8 +10,9 @@ from pathlib import Path
 
 from clipModel import atomic_write
 
-__all__ = ["atomic_write", "user_cache", "folder_to_write", "unlisted", "file_digest", "file_entries", "changed_file",
-           "model_digest", "gallery_digest"]
+__all__ = ["atomic_write", "user_cache", "folder_to_write", "unlisted", "file_digest", "digests_held", "file_entries",
+           "changed_file", "model_digest", "gallery_digest"]
+_HELD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("digests_held", default=None)
 
 
 def user_cache(*parts: str) -> Path:
@@ -36,12 +39,32 @@ def unlisted(folder: Path, listed) -> list[Path]:
 
 
 def file_digest(path, chunk: int = 1 << 20) -> str:
-    """sha256 of the file at `path`, read in chunks."""
+    """sha256 of the file at `path`, read in chunks (once per `digests_held` block while the file is unchanged)."""
+    held = _HELD.get()
+    if held is not None:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        if key in held:
+            return held[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    if held is not None:
+        held[key] = h.hexdigest()
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def digests_held():
+    """A block (one command) in which a file hashed again, unchanged (size, times and inode as before), is not
+    read again: a query checks the weights file for its engines' folder and for its index, 117 MB each time.
+    Only within the block, and only in its thread: a later command, or a file written since, is hashed anew."""
+    token = _HELD.set({})
+    try:
+        yield
+    finally:
+        _HELD.reset(token)
 
 
 def file_entries(folder, names, stamped: bool = False) -> dict:

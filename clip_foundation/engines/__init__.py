@@ -1,4 +1,4 @@
 """Inference engines: the `Encoder` every embedding goes through, one registered class per engine
 (registry: torch, ONNX Runtime, OpenVINO), the export of each tower's graph (export, and its command
-line: command) and the --checkpoint / --device / --engine options every model-loading command shares
-(options)."""
+line: command), the --checkpoint / --device / --engine options every model-loading command shares
+(options), and the model a query loads, each tower read when first used (lazy)."""

@@ -12,7 +12,9 @@ caption length), are traced with torch.onnx.export at opset 17, and are cached i
 by the weights' digest, so the same weights are never exported twice. Each graph is served only as
 it was exported: the sha256 of its files is written beside it last (`NAME.sha256.json`) and checked
 on every load, and a graph that no longer matches it (edited, truncated, unfinished) is exported
-again with one warning line. Temporary files of exports that were killed are removed by the next.
+again with one warning line. Temporary files of exports that were killed are removed by the next. A
+check of a graph against the run's own weights that passed (registry.py) is kept as NAME.checked.json:
+the graph's digest, the runtime and how close it came; it vouches for those bytes on that runtime only.
 """
 from __future__ import annotations
 
@@ -136,6 +138,32 @@ def intact(path) -> bool:
         return False
     return (isinstance(entries, dict) and set(entries) == {f.name for f in graph_files(path)}
             and changed_file(path.parent, entries) is None)
+
+
+def check_file(path) -> Path:
+    """Where the result of checking a graph against torch is kept: NAME.checked.json beside it."""
+    return Path(path).with_name(f"{Path(path).name}.checked.json")
+
+
+def vouch(path, runtime: str, found: dict) -> None:
+    """Record that the intact graph at `path`, run as `runtime` says (engine, versions, precision, what the
+    check asks), passed its check against the torch weights whose digest names its folder (`found`: how
+    close it came). Written only by a check against those weights as read from the run's file
+    (registry.py); best effort: a folder that cannot be written checks again next time."""
+    with contextlib.suppress(OSError, ValueError):  # not written: the graph is still served, and checked next time
+        record = {"graph": json.loads(digest_file(path).read_text()), "runtime": runtime, **found}
+        atomic_write(check_file(path), lambda tmp: tmp.write_text(json.dumps(record)))
+
+
+def vouched(path, runtime: str) -> bool:
+    """Whether the graph at `path` as it is now (the digest it was loaded by) passed a check run as `runtime`
+    says (`vouch`); a record of other bytes, another runtime, precision or check, or none, vouches for nothing."""
+    try:
+        record = json.loads(check_file(path).read_text())
+        return (isinstance(record, dict) and record.get("graph") == json.loads(digest_file(path).read_text())
+                and record.get("runtime") == runtime)
+    except (OSError, ValueError):
+        return False
 
 
 def _exported(path: Path, write) -> Path:

@@ -10,7 +10,9 @@ only in `engine_class`: its name, the graph format it runs, the package it needs
 `auto`. `auto` is torch on a GPU and the best-ranked installed graph engine on a CPU (OpenVINO, then
 ONNX Runtime), torch when none is. A graph is served only as exported (its digest, see
 `export.py`) and is checked against torch on the adapter's example inputs when first loaded; an
-export or a check that fails falls back to torch with one warning line.
+export or a check that fails falls back to torch with one warning line. A check made against the
+weights as read from the run's file is recorded beside the graph (`export.vouch`): a model that has not
+read that tower yet (`lazy.load_model`) is then served the intact graph without reading the tower at all.
 Training steps always run in torch: only inference on fixed weights uses another engine.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import importlib
 import importlib.util
 import json
 import sys
@@ -30,7 +33,8 @@ import torch
 
 from clipModel import CLIPModel, to_model_input
 
-from clip_foundation.engines.export import cached_graph, engines_folder, graph, weights_digest
+from clip_foundation.engines.export import cached_graph, engines_folder, graph, vouch, vouched, weights_digest
+from clip_foundation.engines.lazy import LazyModel
 from clip_foundation.common.extras import optional
 from clip_foundation.common.modes import eval_mode, image_layout
 
@@ -110,6 +114,7 @@ class Encoder:
 
     def __init__(self, model: CLIPModel, part: str = "embed", folder=None):
         self.model, self.part = model, part  # `folder` (where graphs are cached) is for graph engines
+        self.source = None  # the checkpoint whose weights the graphs in `folder` are of (use_engine sets it)
 
     @classmethod
     def precision(cls, tower: str) -> str:
@@ -171,9 +176,17 @@ class GraphEncoder(Encoder):
         return torch.from_numpy(self.infer(loaded, arrays))
 
     def _checked(self, tower: str):
+        # A tower not in memory yet can only be read from the checkpoint these graphs are of: checked against
+        # those weights, a graph is vouched for (export.vouch), and while it is intact it serves this tower
+        # without the check, so its torch weights are never read. A tower in memory (trained, edited) is checked.
+        from_file = (self.part == "embed" and self.source is not None and isinstance(self.model, LazyModel)
+                     and not self.model.has_tower(tower) and self.model.reads(self.source))
         try:
             precision = self.precision(tower)
-            loaded = self.load(cached_graph(self.model, tower, self.part, self.folder, self.format), precision)
+            path = cached_graph(self.model, tower, self.part, self.folder, self.format)
+            loaded = self.load(path, precision)
+            if from_file and vouched(path, self.runtime(precision)):
+                return loaded
             module, example, _ = graph(self.model, tower, self.part)
             with eval_mode(module), torch.no_grad():
                 expected = module(*(x.to(self.model.device) for x in example)).float().cpu()
@@ -185,6 +198,8 @@ class GraphEncoder(Encoder):
             cosine = torch.nn.functional.cosine_similarity(got.flatten(1), expected.flatten(1)).min().item()
             if precision != "fp32" and not cosine >= BF16_COSINE:  # rounding, not a wrong graph
                 raise ValueError(f"{precision} outputs' cosine with torch's is {cosine:.4f} (< {BF16_COSINE})")
+            if from_file:
+                vouch(path, self.runtime(precision), {"max_diff": (got - expected).abs().max().item(), "cosine": cosine})
             return loaded
         except Exception as e:  # noqa: BLE001 - any failure of a foreign toolchain: torch still works
             warnings.warn(f"{self.name} engine: cannot use the {tower} tower's graph "
@@ -194,6 +209,13 @@ class GraphEncoder(Encoder):
     def load(self, path: Path, precision: str = "fp32"):
         """The graph file at `path`, ready to run in `precision` (what `precision(tower)` said)."""
         raise NotImplementedError
+
+    def runtime(self, precision: str = "fp32") -> str:
+        """This engine, the versions its outputs depend on, the precision it runs in and what the check asks of
+        it: a check vouches for a graph under these only."""
+        version = getattr(importlib.import_module(self.package), "__version__", "?") if self.package else ""
+        asked = f"within {TOLERANCE}" if precision == "fp32" else f"cosine >= {BF16_COSINE}"
+        return f"{self.name} {version}, torch {torch.__version__}, {precision} {asked}"
 
     def infer(self, loaded, arrays: list):
         """Run a loaded graph on numpy inputs -> its numpy output."""
@@ -308,6 +330,7 @@ def use_engine(model: CLIPModel, engine: str = "auto", checkpoint=None) -> Encod
     if checkpoint is not None and engine_class(resolve(engine, model.device)).format:
         folder = engines_folder(checkpoint)  # where `python -m clip_foundation.export` writes them too
     model._clip_encoder = make_encoder(model, engine, folder)
+    model._clip_encoder.source = checkpoint
     return model._clip_encoder
 
 

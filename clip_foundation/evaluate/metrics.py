@@ -99,8 +99,12 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
 def length_order(model: CLIPModel, captions: list[str]) -> list[int]:
     """Caption indices sorted by token count: batches of similar lengths pad little (Flickr
     captions run from 8 to 40 tokens; a random batch pads all of them to the longest)."""
-    ids = model.tokenizer(list(captions), truncation=True, max_length=model.config.text.max_length)["input_ids"]
-    return sorted(range(len(captions)), key=lambda i: len(ids[i]))
+    if len(captions) < 2:  # a query: nothing to order
+        return list(range(len(captions)))
+    captions = list(captions)  # tokens each, truncated as encoded (model.tokenize: a lazily loaded model's too)
+    lengths = [n for s in range(0, len(captions), 4096)
+               for n in model.tokenize(captions[s:s + 4096])["attention_mask"].sum(1).tolist()]
+    return sorted(range(len(captions)), key=lambda i: lengths[i])
 
 
 @torch.no_grad()

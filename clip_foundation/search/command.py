@@ -1,7 +1,8 @@
 """Search a gallery from the shell: the images that best match a text, or the captions that
 best describe an image (the library side, `Gallery` and friends: clip_foundation/search/gallery.py).
 
-    python search.py "a red circle" --checkpoint=runs/NAME -n 9             # the run's test images
+    python search.py "a red circle" --checkpoint=runs/NAME -n 9             # the run's test images: paths + scores
+    python search.py "a red circle" --checkpoint=runs/NAME --grid           # and a grid PNG of them (or --out=PATH)
     python search.py --image=photo.png --checkpoint=runs/NAME -n 5
     python search.py --build_index --checkpoint=runs/NAME --data=PHOTOS --out=PHOTOS_INDEX
     python search.py "a dog on a beach" --index=PHOTOS_INDEX
@@ -12,7 +13,10 @@ best describe an image (the library side, `Gallery` and friends: clip_foundation
 A gallery is a dataset split (as the model's training run split it; `--split=all` is every
 image) or any plain folder of images. Its embeddings are cached in CHECKPOINT/index/ (or the
 user's cache folder when that is not writable) and rebuilt when the model or a gallery file
-changes; `--build_index --out=DIR` saves the same files in DIR to search later. A gallery of
+changes; `--build_index --out=DIR` saves the same files in DIR to search later. Results are printed; a
+figure of them is drawn only when asked (`--grid`, or `--out=PATH`). A query reads only what it needs:
+the text tower for a text, the image tower for an image (`engines.lazy`), or neither where an engine
+graph already checked against the weights serves it. A gallery of
 millions, already embedded into an embedding folder (img_emb/*.npy + metadata/*.parquet +
 embed.json), is indexed with `--embeddings=EMB --index=DIR` into a compressed FAISS index that
 fits `--max_index_memory` (clip_foundation/search/mmap_index.py); `--index=DIR` searches either kind.
@@ -26,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from clip_foundation.common import cli
+from clip_foundation.common.files import digests_held
 from clip_foundation.search.gallery import (GRID_CELLS, check_n, clean_query, find_captions, find_matches, gallery_records,
                                      load_or_build_caption_index, load_or_build_index)
 from clip_foundation.data.splits import SPLITS
@@ -36,7 +41,8 @@ from clip_foundation.search.budget import parse_size
 from clip_foundation.search.index import NON_FINITE_SCORES
 from clip_foundation.search.kinds import open_index
 from clip_foundation.data.records import DataError
-from clipModel import CLIPModel, check, model_folder
+from clip_foundation.engines.lazy import load_model
+from clipModel import check, model_folder
 
 
 @dataclass
@@ -52,8 +58,9 @@ class SearchConfig(ModelOptions):  # --checkpoint, --device, --engine
     layout: str = "auto"  # dataset layout; images = a plain image folder
     n: int = 0  # number of results, at most 1000 (the grid draws the best 100); 0 = 9 images or 5 captions
     backend: str = "auto"  # auto (FAISS for large galleries when installed) | exact | faiss
-    json: bool = False  # print JSON instead of lines
-    out: str = ""  # figure path (default CHECKPOINT/search_QUERY.png); with --build_index the index folder
+    json: bool = False  # print JSON instead of lines (never draws)
+    grid: bool = False  # also draw the results as a PNG: CHECKPOINT/search_QUERY.png (captions_IMAGE.png for --image)
+    out: str = ""  # draw the figure here (implies --grid); with --build_index the index folder
     batch_size: int = 256  # images embedded at once (at most 32 on a CPU, where larger batches are slower)
     skip_bad: bool = False  # leave out bad rows, captions and images (reported) instead of stopping
 
@@ -110,6 +117,7 @@ def _build_from_embeddings(args) -> BigIndex:
     return index
 
 
+@digests_held()  # the weights file is hashed once per command, for its engines' folder and for its index
 def main(argv=None):
     args = cli.parse(SearchConfig(), argv, USAGE, positional=("query",))
     if (args.query is not None) + bool(args.image) + args.build_index != 1:
@@ -132,7 +140,7 @@ def main(argv=None):
             index = open_index(args.index, kind, args.checkpoint)
             args.checkpoint = args.checkpoint or index.meta["checkpoint"]
             index.prepare(args.backend, args.index, device)  # before the model: a FAISS problem is said first
-        model = CLIPModel.from_pretrained(args.checkpoint, device=device)
+        model = load_model(args.checkpoint, device)  # each tower is read when a query first needs it
         use_engine(model, args.engine, args.checkpoint)
         if not args.index:
             records = gallery_records(args.checkpoint, args.data, args.split, args.layout, args.skip_bad)
@@ -155,10 +163,9 @@ def main(argv=None):
 
 
 def _report(args, results, index=None):
-    """Print the results first, then draw the best GRID_CELLS of them (nothing for --json, whose
-    reader wants the answer): a missing image or an unwritable folder must not cost the answer.
-    Images gone since a prebuilt index was built are named, and the index is marked stale."""
-    from clip_foundation.evaluate import plots
+    """Print the results first, then, when asked (--grid or --out; never for --json, whose reader wants
+    the answer alone), draw the best GRID_CELLS of them: a missing image or an unwritable folder must not
+    cost the answer. Images gone since a prebuilt index was built are named, and the index is marked stale."""
     if args.image:
         slug, what = Path(args.image).stem, {"image": args.image}
         out = Path(args.out or Path(args.checkpoint) / f"captions_{slug}.png")
@@ -184,8 +191,9 @@ def _report(args, results, index=None):
               f"index was built): {', '.join(missing)}; rebuild the index", file=sys.stderr)
         if args.index and index is not None:  # a prebuilt index: its kind records it (or not)
             index.mark_missing(args.index, missing)
-    if args.json:  # its reader wants the answer, not a figure
+    if args.json or not (args.grid or args.out):  # a figure only when asked for (drawing it took 1.7 s)
         return results
+    from clip_foundation.evaluate import plots  # matplotlib, only to draw
     shown = results if args.image else [m for m in results if m.path not in missing and not is_link(m.path)]
     try:
         if args.image:

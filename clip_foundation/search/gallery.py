@@ -10,6 +10,7 @@ image. `Gallery` bundles a model with its indexes for notebooks:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import random
 import sys
@@ -26,6 +27,7 @@ from clip_foundation.data.splits import decode_images, gallery_records
 from clip_foundation.search.index import INDEX_VERSION, RECALL_QUERIES, GalleryIndex, ensure_faiss, load_index, save_index
 from clip_foundation.common.files import file_digest, gallery_digest, model_digest, user_cache
 from clip_foundation.data.records import DataError, Record, caption_fault, open_rgb
+from clip_foundation.engines.lazy import load_model
 from clip_foundation.engines.registry import encoder_of, use_engine
 from clip_foundation.evaluate.metrics import embed_images, embed_texts, eval_mode
 
@@ -142,9 +144,10 @@ def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int =
     When the checkpoint has a querybank (train.py --querybank=N) each row carries its image's
     hub bias as one more coordinate, so text queries rank by the corrected score."""
     gallery = gallery_digest([str(r.image) for r in records])
-    bank = querybank.load_bank(checkpoint, model.config.projection_dim)
-    if bank is not None:  # a new or changed querybank makes a new index
+    if (Path(checkpoint) / querybank.FILE).is_file():  # a new or changed querybank makes a new index
         gallery += ":querybank:" + file_digest(Path(checkpoint) / querybank.FILE)
+    # the bank itself (read and checked by load_bank) is needed only to build: a cached index is searched without
+    bank = functools.cache(lambda: querybank.load_bank(checkpoint, model.config.projection_dim))
     name = f"images-{_paths_key(records)}"
     stems = [stem] if stem else [Path(checkpoint) / "index" / name, user_index_dir(checkpoint) / name]
     captions = [c for r in records for c in r.captions]
@@ -154,16 +157,16 @@ def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int =
             return None
         sample = random.Random(0).sample(captions, min(RECALL_QUERIES, len(captions)))
         queries = _encode(model, lambda: embed_texts(model, sample))
-        return queries if bank is None else querybank.normalised_texts(queries)
+        return queries if bank() is None else querybank.normalised_texts(queries)
 
     def build():
         if tower_features is not None:
             index = index_from_tower_features(model, records, tower_features)
         else:
             index = build_index(model, records, batch_size, images, skip_bad=skip_bad)
-        if bank is not None:  # (N, D) -> (N, D + 1): the last coordinate is -bias
+        if bank() is not None:  # (N, D) -> (N, D + 1): the last coordinate is -bias
             rows = index.embeddings.float()
-            index.embeddings = querybank.normalised_images(rows, querybank.hub_bias(rows, *bank)).half()
+            index.embeddings = querybank.normalised_images(rows, querybank.hub_bias(rows, *bank())).half()
             index.meta["querybank"] = True
         index.meta["captioned"] = bool(captions)  # a caption index belongs beside it (a half-built folder lacks it)
         return index
@@ -321,11 +324,12 @@ class Gallery:
         """The gallery of `records`, or of the run's `split` ("all": every split) of `data` (default:
         the data it trained on; a plain folder of images works too). `model` (default: loaded
         from `checkpoint`) and `images` (decoded, if already at hand) save work when given. A model
-        loaded here encodes with `engine` (see `engines`; a given `model` keeps its own). A Hub id
-        as `checkpoint` is read from its snapshot in the Hub cache, and the index is cached there."""
+        loaded here encodes with `engine` (see `engines`; a given `model` keeps its own) and reads each
+        tower when a search first needs it (`engines.lazy.load_model`: text queries read no image tower).
+        A Hub id as `checkpoint` is read from its snapshot in the Hub cache, and the index is cached there."""
         checkpoint = model_folder(checkpoint)
         if model is None:
-            model = CLIPModel.from_pretrained(checkpoint, device=device)
+            model = load_model(checkpoint, device)
             use_engine(model, engine, checkpoint)
         records = records if records is not None else gallery_records(checkpoint, data, split)
         if not records:
@@ -345,7 +349,7 @@ class Gallery:
         checkpoint = checkpoint or index.meta["checkpoint"]
         index.prepare(backend, folder)
         if model is None:
-            model = CLIPModel.from_pretrained(checkpoint, device=device)
+            model = load_model(checkpoint, device)  # each tower read when a search first needs it
             use_engine(model, engine, checkpoint)
         return cls(model, index, [], str(checkpoint), index_folder=str(folder))
 

@@ -365,9 +365,9 @@ def _read_rows(stem: Path, identity: str | None) -> GalleryIndex:
 
 def _read_faiss(stem: Path, index: GalleryIndex):
     # <stem>.faiss -> its FAISS index (None when none was saved or faiss is not installed)
-    faiss_file, faiss = stem.with_suffix(".faiss"), faiss_module()
-    if faiss is None or "faiss" not in index.meta:
+    if "faiss" not in index.meta or (faiss := faiss_module()) is None:  # faiss imported only for a saved one
         return None
+    faiss_file = stem.with_suffix(".faiss")
     _check_digest(faiss_file, index.meta, stem.with_suffix(".json"))
     try:
         faiss_index = faiss.read_index(str(faiss_file))
