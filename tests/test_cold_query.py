@@ -235,6 +235,7 @@ def test_a_tower_in_memory_is_checked_whatever_the_record_says(checkpoint):
 
 # ---------------------------------------------------------------- output by intent
 
+@pytest.mark.slow  # draws grids of images
 def test_search_draws_a_figure_only_when_asked(tiny_run, checkpoint, tmp_path, capsys):
     data, _, _ = tiny_run
     base = [f"--checkpoint={checkpoint}", f"--data={data}", "-n", "4"]

@@ -32,6 +32,7 @@ def test_conversion_is_cached_and_reused(name, user_cache, capsys):
     assert capsys.readouterr().out == ""  # converted once
 
 
+@pytest.mark.slow  # three ImageNet networks built and run
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
 def test_converted_weights_see_the_cat(name, user_cache):
     """scikit-image's chelsea photo is ImageNet class 285 (Egyptian cat) for Lite0, Lite1 and Lite2, read
