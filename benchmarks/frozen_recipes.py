@@ -30,7 +30,7 @@ from clip_foundation.evaluate.querybank import ALPHA, BETA, recall_with_bank
 from clip_foundation.training.config import resolve_config
 from clip_foundation.training.loop import build_inputs, build_model, prepare_data
 from clip_foundation.training.presets import expand_preset
-from clip_foundation.training.step import warmup_cosine
+from clip_foundation.training.step import no_decay, warmup_cosine
 from clipModel import ProjectionHead, clip_loss
 
 TOWERS = {"lite0": "tf_efficientnet_lite0", "lite1": "tf_efficientnet_lite1", "lite2": "tf_efficientnet_lite2"}
@@ -112,8 +112,8 @@ def fit(feats: dict, recipe: dict, seed: int = 0) -> dict:
     epochs, batch = recipe.get("epochs", 8), recipe.get("batch", 2048)
     heads = Heads(xi.shape[1], xt.shape[1], recipe.get("dim", 512), recipe.get("dropout", 0.3),
                   recipe.get("init_temperature", 0.07))
-    decay = [p for n, p in heads.named_parameters() if p.ndim >= 2]
-    rest = [p for n, p in heads.named_parameters() if p.ndim < 2]
+    decay = [p for n, p in heads.named_parameters() if not no_decay(n, p)]  # as the real loop's param_groups
+    rest = [p for n, p in heads.named_parameters() if no_decay(n, p)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.get("wd", 0.1)},
                                    {"params": rest, "weight_decay": 0.0}], lr=recipe.get("lr", 3e-3))
     sampler = train_sampler(records, batch, recipe.get("captions", 5), seed)

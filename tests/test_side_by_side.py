@@ -59,7 +59,7 @@ def test_side_by_side_refuses_what_needs_one_model():
     with pytest.raises(ConfigError, match="image.weights_file.*several models"):
         CLIPConfig(image=side_by_side(weights_file="/x/w.pth"), text=TEXT).validate()
     with pytest.raises(ConfigError, match="image.name"):
-        CLIPConfig(image=side_by_side().__class__(kind="timm", name="resnet18+", pretrained=False), text=TEXT).validate()
+        CLIPConfig(image=ImageEncoderConfig(kind="timm", name="resnet18+", pretrained=False), text=TEXT).validate()
     encoder = ImageEncoder.build(side_by_side())
     with pytest.raises(ConfigError, match="train_image_blocks needs one timm model"):
         encoder.blocks()

@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 import warnings
@@ -242,7 +243,6 @@ class OpenVINOEncoder(GraphEncoder):
 
     @classmethod
     def precision(cls, tower: str) -> str:
-        import os
         if tower != "image" or os.environ.get(PRECISION_ENV, "auto") == "fp32" or not installed(cls.name):
             return "fp32"
         return "bf16" if _cpu_has_bf16() else "fp32"
