@@ -130,7 +130,8 @@ def cpu_units() -> str:
 
 def engine_rows(args, model):
     """images/s (with page faults per image) and captions/s per installed engine, same inputs; an
-    engine that runs the image tower in bf16 here is timed in fp32 too (CLIP_ENGINE_PRECISION=fp32)."""
+    engine that runs the image tower in int8 or bf16 here is timed in each lower precision too
+    (CLIP_ENGINE_PRECISION); int8 is timed on the tower alone, calibrated on the random images it encodes."""
     import os
     import tempfile
     from clip_foundation.engines.registry import PRECISION_ENV, engine_class, installed, make_encoder
@@ -147,10 +148,13 @@ def engine_rows(args, model):
             if not installed(name):
                 print(f"{name:24s}  not installed")
                 continue
-            picked = engine_class(name).precision("image")
-            for precision in dict.fromkeys([picked, "fp32"]):  # what it picks here, then fp32 beside it
-                os.environ[PRECISION_ENV] = "fp32" if precision == "fp32" else "auto"
-                encoder = make_encoder(model, name, folder)
+            cls = engine_class(name)
+            # what it picks here given images to calibrate on (int8) and without (bf16), then fp32 beside them
+            for precision in dict.fromkeys([cls.precision("image", calibrated=True), cls.precision("image"), "fp32"]):
+                os.environ[PRECISION_ENV] = "auto" if precision == "int8" else precision
+                calibration = uint8 if precision == "int8" else None  # random pixels: for the speed only
+                encoder = make_encoder(model, name, folder, part="features" if calibration is not None else "embed",
+                                       calibration=calibration)
                 image_speed, faults = rate(lambda: encoder.encode_images(uint8, n), n, args.batches)
                 text_speed = rate(lambda: [encoder.encode_texts(**b) for b in batches], len(captions), args.batches)[0]
                 print(f"{f'{encoder.name} (image {precision})':24s}{image_speed:10.1f}{faults:14.0f}{text_speed:12.1f}")

@@ -39,6 +39,7 @@ IMPORTS = {
     "onnx": "import onnx",
     "onnxruntime": "import onnxruntime",
     "openvino": "import openvino",
+    "nncf": "import nncf",
     "nbclient": "import nbclient",
     "nbformat": "import nbformat",
     "ipykernel": "import ipykernel",

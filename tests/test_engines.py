@@ -42,16 +42,49 @@ def assert_images_close(got, expected, engine):
         assert cosine.min() >= 0.99 and not torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("has_bf16, env, image, text", [(True, None, "bf16", "fp32"), (False, None, "fp32", "fp32"),
-                                                         (True, "fp32", "fp32", "fp32")])
-def test_openvino_picks_bf16_for_the_image_tower_only_where_the_cpu_has_it(has_bf16, env, image, text, monkeypatch):
+@pytest.mark.parametrize("bf16, vnni, env, calibrated, image", [
+    (True, False, None, False, "bf16"), (False, False, None, False, "fp32"), (True, False, "fp32", False, "fp32"),
+    (True, True, None, True, "int8"), (False, True, None, True, "int8"), (True, True, None, False, "bf16"),
+    (True, False, None, True, "bf16"), (True, True, "bf16", True, "bf16"), (True, True, "fp32", True, "fp32")])
+def test_openvino_picks_the_image_towers_precision_by_what_the_cpu_has(bf16, vnni, env, calibrated, image, monkeypatch):
+    # int8 needs int8 units and images to calibrate on (frozen-tower features); bf16 needs bf16 units; text: fp32
     pytest.importorskip("openvino", reason="needs the engines extra")
-    monkeypatch.setattr(engines, "_BF16", has_bf16)
+    pytest.importorskip("nncf", reason="needs the engines extra")
+    monkeypatch.setattr(engines, "_UNITS", {"bf16": bf16, "vnni": vnni})
     if env:
         monkeypatch.setenv(engines.PRECISION_ENV, env)
     cls = engines.engine_class("openvino")
-    assert (cls.precision("image"), cls.precision("text")) == (image, text)
-    assert engines.engine_class("onnxruntime").precision("image") == engines.Encoder.precision("image") == "fp32"
+    assert cls.precision("image", calibrated) == image
+    assert cls.precision("text", calibrated) == "fp32"
+    assert engines.engine_class("onnxruntime").precision("image", True) == engines.Encoder.precision("image") == "fp32"
+
+
+def test_an_int8_image_tower_keeps_the_features_and_is_quantized_once(monkeypatch, tmp_path):
+    pytest.importorskip("openvino", reason="needs the engines extra")
+    pytest.importorskip("nncf", reason="needs the engines extra")
+    from clipModel import to_model_input
+    from clip_foundation.training.features import image_tower_features
+    monkeypatch.setattr(engines, "_UNITS", {**engines._UNITS, "vnni": True})  # int8 runs (slower) without VNNI too
+    model = tiny_model("timm")
+    low = torch.rand(24, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # smooth, photo-like pixels
+    images = (torch.nn.functional.interpolate(low, size=64, mode="bilinear") * 255).to(torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to torch
+        got = image_tower_features(model, [], images, tmp_path, progress=False, engine="openvino")
+    with torch.no_grad():
+        expected = model.image_encoder(to_model_input(images, model.config.image.mean, model.config.image.std))
+    cosine = torch.nn.functional.cosine_similarity(got, expected)
+    assert cosine.mean() >= engines.INT8_COSINE and not torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    (folder,) = (tmp_path / "engines").iterdir()
+    (int8,) = folder.glob("image_tower.int8-*.xml")
+    made = int8.stat().st_mtime_ns
+    encoder = engines.tower_encoder(model, "openvino", tmp_path, "image", images)
+    torch.testing.assert_close(encoder.encode_images(images), got)  # the same graph, found again
+    assert int8.stat().st_mtime_ns == made
+    int8.with_suffix(".bin").write_bytes(b"not a graph")
+    with pytest.warns(UserWarning, match="does not match the digest"):
+        again = engines.tower_encoder(model, "openvino", tmp_path, "image", images).encode_images(images)
+    torch.testing.assert_close(again, got)  # quantized again on the same images
 
 
 @pytest.mark.slow

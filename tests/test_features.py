@@ -69,12 +69,14 @@ def test_encode_speed_benchmark_prints_every_path(capsys):
     from clip_foundation.engines.registry import engine_class, installed
     if installed("openvino") and engine_class("openvino").precision("image") == "bf16":  # timed both ways here
         assert {"openvino (image bf16)", "openvino (image fp32)"} <= set(engine_rows)
+    if installed("openvino") and engine_class("openvino").precision("image", calibrated=True) == "int8":
+        assert "openvino (image int8)" in engine_rows
     tokens = {label: float(line.split()[-4]) for line in out.splitlines()
               for label in ("mixed lengths", "length-sorted") if label in line}
     assert tokens["length-sorted"] < tokens["mixed lengths"]  # sorting cuts the padding
 
 
-def test_bf16_image_features_are_cached_apart_from_fp32_ones(scratch_model, tmp_path, monkeypatch):
+def test_bf16_and_int8_image_features_are_cached_apart_from_fp32_ones(scratch_model, tmp_path, monkeypatch):
     from clip_foundation.engines import registry
     from clip_foundation.training.features import image_tower_features
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
@@ -82,11 +84,11 @@ def test_bf16_image_features_are_cached_apart_from_fp32_ones(scratch_model, tmp_
     for i in range(3):
         (tmp_path / f"{i}.png").write_bytes(b"png")
     made = []
-    for precision in ("fp32", "bf16", "fp32"):  # the engine says which precision it encodes in
-        monkeypatch.setattr(registry.Encoder, "precision", classmethod(lambda cls, tower, p=precision: p))
+    for precision in ("fp32", "bf16", "int8", "fp32"):  # the engine says which precision it encodes in
+        monkeypatch.setattr(registry.Encoder, "precision", classmethod(lambda cls, tower, calibrated=False, p=precision: p))
         image_tower_features(scratch_model, records, images, str(tmp_path / "cache"), progress=False)
         made.append({p.name for p in (tmp_path / "cache" / "features").iterdir()})
-    assert len(made[0]) == 1 and len(made[1]) == 2 and made[2] == made[1]  # fp32's file found again
+    assert [len(m) for m in made] == [1, 2, 3, 3] and made[3] == made[2]  # fp32's file found again
 
 
 def test_a_frozen_towers_graph_is_cached_per_input_size_not_only_per_weights(tmp_path):

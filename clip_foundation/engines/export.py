@@ -101,10 +101,28 @@ def export_onnx(model: CLIPModel, tower: str, part: str, path) -> Path:
 def to_openvino(onnx_path, xml_path) -> Path:
     """Convert an ONNX file to OpenVINO IR (`xml_path` and its .bin) in fp32, the .xml written last."""
     ov = optional("openvino", "engines", "the OpenVINO engine")
+    return _save_openvino(ov.convert_model(str(onnx_path)), xml_path)
+
+
+def to_int8(xml_path, inputs, int8_path) -> Path:
+    """Quantize the OpenVINO graph at `xml_path` to int8 (NNCF's post-training quantization, its
+    activation ranges taken on `inputs`, a numpy batch (N, ...) of what the graph will be given) into
+    `int8_path`, written last like every graph. NNCF (the engines extra) is imported only here."""
+    ov = optional("openvino", "engines", "the OpenVINO engine")
+    nncf = optional("nncf", "engines", "int8 quantization")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NNCF's notes on its torch backend, unused here
+        model = nncf.quantize(ov.Core().read_model(str(xml_path)), nncf.Dataset([x[None] for x in inputs]),
+                              subset_size=len(inputs), fast_bias_correction=True)
+    return _save_openvino(model, int8_path)
+
+
+def _save_openvino(model, xml_path) -> Path:
+    ov = optional("openvino", "engines", "the OpenVINO engine")
     xml_path = Path(xml_path)
     # the pid in the name tells the next export whether the process writing it is gone
     with tempfile.TemporaryDirectory(dir=xml_path.parent, prefix=f".ov{os.getpid()}-") as tmp:
-        ov.save_model(ov.convert_model(str(onnx_path)), str(Path(tmp) / xml_path.name), compress_to_fp16=False)
+        ov.save_model(model, str(Path(tmp) / xml_path.name), compress_to_fp16=False)
         os.replace(Path(tmp) / xml_path.with_suffix(".bin").name, xml_path.with_suffix(".bin"))
         os.replace(Path(tmp) / xml_path.name, xml_path)
     return _seal(xml_path)
@@ -206,6 +224,16 @@ def cached_graph(model: CLIPModel, tower: str, part: str, folder, format: str = 
     if format == "onnx":
         return onnx()
     return _exported(folder / graph_name(tower, part, "openvino"), lambda path: to_openvino(onnx(), path))
+
+
+def cached_int8_graph(xml_path, inputs) -> Path:
+    """The int8 graph of the OpenVINO graph at `xml_path`, calibrated on the numpy batch `inputs`
+    (`to_int8`), cached beside it as NAME.int8-<digest of the inputs>.xml: quantized again only for
+    other inputs, or when its files no longer match their digest."""
+    xml_path = Path(xml_path)
+    key = hashlib.sha256(inputs.tobytes() + str(inputs.shape).encode()).hexdigest()[:16]
+    return _exported(xml_path.with_name(f"{xml_path.stem}.int8-{key}.xml"),
+                     lambda path: to_int8(xml_path, inputs, path))
 
 
 def run_engines_folder(checkpoint) -> Path:

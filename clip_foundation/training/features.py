@@ -7,7 +7,8 @@ inputs (image files with sizes and mtimes, or caption texts), so a change to eit
 computes fresh features. The engine that encodes (`--engine`, see engines/registry.py) is not part
 of the key: an ONNX Runtime or OpenVINO graph is used only once its outputs match torch's within
 1e-4 (registry.TOLERANCE), so every engine's features are torch's within that. Its precision is:
-the bf16 image features OpenVINO makes on CPUs with bf16 units are kept apart from fp32 ones.
+the bf16 or int8 image features OpenVINO makes on CPUs with bf16 or int8 units are kept apart from
+fp32 ones (int8: calibrated on a seeded sample of the images being encoded).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from clipModel import CLIPModel
 
 from clip_foundation.data.cache import cache_key
-from clip_foundation.engines.registry import engine_class, resolve, tower_encoder
+from clip_foundation.engines.registry import CALIBRATION_IMAGES, engine_class, resolve, tower_encoder
 from clip_foundation.common.files import atomic_write
 from clip_foundation.evaluate.metrics import eval_mode, in_length_order
 
@@ -54,7 +55,7 @@ def image_tower_features(model: CLIPModel, records, images: torch.Tensor, cache_
     """Image-encoder outputs (N, d_image) of the decoded uint8 `images` of `records`, encoded by
     `engine` (see `engines`; its graph of the tower is cached under CACHE_DIR/engines)."""
     cfg = model.config.image
-    precision = engine_class(resolve(engine, model.device)).precision("image")
+    precision = engine_class(resolve(engine, model.device)).precision("image", calibrated=True)
     key = hashlib.sha256((_tower_id(cfg) + cache_key(records, cfg.image_size)
                           + ("" if precision == "fp32" else precision)).encode()).hexdigest()[:24]
     path = Path(cache_dir) / "features" / f"image-{key}.safetensors" if cache_dir else None
@@ -62,11 +63,20 @@ def image_tower_features(model: CLIPModel, records, images: torch.Tensor, cache_
     def compute():
         from tqdm.auto import tqdm
         with eval_mode(model.image_encoder):
-            encoder = tower_encoder(model, engine, cache_dir, "image")
+            calibration = calibration_sample(images) if precision == "int8" else None
+            encoder = tower_encoder(model, engine, cache_dir, "image", calibration)
             return torch.cat([encoder.encode_images(images[s:s + batch_size], batch_size).cpu()  # (b, d_image)
                               for s in tqdm(range(0, len(images), batch_size), disable=not progress,
                                             desc=f"encoding {len(images)} images (frozen tower)", leave=False)])
     return _cached(path, compute)
+
+
+def calibration_sample(images: torch.Tensor, n: int = CALIBRATION_IMAGES, seed: int = 0) -> torch.Tensor:
+    """A seeded sample of `n` of the uint8 `images` (N, 3, S, S), in their order: what an int8 tower is
+    calibrated on, the same for the same images."""
+    if len(images) <= n:
+        return images
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
 
 
 @torch.no_grad()
