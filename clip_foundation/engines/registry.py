@@ -116,10 +116,10 @@ class Encoder:
     extra = None  # the clip-foundation extra that installs `package`
     rank = None  # auto's order on a CPU, lowest first; None: auto never picks it
 
-    def __init__(self, model: CLIPModel, part: str = "embed", folder=None, calibration=None):
+    def __init__(self, model: CLIPModel, part: str = "embed", folder=None):
         self.model, self.part = model, part  # `folder` (where graphs are cached) is for graph engines
         self.source = None  # the checkpoint whose weights the graphs in `folder` are of (use_engine sets it)
-        self.calibration = calibration  # uint8 images (N, 3, S, S) like those to encode: allows an int8 image tower
+        self.calibration = None  # uint8 images (N, 3, S, S) like those to encode: allows an int8 image tower
 
     @classmethod
     def precision(cls, tower: str, calibrated: bool = False) -> str:
@@ -164,8 +164,8 @@ class GraphEncoder(Encoder):
     A graph engine sets `format` and implements `load` and `infer`."""
     format, extra = "onnx", "engines"
 
-    def __init__(self, model: CLIPModel, part: str = "embed", folder=None, calibration=None):
-        super().__init__(model, part, folder, calibration)
+    def __init__(self, model: CLIPModel, part: str = "embed", folder=None):
+        super().__init__(model, part, folder)
         self.folder = Path(folder) if folder else _temporary_folder()
         self.graphs: dict[str, object] = {}  # tower -> a loaded graph, or None: torch for that tower
 
@@ -350,7 +350,9 @@ def make_encoder(model: CLIPModel, engine: str = "auto", folder=None, part: str 
         warnings.warn(f"the {name} engine needs the optional package {cls.package}: "
                       f"pip install {how}; encoding with torch", stacklevel=2)
         cls = Encoder
-    return cls(model, part, folder, calibration)
+    encoder = cls(model, part, folder)
+    encoder.calibration = calibration  # set, not passed: an engine registered from outside keeps its signature
+    return encoder
 
 
 def use_engine(model: CLIPModel, engine: str = "auto", checkpoint=None) -> Encoder:

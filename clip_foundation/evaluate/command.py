@@ -20,6 +20,7 @@ from clip_foundation.evaluate import querybank
 from clip_foundation.evaluate import zeroshot
 from clip_foundation.data.splits import SPLITS, load_split, run_data_config
 from clip_foundation.engines.options import ModelOptions, checked_device
+from clip_foundation.engines.lazy import load_model
 from clip_foundation.engines.registry import use_engine
 from clip_foundation.common.files import atomic_write
 from clip_foundation.data.records import DataError, SkippableError
@@ -60,7 +61,7 @@ def main(argv=None) -> dict:
     device = checked_device(args, USAGE)
     try:
         folder = model_folder(args.checkpoint)  # a Hub id's snapshot in the Hub cache: results go beside it
-        model = CLIPModel.from_pretrained(folder, device=device)
+        model = load_model(folder, device)  # a tower is read when first used: not at all where a checked graph serves it
         use_engine(model, args.engine, folder)
         if args.zeroshot:
             return _zeroshot_main(model, args, folder)
