@@ -32,7 +32,7 @@ EXACT_CHUNK = 65_536  # gallery rows scored at once for a batch of 64 queries (1
 SCORE_BUDGET = 64 * EXACT_CHUNK  # scores held at once: fewer queries scan more rows per pass (1 query: 4M)
 HALF_MAX_QUERIES = 4  # up to this many queries score a float16 gallery in float16 (memory-bound: ~1.7x
 #                       faster on a CPU); more queries are compute-bound, where CPU float16 GEMMs are slow
-HALF_MARGIN = 32  # float16 first pass keeps k + this many candidates, re-scored in float32
+HALF_MARGIN = 32  # float16 first pass keeps k + this many candidates, re-scored exactly
 IVF_MIN_SIZE = 200_000  # from here exact search costs ~30 ms a query on 2 CPU cores, IVF ~1 ms
 AUTO_FAISS_MIN_SIZE = IVF_MIN_SIZE  # "auto" never builds IndexFlatIP: 2x slower than torch's matmul here
 TARGET_RECALL = 0.95  # IVF nprobe is doubled until recall@k vs exact reaches this
@@ -118,8 +118,8 @@ def exact_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int,
 
     A float16 `gallery` with at most HALF_MAX_QUERIES queries is scored in float16 (half the
     memory traffic of float32: the whole cost of a single query), keeping the best k +
-    HALF_MARGIN rows, which are then re-scored in float32 and ranked: the same rows and scores
-    as float32 search unless more than HALF_MARGIN rows tie with the k-th within float16
+    HALF_MARGIN rows, which are then re-scored (in float64, rounded to float32) and ranked: the same
+    rows as float32 search unless more than HALF_MARGIN rows tie with the k-th within float16
     rounding (~5e-4)."""
     k = min(k, len(gallery))
     half = gallery.dtype == torch.float16 and len(queries) <= HALF_MAX_QUERIES
@@ -137,9 +137,12 @@ def exact_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int,
     best_s, best_i = best
     if not half:
         return best_s, best_i
-    exact = torch.bmm(gallery[best_i].float(), queries.float()[:, :, None])[:, :, 0]  # (Q, pick) float32
+    # float64: each product of a float16 row and a float32 query is exact and the sum is off by ~1e-13, so
+    # rounded to float32 it is the same score in any order of summing (quick.py's numpy's too) unless it
+    # falls within that of a rounding boundary
+    exact = torch.bmm(gallery[best_i].double(), queries.double()[:, :, None])[:, :, 0]  # (Q, pick)
     keep = exact.topk(k, dim=1)
-    return keep.values, best_i.gather(1, keep.indices)
+    return keep.values.float(), best_i.gather(1, keep.indices)
 
 
 def merge_topk(best, scores: torch.Tensor, indices: torch.Tensor, k: int):
