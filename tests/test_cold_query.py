@@ -277,8 +277,8 @@ def offending(modules: set[str], forbidden=FORBIDDEN) -> list[str]:
 
 
 @pytest.mark.slow  # fresh interpreters
-def test_importing_the_package_loads_no_plotting_timm_transformers_or_training_code():
-    assert offending(imported("import clip_foundation"), FORBIDDEN + TRANSFORMERS) == []
+def test_importing_the_package_loads_no_torch_plotting_timm_transformers_or_training_code():
+    assert offending(imported("import clip_foundation"), FORBIDDEN + TRANSFORMERS + ("torch",)) == []
 
 
 @pytest.fixture(scope="module")
@@ -321,8 +321,10 @@ def test_the_cold_query_benchmark_prints_its_figures(checkpoint, capsys):
     out = capsys.readouterr().out
     for line in ("CPU: ", "load average", "first query", "query, fresh process, start to exit: median",
                  "import clip_foundation (in a fresh interpreter)", "import clipModel", "import clip_foundation.search.command",
-                 "python -c pass"):
+                 "import clip_foundation.search.quick", "python -c pass", "imports torch (the full path)"):
         assert line in out, line
     assert len(result["query_s"]) == 1 and result["query_median_s"] > 0 and set(result["imports_s"]) == {
-        "import clip_foundation", "import clipModel", "import clip_foundation.search.command"}
+        "import clip_foundation", "import clipModel", "import clip_foundation.search.quick",
+        "import clip_foundation.search.command"}
+    assert result["imports_torch"]  # --engine=torch: the full path answers
     assert json.loads(out.strip().splitlines()[-1])["query_s"] == result["query_s"]

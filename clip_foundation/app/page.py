@@ -45,7 +45,7 @@ from clip_foundation.common.extras import optional
 from clip_foundation.common.files import atomic_write
 from clip_foundation.app.loading import caption_index, describe_run, gallery_is_synthetic, synthetic_labels
 from clip_foundation.data.synthetic import PHOTO_QUERIES, SYNTHETIC_QUERIES
-from clip_foundation.search.mmap_index import is_link
+from clip_foundation.search.quick import is_link
 from clip_foundation.search.gallery import Gallery, Match, find_captions
 from clip_foundation.search.kinds import Index
 from clip_foundation.data.records import MAX_CAPTION_CHARS, DataError, open_rgb

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import re
 import sys
 import warnings
 
-from clipModel import ConfigError  # one error type for bad values, from the model floor up
+
+def _error(message: str) -> ValueError:
+    """clipModel's ConfigError (one error type for bad values, from the model floor up), imported when one is made:
+    clipModel imports torch, and a query from the shell reads its command line without it (search/quick.py)."""
+    from clipModel import ConfigError
+    return ConfigError(message)
+
+
+def __getattr__(name: str):  # cli.ConfigError, as callers have always caught it
+    if name == "ConfigError":
+        return type(_error(""))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def leaves(cfg, prefix: str = "") -> dict[str, tuple[object, dataclasses.Field]]:
@@ -40,7 +50,7 @@ BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false
 def parse_value(text: str, current):
     if isinstance(current, bool):
         if text.lower() not in BOOLEANS:
-            raise ConfigError(f"expected true/false, got {text!r}")
+            raise _error(f"expected true/false, got {text!r}")
         return BOOLEANS[text.lower()]
     if isinstance(current, int):
         return int(text)
@@ -61,8 +71,8 @@ def resolve_key(cfg, key: str, aliases: dict[str, str] | None = None) -> str:
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise ConfigError(f"--{key} is ambiguous: use one of " + ", ".join(f"--{m}" for m in matches))
-    raise ConfigError(f"unknown option --{key} (see --help)")
+        raise _error(f"--{key} is ambiguous: use one of " + ", ".join(f"--{m}" for m in matches))
+    raise _error(f"unknown option --{key} (see --help)")
 
 
 def _split_at_end_of_options(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -76,13 +86,13 @@ def apply_overrides(cfg, argv: list[str], aliases: dict[str, str] | None = None)
     options; this takes no bare argument after it (`parse` gives them to positional fields)."""
     argv, after = _split_at_end_of_options(argv)
     if after:
-        raise ConfigError(f"unexpected argument {after[0]!r}: this command takes no bare arguments")
+        raise _error(f"unexpected argument {after[0]!r}: this command takes no bare arguments")
     paths = leaves(cfg)
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: options look like --key=value")
+            raise _error(f"unexpected argument {arg!r}: options look like --key=value")
         key, eq, text = arg[2:].partition("=")
         path = resolve_key(cfg, key, aliases)
         owner, f = paths[path]
@@ -93,11 +103,11 @@ def apply_overrides(cfg, argv: list[str], aliases: dict[str, str] | None = None)
             elif i + 1 < len(argv):
                 i, text = i + 1, argv[i + 1]
             else:
-                raise ConfigError(f"--{key} needs a value")
+                raise _error(f"--{key} needs a value")
         try:
             setattr(owner, f.name, parse_value(text, current))
         except ValueError as e:
-            raise ConfigError(f"--{path}: {e}") from None
+            raise _error(f"--{path}: {e}") from None
         i += 1
     return cfg
 
@@ -111,33 +121,39 @@ def parse(cfg, argv: list[str] | None, usage: str, positional: tuple[str, ...] =
     with "-"). `--help` prints every field with its comment and exits; a mistake exits with one
     line and the usage."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv, after = _split_at_end_of_options(argv)
-    if "-h" in argv or "--help" in argv:
+    options = _split_at_end_of_options(argv)[0]
+    if "-h" in options or "--help" in options:
         print(help_text(cfg, usage))
         raise SystemExit(0)
-    options, bare, i = [], [], 0
     try:
-        while i < len(argv):
-            arg = argv[i]
-            if len(arg) > 1 and arg.startswith("-") and not arg.startswith("--") and not arg[1:2].isdigit():
-                arg = "-" + arg  # -n 9 is --n 9
-            if not arg.startswith("--"):
-                bare.append(arg)
-            elif "=" in arg or i + 1 == len(argv):
-                options.append(arg)
-            else:  # "--key value" unless the key is a boolean flag
-                path = resolve_key(cfg, arg[2:], aliases)
-                owner, f = leaves(cfg)[path]
-                takes_value = not isinstance(getattr(owner, f.name), bool) or argv[i + 1].lower() in BOOLEANS
-                options += [arg, argv[i + 1]] if takes_value else [arg]
-                i += takes_value
-            i += 1
-        bare += after
-        if len(bare) > len(positional):
-            raise ConfigError(f"unexpected argument {bare[len(positional)]!r}")
-        return apply_overrides(cfg, [f"--{k}={v}" for k, v in zip(positional, bare)] + options, aliases)
-    except ConfigError as e:
+        return read(cfg, argv, positional, aliases)
+    except ValueError as e:  # ConfigError: one line
         usage_error(str(e), usage)
+
+
+def read(cfg, argv: list[str], positional: tuple[str, ...] = (), aliases: dict[str, str] | None = None):
+    """`parse`'s reading of `argv` into `cfg`, without --help or exiting: ConfigError for a mistake."""
+    argv, after = _split_at_end_of_options(list(argv))
+    options, bare, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if len(arg) > 1 and arg.startswith("-") and not arg.startswith("--") and not arg[1:2].isdigit():
+            arg = "-" + arg  # -n 9 is --n 9
+        if not arg.startswith("--"):
+            bare.append(arg)
+        elif "=" in arg or i + 1 == len(argv):
+            options.append(arg)
+        else:  # "--key value" unless the key is a boolean flag
+            path = resolve_key(cfg, arg[2:], aliases)
+            owner, f = leaves(cfg)[path]
+            takes_value = not isinstance(getattr(owner, f.name), bool) or argv[i + 1].lower() in BOOLEANS
+            options += [arg, argv[i + 1]] if takes_value else [arg]
+            i += takes_value
+        i += 1
+    bare += after
+    if len(bare) > len(positional):
+        raise _error(f"unexpected argument {bare[len(positional)]!r}")
+    return apply_overrides(cfg, [f"--{k}={v}" for k, v in zip(positional, bare)] + options, aliases)
 
 
 def usage_error(message: str, usage: str):
@@ -149,6 +165,7 @@ def usage_error(message: str, usage: str):
 def field_comments(cls) -> dict[str, str]:
     """The trailing `# comment` of each field line in a dataclass's source and its bases' (a field
     inherited from a shared options class keeps its help; a subclass's own comment wins)."""
+    import inspect
     comments = {}
     for klass in reversed(cls.__mro__):
         try:
@@ -176,20 +193,43 @@ def help_text(cfg, usage: str) -> str:
 
 
 @contextlib.contextmanager
+def _each_warning_shown(then):
+    # within the block, every warning about to be shown goes to then(message, category, show): `show` shows it
+    original = warnings.showwarning
+
+    def hook(message, category, *args, **kwargs):
+        then(message, category, lambda: original(message, category, *args, **kwargs))
+    warnings.showwarning = hook
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
+@contextlib.contextmanager
 def reported_warnings(category=UserWarning):
     """Print warnings of `category` as one plain line each (no source line) and collect them,
     so an entry point can list them again in its final summary."""
-    seen, original = [], warnings.showwarning
+    seen = []
 
-    def show(message, cat, *args, **kwargs):
+    def show(message, cat, original):
         if issubclass(cat, category):
             print(f"warning: {message}", file=sys.stderr)
             seen.append(str(message))
         else:
-            original(message, cat, *args, **kwargs)
-
-    warnings.showwarning = show
-    try:
+            original()
+    with _each_warning_shown(show):
         yield seen
-    finally:
-        warnings.showwarning = original
+
+
+@contextlib.contextmanager
+def shown_warnings():
+    """The messages of the warnings shown inside the block, in order, each shown as it would be: UserWarnings'
+    (what `reported_warnings` prints as one line each, and so what a memo can show again), None for other kinds."""
+    shown = []
+
+    def keep(message, category, original):
+        shown.append(str(message) if issubclass(category, UserWarning) else None)
+        original()
+    with _each_warning_shown(keep):
+        yield shown

@@ -1,18 +1,30 @@
 """Files written whole or not at all (`atomic_write`), the checks of a folder a command is about to
 write into, and digests: of a file, of the files a description vouches for (embed.json, index.json), of a
-saved model, of a gallery's images."""
+saved model, of a gallery's images. Imports no torch (a text query from the shell reads digests without it:
+search/quick.py); `atomic_write`, the model file's, is imported from it on first use."""
 import contextlib
 import contextvars
 import hashlib
+import json
 import os
 import re
+import time
 from pathlib import Path
-
-from clipModel import atomic_write
 
 __all__ = ["atomic_write", "user_cache", "folder_to_write", "unlisted", "file_digest", "digests_held", "file_entries",
            "changed_file", "model_digest", "gallery_digest"]
 _HELD: contextvars.ContextVar[dict | None] = contextvars.ContextVar("digests_held", default=None)
+KEPT_FROM = 4 << 20  # files from this size keep their digest across commands (`file_digest`): 155 MB took 0.2 s
+SETTLED_NS = 2_000_000_000  # ...once unchanged this long: file times are this coarse on some filesystems (FAT: 2 s)
+
+
+def __getattr__(name: str):
+    # clipModel's atomic_write (shared, not copied), imported when first asked for: clipModel imports torch
+    if name == "atomic_write":
+        from clipModel import atomic_write
+        globals()[name] = atomic_write
+        return atomic_write
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def user_cache(*parts: str) -> Path:
@@ -39,20 +51,54 @@ def unlisted(folder: Path, listed) -> list[Path]:
 
 
 def file_digest(path, chunk: int = 1 << 20) -> str:
-    """sha256 of the file at `path`, read in chunks (once per `digests_held` block while the file is unchanged)."""
-    held = _HELD.get()
+    """sha256 of the file at `path`, read in chunks; an unchanged file is not read again within a `digests_held`
+    block, nor, from KEPT_FROM bytes, across commands: its digest is kept in the user's cache under the file's
+    identity, as git's index keeps one (real path, device, inode, size, modification and change times in ns).
+    Any write changes the times, and the change time cannot be set back without root (or moving the clock);
+    a file changed within SETTLED_NS of being hashed is not kept, so a write in the same clock tick cannot
+    hide. The kept digest is as trusted as the cache folder it is in (where the engines' and indexes' go too)."""
+    held, st = _HELD.get(), os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if held is not None and key in held:
+        return held[key]
+    kept = _kept_digest(key) if st.st_size >= KEPT_FROM else None
+    if kept is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        kept = h.hexdigest()
+        if st.st_size >= KEPT_FROM and time.time_ns() - st.st_ctime_ns > SETTLED_NS:
+            _keep_digest(path, key, kept)
     if held is not None:
-        st = os.stat(path)
-        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-        if key in held:
-            return held[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    if held is not None:
-        held[key] = h.hexdigest()
-    return h.hexdigest()
+        held[key] = kept
+    return kept
+
+
+def _kept_path(key: tuple) -> Path:
+    name = hashlib.sha256(json.dumps(key).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return user_cache("digests", name)
+
+
+def _kept_digest(key: tuple) -> str | None:
+    # the digest kept for exactly this file identity, or None (none kept, unreadable, half written: hashed again)
+    try:
+        entry = json.loads(_kept_path(key).read_text())
+    except (OSError, ValueError):
+        return None
+    digest = entry.get("sha256") if isinstance(entry, dict) and entry.get("key") == list(key) else None
+    return digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None
+
+
+def _keep_digest(path, key: tuple, digest: str) -> None:
+    # best effort; only if the file did not change while it was read. A half-written entry is not JSON: never read
+    st = os.stat(path)
+    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != key[1:]:
+        return
+    with contextlib.suppress(OSError):
+        where = _kept_path(key)
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_text(json.dumps({"key": list(key), "sha256": digest}))
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ on every load, and a graph that no longer matches it (edited, truncated, unfinis
 again with one warning line. Temporary files of exports that were killed are removed by the next. A
 check of a graph against the run's own weights that passed (registry.py) is kept as NAME.checked.json:
 the graph's digest, the runtime and how close it came; it vouches for those bytes on that runtime only.
+Those files are read by saved.py, which imports no torch.
 """
 from __future__ import annotations
 
@@ -34,7 +35,11 @@ import torch.nn.functional as F
 
 from clip_foundation.data.cache import process_alive
 from clip_foundation.common.extras import optional
-from clip_foundation.common.files import atomic_write, changed_file, file_entries, model_digest, user_cache
+from clip_foundation.common.files import atomic_write, file_entries
+# an exported graph's files, its digest and the check that vouches for it, where a run's are cached: saved.py's
+# (read without torch), and export's too, where its callers have always found them
+from clip_foundation.engines.saved import (check_file, digest_file, engines_folder, graph_files,  # noqa: F401
+                                           graph_name, intact, run_engines_folder, vouch, vouched)
 from clip_foundation.common.modes import eval_mode  # dropout off while tracing; each module's own mode after
 from clipModel import CLIPModel, model_folder
 
@@ -61,11 +66,6 @@ def graph(model: CLIPModel, tower: str, part: str = "embed") -> tuple[nn.Module,
     encoder = getattr(model, f"{tower}_encoder")
     head = getattr(model, f"{tower}_projection") if part == "embed" else None
     return _Graph(encoder, head), encoder.example_inputs(getattr(model.config, tower)), encoder.export_axes
-
-
-def graph_name(tower: str, part: str, format: str = "onnx") -> str:
-    """The file an exported graph is saved as: image.onnx, text_tower.xml, ..."""
-    return f"{tower}{'_tower' if part == 'features' else ''}.{'xml' if format == 'openvino' else 'onnx'}"
 
 
 def weights_digest(*modules: nn.Module) -> str:
@@ -128,60 +128,11 @@ def _save_openvino(model, xml_path) -> Path:
     return _seal(xml_path)
 
 
-def graph_files(path) -> list[Path]:
-    """The files a graph is made of: the .onnx, or OpenVINO's .xml and its .bin."""
-    path = Path(path)
-    return [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
-
-
-def digest_file(path) -> Path:
-    """Where the sha256 of a graph's files is kept: NAME.sha256.json beside it."""
-    return Path(path).with_name(f"{Path(path).name}.sha256.json")
-
-
 def _seal(path: Path) -> Path:
     # last, once the graph's files are in place: only a whole graph has a digest that matches
     entries = file_entries(path.parent, [f.name for f in graph_files(path)])  # what embed.json and index.json vouch with
     atomic_write(digest_file(path), lambda tmp: tmp.write_text(json.dumps(entries)))
     return path
-
-
-def intact(path) -> bool:
-    """Whether the graph at `path` is there as it was exported: its files' sizes and sha256 match the
-    digest written beside it (not when edited, truncated, unfinished or exported without a digest)."""
-    path = Path(path)
-    try:
-        entries = json.loads(digest_file(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return (isinstance(entries, dict) and set(entries) == {f.name for f in graph_files(path)}
-            and changed_file(path.parent, entries) is None)
-
-
-def check_file(path) -> Path:
-    """Where the result of checking a graph against torch is kept: NAME.checked.json beside it."""
-    return Path(path).with_name(f"{Path(path).name}.checked.json")
-
-
-def vouch(path, runtime: str, found: dict) -> None:
-    """Record that the intact graph at `path`, run as `runtime` says (engine, versions, precision, what the
-    check asks), passed its check against the torch weights whose digest names its folder (`found`: how
-    close it came). Written only by a check against those weights as read from the run's file
-    (registry.py); best effort: a folder that cannot be written checks again next time."""
-    with contextlib.suppress(OSError, ValueError):  # not written: the graph is still served, and checked next time
-        record = {"graph": json.loads(digest_file(path).read_text()), "runtime": runtime, **found}
-        atomic_write(check_file(path), lambda tmp: tmp.write_text(json.dumps(record)))
-
-
-def vouched(path, runtime: str) -> bool:
-    """Whether the graph at `path` as it is now (the digest it was loaded by) passed a check run as `runtime`
-    says (`vouch`); a record of other bytes, another runtime, precision or check, or none, vouches for nothing."""
-    try:
-        record = json.loads(check_file(path).read_text())
-        return (isinstance(record, dict) and record.get("graph") == json.loads(digest_file(path).read_text())
-                and record.get("runtime") == runtime)
-    except (OSError, ValueError):
-        return False
 
 
 def _exported(path: Path, write) -> Path:
@@ -234,24 +185,6 @@ def cached_int8_graph(xml_path, inputs) -> Path:
     key = hashlib.sha256(inputs.tobytes() + str(inputs.shape).encode()).hexdigest()[:16]
     return _exported(xml_path.with_name(f"{xml_path.stem}.int8-{key}.xml"),
                      lambda path: to_int8(xml_path, inputs, path))
-
-
-def run_engines_folder(checkpoint) -> Path:
-    """RUN/engines/<first 16 hex digits of the weights' sha256>: where a run's graphs are cached."""
-    return Path(checkpoint) / "engines" / model_digest(checkpoint)[:16]
-
-
-def engines_folder(checkpoint) -> Path:
-    """Where the graphs of the saved model in `checkpoint` are cached and read: `run_engines_folder`,
-    or the same digest under the user's cache ($XDG_CACHE_HOME or ~/.cache) when the run folder
-    cannot be written (read-only, another user's)."""
-    folder = run_engines_folder(checkpoint)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()  # a folder that exists may still refuse writes
-        return folder
-    except OSError:
-        return user_cache("engines", folder.name)
 
 
 def export_run(checkpoint, format: str = "onnx", model: CLIPModel | None = None) -> list[Path]:

@@ -14,14 +14,14 @@ when the model was loaded: a tower asked for after it changed is refused, not mi
 """
 from __future__ import annotations
 
-import json
-import os
 import threading
 from pathlib import Path
 
 import torch
 
 from clipModel import CheckpointError, CLIPModel, model_folder
+
+from clip_foundation.engines.saved import saved_tokenizer
 
 TOWERS = ("image", "text")
 _READING = threading.Lock()  # two queries of the page asking for the same tower read it once
@@ -105,23 +105,3 @@ def load_model(checkpoint, device=None, towers=()) -> LazyModel:
         del model.tokenizer
     return model
 
-
-def saved_tokenizer(folder, max_length: int):
-    """The tokenizer saved in `folder` (tokenizer.json) as a `tokenizers.Tokenizer` that truncates to
-    `max_length` and pads to the longest as `CLIPModel.tokenize` asks transformers to; None when the folder
-    holds no fast tokenizer with a padding token (transformers' own is used then)."""
-    from tokenizers import Tokenizer
-    folder = Path(folder)
-    try:
-        saved = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        tokenizer = Tokenizer.from_file(os.fspath(folder / "tokenizer.json"))
-    except Exception:  # noqa: BLE001 - missing, or unreadable (tokenizers raises a bare Exception): transformers says why
-        return None
-    pad = saved.get("pad_token") if isinstance(saved, dict) else None
-    pad = pad.get("content") if isinstance(pad, dict) else pad
-    if not isinstance(pad, str) or tokenizer.token_to_id(pad) is None:
-        return None
-    tokenizer.enable_truncation(max_length, direction=saved.get("truncation_side", "right"))
-    tokenizer.enable_padding(direction=saved.get("padding_side", "right"), pad_id=tokenizer.token_to_id(pad),
-                             pad_type_id=saved.get("pad_token_type_id", 0), pad_token=pad)
-    return tokenizer

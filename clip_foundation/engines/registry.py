@@ -18,13 +18,11 @@ Training steps always run in torch: only inference on fixed weights uses another
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 import warnings
 from dataclasses import asdict
@@ -37,12 +35,10 @@ from clipModel import CLIPModel, to_model_input
 from clip_foundation.engines.export import (cached_graph, cached_int8_graph, engines_folder, graph, vouch, vouched,
                                             weights_digest)
 from clip_foundation.engines.lazy import LazyModel
+from clip_foundation.engines.saved import BF16_COSINE, INT8_COSINE, TOLERANCE, runtime_text, signal_stack_kept
 from clip_foundation.common.extras import optional
 from clip_foundation.common.modes import eval_mode, image_layout
 
-TOLERANCE = 1e-4  # an engine's outputs on the example inputs must match torch's within this (fp32)
-BF16_COSINE = 0.999  # in bf16, each output row's cosine with torch's must be at least this (measured: 0.9995)
-INT8_COSINE = 0.98  # in int8, the mean cosine with torch's features on calibration photos (measured: 0.994)
 CALIBRATION_IMAGES = 128  # images an int8 graph is calibrated on: dev recall as with NNCF's default 300, in less time
 PRECISION_ENV = "CLIP_ENGINE_PRECISION"  # at most this precision for the image tower: fp32, bf16, or auto (int8 where it pays)
 CPU_IMAGE_BATCH = 32  # Lite0 on 2 cores: 8,841 minor page faults per image at 32, 12,278 at 128 (channels-last)
@@ -231,9 +227,7 @@ class GraphEncoder(Encoder):
         """This engine, the versions its outputs depend on, the precision it runs in and what the check asks of
         it: a check vouches for a graph under these only."""
         version = getattr(importlib.import_module(self.package), "__version__", "?") if self.package else ""
-        asked = {"fp32": f"within {TOLERANCE}", "bf16": f"cosine >= {BF16_COSINE}"}.get(
-            precision, f"mean cosine >= {INT8_COSINE}")
-        return f"{self.name} {version}, torch {torch.__version__}, {precision} {asked}"
+        return runtime_text(self.name, version, torch.__version__, precision)
 
     def infer(self, loaded, arrays: list):
         """Run a loaded graph on numpy inputs -> its numpy output."""
@@ -272,7 +266,7 @@ class OpenVINOEncoder(GraphEncoder):
 
     def load(self, path, precision: str = "fp32"):
         ov = optional("openvino", "engines", "the OpenVINO engine")
-        with _signal_stack_kept():  # an int8 graph's other layers run in bf16 where the CPU has it
+        with signal_stack_kept():  # an int8 graph's other layers run in bf16 where the CPU has it
             return ov.Core().compile_model(str(path), "CPU", {
                 "INFERENCE_PRECISION_HINT": "bf16" if precision != "fp32" and _cpu_has("bf16") else "f32",
                 "INFERENCE_NUM_THREADS": torch.get_num_threads()})
@@ -316,27 +310,6 @@ class OnnxRuntimeEncoder(GraphEncoder):
     def infer(self, loaded, arrays):
         names = [i.name for i in loaded.get_inputs()]
         return loaded.run(None, dict(zip(names, arrays)))[0]
-
-
-class _SignalStack(ctypes.Structure):  # Linux's stack_t
-    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
-
-
-@contextlib.contextmanager
-def _signal_stack_kept():
-    """Give the calling thread its own signal stack back after the block. A compiled OpenVINO model
-    sets the thread's signal stack and, when freed, puts back the one it found: freed in any order
-    but the reverse (as the garbage collector pleases), that left an unmapped stack, and the next
-    signal handled on it (Ctrl-C, a child process's exit) was a segmentation fault."""
-    if not sys.platform.startswith("linux"):
-        yield
-        return
-    libc, kept = ctypes.CDLL(None, use_errno=True), _SignalStack()
-    libc.sigaltstack(None, ctypes.byref(kept))
-    try:
-        yield
-    finally:
-        libc.sigaltstack(ctypes.byref(kept), None)
 
 
 def make_encoder(model: CLIPModel, engine: str = "auto", folder=None, part: str = "embed",

@@ -23,7 +23,6 @@ fits `--max_index_memory` (clip_foundation/search/mmap_index.py); `--index=DIR` 
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -31,14 +30,15 @@ from pathlib import Path
 
 from clip_foundation.common import cli
 from clip_foundation.common.files import digests_held
-from clip_foundation.search.gallery import (GRID_CELLS, check_n, clean_query, find_captions, find_matches, gallery_records,
+from clip_foundation.search.gallery import (GRID_CELLS, check_n, find_captions, find_matches, gallery_records,
                                      load_or_build_caption_index, load_or_build_index)
-from clip_foundation.data.splits import SPLITS
+from clip_foundation.search.cached import RecordsMemo
+from clip_foundation.search.quick import clean_query, is_link, show_results
+from clip_foundation.data.splits import SPLITS, run_data_config
 from clip_foundation.engines.options import ModelOptions, checked_device
 from clip_foundation.engines.registry import use_engine
-from clip_foundation.search.mmap_index import BigIndex, build_big_index, is_link
+from clip_foundation.search.mmap_index import BigIndex, build_big_index
 from clip_foundation.search.budget import parse_size
-from clip_foundation.search.index import NON_FINITE_SCORES
 from clip_foundation.search.kinds import open_index
 from clip_foundation.data.records import DataError
 from clip_foundation.engines.lazy import load_model
@@ -143,7 +143,11 @@ def main(argv=None):
         model = load_model(args.checkpoint, device)  # each tower is read when a query first needs it
         use_engine(model, args.engine, args.checkpoint)
         if not args.index:
-            records = gallery_records(args.checkpoint, args.data, args.split, args.layout, args.skip_bad)
+            # a text query over the run's own data: what it read is kept for the next (cached.RecordsMemo, quick.py)
+            memo = None if args.data or args.skip_bad or args.image or args.build_index else \
+                RecordsMemo.before_reading(args.checkpoint, args.split, run_data_config(args.checkpoint).path)
+            with cli.shown_warnings() as shown:
+                records = gallery_records(args.checkpoint, args.data, args.split, args.layout, args.skip_bad)
             if not records:
                 raise DataError(f"the {args.split} split is empty")
             if args.build_index:
@@ -152,6 +156,8 @@ def main(argv=None):
                      if args.image else load_or_build_index(model, args.checkpoint, records,
                                                             args.batch_size, backend=args.backend,
                                                             skip_bad=args.skip_bad))
+            if memo is not None:
+                memo.save([str(r.image) for r in records], shown)
             index.prepare(args.backend, None, device)  # on a GPU, exact search runs there
         if args.image:
             results = find_captions(model, index, args.image, args.n or 5, args.backend)
@@ -177,18 +183,8 @@ def _report(args, results, index=None):
         lines = [f"{m.score:.4f}  {m.path}" for m in results]
         missing = [m.path for m in results if not is_link(m.path) and not Path(m.path).is_file()]
     figure = "figure" if args.image else "grid"
-    if args.json:
-        try:  # the last guard: NaN or Infinity is not JSON, and a reader of --json would choke on it
-            text = json.dumps({**what, "matches": [asdict(m) for m in results],
-                               "missing": missing}, indent=2, allow_nan=False)
-        except ValueError:
-            sys.exit(f"error: {NON_FINITE_SCORES}")
-        print(text)
-    else:
-        print("\n".join(lines))
+    show_results(what, [asdict(m) for m in results], lines, missing, args.json)  # as a query from the shell (quick)
     if missing:
-        print(f"warning: {len(missing)} of these images no longer exist (moved or deleted since the "
-              f"index was built): {', '.join(missing)}; rebuild the index", file=sys.stderr)
         if args.index and index is not None:  # a prebuilt index: its kind records it (or not)
             index.mark_missing(args.index, missing)
     if args.json or not (args.grid or args.out):  # a figure only when asked for (drawing it took 1.7 s)

@@ -24,14 +24,15 @@ from clipModel import CLIPModel, check, model_folder
 from clip_foundation.evaluate import querybank
 from clip_foundation.search.kinds import Index, open_index
 from clip_foundation.data.splits import decode_images, gallery_records
-from clip_foundation.search.index import INDEX_VERSION, RECALL_QUERIES, GalleryIndex, ensure_faiss, load_index, save_index
-from clip_foundation.common.files import file_digest, gallery_digest, model_digest, user_cache
-from clip_foundation.data.records import DataError, Record, caption_fault, open_rgb
+from clip_foundation.search.index import RECALL_QUERIES, GalleryIndex, ensure_faiss, load_index, save_index
+from clip_foundation.search.cached import image_gallery, index_identity, paths_digest, user_index_dir
+from clip_foundation.common.files import gallery_digest, model_digest
+from clip_foundation.data.records import DataError, Record, open_rgb
 from clip_foundation.engines.lazy import load_model
 from clip_foundation.engines.registry import encoder_of, use_engine
 from clip_foundation.evaluate.metrics import embed_images, embed_texts, eval_mode
+from clip_foundation.search.quick import MAX_RESULTS, clean_query  # noqa: F401  (where callers find them)
 
-MAX_RESULTS = 1000  # a search returns at most this many (-n): -n 100000 had not finished after 120 s
 GRID_CELLS = 100  # a grid draws at most the best this many: a 1,000-cell grid was a 15 MB PNG, 1.8 GB to draw
 
 
@@ -118,8 +119,7 @@ def _caption_digest(captions: list[str], paths: list[str]) -> str:
 
 
 def _paths_key(records) -> str:  # names the cache file of one gallery
-    return hashlib.sha256("\n".join(str(r.image) for r in records).encode("utf-8", "surrogateescape")
-                          ).hexdigest()[:16]
+    return paths_digest(str(r.image) for r in records)[:16]
 
 
 def index_from_tower_features(model: CLIPModel, records, tower_features: torch.Tensor,
@@ -143,9 +143,7 @@ def load_or_build_index(model: CLIPModel, checkpoint, records, batch_size: int =
     FAISS index to large galleries when faiss is installed, "faiss" always, "exact" never.
     When the checkpoint has a querybank (train.py --querybank=N) each row carries its image's
     hub bias as one more coordinate, so text queries rank by the corrected score."""
-    gallery = gallery_digest([str(r.image) for r in records])
-    if (Path(checkpoint) / querybank.FILE).is_file():  # a new or changed querybank makes a new index
-        gallery += ":querybank:" + file_digest(Path(checkpoint) / querybank.FILE)
+    gallery = image_gallery([str(r.image) for r in records], checkpoint)  # the querybank's digest too
     # the bank itself (read and checked by load_bank) is needed only to build: a cached index is searched without
     bank = functools.cache(lambda: querybank.load_bank(checkpoint, model.config.projection_dim))
     name = f"images-{_paths_key(records)}"
@@ -185,17 +183,10 @@ def load_or_build_caption_index(model: CLIPModel, checkpoint, records, batch_siz
                           lambda: build_caption_index(model, records, batch_size))
 
 
-def user_index_dir(checkpoint) -> Path:
-    """Where indexes of `checkpoint` go when its own folder cannot be written (read-only, full):
-    a folder per checkpoint under the user's cache ($XDG_CACHE_HOME or ~/.cache)."""
-    key = hashlib.sha256(str(Path(checkpoint).resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return user_cache("index", key)
-
-
 def _load_or_build(stems, checkpoint, gallery: str, backend: str, queries, build) -> GalleryIndex:
     # stems: where the index may be saved, in order of preference (the first that loads is used)
     model_id = model_digest(checkpoint)
-    identity = f"v{INDEX_VERSION}:{model_id}:{gallery}"  # stale when the model or gallery changed
+    identity = index_identity(model_id, gallery)  # stale when the model or gallery changed
     for stem in stems:
         if (index := load_index(stem, identity)) is not None:
             return ensure_faiss(index, backend, stem, queries)  # built and saved now if missing
@@ -240,19 +231,6 @@ def embed_image(model: CLIPModel, image) -> torch.Tensor:
             image = image[0]
         x = model.image_transform()(image)[None]  # (1, 3, S, S)
     return _encode(model, lambda: encoder_of(model).encode_images(x))
-
-
-def clean_query(query: str) -> str:
-    """A text query cleaned as the readers clean a caption (stripped) and held to their one rule
-    (`records.caption_fault`), so that what cannot be a caption is not searched for either:
-    ValueError, one line, for a query with no visible text (spaces, zero-width characters),
-    a line break, or more characters than a caption may have."""
-    query = query.strip()
-    if fault := caption_fault(query):
-        kind, message = fault
-        raise ValueError("empty query: type some words to search for" if kind == "empty caption"
-                         else message.replace("caption", "query", 1))  # "query has a line break"
-    return query
 
 
 def find_matches(model: CLIPModel, index: Index, query: str, n: int = 9,

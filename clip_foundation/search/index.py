@@ -26,25 +26,21 @@ from pathlib import Path
 import torch
 
 from clip_foundation.common.files import atomic_write, file_digest
+# the definitions a query from the shell checks a cached index by, without torch (quick.py)
+from clip_foundation.search.cached import (AUTO_FAISS_MIN_SIZE, INDEX_VERSION, NON_FINITE_SCORES,  # noqa: F401
+                                           BadIndexError, check_digest, index_meta)
 
-INDEX_VERSION = 3  # bump when the index format changes, so old caches are rebuilt
 EXACT_CHUNK = 65_536  # gallery rows scored at once for a batch of 64 queries (16 MB of float32 scores)
 SCORE_BUDGET = 64 * EXACT_CHUNK  # scores held at once: fewer queries scan more rows per pass (1 query: 4M)
 HALF_MAX_QUERIES = 4  # up to this many queries score a float16 gallery in float16 (memory-bound: ~1.7x
 #                       faster on a CPU); more queries are compute-bound, where CPU float16 GEMMs are slow
-HALF_MARGIN = 32  # float16 first pass keeps k + this many candidates, re-scored in float32
-IVF_MIN_SIZE = 200_000  # from here exact search costs ~30 ms a query on 2 CPU cores, IVF ~1 ms
-AUTO_FAISS_MIN_SIZE = IVF_MIN_SIZE  # "auto" never builds IndexFlatIP: 2x slower than torch's matmul here
+HALF_MARGIN = 32  # float16 first pass keeps k + this many candidates, re-scored exactly
+IVF_MIN_SIZE = AUTO_FAISS_MIN_SIZE  # from here exact search costs ~30 ms a query on 2 CPU cores, IVF ~1 ms
+#                                    ("auto" never builds IndexFlatIP: 2x slower than torch's matmul here)
 TARGET_RECALL = 0.95  # IVF nprobe is doubled until recall@k vs exact reaches this
 RECALL_QUERIES, RECALL_K = 200, 10  # sample used to measure IVF recall at build time
 MIN_POINTS_PER_CELL = 39  # FAISS's own minimum of training points per IVF centroid
 TRAIN_PER_CELL = 64  # k-means training sample per centroid (FAISS advises 30 to 256)
-NON_FINITE_SCORES = ("non-finite scores (NaN or inf): the index or the model is damaged; "
-                     "rebuild the index (search.py --build-index)")
-
-
-class BadIndexError(ValueError):
-    """A prebuilt index that cannot be used: missing, incomplete or from another model."""
 
 
 @dataclass
@@ -118,8 +114,8 @@ def exact_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int,
 
     A float16 `gallery` with at most HALF_MAX_QUERIES queries is scored in float16 (half the
     memory traffic of float32: the whole cost of a single query), keeping the best k +
-    HALF_MARGIN rows, which are then re-scored in float32 and ranked: the same rows and scores
-    as float32 search unless more than HALF_MARGIN rows tie with the k-th within float16
+    HALF_MARGIN rows, which are then re-scored (in float64, rounded to float32) and ranked: the same
+    rows as float32 search unless more than HALF_MARGIN rows tie with the k-th within float16
     rounding (~5e-4)."""
     k = min(k, len(gallery))
     half = gallery.dtype == torch.float16 and len(queries) <= HALF_MAX_QUERIES
@@ -137,9 +133,12 @@ def exact_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int,
     best_s, best_i = best
     if not half:
         return best_s, best_i
-    exact = torch.bmm(gallery[best_i].float(), queries.float()[:, :, None])[:, :, 0]  # (Q, pick) float32
+    # float64: each product of a float16 row and a float32 query is exact and the sum is off by ~1e-13, so
+    # rounded to float32 it is the same score in any order of summing (quick.py's numpy's too) unless it
+    # falls within that of a rounding boundary
+    exact = torch.bmm(gallery[best_i].double(), queries.double()[:, :, None])[:, :, 0]  # (Q, pick)
     keep = exact.topk(k, dim=1)
-    return keep.values, best_i.gather(1, keep.indices)
+    return keep.values.float(), best_i.gather(1, keep.indices)
 
 
 def merge_topk(best, scores: torch.Tensor, indices: torch.Tensor, k: int):
@@ -341,15 +340,7 @@ def _read_rows(stem: Path, identity: str | None) -> GalleryIndex:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     meta_file, rows_file = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as e:
-        raise BadIndexError(f"{meta_file}: missing or unreadable ({getattr(e, 'strerror', None) or e})") from None
-    if not isinstance(meta, dict) or meta.get("version") != INDEX_VERSION:
-        raise BadIndexError(f"{meta_file}: not an index of format v{INDEX_VERSION}")
-    if identity and meta.get("identity") != identity:
-        raise BadIndexError(f"{meta_file}: stale (built for another model or gallery)")
-    _check_digest(rows_file, meta, meta_file)
+    meta = index_meta(stem, identity)  # its version, identity and rows' sha256
     try:
         embeddings = load_file(rows_file)["embeddings"]
         index = GalleryIndex(embeddings, meta.pop("paths"), meta.pop("identity"), meta.pop("captions", None))
@@ -368,7 +359,7 @@ def _read_faiss(stem: Path, index: GalleryIndex):
     if "faiss" not in index.meta or (faiss := faiss_module()) is None:  # faiss imported only for a saved one
         return None
     faiss_file = stem.with_suffix(".faiss")
-    _check_digest(faiss_file, index.meta, stem.with_suffix(".json"))
+    check_digest(faiss_file, index.meta, stem.with_suffix(".json"))
     try:
         faiss_index = faiss.read_index(str(faiss_file))
     except RuntimeError as e:
@@ -379,13 +370,3 @@ def _read_faiss(stem: Path, index: GalleryIndex):
         faiss_index.nprobe = index.meta["faiss"]["nprobe"]
     return faiss_index
 
-
-def _check_digest(path: Path, meta: dict, meta_file: Path) -> None:
-    # the file's bytes as they were written: a file that still parses may hold other vectors
-    try:
-        current = file_digest(path)
-    except OSError as e:
-        raise BadIndexError(f"{path}: missing or unreadable ({e.strerror or e})") from None
-    if current != (meta.get("sha256") or {}).get(path.suffix[1:]):
-        raise BadIndexError(f"{path}: its contents differ from the sha256 recorded in {meta_file.name} "
-                            "when it was built (truncated, damaged or changed since)")

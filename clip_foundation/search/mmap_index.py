@@ -336,7 +336,3 @@ def is_big_index(folder) -> bool:
     """Whether `folder` is (or was being written as) a large-gallery index folder."""
     return any((Path(folder) / name).is_file() for name in (INDEX_FILE, INFO_FILE, METADATA_FILE))
 
-
-def is_link(path: str) -> bool:
-    """Whether a gallery row names a URL (an embedding folder's image_path may), not a file."""
-    return re.match(r"[a-z][a-z0-9+.-]*://", str(path), re.IGNORECASE) is not None
