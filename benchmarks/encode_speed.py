@@ -29,6 +29,7 @@ import time
 import torch
 
 from clipModel import CLIPConfig, CLIPModel, ImageEncoderConfig, TextEncoderConfig, to_model_input  # noqa: E402
+from clip_foundation.common import cpu  # noqa: E402
 from clip_foundation.pretrained import text_model_folder  # noqa: E402
 from clip_foundation.evaluate.metrics import length_order  # noqa: E402
 
@@ -117,17 +118,6 @@ def torch_paths(args, model, images, row):
             print(f"{f'captions fp32, {label}, batch {B}':40s}{speed:8.1f}/s {padded(ordered):8.1f} tokens per caption")
 
 
-def cpu_units() -> str:
-    """The CPU's vector units that decide precision: avx2, avx512, bf16 (avx512_bf16 / amx_bf16), vnni."""
-    try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return "unknown"
-    found = [unit for unit, names in (("avx2", {"avx2"}), ("avx512", {"avx512f"}), ("bf16", {"avx512_bf16", "amx_bf16"}),
-                                      ("vnni", {"avx512_vnni", "avx_vnni"})) if flags & names]
-    return "+".join(found) or "none of avx2/avx512/bf16/vnni"
-
-
 def engine_rows(args, model):
     """images/s (with page faults per image) and captions/s per installed engine, same inputs; an
     engine that runs the image tower in int8 or bf16 here is timed in each lower precision too
@@ -140,7 +130,7 @@ def engine_rows(args, model):
     captions = mixed_captions(args.captions)
     ordered = [captions[i] for i in length_order(model, captions)]
     batches = [model.tokenize(ordered[s:s + B]) for s in range(0, len(ordered), B)]
-    print(f"CPU units: {cpu_units()}")
+    print(f"CPU units: {cpu.units()}")
     print(f"{'engine':24s}{'images/s':>10s}{'faults/image':>14s}{'captions/s':>12s}  "
           f"(images: batch {n}; captions: sorted by length, batch {B})")
     with tempfile.TemporaryDirectory(prefix="encode-speed-") as folder:

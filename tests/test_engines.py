@@ -229,3 +229,13 @@ def test_ctrl_c_is_a_keyboard_interrupt_after_openvino_graphs_are_dropped_in_any
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 0 and "KeyboardInterrupt" in done.stdout, (done.returncode, done.stderr[-1500:])
+
+
+@pytest.mark.parametrize("flags, has_bf16, has_vnni, label", [
+    ("fpu avx2 avx512f avx512_bf16 avx512_vnni", True, True, "avx2+avx512+bf16+vnni"),
+    ("fpu avx2 avx_vnni", False, True, "avx2+vnni"), ("fpu avx2 amx_bf16 amx_int8", True, True, "avx2+bf16+vnni"),
+    ("fpu sse4_2", False, False, "none of avx2/avx512/bf16/vnni")])
+def test_the_cpus_units_are_read_from_its_flags(flags, has_bf16, has_vnni, label, monkeypatch):
+    from clip_foundation.common import cpu
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags.split()))
+    assert (cpu.has("bf16"), cpu.has("vnni"), cpu.units()) == (has_bf16, has_vnni, label)

@@ -36,6 +36,7 @@ from clip_foundation.engines.export import (cached_graph, cached_int8_graph, eng
                                             weights_digest)
 from clip_foundation.engines.lazy import LazyModel
 from clip_foundation.engines.saved import BF16_COSINE, INT8_COSINE, TOLERANCE, runtime_text, signal_stack_kept
+from clip_foundation.common import cpu
 from clip_foundation.common.extras import optional
 from clip_foundation.common.modes import eval_mode, image_layout
 
@@ -276,18 +277,14 @@ class OpenVINOEncoder(GraphEncoder):
 
 
 def _cpu_has(unit: str) -> bool:
-    """Whether this CPU has `unit`, asked once: "bf16" (OpenVINO finds AVX-512 BF16 or AMX) or "vnni"
-    (int8 dot products: AVX-512 VNNI, AVX-VNNI or AMX-INT8 among Linux's CPU flags; False elsewhere)."""
+    """Whether this CPU has `unit`, asked once: "bf16" as OpenVINO finds it (AVX-512 BF16 or AMX), others
+    ("vnni": int8 dot products) from the CPU's flags (`common.cpu`)."""
     if unit not in _UNITS:
         if unit == "bf16":
             ov = optional("openvino", "engines", "the OpenVINO engine")
             _UNITS[unit] = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         else:
-            try:
-                flags = set(Path("/proc/cpuinfo").read_text().split())
-            except OSError:
-                flags = set()
-            _UNITS[unit] = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+            _UNITS[unit] = cpu.has(unit)
     return _UNITS[unit]
 
 
