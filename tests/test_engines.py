@@ -68,15 +68,20 @@ def test_an_int8_image_tower_keeps_the_features_and_is_quantized_once(monkeypatc
     model = tiny_model("timm")
     low = torch.rand(24, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # smooth, photo-like pixels
     images = (torch.nn.functional.interpolate(low, size=64, mode="bilinear") * 255).to(torch.uint8)
+    train, test = images[:16], images[16:]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback to torch
-        got = image_tower_features(model, [], images, tmp_path, progress=False, engine="openvino")
+        # every split is encoded by the graph the training images calibrated: one quantization
+        got = image_tower_features(model, [], train, tmp_path, progress=False, engine="openvino", calibration=train)
+        image_tower_features(model, [], test, tmp_path / "test", progress=False, engine="openvino", calibration=train)
     with torch.no_grad():
-        expected = model.image_encoder(to_model_input(images, model.config.image.mean, model.config.image.std))
+        expected = model.image_encoder(to_model_input(train, model.config.image.mean, model.config.image.std))
     cosine = torch.nn.functional.cosine_similarity(got, expected)
     assert cosine.mean() >= engines.INT8_COSINE and not torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
     (folder,) = (tmp_path / "engines").iterdir()
     (int8,) = folder.glob("image_tower.int8-*.xml")
+    assert list((tmp_path / "test" / "engines").glob("*/image_tower.int8-*.xml"))[0].name == int8.name
+    images = train
     made = int8.stat().st_mtime_ns
     encoder = engines.tower_encoder(model, "openvino", tmp_path, "image", images)
     torch.testing.assert_close(encoder.encode_images(images), got)  # the same graph, found again

@@ -86,9 +86,12 @@ def test_bf16_and_int8_image_features_are_cached_apart_from_fp32_ones(scratch_mo
     made = []
     for precision in ("fp32", "bf16", "int8", "fp32"):  # the engine says which precision it encodes in
         monkeypatch.setattr(registry.Encoder, "precision", classmethod(lambda cls, tower, calibrated=False, p=precision: p))
-        image_tower_features(scratch_model, records, images, str(tmp_path / "cache"), progress=False)
+        image_tower_features(scratch_model, records, images, str(tmp_path / "cache"), progress=False, calibration=images)
         made.append({p.name for p in (tmp_path / "cache" / "features").iterdir()})
     assert [len(m) for m in made] == [1, 2, 3, 3] and made[3] == made[2]  # fp32's file found again
+    monkeypatch.setattr(registry.Encoder, "precision", classmethod(lambda cls, tower, calibrated=False: "int8"))
+    image_tower_features(scratch_model, records, images, str(tmp_path / "cache"), progress=False, calibration=images[:2])
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 4  # int8 of another calibration: other features
 
 
 def test_a_frozen_towers_graph_is_cached_per_input_size_not_only_per_weights(tmp_path):

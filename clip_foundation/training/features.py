@@ -51,11 +51,16 @@ def _cached(path: Path | None, compute) -> torch.Tensor:
 
 @torch.no_grad()
 def image_tower_features(model: CLIPModel, records, images: torch.Tensor, cache_dir: str | None,
-                         batch_size: int = 32, progress: bool = True, engine: str = "torch") -> torch.Tensor:
+                         batch_size: int = 32, progress: bool = True, engine: str = "torch",
+                         calibration: torch.Tensor | None = None) -> torch.Tensor:
     """Image-encoder outputs (N, d_image) of the decoded uint8 `images` of `records`, encoded by
-    `engine` (see `engines`; its graph of the tower is cached under CACHE_DIR/engines)."""
+    `engine` (see `engines`; its graph of the tower is cached under CACHE_DIR/engines). `calibration`:
+    uint8 images to quantize the tower on where the engine runs it in int8 (`calibration_sample` of the
+    training images, the same for every split, so all are encoded by one int8 graph)."""
     cfg = model.config.image
-    precision = engine_class(resolve(engine, model.device)).precision("image", calibrated=True)
+    precision = engine_class(resolve(engine, model.device)).precision("image", calibrated=calibration is not None)
+    if precision == "int8":  # another calibration set makes another int8 graph
+        precision += hashlib.sha256(calibration.contiguous().numpy().tobytes()).hexdigest()[:16]
     key = hashlib.sha256((_tower_id(cfg) + cache_key(records, cfg.image_size)
                           + ("" if precision == "fp32" else precision)).encode()).hexdigest()[:24]
     path = Path(cache_dir) / "features" / f"image-{key}.safetensors" if cache_dir else None
@@ -63,7 +68,6 @@ def image_tower_features(model: CLIPModel, records, images: torch.Tensor, cache_
     def compute():
         from tqdm.auto import tqdm
         with eval_mode(model.image_encoder):
-            calibration = calibration_sample(images) if precision == "int8" else None
             encoder = tower_encoder(model, engine, cache_dir, "image", calibration)
             return torch.cat([encoder.encode_images(images[s:s + batch_size], batch_size).cpu()  # (b, d_image)
                               for s in tqdm(range(0, len(images), batch_size), disable=not progress,
@@ -73,7 +77,7 @@ def image_tower_features(model: CLIPModel, records, images: torch.Tensor, cache_
 
 def calibration_sample(images: torch.Tensor, n: int = CALIBRATION_IMAGES, seed: int = 0) -> torch.Tensor:
     """A seeded sample of `n` of the uint8 `images` (N, 3, S, S), in their order: what an int8 tower is
-    calibrated on, the same for the same images."""
+    calibrated on (the training split's), the same for the same images."""
     if len(images) <= n:
         return images
     return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n].sort().values]

@@ -63,12 +63,12 @@ class Inputs:
 
     def __init__(self, model: CLIPModel, records, images, *, image_trains: bool = True,
                  text_trains: bool = True, augment: bool = False, cache_dir: str = "", progress: bool = True,
-                 engine: str = "torch"):
+                 engine: str = "torch", calibration: torch.Tensor | None = None):
         self.records, self.images = records, images
         self.image_features = self.text_features = self.tokens = None
         if not image_trains and not augment:  # frozen and never augmented: encode once
             self.image_features = image_tower_features(model, records, images, cache_dir, progress=progress,
-                                                       engine=engine)
+                                                       engine=engine, calibration=calibration)
         if not text_trains:
             self.text_features = text_tower_features(model, all_captions(records), cache_dir, progress=progress,
                                                      engine=engine)

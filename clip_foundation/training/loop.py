@@ -25,6 +25,7 @@ from clip_foundation.evaluate.modelcard import write_model_card
 from clip_foundation.training.checkpoint import (STATE_FILE, check_run_name, find_resume, hold_run, last_checkpoint,
                                                  load_last, new_run_dir, save_last)
 from clip_foundation.training.config import RunConfig
+from clip_foundation.training.features import calibration_sample
 from clip_foundation.training.inputs import (Embedder, Inputs, TrainingInputs, TrainInputs, set_train_mode,
                                              split_recall, tower_trains)
 from clip_foundation.training.runlog import RunLogger, draw_curves, progress_bar
@@ -254,10 +255,12 @@ def build_inputs(cfg: RunConfig, model: CLIPModel, splits, rank: int = 0, world:
     inputs = {}
     if _streamed(cfg):  # no decoded cache of the train set: batches stream from its shards
         inputs["train"] = StreamInputs(model, cfg.data.path, cfg.stream, tc.batch_size, tc.seed, rank, world)
-    for s in [s for s in splits if splits[s] and (s == "train" or main_rank) and s not in inputs]:
+    for s in sorted((s for s in splits if splits[s] and (s == "train" or main_rank) and s not in inputs),
+                    key=lambda s: s != "train"):  # train first: its images calibrate an int8 frozen tower
         images, splits[s] = decode_images(splits[s], model.config.image.image_size, cfg.data.cache_dir,
                                           cfg.data.skip_bad, tc.progress and main_rank)
         if s == "train":
+            kinds["calibration"] = calibration_sample(images)  # the same for every split (used in int8 alone)
             sampler = train_sampler(splits[s], tc.batch_size, tc.captions_per_epoch, tc.seed, rank, world)
             inputs[s] = TrainInputs(model, splits[s], images, sampler, **kinds)
         else:
