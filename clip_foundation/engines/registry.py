@@ -187,15 +187,17 @@ class GraphEncoder(Encoder):
         try:
             precision = self.precision(tower, calibrated=self._calibrated(tower))
             path = cached_graph(self.model, tower, self.part, self.folder, self.format)
-            module, example, _ = graph(self.model, tower, self.part)
+            photos = None
             if precision == "int8":  # quantized on, and checked on, images like those it will encode
                 cfg = self.model.config.image
-                example = (to_model_input(self.calibration, cfg.mean, cfg.std).contiguous(),)
-                path = cached_int8_graph(path, example[0].numpy())
-                example = (example[0][:8],)
+                photos = to_model_input(self.calibration, cfg.mean, cfg.std).contiguous()
+                path = cached_int8_graph(path, photos.numpy())
             loaded = self.load(path, precision)
             if from_file and vouched(path, self.runtime(precision)):
-                return loaded
+                return loaded  # before anything touches the tower: reading it is what a vouched graph saves
+            module, example, _ = graph(self.model, tower, self.part)
+            if photos is not None:
+                example = (photos[:8],)
             with eval_mode(module), torch.no_grad():
                 expected = module(*(x.to(self.model.device) for x in example)).float().cpu()
             got = torch.from_numpy(self.infer(loaded, [x.numpy() for x in example]))
