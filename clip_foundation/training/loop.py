@@ -126,7 +126,7 @@ def _train(cfg: RunConfig, on_epoch, on_tested, held: contextlib.ExitStack) -> t
     if (tc.batch_size // world) % tc.accum_steps:
         raise ValueError(f"batch_size {tc.batch_size} does not split into {world} x {tc.accum_steps} equal micro-batches")
     total_steps = tc.epochs * len(train_inputs)
-    precision = resolve_precision(tc.precision, device)
+    precision = resolve_precision(tc.precision, device, image_trains or text_trains)
     optimizer = build_optimizer(model, device, tc.lr, tc.weight_decay, tc.image_lr, tc.text_lr)
     scheduler = build_scheduler(optimizer, tc.schedule, total_steps, tc.warmup_steps, tc.plateau_factor,
                                 tc.plateau_patience)
