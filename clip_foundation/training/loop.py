@@ -27,7 +27,7 @@ from clip_foundation.training.checkpoint import (STATE_FILE, check_run_name, fin
 from clip_foundation.training.config import RunConfig
 from clip_foundation.training.inputs import (Embedder, Inputs, TrainingInputs, TrainInputs, set_train_mode,
                                              split_recall, tower_trains)
-from clip_foundation.training.runlog import RunLogger, draw_curves, progress_bar
+from clip_foundation.training.runlog import CurvesFile, RunLogger, progress_bar
 from clip_foundation.training.streaming import StreamInputs
 from clip_foundation.training.step import (NonFiniteLoss, build_optimizer, build_scheduler, contrastive_backward,
                                            freeze_towers, grad_scaler, optimizer_step, resolve_precision,
@@ -155,6 +155,7 @@ def _train(cfg: RunConfig, on_epoch, on_tested, held: contextlib.ExitStack) -> t
     no_sync = getattr(step_module, "no_sync", contextlib.nullcontext)
     extra = {"data": asdict(cfg.data), "stream": asdict(cfg.stream), "train": asdict(tc)}
     logger = RunLogger(run_dir, position["history"], tc.tensorboard) if main_rank else None
+    curves = CurvesFile(run_dir / "curves.png")
     if main_rank:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"training on {device}{f' x {world} processes' if world > 1 else ''} ({precision}): "
@@ -227,7 +228,7 @@ def _train(cfg: RunConfig, on_epoch, on_tested, held: contextlib.ExitStack) -> t
                 write_model_card(run_dir)  # README.md: what the saved model is, its validation recall so far
             best = max(best, score)
             checkpoint(epoch + 1, 0, stream_state)
-            draw_curves(history, run_dir / "curves.png")
+            curves.epoch_end(history, last=epoch + 1 == tc.epochs)
             if on_epoch is not None:
                 on_epoch(history, run_dir)
         distributed.barrier()
