@@ -139,34 +139,16 @@ def test_grad_checkpointing_gives_the_same_gradients(kind, tiny_hf):
 
 def test_precision_resolution(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(step, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(step.cpu, "has", lambda unit: unit != "bf16")
     assert resolve_precision("auto", cpu) == "fp32"  # no bf16 units: bf16 would be emulated, 10x slower
     assert resolve_precision("bf16", cpu) == "bf16"  # asked for: granted
-    monkeypatch.setattr(step, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(step.cpu, "has", lambda unit: True)
     assert resolve_precision("auto", cpu) == "bf16"
     assert resolve_precision("auto", cpu, towers_train=False) == "fp32"  # only the heads train: fp32 as measured
     assert resolve_precision("fp32", cpu) == "fp32"
     assert resolve_precision("auto", torch.device("mps")) == "fp32"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp8", cpu)
-
-
-@pytest.mark.parametrize("cpuinfo, has", [("flags\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n", True),
-                                          ("flags\t: fpu amx_bf16 amx_tile\n", True),
-                                          ("flags\t: fpu avx2 avx512f avx512bw\n", False),  # AVX-512, no bf16 units
-                                          (None, False)])  # no /proc/cpuinfo (macOS, Windows)
-def test_cpu_bf16_units_are_read_from_the_cpu_flags(monkeypatch, cpuinfo, has):
-    def read_text(path, *args, **kwargs):
-        assert str(path) == "/proc/cpuinfo"
-        if cpuinfo is None:
-            raise FileNotFoundError(path)
-        return cpuinfo
-    monkeypatch.setattr(step.Path, "read_text", read_text)
-    step.cpu_has_bf16.cache_clear()
-    try:
-        assert step.cpu_has_bf16() is has
-    finally:
-        step.cpu_has_bf16.cache_clear()
 
 
 def test_scratch_attention_under_cpu_autocast_matches_sdpa():

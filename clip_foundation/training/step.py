@@ -3,14 +3,12 @@ optimizer step over a batch split into micro-batches. train.py composes these.""
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import random
-import re
-from pathlib import Path
 
 import torch
 
+from clip_foundation.common import cpu
 from clipModel import CLIPModel, check
 
 SCHEDULES = ("cosine", "plateau", "constant")
@@ -100,20 +98,9 @@ def resolve_precision(name: str, device: torch.device, towers_train: bool = True
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         # frozen towers leave only the heads' small matmuls, whose recall was measured in fp32; without
         # bf16 units bf16 is emulated, 10x slower than fp32
-        return "bf16" if device.type == "cpu" and towers_train and cpu_has_bf16() else "fp32"
+        return "bf16" if device.type == "cpu" and towers_train and cpu.has("bf16") else "fp32"
     check(name in PRECISIONS, "precision", name, " | ".join(PRECISIONS))
     return name
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 matmul units (AVX-512 BF16 or AMX), by /proc/cpuinfo's flags; False
-    where that file is missing (not Linux): such a CPU trains in fp32 unless asked."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", info))
 
 
 def autocast(precision: str, device: torch.device):
