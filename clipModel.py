@@ -75,6 +75,7 @@ class ImageEncoderConfig:
     width: int = 128  # scratch ViT: transformer width
     depth: int = 3  # scratch ViT: number of blocks (3: the default run's recall of 4 in 3/4 of the step)
     heads: int = 4  # scratch ViT: attention heads
+    merge_after: int = 0  # scratch ViT: after this many blocks, average each 2x2 of patch tokens (4x fewer after); 0 = never
 
 
 @dataclass

@@ -81,11 +81,17 @@ class ScratchViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
         self.ln = nn.LayerNorm(cfg.width)
         self.out_dim, self.checkpointing = cfg.width, False
+        self.side, self.merge_after = size // cfg.patch_size, cfg.merge_after or cfg.depth
 
     def forward(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # shape[0]: traceable
-        x = run_blocks(self.blocks, x, self.checkpointing and self.training)
+        checkpointing = self.checkpointing and self.training
+        x = run_blocks(self.blocks[:self.merge_after], x, checkpointing)
+        if self.merge_after < len(self.blocks):  # pool the token grid 2x2, as PiT does (Heo et al., 2021)
+            half, C = self.side // 2, x.shape[-1]
+            grid = x[:, 1:].reshape(-1, half, 2, half, 2, C).mean((2, 4)).flatten(1, 2)  # (B, N/4, C)
+            x = run_blocks(self.blocks[self.merge_after:], torch.cat([x[:, :1], grid], dim=1), checkpointing)
         return self.ln(x[:, 0])
 
 
@@ -151,6 +157,11 @@ class ScratchImageEncoder(_ScratchTower, ImageEncoder):
         check(p >= 1, "image.patch_size", p, ">= 1")
         size = cfg.image_size or SCRATCH_IMAGE_SIZE
         check(size % p == 0, "image.patch_size", p, f"a divisor of the image side {size}")
+        if cfg.merge_after:  # the grid halves once, after a block that exists and before one that follows
+            check(0 < cfg.merge_after < cfg.depth, "image.merge_after", cfg.merge_after,
+                  f"0 (never) or from 1 to image.depth - 1 = {cfg.depth - 1}")
+            check((size // p) % 2 == 0, "image.merge_after", cfg.merge_after,
+                  f"0: a {size // p}x{size // p} patch grid has no 2x2 groups to merge")
 
     def forward(self, images):
         return self.model(images)
