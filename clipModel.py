@@ -17,8 +17,6 @@ import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,7 +73,7 @@ class ImageEncoderConfig:
     width: int = 128  # scratch ViT: transformer width
     depth: int = 4  # scratch ViT: number of blocks
     heads: int = 4  # scratch ViT: attention heads
-    merge_after: int = 0  # scratch ViT: after this many blocks, average each 2x2 of patch tokens (4x fewer after); 0 = never
+    merge_after: int = 0  # scratch ViT: after this many blocks (if more follow), average each 2x2 of patch tokens: 4x fewer; 0 = never
 
 
 @dataclass
@@ -370,20 +368,9 @@ def resize_crop(image_size: int):
     The one resize both data paths share: the decoded-image cache stores its output, and
     `image_transform` starts with it (a no-op on an S x S image), so cached and direct inputs
     are identical. No `Image.draft`: it would change pixels."""
-    pipeline = None  # built on first need: torchvision's import is ~1 s of a short run
-
-    def prepare(image):
-        nonlocal pipeline
-        if isinstance(image, PIL.Image.Image) and image.mode == "RGB" and image.size == (image_size, image_size):
-            # already S x S: what the pipeline returns for it (tested), without building it
-            return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (S, S, 3) -> (3, S, S) uint8
-        if pipeline is None:
-            from torchvision.transforms import v2
-            pipeline = v2.Compose([v2.ToImage(), v2.RGB(), v2.Resize(image_size, antialias=True),
-                                   v2.CenterCrop(image_size)])
-        return pipeline(image)
-
-    return prepare
+    from torchvision.transforms import v2
+    return v2.Compose([v2.ToImage(), v2.RGB(), v2.Resize(image_size, antialias=True),
+                       v2.CenterCrop(image_size)])
 
 
 def to_model_input(images: torch.Tensor, mean, std, augment: bool = False,

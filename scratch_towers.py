@@ -81,7 +81,7 @@ class ScratchViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
         self.ln = nn.LayerNorm(cfg.width)
         self.out_dim, self.checkpointing = cfg.width, False
-        self.side, self.merge_after = size // cfg.patch_size, cfg.merge_after or cfg.depth
+        self.side, self.merge_after = size // cfg.patch_size, min(cfg.merge_after or cfg.depth, cfg.depth)
 
     def forward(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
@@ -157,9 +157,8 @@ class ScratchImageEncoder(_ScratchTower, ImageEncoder):
         check(p >= 1, "image.patch_size", p, ">= 1")
         size = cfg.image_size or SCRATCH_IMAGE_SIZE
         check(size % p == 0, "image.patch_size", p, f"a divisor of the image side {size}")
-        if cfg.merge_after:  # the grid halves once, after a block that exists and before one that follows
-            check(0 < cfg.merge_after < cfg.depth, "image.merge_after", cfg.merge_after,
-                  f"0 (never) or from 1 to image.depth - 1 = {cfg.depth - 1}")
+        check(cfg.merge_after >= 0, "image.merge_after", cfg.merge_after, ">= 0")
+        if 0 < cfg.merge_after < cfg.depth:  # a grid that halves must split into 2x2 groups
             check((size // p) % 2 == 0, "image.merge_after", cfg.merge_after,
                   f"0: a {size // p}x{size // p} patch grid has no 2x2 groups to merge")
 

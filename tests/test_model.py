@@ -336,7 +336,6 @@ SCRATCH = dict(image=ImageEncoderConfig(kind="scratch", width=32, depth=1, heads
     ({"image": {"patch_size": 0}}, "image.patch_size"),  # ZeroDivisionError
     ({"image": {"patch_size": 6}}, "image.patch_size"),  # the conv stem halves the side
     ({"image": {"heads": 3}}, "image.heads"),  # 32 channels do not split into 3 heads
-    ({"image": {"merge_after": 1}}, "image.merge_after"),  # depth 1: no block after the merge
     ({"image": {"merge_after": -1, "depth": 2}}, "image.merge_after"),
     ({"image": {"merge_after": 1, "depth": 2, "image_size": 24}}, "image.merge_after"),  # a 3x3 grid
     ({"image": {"pool_blocks": 99}}, "image.pool_blocks"),  # silently ignored by the scratch ViT
