@@ -73,6 +73,7 @@ class ImageEncoderConfig:
     width: int = 128  # scratch ViT: transformer width
     depth: int = 4  # scratch ViT: number of blocks
     heads: int = 4  # scratch ViT: attention heads
+    merge_after: int = 0  # scratch ViT: after this many blocks (if more follow), average each 2x2 of patch tokens: 4x fewer; 0 = never
 
 
 @dataclass

@@ -29,9 +29,22 @@ class Block(nn.Module):
     def forward(self, x, attn_mask=None):
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, T, C/H)
+        y = attention(q, k, v, attn_mask)  # (B, H, T, C/H)
         x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp(self.ln2(x))
+
+
+def attention(q, k, v, attn_mask=None):
+    """`F.scaled_dot_product_attention`, written out under a CPU's autocast: two bf16 matmuls around an
+    fp32 softmax. There SDPA's bf16 kernel runs its backward ~5x slower than its fp32 one, and the fp32
+    flash kernel gains nothing from a second thread (measured on 2 cores: the default run's step 1.1-1.2x
+    faster than with fp32 SDPA)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (B, H, T, T)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return scores.softmax(-1).to(v.dtype) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 def conv_stem(width: int, patch_size: int) -> nn.Sequential:
@@ -68,11 +81,17 @@ class ScratchViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
         self.ln = nn.LayerNorm(cfg.width)
         self.out_dim, self.checkpointing = cfg.width, False
+        self.side, self.merge_after = size // cfg.patch_size, min(cfg.merge_after or cfg.depth, cfg.depth)
 
     def forward(self, images):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, C)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # shape[0]: traceable
-        x = run_blocks(self.blocks, x, self.checkpointing and self.training)
+        checkpointing = self.checkpointing and self.training
+        x = run_blocks(self.blocks[:self.merge_after], x, checkpointing)
+        if self.merge_after < len(self.blocks):  # pool the token grid 2x2, as PiT does (Heo et al., 2021)
+            half, C = self.side // 2, x.shape[-1]
+            grid = x[:, 1:].reshape(-1, half, 2, half, 2, C).mean((2, 4)).flatten(1, 2)  # (B, N/4, C)
+            x = run_blocks(self.blocks[self.merge_after:], torch.cat([x[:, :1], grid], dim=1), checkpointing)
         return self.ln(x[:, 0])
 
 
@@ -138,6 +157,10 @@ class ScratchImageEncoder(_ScratchTower, ImageEncoder):
         check(p >= 1, "image.patch_size", p, ">= 1")
         size = cfg.image_size or SCRATCH_IMAGE_SIZE
         check(size % p == 0, "image.patch_size", p, f"a divisor of the image side {size}")
+        check(cfg.merge_after >= 0, "image.merge_after", cfg.merge_after, ">= 0")
+        if 0 < cfg.merge_after < cfg.depth:  # a grid that halves must split into 2x2 groups
+            check((size // p) % 2 == 0, "image.merge_after", cfg.merge_after,
+                  f"0: a {size // p}x{size // p} patch grid has no 2x2 groups to merge")
 
     def forward(self, images):
         return self.model(images)

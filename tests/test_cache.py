@@ -320,3 +320,17 @@ def test_temp_files_of_dead_builds_removed(tmp_path):
     assert images.shape == (2, 3, S, S)
     assert not any(path.exists() for path in gone)
     assert all(path.exists() for path in kept)
+
+
+@pytest.mark.parametrize("mode, size", [("RGB", 32), ("RGB", 40), ("L", 32)])
+def test_an_image_already_its_size_is_stored_as_resize_crop_stores_it(tmp_path, mode, size):
+    """The cache skips torchvision for an RGB image already S x S (its import is ~1 s of a short run):
+    the same uint8 pixels as `resize_crop`, which every other image still goes through."""
+    from clipModel import resize_crop
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, len(mode)), dtype=np.uint8)
+    path = tmp_path / "image.png"
+    Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode).save(path)
+    stored = {}
+    assert cache._decode_all([str(path)], stored.__setitem__, 32, False, "", False) == {}
+    reference = resize_crop(32)(open_rgb(path))
+    assert stored[0].dtype == torch.uint8 and torch.equal(stored[0], reference.as_subclass(torch.Tensor))

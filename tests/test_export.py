@@ -21,6 +21,8 @@ def tiny_model(kind: str, hf_root=None) -> CLIPModel:
     else:
         timm_name = {"timm": "test_efficientnet", "timm side by side": "test_efficientnet+test_resnet"}.get(kind)
         image = (ImageEncoderConfig(kind="scratch", image_size=32, width=32, depth=1, heads=2) if kind == "scratch" else
+                 ImageEncoderConfig(kind="scratch", image_size=32, width=32, depth=2, heads=2, merge_after=1)
+                 if kind == "scratch merging tokens" else
                  ImageEncoderConfig(kind="timm", name=timm_name, pretrained=False, image_size=64, pool_blocks=2))
         config = CLIPConfig(image=image, text=SCRATCH_TEXT, projection_dim=16)
     return CLIPModel(config, captions=TINY_CAPTIONS * 3).eval()
@@ -35,7 +37,7 @@ def inputs(model: CLIPModel, tower: str) -> tuple[torch.Tensor, ...]:
     return tokens["input_ids"], tokens["attention_mask"]
 
 
-@pytest.mark.parametrize("kind", ["scratch", "timm", "timm side by side", "hf"])
+@pytest.mark.parametrize("kind", ["scratch", "scratch merging tokens", "timm", "timm side by side", "hf"])
 def test_exported_graphs_give_torchs_outputs(kind, tiny_hf, tmp_path):
     from clip_foundation.engines.export import export_onnx, graph
     model = tiny_model(kind, tiny_hf)

@@ -336,6 +336,8 @@ SCRATCH = dict(image=ImageEncoderConfig(kind="scratch", width=32, depth=1, heads
     ({"image": {"patch_size": 0}}, "image.patch_size"),  # ZeroDivisionError
     ({"image": {"patch_size": 6}}, "image.patch_size"),  # the conv stem halves the side
     ({"image": {"heads": 3}}, "image.heads"),  # 32 channels do not split into 3 heads
+    ({"image": {"merge_after": -1, "depth": 2}}, "image.merge_after"),
+    ({"image": {"merge_after": 1, "depth": 2, "image_size": 24}}, "image.merge_after"),  # a 3x3 grid
     ({"image": {"pool_blocks": 99}}, "image.pool_blocks"),  # silently ignored by the scratch ViT
     ({"image": {"std": (0.5, 0.0, 0.5)}}, "image.std"),
     ({"image": {"kind": "timm", "name": "resnet18", "pretrained": False, "pool_blocks": 99}},
@@ -360,3 +362,31 @@ def test_every_tower_kind_is_one_adapter_with_the_same_interface():
     for name in ("clipModel", "hf_towers", "timm_towers", "scratch_towers"):
         source = (Path(clipModel.__file__).parent / f"{name}.py").read_text()
         assert not re.search(r"\bkind\s*(==|!=)", source), name
+
+
+@pytest.mark.parametrize("merge_after", [1, 2])
+def test_merging_tokens_pools_the_patch_grid_2x2_between_the_blocks(merge_after):
+    """--image.merge_after=N: the blocks after N see each 2x2 of patch tokens averaged into one (the
+    CLS token kept), by a reference written with avg_pool2d over the (side x side) grid."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    config = replace(SCRATCH["image"], image_size=32, depth=3, merge_after=merge_after)
+    tower = CLIPModel(CLIPConfig(image=config, text=SCRATCH["text"], projection_dim=16),
+                      captions=["a red circle", "a blue square"] * 4).image_encoder.model.eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        x = tower.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([tower.cls_token.expand(3, -1, -1), x], dim=1) + tower.pos_embed
+        for block in tower.blocks[:merge_after]:
+            x = block(x)
+        grid = x[:, 1:].transpose(1, 2).reshape(3, -1, 4, 4)  # (B, C, side, side)
+        pooled = F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)  # (B, 4, C)
+        x = torch.cat([x[:, :1], pooled], dim=1)
+        for block in tower.blocks[merge_after:]:
+            x = block(x)
+        torch.testing.assert_close(tower(images), tower.ln(x[:, 0]))
+        unmerged = replace(config, merge_after=0)
+        plain = CLIPModel(CLIPConfig(image=unmerged, text=SCRATCH["text"], projection_dim=16),
+                          captions=["a red circle", "a blue square"] * 4).image_encoder.model.eval()
+        plain.load_state_dict(tower.state_dict())  # the same weights: merging adds none
+        assert not torch.allclose(plain(images), tower(images))

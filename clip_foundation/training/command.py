@@ -1,6 +1,6 @@
 """Train a CLIP model. With no arguments: the small from-scratch CLIP on the synthetic set.
 
-    python train.py                                   # offline demo, a few minutes on a CPU
+    python train.py                                   # offline demo, 1-2 minutes on a CPU
     python train.py --epochs=30 --batch_size=256      # any config key as --key=value
     python train.py --help                            # every key, its default and why
 

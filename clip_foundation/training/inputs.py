@@ -15,7 +15,8 @@ from clipModel import CLIPModel, to_model_input
 from clip_foundation.data.splits import UniqueImageBatchSampler, all_captions, batch_indices, prefetch, token_batch
 from clip_foundation.training.features import image_tower_features, text_tower_features
 from clip_foundation.evaluate.querybank import recall_with_bank
-from clip_foundation.evaluate.metrics import embed_records, eval_mode
+from clip_foundation.engines.registry import encoder_of
+from clip_foundation.evaluate.metrics import embed_images, embed_texts, eval_mode
 
 
 class TrainingInputs(Protocol):
@@ -159,14 +160,30 @@ class TrainInputs(Inputs):
 @torch.no_grad()
 def split_recall(model: CLIPModel, inputs: Inputs, querybank=None) -> dict:
     """Recall metrics of a split; cheap when both towers' features are cached. With `querybank`
-    ((bank, alpha, beta), see querybank.py) also those with querybank normalisation."""
-    if inputs.image_features is None or inputs.text_features is None:
-        image_f, text_f, _ = embed_records(model, inputs.records, inputs.images)
-    else:
-        with eval_mode(model):
+    ((bank, alpha, beta), see querybank.py) also those with querybank normalisation. The captions
+    are encoded from the split's tokens (tokenized once, not every epoch), in `embed_texts`' batches."""
+    with eval_mode(model):
+        if inputs.image_features is not None and inputs.text_features is not None:
             image_f = model.project_image(inputs.image_features.to(model.device)).float()
             text_f = model.project_text(inputs.text_features.to(model.device)).float()
+        else:
+            image_f = embed_images(model, inputs.images, batch_size=256)
+            text_f = (embed_texts(model, all_captions(inputs.records)) if inputs.tokens is None
+                      else embed_tokens(model, inputs.tokens))
     return recall_with_bank(image_f, text_f, inputs.records, querybank)
+
+
+def embed_tokens(model: CLIPModel, tokens: dict[str, torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+    """Pre-tokenized captions -> normalised features (M, D) in their order: `embed_texts` without
+    tokenizing, in the same batches of similar length (so the same features)."""
+    encoder = encoder_of(model)
+    order = tokens["attention_mask"].sum(1).argsort(stable=True)
+    out = torch.empty(len(order), model.config.projection_dim)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        ids, mask = token_batch(tokens, chunk)
+        out[chunk] = encoder.encode_texts(ids, mask).float().cpu()
+    return out.to(model.device)
 
 
 class Embedder(torch.nn.Module):

@@ -28,7 +28,7 @@ from clip_foundation.training.config import RunConfig
 from clip_foundation.training.features import calibration_sample
 from clip_foundation.training.inputs import (Embedder, Inputs, TrainingInputs, TrainInputs, set_train_mode,
                                              split_recall, tower_trains)
-from clip_foundation.training.runlog import RunLogger, draw_curves, progress_bar
+from clip_foundation.training.runlog import CurvesFile, RunLogger, progress_bar
 from clip_foundation.training.streaming import StreamInputs
 from clip_foundation.training.step import (NonFiniteLoss, build_optimizer, build_scheduler, contrastive_backward,
                                            freeze_towers, grad_scaler, optimizer_step, resolve_precision,
@@ -127,7 +127,7 @@ def _train(cfg: RunConfig, on_epoch, on_tested, held: contextlib.ExitStack) -> t
     if (tc.batch_size // world) % tc.accum_steps:
         raise ValueError(f"batch_size {tc.batch_size} does not split into {world} x {tc.accum_steps} equal micro-batches")
     total_steps = tc.epochs * len(train_inputs)
-    precision = resolve_precision(tc.precision, device)
+    precision = resolve_precision(tc.precision, device, image_trains or text_trains)
     optimizer = build_optimizer(model, device, tc.lr, tc.weight_decay, tc.image_lr, tc.text_lr)
     scheduler = build_scheduler(optimizer, tc.schedule, total_steps, tc.warmup_steps, tc.plateau_factor,
                                 tc.plateau_patience)
@@ -156,6 +156,7 @@ def _train(cfg: RunConfig, on_epoch, on_tested, held: contextlib.ExitStack) -> t
     no_sync = getattr(step_module, "no_sync", contextlib.nullcontext)
     extra = {"data": asdict(cfg.data), "stream": asdict(cfg.stream), "train": asdict(tc)}
     logger = RunLogger(run_dir, position["history"], tc.tensorboard) if main_rank else None
+    curves = CurvesFile(run_dir / "curves.png")
     if main_rank:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"training on {device}{f' x {world} processes' if world > 1 else ''} ({precision}): "
@@ -228,7 +229,7 @@ def _train(cfg: RunConfig, on_epoch, on_tested, held: contextlib.ExitStack) -> t
                 write_model_card(run_dir)  # README.md: what the saved model is, its validation recall so far
             best = max(best, score)
             checkpoint(epoch + 1, 0, stream_state)
-            draw_curves(history, run_dir / "curves.png")
+            curves.epoch_end(history, last=epoch + 1 == tc.epochs)
             if on_epoch is not None:
                 on_epoch(history, run_dir)
         distributed.barrier()
