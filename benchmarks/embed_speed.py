@@ -32,7 +32,6 @@ from clip_foundation.embed import writer as embed
 from clip_foundation.embed import format as fmt
 from clip_foundation.engines.registry import installed, use_engine
 from clip_foundation.data.splits import image_folder_records
-from clip_foundation.data.stream import SampleCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -94,7 +94,7 @@ def build_big_index(embeddings, out, budget: int, budget_text: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     # first: a half-replaced index never reads as complete, and the folder stays this build's
     atomic_write(out / INFO_FILE, lambda tmp: tmp.write_text(json.dumps({**OWNER, "building": True})))
-    atomic_write(out / INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp)))
+    atomic_write(out / INDEX_FILE, lambda tmp, built=index: faiss.write_index(built, str(tmp)))  # before the del below
     size = (out / INDEX_FILE).stat().st_size
     if size > budget:  # the estimates are upper bounds: this would be a bug in them, never a silent overrun
         (out / INDEX_FILE).unlink()
