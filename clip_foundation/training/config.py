@@ -39,7 +39,7 @@ class TrainConfig:
     train_image_blocks: int = 0  # with freeze_image: still train the image tower's last N blocks
     train_text_blocks: int = 0  # with freeze_text: still train the text tower's last N blocks
     grad_clip: float = 1.0  # max gradient norm; 0 disables
-    precision: str = "auto"  # auto (GPU: bf16, else fp16 + scaler; CPU with bf16 units, a tower trained: bf16, half the step; else fp32) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (GPU: bf16, else fp16 + scaler; CPU with bf16 units, a tower trained: bf16, 1.4-1.7x faster steps; else fp32) | fp32 | bf16 | fp16
     accum_steps: int = 1  # split each batch into this many micro-batches: same gradients, less memory
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     compile: bool = False  # torch.compile both towers (faster steps on GPUs after a slow first one)
