@@ -2,8 +2,8 @@
 import torch
 
 from clip_foundation.data.records import Record
-from clip_foundation.evaluate.metrics import embed_texts, evaluate_records
-from clip_foundation.training.inputs import Inputs, embed_tokens, split_recall
+from clip_foundation.evaluate.metrics import embed_texts, embed_tokens, evaluate_records
+from clip_foundation.training.inputs import Inputs, split_recall
 from test_engine import tiny_model
 
 

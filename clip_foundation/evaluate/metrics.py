@@ -9,7 +9,7 @@ import torch
 
 from clipModel import CLIPModel
 
-from clip_foundation.data.splits import all_captions, decode_images
+from clip_foundation.data.splits import all_captions, decode_images, token_batch
 from clip_foundation.engines.registry import encoder_of
 from clip_foundation.common.modes import eval_mode, image_layout  # noqa: F401 - their home before modes.py; callers import them from here
 
@@ -119,12 +119,17 @@ def in_length_order(model: CLIPModel, captions: list[str], encode, width: int, b
                     desc: str | None = None) -> torch.Tensor:
     """encode(list of captions) -> (b, width) run on batches of similar-length captions; the
     rows (M, width) come back on the CPU in the captions' order. `desc`: a progress bar."""
+    return _in_order(length_order(model, captions), lambda chunk: encode([captions[i] for i in chunk]), width,
+                     batch_size, desc)
+
+
+def _in_order(order, encode, width: int, batch_size: int, desc: str | None = None) -> torch.Tensor:
+    # encode(row indices) -> (b, width) on consecutive batches of `order`; -> (M, width) on the CPU, by row
     from tqdm.auto import tqdm
-    order = length_order(model, captions)
-    out = torch.empty(len(captions), width)
-    for s in tqdm(range(0, len(captions), batch_size), desc=desc, disable=desc is None, leave=False):
+    out = torch.empty(len(order), width)
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
         chunk = order[s:s + batch_size]
-        out[chunk] = encode([captions[i] for i in chunk]).float().cpu()  # (b, width)
+        out[chunk] = encode(chunk).float().cpu()  # (b, width)
     return out
 
 
@@ -134,6 +139,16 @@ def embed_texts(model: CLIPModel, captions: list[str], batch_size: int = 256) ->
     encoder = encoder_of(model)
     return in_length_order(model, captions, lambda batch: encoder.encode_texts(**model.tokenize(batch)),
                            model.config.projection_dim, batch_size).to(model.device)
+
+
+@torch.no_grad()
+def embed_tokens(model: CLIPModel, tokens: dict[str, torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+    """Captions already tokenized (`model.tokenize`'s input_ids and attention_mask) -> normalised
+    features (M, D) in their order: `embed_texts` without tokenizing again, in the same batches."""
+    encoder = encoder_of(model)
+    order = tokens["attention_mask"].sum(1).argsort(stable=True)  # length_order's, from the tokens at hand
+    return _in_order(order, lambda chunk: encoder.encode_texts(*token_batch(tokens, chunk)),
+                     model.config.projection_dim, batch_size).to(model.device)
 
 
 def records_metrics(image_features: torch.Tensor, text_features: torch.Tensor, records) -> dict:

@@ -15,8 +15,7 @@ from clipModel import CLIPModel, to_model_input
 from clip_foundation.data.splits import UniqueImageBatchSampler, all_captions, batch_indices, prefetch, token_batch
 from clip_foundation.training.features import image_tower_features, text_tower_features
 from clip_foundation.evaluate.querybank import recall_with_bank
-from clip_foundation.engines.registry import encoder_of
-from clip_foundation.evaluate.metrics import embed_images, embed_texts, eval_mode
+from clip_foundation.evaluate.metrics import embed_images, embed_texts, embed_tokens, eval_mode
 
 
 class TrainingInputs(Protocol):
@@ -171,19 +170,6 @@ def split_recall(model: CLIPModel, inputs: Inputs, querybank=None) -> dict:
             text_f = (embed_texts(model, all_captions(inputs.records)) if inputs.tokens is None
                       else embed_tokens(model, inputs.tokens))
     return recall_with_bank(image_f, text_f, inputs.records, querybank)
-
-
-def embed_tokens(model: CLIPModel, tokens: dict[str, torch.Tensor], batch_size: int = 256) -> torch.Tensor:
-    """Pre-tokenized captions -> normalised features (M, D) in their order: `embed_texts` without
-    tokenizing, in the same batches of similar length (so the same features)."""
-    encoder = encoder_of(model)
-    order = tokens["attention_mask"].sum(1).argsort(stable=True)
-    out = torch.empty(len(order), model.config.projection_dim)
-    for s in range(0, len(order), batch_size):
-        chunk = order[s:s + batch_size]
-        ids, mask = token_batch(tokens, chunk)
-        out[chunk] = encoder.encode_texts(ids, mask).float().cpu()
-    return out.to(model.device)
 
 
 class Embedder(torch.nn.Module):
