@@ -106,14 +106,16 @@ def _decode_all(paths: list[str], store, image_size: int, skip_bad: bool,
     # release the GIL). -> {index: error} of images that failed, by index; without skip_bad
     # the first raises, as does any error of `store` (e.g. a full disk).
     from tqdm.auto import tqdm
-    resize = []  # resize_crop, built on first need
+    resize = None  # resize_crop, built on first need
 
     def prepare(image):
+        nonlocal resize
         if image.mode == "RGB" and image.size == (image_size, image_size):
             # already S x S: resize_crop's pixels (tested), without importing torchvision (~1 s of a short run)
             return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (S, S, 3) -> (3, S, S)
-        resize or resize.append(resize_crop(image_size))
-        return resize[0](image)
+        if resize is None:  # two threads may both build it: the same transform either way
+            resize = resize_crop(image_size)
+        return resize(image)
 
     def work(i: int) -> str | None:
         try:
