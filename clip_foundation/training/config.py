@@ -35,6 +35,7 @@ class TrainConfig:
     plateau_patience: int = 1  # plateau schedule: epochs without improvement before lowering the lr
     augment: bool = True  # random resized crops (no flips: captions say "left of")
     freeze_image: bool = False  # keep the image tower fixed; without augment its features are computed once
+    feature_dropout: float = 0.0  # dropout on a frozen image tower's cached features while training: the augmentation cached features allow
     freeze_text: bool = False  # keep the text tower fixed; its caption features are computed once
     train_image_blocks: int = 0  # with freeze_image: still train the image tower's last N blocks
     train_text_blocks: int = 0  # with freeze_text: still train the text tower's last N blocks
@@ -71,6 +72,7 @@ class TrainConfig:
         check(0 < self.lr < math.inf, "lr", self.lr, "a finite number > 0")
         for key in ("image_lr", "text_lr", "weight_decay", "grad_clip"):
             check(0 <= getattr(self, key) < math.inf, key, getattr(self, key), "a finite number >= 0")
+        check(0 <= self.feature_dropout < 1, "feature_dropout", self.feature_dropout, "in [0, 1)")
         check(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "between 0 and 1 (exclusive)")
         check(self.schedule in SCHEDULES, "schedule", self.schedule, " | ".join(SCHEDULES))
         check(self.precision in PRECISIONS, "precision", self.precision, " | ".join(PRECISIONS))

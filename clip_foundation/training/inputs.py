@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from clipModel import CLIPModel, to_model_input
 
@@ -66,6 +67,7 @@ class Inputs:
                  engine: str = "torch", calibration: torch.Tensor | None = None):
         self.records, self.images = records, images
         self.image_features = self.text_features = self.tokens = None
+        self.feature_dropout = 0.0  # set on the training split alone (TrainInputs)
         if not image_trains and not augment:  # frozen and never augmented: encode once
             self.image_features = image_tower_features(model, records, images, cache_dir, progress=progress,
                                                        engine=engine, calibration=calibration)
@@ -114,7 +116,10 @@ class Inputs:
         """-> normalised (image embeddings, text embeddings) of a batch, on the model's device."""
         device, cfg = model.device, model.config.image
         if self.image_features is not None:
-            image_f = model.project_image(image_rows.to(device))
+            rows = image_rows.to(device)
+            if self.feature_dropout and model.training:  # cached features cannot be augmented; drop some instead
+                rows = F.dropout(rows, self.feature_dropout)
+            image_f = model.project_image(rows)
         else:
             image_f = model.encode_image(to_model_input(image_rows.to(device), cfg.mean, cfg.std, augment))
         if self.text_features is not None:
@@ -130,9 +135,10 @@ class TrainInputs(Inputs):
     """The cached training split, drawn by the unique-image sampler: the `TrainingInputs` of
     decoded images and cached features."""
 
-    def __init__(self, model: CLIPModel, records, images, sampler: UniqueImageBatchSampler, **kwargs):
+    def __init__(self, model: CLIPModel, records, images, sampler: UniqueImageBatchSampler,
+                 feature_dropout: float = 0.0, **kwargs):
         super().__init__(model, records, images, **kwargs)
-        self.sampler = sampler
+        self.sampler, self.feature_dropout = sampler, feature_dropout
 
     def __len__(self) -> int:
         return len(self.sampler)

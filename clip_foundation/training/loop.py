@@ -263,7 +263,7 @@ def build_inputs(cfg: RunConfig, model: CLIPModel, splits, rank: int = 0, world:
         if s == "train":
             kinds["calibration"] = calibration_sample(images)  # the same for every split (used in int8 alone)
             sampler = train_sampler(splits[s], tc.batch_size, tc.captions_per_epoch, tc.seed, rank, world)
-            inputs[s] = TrainInputs(model, splits[s], images, sampler, **kinds)
+            inputs[s] = TrainInputs(model, splits[s], images, sampler, tc.feature_dropout, **kinds)
         else:
             inputs[s] = Inputs(model, splits[s], images, **kinds)
     return inputs
