@@ -125,6 +125,31 @@ def test_skip_bad_trains_past_a_corrupt_image_and_reports_it(tmp_path, capsys):
     assert str(broken) not in (run_dir / "split.json").read_text()
 
 
+def test_a_seed_trains_the_same_heads_whether_features_were_cached_or_computed(tmp_path, monkeypatch):
+    """Computing frozen-tower features may draw from torch's global random stream (NNCF's int8
+    calibration does); the training that follows must not depend on it: the same --seed gives the
+    same heads from an empty cache as from a full one."""
+    from safetensors.torch import load_file
+    from clip_foundation.training import inputs as inputs_module
+    data = generate(tmp_path / "synthetic", SyntheticConfig(n_train=40, n_val=10, n_test=10), progress=False)
+    argv = [f"--data={data}", f"--out_dir={tmp_path / 'runs'}", "--epochs=2", "--batch_size=20",
+            "--progress=false", f"--cache_dir={tmp_path / 'cache'}", "--freeze_image", "--freeze_text",
+            "--augment=false", "--dropout=0.3", "--feature_dropout=0.2", "--tensorboard=false", *TINY_MODEL]
+    computed = inputs_module.image_tower_features
+
+    def drawing(*args, **kwargs):  # an engine that draws random numbers while it encodes
+        torch.rand(100)
+        return computed(*args, **kwargs)
+    monkeypatch.setattr(inputs_module, "image_tower_features", drawing)
+    _, cold, _ = train.main(argv + ["--run_name=cold"])  # features computed (and random numbers drawn)
+    monkeypatch.setattr(inputs_module, "image_tower_features", computed)
+    _, warm, _ = train.main(argv + ["--run_name=warm"])  # features read from the cache
+    a, b = load_file(cold / "model.safetensors"), load_file(warm / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.slow
 def test_frozen_towers_train_only_the_heads_from_cached_features(tmp_path):
     from safetensors.torch import load_file

@@ -104,7 +104,9 @@ def _train(cfg: RunConfig, on_epoch, on_tested, held: contextlib.ExitStack) -> t
         model, state = build_model(cfg, splits, device, resume_from)
         splits = {s: check_captions(recs, model.tokenizer, cfg.data.skip_bad) for s, recs in splits.items()}
         cfg.model = model.config  # resolved: image size and normalisation filled in
-        inputs = build_inputs(cfg, model, splits, rank, world)
+        stream = rng_state(device)  # training's random draws must not depend on what computing the
+        inputs = build_inputs(cfg, model, splits, rank, world)  # inputs drew (int8 calibration does)
+        set_rng_state(stream, device)  # or skipped (features read from the cache)
     train_inputs: TrainingInputs = inputs["train"]
     if world > 1 and resume_from is None:  # a scratch tokenizer trained in each process numbers tokens its own way
         model.tokenizer = distributed.broadcast_object(model.tokenizer)
