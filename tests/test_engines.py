@@ -46,8 +46,9 @@ def assert_images_close(got, expected, engine):
     (True, False, None, False, "bf16"), (False, False, None, False, "fp32"), (True, False, "fp32", False, "fp32"),
     (True, True, None, True, "int8"), (False, True, None, True, "int8"), (True, True, None, False, "bf16"),
     (True, False, None, True, "bf16"), (True, True, "bf16", True, "bf16"), (True, True, "fp32", True, "fp32")])
-def test_openvino_picks_the_image_towers_precision_by_what_the_cpu_has(bf16, vnni, env, calibrated, image, monkeypatch):
-    # int8 needs int8 units and images to calibrate on (frozen-tower features); bf16 needs bf16 units; text: fp32
+def test_openvino_picks_the_towers_precision_by_what_the_cpu_has(bf16, vnni, env, calibrated, image, monkeypatch):
+    # int8 needs int8 units and images to calibrate on (frozen-tower features); bf16 needs bf16 units;
+    # text: bf16 only for a frozen tower's features (`calibrated`) on a CPU with bf16 units, never int8
     pytest.importorskip("openvino", reason="needs the engines extra")
     pytest.importorskip("nncf", reason="needs the engines extra")
     monkeypatch.setattr(engines, "_UNITS", {"bf16": bf16, "vnni": vnni})
@@ -55,8 +56,46 @@ def test_openvino_picks_the_image_towers_precision_by_what_the_cpu_has(bf16, vnn
         monkeypatch.setenv(engines.PRECISION_ENV, env)
     cls = engines.engine_class("openvino")
     assert cls.precision("image", calibrated) == image
-    assert cls.precision("text", calibrated) == "fp32"
+    assert cls.precision("text", calibrated) == ("bf16" if calibrated and bf16 and env != "fp32" else "fp32")
+    assert cls.precision("text", False) == "fp32"  # search and evaluation: fp32
     assert engines.engine_class("onnxruntime").precision("image", True) == engines.Encoder.precision("image") == "fp32"
+
+
+def test_a_frozen_text_towers_bf16_features_are_kept_apart_and_close_to_fp32(monkeypatch, tmp_path):
+    """On a CPU with bf16 units OpenVINO encodes a frozen text tower's features in bf16: cached under their
+    own key (an fp32 run never reads them), each within a cosine of 0.999 of the fp32 features."""
+    pytest.importorskip("openvino", reason="needs the engines extra")
+    from clip_foundation.training.features import text_tower_features
+    monkeypatch.setattr(engines, "_UNITS", {**engines._UNITS, "bf16": True})
+    model = tiny_model("scratch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to torch
+        bf16 = text_tower_features(model, CAPTIONS, tmp_path, progress=False, engine="openvino")
+        monkeypatch.setenv(engines.PRECISION_ENV, "fp32")
+        fp32 = text_tower_features(model, CAPTIONS, tmp_path, progress=False, engine="openvino")
+    assert len(list((tmp_path / "features").glob("text-*.safetensors"))) == 2
+    torch.testing.assert_close(fp32, text_tower_features(model, CAPTIONS, None, progress=False), atol=1e-4, rtol=1e-4)
+    assert torch.nn.functional.cosine_similarity(bf16, fp32).min() >= 0.999
+
+
+def test_a_frozen_towers_graph_is_checked_once_per_process_while_unchanged(monkeypatch, tmp_path):
+    """Each split's features make a new encoder; the graph the first one loaded and checked against torch
+    serves the next splits, unless its file changed since."""
+    pytest.importorskip("openvino", reason="needs the engines extra")
+    from clip_foundation.training.features import text_tower_features
+    monkeypatch.setattr(engines, "_CHECKED", {})
+    cls, loads = engines.engine_class("openvino"), []
+    load = cls.load
+    monkeypatch.setattr(cls, "load", lambda self, path, precision="fp32": loads.append(path) or load(self, path, precision))
+    model = tiny_model("scratch")
+    first = text_tower_features(model, CAPTIONS[:3], tmp_path, progress=False, engine="openvino")
+    second = text_tower_features(model, CAPTIONS[3:], tmp_path, progress=False, engine="openvino")
+    assert len(loads) == 1
+    torch.testing.assert_close(torch.cat([first, second]), text_tower_features(model, CAPTIONS, None, progress=False),
+                               atol=1e-2, rtol=0)  # bf16 on CPUs with bf16 units
+    os.utime(loads[0], ns=(1, 1))  # the graph file changed: loaded and checked again
+    text_tower_features(model, CAPTIONS[:2], tmp_path, progress=False, engine="openvino")
+    assert len(loads) == 2
 
 
 def test_an_int8_image_tower_keeps_the_features_and_is_quantized_once(monkeypatch, tmp_path):

@@ -7,8 +7,8 @@ inputs (image files with sizes and mtimes, or caption texts), so a change to eit
 computes fresh features. The engine that encodes (`--engine`, see engines/registry.py) is not part
 of the key: an ONNX Runtime or OpenVINO graph is used only once its outputs match torch's within
 1e-4 (registry.TOLERANCE), so every engine's features are torch's within that. Its precision is:
-the bf16 or int8 image features OpenVINO makes on CPUs with bf16 or int8 units are kept apart from
-fp32 ones (int8: calibrated on a seeded sample of the images being encoded).
+the bf16 or int8 image features and bf16 text features OpenVINO makes on CPUs with bf16 or int8 units
+are kept apart from fp32 ones (int8: calibrated on a seeded sample of the images being encoded).
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def calibration_sample(images: torch.Tensor, n: int = CALIBRATION_IMAGES, seed: 
 def text_tower_features(model: CLIPModel, captions: list[str], cache_dir: str | None,
                         batch_size: int = 256, progress: bool = True, engine: str = "torch") -> torch.Tensor:
     """Text-encoder outputs (M, d_text) of `captions`, encoded by `engine`."""
-    h = hashlib.sha256(_tower_id(model.config.text).encode())
+    precision = engine_class(resolve(engine, model.device)).precision("text", calibrated=True)
+    h = hashlib.sha256((_tower_id(model.config.text) + ("" if precision == "fp32" else precision)).encode())
     for caption in captions:
         h.update(caption.encode() + b"\0")
     path = Path(cache_dir) / "features" / f"text-{h.hexdigest()[:24]}.safetensors" if cache_dir else None
