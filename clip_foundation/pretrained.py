@@ -87,7 +87,8 @@ def convert(name: str, source: Path) -> dict:
     import timm
     import torch
     theirs = torch.load(source, map_location="cpu", weights_only=True)  # tensors only, no pickled code
-    ours = timm.create_model(name, pretrained=False).state_dict()
+    with torch.random.fork_rng(devices=[]):  # only its names and shapes are wanted: its random init must not
+        ours = timm.create_model(name, pretrained=False).state_dict()  # move the caller's random stream
     if len(theirs) != len(ours):
         raise ValueError(f"{source}: {len(theirs)} tensors, timm's {name} has {len(ours)}")
     state = {}

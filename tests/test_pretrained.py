@@ -32,6 +32,15 @@ def test_conversion_is_cached_and_reused(name, user_cache, capsys):
     assert capsys.readouterr().out == ""  # converted once
 
 
+def test_converting_draws_nothing_from_the_random_stream(user_cache):
+    """A model built from converted weights gets the same random heads on the first run, which converts,
+    as on later ones, which read the conversion: converting must not draw from torch's random stream."""
+    pytest.importorskip(pretrained.PACKAGES["tf_efficientnet_lite0"][0], reason="needs the pretrained extra")
+    before = torch.get_rng_state()
+    pretrained.offline_weights("tf_efficientnet_lite0", progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.slow  # three ImageNet networks built and run
 @pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
 def test_converted_weights_see_the_cat(name, user_cache):
