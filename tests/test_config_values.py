@@ -18,7 +18,8 @@ BAD_VALUES = [
     "--warmup_steps=-1", "--plateau_factor=0", "--plateau_factor=1.5", "--plateau_patience=-1",
     "--train_image_blocks=-1", "--train_text_blocks=-2", "--grad_clip=-1", "--precision=fp8",
     "--images_on_device=maybe", "--seed=-1", "--device=cuda:99", "--device=tpu", "--log_every=0",
-    "--save_every=-1", "--querybank=-5", "--feature_dropout=1", "--feature_dropout=-0.1", "--run_name=../elsewhere", "--run_name=a/b", "--out_dir=",
+    "--save_every=-1", "--querybank=-5", "--feature_dropout=1", "--feature_dropout=-0.1",
+    "--feature_dropout=0.2",  # without cached features (--freeze_image --augment=false) it would do nothing "--run_name=../elsewhere", "--run_name=a/b", "--out_dir=",
     # data values (DataConfig.validate)
     "--val_images=-5", "--test_images=-1", "--val_from_train=-1", "--layout=xml", "--train_samples=-1",
     "--workers=-1", "--streams=-1", "--shuffle_buffer=-1", "--synthetic_dir=",

@@ -73,6 +73,9 @@ class TrainConfig:
         for key in ("image_lr", "text_lr", "weight_decay", "grad_clip"):
             check(0 <= getattr(self, key) < math.inf, key, getattr(self, key), "a finite number >= 0")
         check(0 <= self.feature_dropout < 1, "feature_dropout", self.feature_dropout, "in [0, 1)")
+        cached = self.freeze_image and not self.augment and self.train_image_blocks == 0
+        check(cached or self.feature_dropout == 0, "feature_dropout", self.feature_dropout,
+              "0 unless the image tower's features are cached (--freeze_image --augment=false)")
         check(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "between 0 and 1 (exclusive)")
         check(self.schedule in SCHEDULES, "schedule", self.schedule, " | ".join(SCHEDULES))
         check(self.precision in PRECISIONS, "precision", self.precision, " | ".join(PRECISIONS))
