@@ -9,7 +9,9 @@ reported on the held-out split: Flickr8k's official dev split).
 
 The features are the preset's own (the towers' outputs the real run caches, so a first call
 encodes them once); `--towers=lite0,lite2` adds other pip-packaged towers' features side by side
-and `flip` views are encoded once more with the images mirrored. Each recipe trains the two
+and `flip` views are encoded once more with the images mirrored; `--towers=preset` reads the preset's
+own tower's features exactly as its run caches them (the three Lites in one graph, int8 where the CPU
+has VNNI units). Each recipe trains the two
 projection heads and the temperature exactly as the real loop does (the unique-image sampler,
 AdamW, warmup + cosine, `clip_loss`), changing one thing. A research script: it prints a table
 and saves nothing but feature caches; the results are in docs/results.md.
@@ -38,11 +40,14 @@ TOWERS = {"lite0": "tf_efficientnet_lite0", "lite1": "tf_efficientnet_lite1", "l
 
 # ---------------------------------------------------------------- features
 
-def preset_features(data: str, tower: str = "lite2", flip: bool = False, size: int = 0) -> dict:
+def preset_features(data: str, tower: str = "lite2", flip: bool = False, size: int = 0,
+                    cache_dir: str = "data/cache") -> dict:
     """{split: (image features (N, d), text features (M, 384), records)} for train/val/test, as
-    the preset's run caches them; `flip`: the image features of the mirrored images."""
-    argv = expand_preset(["--preset=flickr8k-pretrained", f"--data={data}", f"--image.name={TOWERS[tower]}",
-                          "--engine=auto", f"--image.image_size={size}"])
+    the preset's run caches them; `flip`: the image features of the mirrored images; tower "preset":
+    the preset's own image tower."""
+    own = [] if tower == "preset" else [f"--image.name={TOWERS[tower]}", f"--image.image_size={size}"]
+    argv = expand_preset(["--preset=flickr8k-pretrained", f"--data={data}", f"--cache_dir={cache_dir}",
+                          "--engine=auto", *own])
     cfg = resolve_config(argv)
     splits = prepare_data(cfg)
     model, _ = build_model(cfg, splits, torch.device("cpu"), None)
@@ -119,6 +124,7 @@ def fit(feats: dict, recipe: dict, seed: int = 0) -> dict:
     sampler = train_sampler(records, batch, recipe.get("captions", 5), seed)
     total = epochs * len(sampler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(5, total))
+    ema = copy.deepcopy(heads) if recipe.get("ema") else None  # judged and kept instead of the heads
     best, best_state, step = -1.0, None, 0
     offsets = caption_offsets(records)
     for epoch in range(epochs):
@@ -133,6 +139,10 @@ def fit(feats: dict, recipe: dict, seed: int = 0) -> dict:
                 lam = torch.distributions.Beta(recipe["fusemix"], recipe["fusemix"]).sample((len(x_image), 1))
                 perm = torch.randperm(len(x_image))
                 x_image, x_text = lam * x_image + (1 - lam) * x_image[perm], lam * x_text + (1 - lam) * x_text[perm]
+            if recipe.get("feature_dropout"):  # as --feature_dropout: a fraction of the cached image features dropped
+                x_image = F.dropout(x_image, recipe["feature_dropout"])
+            if recipe.get("text_dropout"):
+                x_text = F.dropout(x_text, recipe["text_dropout"])
             if recipe.get("feature_noise"):
                 x_image = x_image + recipe["feature_noise"] * x_image.std(0) * torch.randn_like(x_image)
             scale = heads.scale() if not recipe.get("temperature") else torch.tensor(1 / recipe["temperature"])
@@ -141,6 +151,11 @@ def fit(feats: dict, recipe: dict, seed: int = 0) -> dict:
                 rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in image_index.tolist()])
                 image_f, text_f = heads(x_image, xt[rows].float())
                 loss = all_captions_loss(image_f, text_f, owner, scale)
+            elif recipe.get("label_smoothing"):
+                image_f, text_f = heads(x_image, x_text)
+                logits, labels = scale * image_f @ text_f.T, torch.arange(len(image_f))
+                loss = (F.cross_entropy(logits, labels, label_smoothing=recipe["label_smoothing"])
+                        + F.cross_entropy(logits.T, labels, label_smoothing=recipe["label_smoothing"])) / 2
             else:
                 image_f, text_f = heads(x_image, x_text)
                 loss = clip_loss(image_f, text_f, scale)
@@ -152,11 +167,16 @@ def fit(feats: dict, recipe: dict, seed: int = 0) -> dict:
             optimizer.step()
             scheduler.step()
             step += 1
+            if ema is not None:  # an exponential moving average of the heads' weights
+                with torch.no_grad():
+                    for kept, p in zip(ema.parameters(), heads.parameters()):
+                        kept.lerp_(p, 1 - recipe["ema"])
         if flips is not None and recipe.get("flip_tta"):  # test-time: the mean of both views' features
             vi = (feats["val"][0] + flips["val"]) / 2
-        score = evaluate(heads, vi, vt, vrec)["mean_recall"]
+        judged = heads if ema is None else ema
+        score = evaluate(judged, vi, vt, vrec)["mean_recall"]
         if score > best:
-            best, best_state, best_epoch = score, copy.deepcopy(heads.state_dict()), epoch + 1
+            best, best_state, best_epoch = score, copy.deepcopy(judged.state_dict()), epoch + 1
     heads.load_state_dict(best_state)
     if flips is not None and recipe.get("flip_tta"):
         feats = {**feats, "test": ((feats["test"][0] + flips["test"]) / 2, *feats["test"][1:])}
@@ -226,7 +246,24 @@ RECIPES = {
     "allcaps5": {"allcaps": True, "captions": 5, "epochs": 8},
     "allcaps5+temp0.05": {"allcaps": True, "captions": 5, "temperature": 0.05},
     "dim1024+temp0.05": {"dim": 1024, "temperature": 0.05},
+    "fdrop0.1": {"feature_dropout": 0.1},
+    "fdrop0.2": {"feature_dropout": 0.2},
+    "fdrop0.3": {"feature_dropout": 0.3},
+    "fdrop0.2+tdrop0.1": {"feature_dropout": 0.2, "text_dropout": 0.1},
+    "ls0.1": {"label_smoothing": 0.1},
+    "ema0.9": {"ema": 0.9},
+    "wd0.5": {"wd": 0.5},
+    "init0.05+fdrop0.2": {"init_temperature": 0.05, "feature_dropout": 0.2},  # the preset's
+    "init0.05+fdrop0.3": {"init_temperature": 0.05, "feature_dropout": 0.3},
+    "init0.05+fdrop0.2+ls0.1": {"init_temperature": 0.05, "feature_dropout": 0.2, "label_smoothing": 0.1},
 }
+
+
+def mean_of(results: list) -> dict:
+    """The seeds' mean of each figure `row` prints."""
+    mean = {k: sum(r[k] for r in results) / len(results) for k in
+            ("text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1", "image_to_text_R@5")}
+    return {**mean, "querybank": {"text_to_image_R@1": sum(r["querybank"]["text_to_image_R@1"] for r in results) / len(results)}}
 
 
 def row(name: str, m: dict, seconds: float, epoch="") -> str:
@@ -239,7 +276,8 @@ def row(name: str, m: dict, seconds: float, epoch="") -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True)
-    p.add_argument("--towers", default="lite2", help="comma-separated: their features side by side (lite0, lite1, lite2)")
+    p.add_argument("--towers", default="lite2", help="comma-separated: their features side by side (lite0, lite1, lite2), or preset: the preset's own tower")
+    p.add_argument("--cache_dir", default="data/cache", help="the runs' cache folder (decoded images, features)")
     p.add_argument("--size", type=int, default=0, help="every tower's input side (0: each one's own)")
     p.add_argument("--flip", action="store_true", help="encode mirrored images too (flip_aug and test-time averaging)")
     p.add_argument("--recipes", default="base", help=f"comma-separated, of: {', '.join(RECIPES)}")
@@ -247,22 +285,25 @@ def main(argv=None) -> None:
     p.add_argument("--ensemble", type=int, default=0, help="also: the first N seeds' heads as one model")
     args = p.parse_args(argv)
     towers = args.towers.split(",")
-    parts = [preset_features(args.data, t, size=args.size) for t in towers]
+    parts = [preset_features(args.data, t, size=args.size, cache_dir=args.cache_dir) for t in towers]
     feats = {s: (torch.cat([f[s][0].float() for f in parts], 1), parts[0][s][1], parts[0][s][2]) for s in parts[0]}
     if args.flip:
-        flipped = [preset_features(args.data, t, flip=True, size=args.size) for t in towers]
+        flipped = [preset_features(args.data, t, flip=True, size=args.size, cache_dir=args.cache_dir) for t in towers]
         feats["flip"] = {s: torch.cat([f[s][0].float() for f in flipped], 1) for s in flipped[0]}
     print(f"features: image {feats['train'][0].shape[1]}-d ({'+'.join(towers)}), text {feats['train'][1].shape[1]}-d; "
           f"{len(feats['train'][2])} train / {len(feats['val'][2])} val / {len(feats['test'][2])} test images")
     print("| recipe | epoch | t→i R@1 | R@5 | R@10 | + querybank R@1 | i→t R@1 | R@5 | time |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.recipes.split(","):
-        members = []
+        members, results = [], []
         for seed in [int(s) for s in args.seeds.split(",")]:
             start = time.perf_counter()
             result = fit(feats, RECIPES[name], seed)
             members.append(result.pop("heads"))
+            results.append(result)
             print(row(f"{name} seed {seed}", result, time.perf_counter() - start, result["epoch"]), flush=True)
+        if len(results) > 1:
+            print(row(f"{name}: mean of {len(results)} seeds", mean_of(results), 0), flush=True)
         if args.ensemble:
             print(row(f"{name}: {args.ensemble} heads as one", ensemble_metrics(members[:args.ensemble], feats), 0),
                   flush=True)
