@@ -147,6 +147,15 @@ def test_a_missing_shard_is_one_error_naming_it(shard_set, tmp_path, listing, ca
         train.main([f"--data={source}", f"--val_data={shard_set[1] / 'val'}", f"--out_dir={tmp_path}"])
 
 
+def test_feature_dropout_is_refused_on_a_streamed_training_set(shard_set, tmp_path):
+    """Streamed batches are encoded as they come, never cached: --feature_dropout would do nothing."""
+    from clip_foundation import training as train
+    with pytest.raises(SystemExit, match=r"--feature_dropout=0.2: must be 0 when the training set streams"):
+        train.main([f"--data={shard_set[1] / 'train'}", f"--val_data={shard_set[1] / 'val'}", f"--out_dir={tmp_path}",
+                    "--freeze_image", "--augment=false", "--feature_dropout=0.2", "--progress=false"])
+    assert not any(tmp_path.iterdir())  # refused before a run folder
+
+
 @pytest.mark.parametrize("path,expected", [("{root}/train", True), ("{root}/train/00000.tar", True),
                                            ("{root}/x/{{00000..00003}}.tar", True), ("pipe:curl -s URL", True),
                                            ("{src}", False), ("", False), ("hf:user/set", False)])

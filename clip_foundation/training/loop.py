@@ -33,7 +33,7 @@ from clip_foundation.training.streaming import StreamInputs
 from clip_foundation.training.step import (NonFiniteLoss, build_optimizer, build_scheduler, contrastive_backward,
                                            freeze_towers, grad_scaler, optimizer_step, resolve_precision,
                                            rng_state, set_rng_state)
-from clipModel import CLIPModel, clip_loss, gathered_clip_loss, siglip_loss
+from clipModel import CLIPModel, check, clip_loss, gathered_clip_loss, siglip_loss
 
 
 def _streamed(cfg: RunConfig) -> bool:
@@ -257,6 +257,8 @@ def build_inputs(cfg: RunConfig, model: CLIPModel, splits, rank: int = 0, world:
                  augment=tc.augment, cache_dir=cfg.data.cache_dir, progress=tc.progress, engine=tc.engine)
     inputs = {}
     if _streamed(cfg):  # no decoded cache of the train set: batches stream from its shards
+        check(tc.feature_dropout == 0, "feature_dropout", tc.feature_dropout,
+              "0 when the training set streams (its image features are computed per batch, never cached)")
         inputs["train"] = StreamInputs(model, cfg.data.path, cfg.stream, tc.batch_size, tc.seed, rank, world)
     for s in sorted((s for s in splits if splits[s] and (s == "train" or main_rank) and s not in inputs),
                     key=lambda s: s != "train"):  # train first: its images calibrate an int8 frozen tower
