@@ -125,6 +125,7 @@ def test_skip_bad_trains_past_a_corrupt_image_and_reports_it(tmp_path, capsys):
     assert str(broken) not in (run_dir / "split.json").read_text()
 
 
+@pytest.mark.slow  # two training runs
 def test_a_seed_trains_the_same_heads_whether_features_were_cached_or_computed(tmp_path, monkeypatch):
     """Computing frozen-tower features may draw from torch's global random stream (NNCF's int8
     calibration does); the training that follows must not depend on it: the same --seed gives the
